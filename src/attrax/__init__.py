@@ -1,0 +1,42 @@
+"""attrax: attribution methods for PyTorch as pure, composable functions on torch.func.
+
+    >>> import attrax as ax
+    >>> model_fn, params = ax.functionalize(module)          # doctest: +SKIP
+    >>> attr = ax.integrated_gradients(model_fn, params, x, target)  # doctest: +SKIP
+"""
+
+from . import metrics
+from .core import FunctionalModel, functionalize
+from .gradients import (
+    gradient,
+    gradient_shap,
+    input_x_gradient,
+    integrated_gradients,
+    noise_tunnel,
+    saliency,
+    smoothgrad,
+)
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # lazy: these need optional dependencies
+    if name in ("testing", "viz"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "FunctionalModel",
+    "functionalize",
+    "gradient",
+    "gradient_shap",
+    "input_x_gradient",
+    "integrated_gradients",
+    "metrics",
+    "noise_tunnel",
+    "saliency",
+    "smoothgrad",
+]

@@ -1,0 +1,168 @@
+"""Hypothesis strategies for random small models, and axiom checks.
+
+Import requires ``hypothesis`` (the ``test`` extra). Every strategy draws a seed
+and builds the model deterministically from it, so failures shrink and replay.
+
+    >>> from hypothesis import given
+    >>> import attrax as ax
+    >>> from attrax.testing import relu_mlps, check_completeness
+    >>> @given(relu_mlps())
+    ... def test_ig_complete(case):
+    ...     attr = ax.integrated_gradients(case.model_fn, case.params, case.x, case.target, n_steps=128)
+    ...     check_completeness(case, attr, rtol=1e-2)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from .core import FunctionalModel, functionalize
+
+__all__ = [
+    "Case",
+    "cnns",
+    "mlps",
+    "relu_cnns",
+    "relu_mlps",
+    "check_completeness",
+]
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.1),
+    "elu": nn.ELU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "softplus": nn.Softplus,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+}
+
+
+@dataclass
+class Case:
+    """A random model with inputs: everything a method call needs."""
+
+    module: nn.Module
+    model_fn: FunctionalModel
+    params: dict[str, Tensor]
+    x: Tensor
+    baseline: Tensor
+    target: Tensor
+    seed: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"Case(seed={self.seed}, x={tuple(self.x.shape)}, {self.info})"
+
+
+def _finish(module: nn.Module, x_shape: tuple[int, ...], n_out: int, seed: int, dtype: torch.dtype, info: dict[str, Any]) -> Case:
+    g = torch.Generator().manual_seed(seed)
+    module = module.to(dtype).eval()
+    for bn in (m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+        with torch.no_grad():  # non-trivial eval statistics
+            bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=g, dtype=dtype) * 0.1)
+            bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=g, dtype=dtype) + 0.5)
+            if bn.affine:
+                bn.weight.copy_(torch.rand(bn.weight.shape, generator=g, dtype=dtype) + 0.5)
+                bn.bias.copy_(torch.randn(bn.bias.shape, generator=g, dtype=dtype) * 0.1)
+    x = torch.randn(x_shape, generator=g, dtype=dtype)
+    baseline = torch.randn(x_shape, generator=g, dtype=dtype) * 0.5
+    target = torch.randint(n_out, (x_shape[0],), generator=g)
+    model_fn, params = functionalize(module)
+    return Case(module, model_fn, params, x, baseline, target, seed, info)
+
+
+@st.composite
+def mlps(
+    draw: Any,
+    activations: tuple[str, ...] = tuple(ACTIVATIONS),
+    max_depth: int = 3,
+    max_width: int = 12,
+    dtype: torch.dtype = torch.float64,
+    bias: bool = True,
+) -> Case:
+    """Random MLPs: 1..max_depth hidden layers, one random activation each."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    depth = draw(st.integers(1, max_depth))
+    widths = [draw(st.integers(2, max_width)) for _ in range(depth + 1)]
+    n_out = draw(st.integers(1, 5))
+    acts = [draw(st.sampled_from(activations)) for _ in range(depth)]
+    batch = draw(st.integers(1, 4))
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Linear(widths[i], widths[i + 1], bias=bias), ACTIVATIONS[acts[i]]()]
+    layers.append(nn.Linear(widths[-1], n_out, bias=bias))
+    return _finish(nn.Sequential(*layers), (batch, widths[0]), n_out, seed, dtype, {"acts": acts, "widths": widths})
+
+
+def relu_mlps(**kwargs: Any) -> st.SearchStrategy[Case]:
+    """Random ReLU MLPs."""
+    return mlps(activations=("relu",), **kwargs)
+
+
+@st.composite
+def cnns(
+    draw: Any,
+    activations: tuple[str, ...] = tuple(ACTIVATIONS),
+    pools: tuple[str, ...] = ("none", "max", "avg"),
+    batchnorm: bool = False,
+    dtype: torch.dtype = torch.float64,
+    bias: bool = True,
+) -> Case:
+    """Random small CNNs: 1-2 conv blocks (conv, [bn], act, [pool]), flatten, linear."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    n_blocks = draw(st.integers(1, 2))
+    c_in = draw(st.integers(1, 3))
+    size = draw(st.sampled_from([6, 8]))
+    batch = draw(st.integers(1, 3))
+    n_out = draw(st.integers(2, 5))
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    c, s = c_in, size
+    info: dict[str, Any] = {"blocks": []}
+    for _ in range(n_blocks):
+        c_out = draw(st.integers(2, 6))
+        act = draw(st.sampled_from(activations))
+        pool = draw(st.sampled_from(pools))
+        layers.append(nn.Conv2d(c, c_out, 3, padding=1, bias=bias))
+        if batchnorm:
+            layers.append(nn.BatchNorm2d(c_out))
+        layers.append(ACTIVATIONS[act]())
+        if pool == "max":
+            layers.append(nn.MaxPool2d(2))
+            s //= 2
+        elif pool == "avg":
+            layers.append(nn.AvgPool2d(2))
+            s //= 2
+        info["blocks"].append((c_out, act, pool))
+        c = c_out
+    layers += [nn.Flatten(), nn.Linear(c * s * s, n_out, bias=bias)]
+    return _finish(nn.Sequential(*layers), (batch, c_in, size, size), n_out, seed, dtype, info)
+
+
+def relu_cnns(**kwargs: Any) -> st.SearchStrategy[Case]:
+    """Random ReLU CNNs with max/avg pooling."""
+    return cnns(activations=("relu",), **kwargs)
+
+
+def check_completeness(case: Case, attributions: Tensor, *, rtol: float = 1e-3, atol: float = 1e-6, baseline: Tensor | None = None) -> None:
+    """Assert ``|sum(attr) - (f(x) - f(x'))| <= atol + rtol * |f(x) - f(x')|`` per sample."""
+    from .metrics import completeness_delta
+    from .targets import check_target, select
+
+    b = torch.zeros_like(case.x) if baseline is None else baseline
+    delta = completeness_delta(case.model_fn, case.params, case.x, case.target, attributions, baseline=b)
+    t = check_target(case.target, case.x.shape[0])
+    with torch.no_grad():
+        span = (select(case.model_fn(case.params, case.x), t) - select(case.model_fn(case.params, b), t)).abs()
+    bad = delta.abs() > atol + rtol * span
+    if bool(bad.any()):
+        raise AssertionError(f"completeness violated for {case}: delta {delta.tolist()} vs f(x)-f(x') {span.tolist()}")
