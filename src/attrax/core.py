@@ -119,6 +119,28 @@ def is_concrete(*tensors: Any) -> bool:
     return True
 
 
+def inside_transform() -> bool:
+    """True under ``torch.func.grad/vjp/vmap/jvp`` (any functorch level is active)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def detach_outside_transforms(params: Params, xs: tuple[Tensor, ...]) -> tuple[Params, tuple[Tensor, ...]]:
+    """Cut regular-autograd history at the method boundary unless a ``torch.func`` transform is active.
+
+    Called eagerly, a method returns plain tensors, like Captum: recording the
+    backward pass for a possible second differentiation would keep every
+    step's graph alive (measured 3.6x the peak memory of IG). Under
+    ``torch.func.grad``/``jacrev``/``vmap`` nothing is detached, so gradients of
+    attributions w.r.t. params and inputs are exact; ``value_and_attribution``
+    keeps regular-autograd history on purpose.
+    """
+    if not torch.compiler.is_compiling() and inside_transform():
+        return params, xs
+    if not torch.is_grad_enabled():
+        return params, xs
+    return {k: v.detach() for k, v in params.items()}, tuple(t.detach() for t in xs)
+
+
 def as_tuple(x: TensorOrTuple, name: str = "x") -> tuple[tuple[Tensor, ...], bool]:
     """Return ``(inputs, was_tuple)``; a single tensor becomes a 1-tuple."""
     if isinstance(x, Tensor):

@@ -26,6 +26,7 @@ from .core import (
     check_nonnegative,
     check_positive_int,
     chunks,
+    inside_transform,
 )
 from .targets import ResolvedTarget, prepare_call, repeat_target, select
 
@@ -60,12 +61,21 @@ def grad_of_selected(
     output, scaled by ``w``.
     """
 
-    def selected(*inputs: Tensor) -> Tensor:
-        return select(model_fn(params, *inputs), target)
+    def weighted_sum(*inputs: Tensor) -> Tensor:
+        out = select(model_fn(params, *inputs), target)
+        return out.sum() if weights is None else (out * weights.to(out.dtype)).sum()
 
-    out, vjp_fn = torch.func.vjp(selected, *xs)
-    cotangent = torch.ones_like(out) if weights is None else weights.to(out.dtype)
-    return vjp_fn(cotangent)
+    if not torch.compiler.is_compiling() and not inside_transform():
+        # Eager fast path: same values, but plain autograd measured 10-18 % faster and half
+        # the peak memory of torch.func.grad on CNNs (notes/decisions.md).
+        leaves = tuple(x.detach().requires_grad_() for x in xs)
+        with torch.enable_grad():
+            total = weighted_sum(*leaves)
+        return torch.autograd.grad(total, leaves, allow_unused=True, materialize_grads=True)
+    # Composable path. torch.func.grad, not vjp: vjp's pullback may be called again, so it
+    # retains the graph and keeps every saved activation alive through the backward.
+    grads = torch.func.grad(weighted_sum, argnums=tuple(range(len(xs))))(*xs)
+    return tuple(grads)
 
 
 def gradient(
@@ -93,7 +103,7 @@ def gradient(
         >>> torch.allclose(g[0], params["weight"][0])
         True
     """
-    xs, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
+    xs, params, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
     return _pack(grad_of_selected(model_fn, params, xs, t), is_tuple)
 
 
@@ -122,7 +132,7 @@ def saliency(
         >>> bool((ax.saliency(model_fn, params, torch.ones(2, 3), 1) >= 0).all())
         True
     """
-    xs, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
+    xs, params, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
     grads = grad_of_selected(model_fn, params, xs, t)
     return _pack(tuple(g.abs() for g in grads) if abs else grads, is_tuple)
 
@@ -143,7 +153,7 @@ def input_x_gradient(
         >>> torch.allclose(a.sum(1), model_fn(params, x)[:, 0])
         True
     """
-    xs, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
+    xs, params, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
     grads = grad_of_selected(model_fn, params, xs, t)
     return _pack(tuple(xi * g for xi, g in zip(xs, grads)), is_tuple)
 
@@ -266,7 +276,7 @@ def integrated_gradients(
         >>> bool(ax.metrics.completeness_delta(model_fn, params, x, None, a).abs().max() < 1e-8)
         True
     """
-    xs, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
+    xs, params, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
     check_quadrature(method, n_steps)
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
     bs = baselines_for(baseline, xs)
@@ -302,8 +312,12 @@ def noise_tunnel(
     :math:`\frac1n\sum_k A^2 - (\frac1n\sum_k A)^2` [2].
 
     The wrapped method is called with the standard signature and the unchanged
-    ``method_kwargs``, once per noise draw, vectorised with ``torch.func.vmap``
-    (``chunk_size`` draws at a time).
+    ``method_kwargs``. When no keyword argument is a tensor, ``chunk_size`` noisy
+    copies are stacked into one batch of ``chunk_size * B`` rows and the method is
+    called once per chunk (as Captum does; exact for models whose samples do not
+    interact); otherwise the method is vectorised over the draws with
+    ``torch.func.vmap``, so per-sample tensor options such as a baseline keep
+    their meaning.
 
     Args:
         attribute: Any attrax method, e.g. ``ax.saliency``.
@@ -333,7 +347,7 @@ def noise_tunnel(
     """
     if not callable(attribute):
         raise TypeError(f"attribute must be an attrax method such as ax.saliency, got {type(attribute).__name__}")
-    xs, is_tuple, _, _ = prepare_call(model_fn, params, x, target, check_finite=check_finite)
+    xs, params, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
     if kind not in NOISE_KINDS:
         raise ValueError(f"kind must be one of {', '.join(NOISE_KINDS)}; got {kind!r}")
     check_positive_int(n_samples, "n_samples")
@@ -341,15 +355,28 @@ def noise_tunnel(
     eps = _noise_for(xs, noise, n_samples, stdev, generator)
     n = eps[0].shape[0]
 
+    fold = not any(isinstance(v, Tensor) for v in method_kwargs.values())
+
     def one(*e: Tensor) -> tuple[Tensor, ...]:
         noisy = tuple(xi + ei for xi, ei in zip(xs, e))
         out, _ = as_tuple(attribute(model_fn, params, _pack(noisy, is_tuple), target, **method_kwargs), "attribute(...)")
         return out
 
+    def folded(*e: Tensor) -> tuple[Tensor, ...]:
+        # k noisy copies stacked into one batch of k*B rows: one method call, as Captum does
+        k = e[0].shape[0]
+        noisy = tuple(_fold(xi.unsqueeze(0) + ei) for xi, ei in zip(xs, e))
+        out, _ = as_tuple(
+            attribute(model_fn, params, _pack(noisy, is_tuple), _repeat_raw(target, t, k), **method_kwargs),
+            "attribute(...)",
+        )
+        return tuple(a.reshape(k, *xi.shape) for a, xi in zip(out, xs))
+
     total = [torch.zeros_like(xi) for xi in xs]
     total_sq = [torch.zeros_like(xi) for xi in xs]
     for start, stop in chunks(n, chunk_size):
-        attrs = torch.func.vmap(one)(*(e[start:stop] for e in eps))
+        draws = tuple(e[start:stop] for e in eps)
+        attrs = folded(*draws) if fold else torch.func.vmap(one)(*draws)
         total = [s + a.sum(0) for s, a in zip(total, attrs)]
         if kind != "smoothgrad":
             total_sq = [s + (a * a).sum(0) for s, a in zip(total_sq, attrs)]
@@ -360,6 +387,13 @@ def noise_tunnel(
     else:
         result = tuple(sq / n - (s / n) ** 2 for s, sq in zip(total, total_sq))
     return _pack(result, is_tuple)
+
+
+def _repeat_raw(target: Target, resolved: ResolvedTarget, times: int) -> Target:
+    """The user's target for a batch of ``times`` stacked copies (per-sample targets tiled)."""
+    if resolved.kind == "tensor" and resolved.value.ndim == 1:
+        return resolved.value.repeat(times)
+    return target
 
 
 def _noise_for(
@@ -467,7 +501,7 @@ def gradient_shap(
         >>> torch.allclose(a, x * params["weight"][0])
         True
     """
-    xs, is_tuple, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
+    xs, params, is_tuple, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
     check_positive_int(n_samples, "n_samples")
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
     sd = check_nonnegative(stdev, "stdev")

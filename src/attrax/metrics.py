@@ -44,7 +44,7 @@ def completeness_delta(
         >>> bool(ax.metrics.completeness_delta(model_fn, params, x, None, a).abs().max() < 1e-6)
         True
     """
-    xs, _, batch, t = prepare_call(model_fn, params, x, target, check_finite=False)
+    xs, params, _, batch, t = prepare_call(model_fn, params, x, target, check_finite=False)
     attrs, _ = as_tuple(attributions, "attributions")
     if len(attrs) != len(xs) or any(a.shape != xi.shape for a, xi in zip(attrs, xs)):
         raise ValueError(

@@ -108,7 +108,7 @@ def select(out: Tensor, target: ResolvedTarget) -> Tensor:
     if kind == "tensor":
         _need_2d(out, "a tensor")
         idx = t.to(out.device)
-        if is_concrete(idx) and idx.numel() and not (idx.min() >= 0 and idx.max() < out.shape[1]):
+        if is_concrete(idx) and bool(((idx < 0) | (idx >= out.shape[1])).any()):
             raise ValueError(
                 f"target values must lie in [0, {out.shape[1]}) for output of shape {tuple(out.shape)}, got "
                 f"min {int(idx.min())} and max {int(idx.max())}"
@@ -140,15 +140,20 @@ def _need_2d(out: Tensor, what: str) -> None:
 
 
 def prepare_call(
-    model_fn: Any, params: Any, x: Any, target: Any, *, check_finite: bool = True
-) -> tuple[tuple[Tensor, ...], bool, int, ResolvedTarget]:
+    model_fn: Any, params: Any, x: Any, target: Any, *, check_finite: bool = True, detach: bool = True
+) -> tuple[tuple[Tensor, ...], Any, bool, int, ResolvedTarget]:
     """The boundary checks every method starts with.
 
-    Returns ``(inputs, x_was_tuple, batch_size, resolved_target)``.
+    Returns ``(inputs, params, x_was_tuple, batch_size, resolved_target)``; inputs
+    and params are detached from regular autograd when no ``torch.func``
+    transform is active (see ``core.detach_outside_transforms``).
     """
-    from .core import as_tuple, check_inputs, check_model
+    from .core import as_tuple, check_inputs, check_model, detach_outside_transforms
 
     check_model(model_fn, params)
     xs, is_tuple = as_tuple(x)
     batch = check_inputs(xs, check_finite=check_finite)
-    return xs, is_tuple, batch, check_target(target, batch)
+    resolved = check_target(target, batch)
+    if detach:
+        params, xs = detach_outside_transforms(params, xs)
+    return xs, params, is_tuple, batch, resolved
