@@ -7,6 +7,7 @@
 
 from . import metrics
 from .core import FunctionalModel, functionalize
+from .deeplift import deconvnet, deeplift, deeplift_shap, guided_backprop
 from .gradients import (
     gradient,
     gradient_shap,
@@ -30,7 +31,11 @@ def __getattr__(name: str):  # lazy: these need optional dependencies
 
 __all__ = [
     "FunctionalModel",
+    "deconvnet",
+    "deeplift",
+    "deeplift_shap",
     "functionalize",
+    "guided_backprop",
     "gradient",
     "gradient_shap",
     "input_x_gradient",

@@ -1,0 +1,270 @@
+r"""DeepLift (rescale rule), DeepLiftShap, guided backprop and deconvnet on the rewrite engine.
+
+DeepLift runs the traced program twice, on the input and on the reference, with
+ordinary ops, and then propagates multipliers from the target output back to
+the input: exact transposes at linear nodes, secant slopes at elementwise
+nonlinearities, an exact per-window rule at max pooling, an exact row-wise split
+at softmax and a symmetric split at products. The input and the reference never
+share a batch, so BatchNorm statistics and softmax normalisation cannot mix
+samples (the known failure of concatenating them, as Captum does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._types import ModelFn, Params, Target, TensorOrTuple
+from .core import baselines_for, check_positive_int, chunks, inside_transform
+from .rewrite import Node, Program, Streams, forward, program_for, run_plan, substitute
+from .rules import (
+    BILINEAR,
+    MAXPOOL,
+    RELU,
+    SOFTMAX,
+    Bilinear,
+    CrossMax,
+    DeconvReLU,
+    Gradient,
+    GuidedReLU,
+    Rescale,
+    SoftmaxRescale,
+    is_elementwise,
+    is_linear,
+    n_dep,
+    selected_by_input,
+)
+from .targets import ResolvedTarget, prepare_call, select
+
+__all__ = ["deconvnet", "deeplift", "deeplift_shap", "guided_backprop"]
+
+_GRADIENT, _RESCALE, _CROSSMAX, _SOFTMAX, _BILINEAR = Gradient(), Rescale(), CrossMax(), SoftmaxRescale(), Bilinear()
+_GUIDED, _DECONV = GuidedReLU(), DeconvReLU()
+
+
+def deeplift_rule(program: Program, node: Node) -> Any:
+    """DeepLift's rule for one call site, or None when DeepLift has none."""
+    if is_linear(program, node):
+        return _GRADIENT
+    if selected_by_input(program, node):
+        return None
+    if is_elementwise(node):
+        return _RESCALE
+    if node.packet in MAXPOOL and n_dep(node) == 1:
+        return _CROSSMAX
+    if node.packet in SOFTMAX and n_dep(node) == 1:
+        return _SOFTMAX
+    if node.packet in BILINEAR and n_dep(node) == 2:
+        return _BILINEAR
+    return None
+
+
+def _guided_rule(program: Program, node: Node) -> Any:
+    return _GUIDED if node.packet in RELU else _GRADIENT
+
+
+def _deconv_rule(program: Program, node: Node) -> Any:
+    return _DECONV if node.packet in RELU else _GRADIENT
+
+
+@contextlib.contextmanager
+def eager_no_grad() -> Iterator[None]:
+    """No autograd recording for top-level eager calls (the engine never needs it there)."""
+    if torch.compiler.is_compiling() or inside_transform() or not torch.is_grad_enabled():
+        yield
+    else:
+        with torch.no_grad():
+            yield
+
+
+def seed(out: Tensor, target: ResolvedTarget) -> Tensor:
+    """The cotangent on the model output that selects the target (exact for linear selections)."""
+    selected, pullback = torch.func.vjp(lambda o: select(o, target), out)
+    return pullback(torch.ones_like(selected))[0]
+
+
+def deeplift(
+    model_fn: ModelFn,
+    params: Params,
+    x: TensorOrTuple,
+    target: Target,
+    *,
+    baseline: Tensor | float | tuple[Any, ...] | None = None,
+    multiply_by_inputs: bool = True,
+    check_finite: bool = True,
+) -> TensorOrTuple:
+    r"""DeepLift with the rescale rule [1].
+
+    Attributions :math:`a = (x - x') \odot m` where the multipliers :math:`m` are
+    propagated from the target output with DeepLift's rules, so that
+    :math:`\sum_i a_i = f_t(x) - f_t(x')` exactly (summation-to-delta) for
+    networks built from the supported operations: linear layers and
+    convolutions, BatchNorm (eval), pooling, residual adds, reshapes and
+    concatenation, ReLU, LeakyReLU, ELU, Sigmoid, Tanh, Softplus, GELU, SiLU
+    (and other elementwise ops), max pooling, softmax / log-softmax and products
+    of two activations. Any other nonlinearity raises ``ValueError`` naming the
+    op and the module, before any computation.
+
+    Args:
+        model_fn: Maps ``(params, *x)`` to ``(B, ...)``; traced once per input shape.
+        baseline: The reference :math:`x'`: zeros when ``None``, a number, or a
+            tensor broadcastable to ``x``.
+        multiply_by_inputs: Return :math:`(x - x') \odot m` (default, "global"
+            attributions); with False return the multipliers :math:`m` (Captum's
+            convention).
+    Returns:
+        Attributions with the shape, dtype and device of ``x``.
+    Raises:
+        ValueError: For a bad target or baseline, an unsupported operation, or a
+            model that cannot be traced.
+    References:
+        [1] Shrikumar, Greenside, Kundaje. Learning Important Features Through
+            Propagating Activation Differences. ICML 2017. arXiv:1704.02685.
+
+    Example:
+        >>> import torch, attrax as ax
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).eval()
+        >>> model_fn, params = ax.functionalize(net)
+        >>> x = torch.randn(2, 3)
+        >>> a = ax.deeplift(model_fn, params, x, 1)
+        >>> bool(ax.metrics.completeness_delta(model_fn, params, x, 1, a).abs().max() < 1e-5)
+        True
+    """
+    xs, params, is_tuple, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
+    bs = baselines_for(baseline, xs)
+    program = program_for(model_fn, params, xs)
+    plan = substitute(program, deeplift_rule, "deeplift")
+    with eager_no_grad():
+        env_x = forward(program, params, xs)
+        mult = _multipliers(program, plan, params, env_x, bs, t, batch, len(xs))
+        attrs = tuple((xi - b) * m for xi, b, m in zip(xs, bs, mult)) if multiply_by_inputs else mult
+    return attrs if is_tuple else attrs[0]
+
+
+def _multipliers(program: Program, plan: Any, params: Any, env_x: list[Any], refs: tuple[Tensor, ...],
+                 target: ResolvedTarget, batch: Any, n_inputs: int) -> tuple[Tensor, ...]:
+    env_r = forward(program, params, refs, shared=env_x)
+    streams = Streams(program, env_x, env_r, batch)
+    grads = run_plan(program, plan, streams, {program.output: seed(env_x[program.output], target)})
+    return tuple(grads[i] if i in grads else torch.zeros_like(refs[i]) for i in range(n_inputs))
+
+
+def deeplift_shap(
+    model_fn: ModelFn,
+    params: Params,
+    x: TensorOrTuple,
+    target: Target,
+    baselines: TensorOrTuple,
+    *,
+    chunk_size: int | None = None,
+    check_finite: bool = True,
+) -> TensorOrTuple:
+    r"""DeepLiftShap: the mean of DeepLift over a distribution of baselines [1].
+
+    :math:`a = \frac1N \sum_k (x - x'_k) \odot m(x, x'_k)`, so that
+    :math:`\sum_i a_i = f_t(x) - \frac1N\sum_k f_t(x'_k)`. The input's forward
+    pass is computed once and shared; the references are processed
+    ``chunk_size`` baselines at a time, vectorised with ``torch.func.vmap``, so
+    at most ``chunk_size * B`` input-reference pairs are alive at once.
+
+    Args:
+        baselines: Shape ``(N, *x.shape[1:])`` (a tuple for tuple inputs).
+        chunk_size: Baselines per vectorised chunk; ``None`` takes all N at once.
+    Returns:
+        Attributions with the shape, dtype and device of ``x``.
+    References:
+        [1] Lundberg, Lee. A Unified Approach to Interpreting Model Predictions. NeurIPS 2017.
+
+    Example:
+        >>> import torch, attrax as ax
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).eval()
+        >>> model_fn, params = ax.functionalize(net)
+        >>> x, bl = torch.randn(2, 3), torch.randn(5, 3)
+        >>> a = ax.deeplift_shap(model_fn, params, x, None, bl, chunk_size=2)
+        >>> with torch.no_grad():
+        ...     gap = a.sum(1) - (model_fn(params, x)[:, 0] - model_fn(params, bl)[:, 0].mean())
+        >>> bool(gap.abs().max() < 1e-5)
+        True
+    """
+    from .gradients import _check_distribution
+
+    xs, params, is_tuple, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
+    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    bls = _check_distribution(baselines, xs, "baselines")
+    program = program_for(model_fn, params, xs)
+    plan = substitute(program, deeplift_rule, "deeplift_shap")
+    n = bls[0].shape[0]
+    with eager_no_grad():
+        env_x = forward(program, params, xs)
+
+        def one(*refs: Tensor) -> tuple[Tensor, ...]:
+            expanded = tuple(r.unsqueeze(0).expand_as(xi) for r, xi in zip(refs, xs))
+            mult = _multipliers(program, plan, params, env_x, expanded, t, batch, len(xs))
+            return tuple((xi - r) * m for xi, r, m in zip(xs, expanded, mult))
+
+        total = [torch.zeros_like(xi) for xi in xs]
+        for start, stop in chunks(n, chunk_size):
+            attrs = torch.func.vmap(one)(*(b[start:stop] for b in bls))
+            total = [s + a.sum(0) for s, a in zip(total, attrs)]
+    result = tuple(s / n for s in total)
+    return result if is_tuple else result[0]
+
+
+def _relu_method(rule_for: Any, method: str, model_fn: ModelFn, params: Params, x: TensorOrTuple, target: Target,
+                 check_finite: bool) -> TensorOrTuple:
+    xs, params, is_tuple, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
+    program = program_for(model_fn, params, xs)
+    plan = substitute(program, rule_for, method)
+    with eager_no_grad():
+        env = forward(program, params, xs)
+        grads = run_plan(program, plan, Streams(program, env, None, batch), {program.output: seed(env[program.output], t)})
+        out = tuple(grads[i] if i in grads else torch.zeros_like(xi) for i, xi in enumerate(xs))
+    return out if is_tuple else out[0]
+
+
+def guided_backprop(
+    model_fn: ModelFn, params: Params, x: TensorOrTuple, target: Target, *, check_finite: bool = True
+) -> TensorOrTuple:
+    """Guided backpropagation [1]: the gradient with every ReLU passing only positive
+    gradient where its input was positive.
+
+    Applied at every ReLU call site, whatever its spelling (module, reused
+    module, ``F.relu``, ``x.relu()``, in place); other operations use their exact
+    gradient, as in Captum.
+
+    References:
+        [1] Springenberg, Dosovitskiy, Brox, Riedmiller. Striving for Simplicity:
+            The All Convolutional Net. arXiv:1412.6806.
+
+    Example:
+        >>> import torch, attrax as ax
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).eval()
+        >>> model_fn, params = ax.functionalize(net)
+        >>> ax.guided_backprop(model_fn, params, torch.randn(2, 3), 0).shape
+        torch.Size([2, 3])
+    """
+    return _relu_method(_guided_rule, "guided_backprop", model_fn, params, x, target, check_finite)
+
+
+def deconvnet(
+    model_fn: ModelFn, params: Params, x: TensorOrTuple, target: Target, *, check_finite: bool = True
+) -> TensorOrTuple:
+    """Deconvnet [1]: the gradient with every ReLU rectifying the gradient instead of
+    masking it by the forward activation.
+
+    References:
+        [1] Zeiler, Fergus. Visualizing and Understanding Convolutional Networks. ECCV 2014.
+
+    Example:
+        >>> import torch, attrax as ax
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).eval()
+        >>> model_fn, params = ax.functionalize(net)
+        >>> ax.deconvnet(model_fn, params, torch.randn(2, 3), 0).shape
+        torch.Size([2, 3])
+    """
+    return _relu_method(_deconv_rule, "deconvnet", model_fn, params, x, target, check_finite)
+

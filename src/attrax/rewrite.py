@@ -1,0 +1,982 @@
+r"""The rewrite engine: trace a model once, then run it with substituted backward rules.
+
+Rule-based methods (DeepLift, guided backprop, deconvnet, LRP, conditional
+attribution) replace the backward pass of some operations. attrax does this in
+one place:
+
+1. **Trace.** ``program_for`` traces ``model_fn(params, *x)`` with
+   ``make_fx(pre_dispatch=True)`` on fake tensors into an ATen graph at the
+   level of ``aten.conv2d`` / ``aten.linear`` / ``aten.relu`` / ``aten.add``. Every
+   call site is a node, so ``F.relu``, ``torch.relu``, ``x.relu()``, in-place
+   ``relu_``, a module object called twice and residual adds all arrive as
+   separate, canonical nodes. The graph is converted to a :class:`Program`:
+   plain, immutable data (op names, encoded arguments, module paths), which
+   ``torch.compile`` can unroll. Programs are batch-generic: the model is traced at
+   two batch sizes and integer arguments that move with the batch (``view(B, -1)``)
+   are stored as affine functions of it.
+2. **Substitute.** A method maps every node to a rule (``substitute``); a node
+   whose operation has no rule for that method is an error naming the op, the
+   node and its module, raised before any tensor work.
+3. **Run.** :func:`forward` evaluates the program with ordinary differentiable
+   ops (one call per stream: input, reference). :func:`reverse` propagates a
+   cotangent from the output back to the inputs, calling each node's rule.
+   Everything is plain tensor code: second-order gradients, ``vmap``,
+   ``torch.compile`` and export all see ordinary operations. See
+   ``notes/rewrite.md`` for why this form rather than custom autograd Functions.
+"""
+
+from __future__ import annotations
+
+import operator
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .core import FunctionalModel
+
+__all__ = [
+    "Node",
+    "Site",
+    "Streams",
+    "run_plan",
+    "substitute",
+    "Program",
+    "UnsupportedOperation",
+    "exact_vjp",
+    "forward",
+    "program_for",
+    "reverse",
+]
+
+
+class UnsupportedOperation(ValueError):
+    """A node has no rule for the requested method, or the model cannot be traced."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Node:
+    """One operation of a traced model.
+
+    ``op`` is ``"param"``, ``"input"``, ``"const"`` or ``"call"``. For calls,
+    ``target`` is the ATen overload name (``"aten.conv2d.default"``) or
+    ``"getitem"``; ``args``/``kwargs`` are encoded (see ``_encode``); ``refs`` are
+    the node indices the arguments reference, ``dep_refs`` which of them depend
+    on the model input and are floating point (they receive cotangents), and
+    ``dep`` whether this node's value depends on the input at all.
+    """
+
+    index: int
+    op: str
+    target: str
+    args: tuple[Any, ...] = ()
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    name: str = ""
+    module: str | None = None
+    module_type: str | None = None
+    layer: str | None = None
+    dep: bool = False
+    refs: tuple[int, ...] = ()
+    dep_refs: tuple[bool, ...] = ()
+    float_out: bool = True
+    shape: tuple[int, ...] | None = None
+
+    @property
+    def packet(self) -> str:
+        """``"conv2d"`` for ``"aten.conv2d.default"``."""
+        return self.target.split(".")[1] if self.target.startswith("aten.") else self.target
+
+    def describe(self) -> str:
+        where = f" in module '{self.module}' ({self.module_type})" if self.module else ""
+        return f"{self.target} at node '{self.name}'{where}"
+
+
+@dataclass(frozen=True)
+class Program:
+    """A traced model: nodes in topological order, and what they mean."""
+
+    nodes: tuple[Node, ...]
+    output: int
+    n_inputs: int
+    param_names: tuple[str, ...]
+    constants: tuple[Tensor, ...] = ()
+    batch: int | None = None  # the batch size a static program was traced at; None: generic
+
+    def node_named(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def consumers(self) -> dict[int, list[int]]:
+        users: dict[int, list[int]] = {n.index: [] for n in self.nodes}
+        for n in self.nodes:
+            for r in n.refs:
+                users[r].append(n.index)
+        return users
+
+
+# ------------------------------------------------------------------------ tracing
+
+_TRACE_BATCH_FALLBACK = (2, 3)
+
+
+def program_for(model_fn: Callable[..., Tensor], params: Any, xs: Sequence[Tensor]) -> Program:
+    """The traced program of ``model_fn`` for inputs like ``xs`` (memoised on ``FunctionalModel``)."""
+    batch = xs[0].shape[0]
+    spec = (
+        tuple((k, tuple(v.shape), tuple(v.stride()), str(v.dtype), str(v.device)) for k, v in params.items()),
+        tuple((tuple(x.shape[1:]), str(x.dtype), str(x.device)) for x in xs),
+        _training_flags(model_fn),
+    )
+    concrete = not isinstance(batch, torch.SymInt)
+    return _program(model_fn, spec, int(batch) if concrete else None)
+
+
+def _training_flags(model_fn: Any) -> tuple[bool, ...]:
+    module = getattr(model_fn, "module", None)
+    return tuple(m.training for m in module.modules()) if module is not None else ()
+
+
+@torch.compiler.assume_constant_result
+def _program(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int | None) -> Program:
+    """Trace (or fetch) the program. Marked constant so ``torch.compile`` runs it at trace time."""
+    cache = model_fn._programs if isinstance(model_fn, FunctionalModel) else None
+    if cache is not None:
+        with model_fn._lock:
+            hit = cache.get((spec, None)) or cache.get((spec, batch))
+        if hit is not None:
+            return hit
+    sizes = (batch, batch + 1) if batch is not None else _TRACE_BATCH_FALLBACK
+    first = _build(_trace(model_fn, spec, sizes[0]), spec)
+    second = _build(_trace(model_fn, spec, sizes[1]), spec)
+    program = _generalize(first, second, sizes)
+    if program is None:
+        if batch is None:
+            raise UnsupportedOperation(
+                "model_fn's graph changes with the batch size, so it cannot be traced for a symbolic batch; "
+                "call the method with a fixed batch size (torch.compile without dynamic=True)"
+            )
+        program = replace(first, batch=batch)
+    if cache is not None:
+        with model_fn._lock:
+            cache[(spec, program.batch)] = program
+    return program
+
+
+def _trace(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int) -> torch.fx.GraphModule:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    param_spec, input_spec, _ = spec
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    with mode:
+        params = {
+            k: torch.empty_strided(shape, stride, dtype=_DTYPES[dt], device=torch.device(dev))
+            for k, shape, stride, dt, dev in param_spec
+        }
+        xs = [torch.empty((batch, *shape), dtype=_DTYPES[dt], device=torch.device(dev)) for shape, dt, dev in input_spec]
+
+    def fn(p: dict[str, Tensor], *x: Tensor) -> Tensor:
+        return model_fn(p, *x)
+
+    module = getattr(model_fn, "module", None)
+    if module is not None:
+        fn._orig_mod = module  # type: ignore[attr-defined]  # lets make_fx record module paths
+    try:
+        with mode, torch.enable_grad():
+            return make_fx(fn, tracing_mode="real", pre_dispatch=True, record_module_stack=module is not None)(params, *xs)
+    except UnsupportedOperation:
+        raise
+    except Exception as e:  # tracing failures surface as a clear argument error
+        raise UnsupportedOperation(
+            f"could not trace model_fn into a graph for rule-based attribution ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); models with data-dependent control flow are not supported"
+        ) from e
+
+
+_DTYPES = {str(d): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.int32,
+                               torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)}
+
+# ops whose output aliases their first argument (for the in-place-into-a-view check)
+_VIEW_OPS = frozenset(
+    "view _unsafe_view reshape select slice narrow transpose t permute expand expand_as unsqueeze squeeze as_strided "
+    "diagonal unfold alias split split_with_sizes chunk unbind flatten unflatten view_as detach real imag".split()
+)
+_SKIP_TARGETS = ("_assert_tensor_metadata", "_assert_async", "sym_constrain_range", "_assert_scalar")
+
+
+def _build(gm: torch.fx.GraphModule, spec: tuple[Any, ...]) -> Program:
+    """Convert a traced graph to a Program."""
+    param_names = tuple(p[0] for p in spec[0])
+    n_inputs = len(spec[1])
+    index: dict[torch.fx.Node, int] = {}
+    nodes: list[Node] = []
+    constants: list[Tensor] = []
+    placeholders = 0
+    grad_enabled = True
+    output = -1
+    alias_root: dict[int, int] = {}
+
+    def enc(a: Any) -> Any:
+        return _encode(a, index, gm, constants, nodes)
+
+    for fx_node in gm.graph.nodes:
+        i = len(nodes)
+        if fx_node.op == "placeholder":
+            if placeholders < len(param_names):
+                nodes.append(Node(i, "param", param_names[placeholders], name=fx_node.name, float_out=True))
+            else:
+                k = placeholders - len(param_names)
+                nodes.append(Node(i, "input", str(k), name=fx_node.name, dep=True, shape=_shape(fx_node)))
+            placeholders += 1
+            index[fx_node] = i
+            alias_root[i] = i
+            continue
+        if fx_node.op == "get_attr":
+            constants.append(getattr(gm, fx_node.target))
+            nodes.append(Node(i, "const", str(len(constants) - 1), name=fx_node.name))
+            index[fx_node] = i
+            alias_root[i] = i
+            continue
+        if fx_node.op == "output":
+            outs = fx_node.args[0]
+            outs = outs if isinstance(outs, (list, tuple)) else [outs]
+            if len(outs) != 1 or not isinstance(outs[0], torch.fx.Node):
+                raise UnsupportedOperation(f"model_fn must return a single tensor of shape (B, ...), got {len(outs)} outputs")
+            output = index[outs[0]]
+            continue
+        # call_function
+        target = fx_node.target
+        if target is torch._C._set_grad_enabled:
+            grad_enabled = bool(fx_node.args[0])
+            continue
+        name = _target_name(target)
+        if any(s in name for s in _SKIP_TARGETS):
+            continue
+        if name.startswith("aten.") and name.split(".")[1].endswith("_") and not name.split(".")[1].startswith("_"):
+            name = _functional_variant(name, fx_node)
+            src = fx_node.args[0]
+            if isinstance(src, torch.fx.Node):
+                _check_inplace(fx_node, index[src], alias_root, gm, index)
+        args = tuple(enc(a) for a in fx_node.args)
+        kwargs = tuple((k, enc(v)) for k, v in fx_node.kwargs.items())
+        refs = tuple(dict.fromkeys(_refs(args) + _refs(tuple(v for _, v in kwargs))))
+        float_out = _is_float(fx_node)
+        dep = grad_enabled and any(nodes[r].dep for r in refs) and name not in ("aten.detach.default",)
+        dep_refs = tuple(nodes[r].dep and nodes[r].float_out for r in refs)
+        module, module_type = _module_of(fx_node)
+        layer = _layer_of(args, nodes) or module
+        nodes.append(
+            Node(i, "call", name, args, kwargs, fx_node.name, module, module_type, layer, dep, refs, dep_refs,
+                 float_out, _shape(fx_node))
+        )
+        index[fx_node] = i
+        first = fx_node.args[0] if fx_node.args else None
+        if name.split(".")[1] in _VIEW_OPS and isinstance(first, torch.fx.Node) and first in index:
+            alias_root[i] = alias_root[index[first]]
+        else:
+            alias_root[i] = i
+    if output < 0:
+        raise UnsupportedOperation("model_fn's traced graph has no output")
+    if not nodes[output].dep:
+        raise UnsupportedOperation("model_fn's output does not depend on its input x")
+    return Program(tuple(nodes), output, n_inputs, param_names, tuple(constants))
+
+
+def _check_inplace(fx_node: torch.fx.Node, mutated: int, alias_root: dict[int, int], gm: torch.fx.GraphModule,
+                   index: dict[torch.fx.Node, int]) -> None:
+    """An in-place op is rewritten out of place; refuse when that would drop a write into a view."""
+    root = alias_root.get(mutated, mutated)
+    if root == mutated:
+        return
+    order = list(gm.graph.nodes)
+    later = any(
+        alias_root.get(index[arg], index[arg]) == root
+        for user in order[order.index(fx_node) + 1 :]
+        for arg in user.all_input_nodes
+        if arg in index
+    )
+    if later:
+        raise UnsupportedOperation(
+            f"{fx_node.target} at node '{fx_node.name}' writes in place into a view of another tensor that is used "
+            f"afterwards (e.g. `h[:, 0] = v`); rule-based methods need the write out of place (e.g. torch.cat/where)"
+        )
+
+
+def _functional_variant(name: str, fx_node: torch.fx.Node) -> str:
+    _, packet, overload = name.split(".")
+    base = packet[:-1]
+    ns = torch.ops.aten
+    if hasattr(ns, base) and overload in getattr(ns, base).overloads():
+        return f"aten.{base}.{overload}"
+    raise UnsupportedOperation(f"in-place {name} at node '{fx_node.name}' has no out-of-place equivalent")
+
+
+def _target_name(target: Any) -> str:
+    if target is operator.getitem:
+        return "getitem"
+    if isinstance(target, torch._ops.OpOverload):
+        return f"aten.{target.__name__}" if target.namespace == "aten" else f"{target.namespace}.{target.__name__}"
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return f"aten.{target.__name__}.default"
+    raise UnsupportedOperation(f"unsupported call {getattr(target, '__name__', target)!r} in the traced graph")
+
+
+def _encode(a: Any, index: dict[torch.fx.Node, int], gm: torch.fx.GraphModule, constants: list[Tensor],
+            nodes: list[Node]) -> Any:
+    if isinstance(a, torch.fx.Node):
+        return ("n", index[a])
+    if isinstance(a, (list, tuple)):
+        items = tuple(_encode(v, index, gm, constants, nodes) for v in a)
+        return ("l", items) if isinstance(a, list) else ("t", items)
+    if isinstance(a, torch.dtype):
+        return ("dt", str(a))
+    if isinstance(a, torch.device):
+        return ("dev", str(a))
+    if isinstance(a, torch.layout):
+        return ("lay", str(a).replace("torch.", ""))
+    if isinstance(a, torch.memory_format):
+        return ("mf", str(a).replace("torch.", ""))
+    if isinstance(a, Tensor):
+        constants.append(a)
+        return ("k", len(constants) - 1)
+    if a is None or isinstance(a, (bool, int, float, str)):
+        return ("c", a)
+    raise UnsupportedOperation(f"unsupported argument {a!r} of type {type(a).__name__} in the traced graph")
+
+
+def _refs(encoded: tuple[Any, ...]) -> tuple[int, ...]:
+    out: list[int] = []
+
+    def walk(e: Any) -> None:
+        tag = e[0]
+        if tag == "n":
+            out.append(e[1])
+        elif tag in ("l", "t"):
+            for v in e[1]:
+                walk(v)
+
+    for e in encoded:
+        walk(e)
+    return tuple(out)
+
+
+def _is_float(fx_node: torch.fx.Node) -> bool:
+    val = fx_node.meta.get("val")
+    if isinstance(val, Tensor):
+        return val.is_floating_point()
+    if isinstance(val, (list, tuple)):
+        return any(isinstance(v, Tensor) and v.is_floating_point() for v in val)
+    return False
+
+
+def _shape(fx_node: torch.fx.Node) -> tuple[int, ...] | None:
+    val = fx_node.meta.get("val")
+    return tuple(int(s) for s in val.shape) if isinstance(val, Tensor) else None
+
+
+def _module_of(fx_node: torch.fx.Node) -> tuple[str | None, str | None]:
+    stack = fx_node.meta.get("nn_module_stack")
+    if not stack:
+        return None, None
+    path, typ = list(stack.values())[-1]
+    if not path:
+        return None, None
+    type_name = typ if isinstance(typ, str) else f"{typ.__module__}.{typ.__qualname__}"
+    return path, type_name
+
+
+def _layer_of(args: tuple[Any, ...], nodes: list[Node]) -> str | None:
+    """The module path owning the weight of a weighted op (``features.0`` for ``features.0.weight``)."""
+    for r in _refs(args):
+        n = nodes[r]
+        if n.op == "param" and n.target.endswith(".weight"):
+            return n.target[: -len(".weight")]
+    return None
+
+
+# ------------------------------------------------------------------- generalization
+
+
+def _generalize(a: Program, b: Program, sizes: tuple[int, int]) -> Program | None:
+    """Merge two traces at different batch sizes into one batch-generic program, or None."""
+    if len(a.nodes) != len(b.nodes) or a.output != b.output or len(a.constants) != len(b.constants):
+        return None
+    nodes = []
+    for na, nb in zip(a.nodes, b.nodes):
+        if (na.op, na.target, na.refs) != (nb.op, nb.target, nb.refs):
+            return None
+        args = _merge(na.args, nb.args, sizes)
+        kwargs = _merge(na.kwargs, nb.kwargs, sizes)
+        if args is _FAIL or kwargs is _FAIL:
+            return None
+        shape = None
+        if na.shape is not None and nb.shape is not None and len(na.shape) == len(nb.shape):
+            shape = tuple(-1 if sa != sb else sa for sa, sb in zip(na.shape, nb.shape))
+        nodes.append(replace(na, args=args, kwargs=kwargs, shape=shape))
+    for ca, cb in zip(a.constants, b.constants):
+        if ca.shape != cb.shape or not torch.equal(ca, cb):
+            return None
+    return replace(a, nodes=tuple(nodes), batch=None)
+
+
+_FAIL = object()
+
+
+def _merge(ea: Any, eb: Any, sizes: tuple[int, int]) -> Any:
+    """Merge two encoded argument sequences, or kwargs pair sequences, element by element."""
+    if ea == eb:
+        return ea
+    if len(ea) != len(eb):
+        return _FAIL
+    items = []
+    for x, y in zip(ea, eb):
+        if isinstance(x[0], str) and x[0] not in _TAGS:  # a (key, encoding) kwargs pair
+            if x[0] != y[0]:
+                return _FAIL
+            m = _merge_one(x[1], y[1], sizes)
+            items.append(_FAIL if m is _FAIL else (x[0], m))
+        else:
+            items.append(_merge_one(x, y, sizes))
+    return _FAIL if any(i is _FAIL for i in items) else tuple(items)
+
+
+_TAGS = frozenset(("n", "c", "l", "t", "b", "dt", "dev", "lay", "mf", "k"))
+
+
+def _merge_one(ea: Any, eb: Any, sizes: tuple[int, int]) -> Any:
+    if ea == eb:
+        return ea
+    if ea[0] != eb[0]:
+        return _FAIL
+    if ea[0] == "c" and type(ea[1]) is int and type(eb[1]) is int:
+        (b1, b2), (v1, v2) = sizes, (ea[1], eb[1])
+        slope, rem = divmod(v2 - v1, b2 - b1)
+        return _FAIL if rem else ("b", slope, v1 - slope * b1)
+    if ea[0] in ("l", "t") and len(ea[1]) == len(eb[1]):
+        items = tuple(_merge_one(x, y, sizes) for x, y in zip(ea[1], eb[1]))
+        return _FAIL if any(i is _FAIL for i in items) else (ea[0], items)
+    return _FAIL
+
+
+# ------------------------------------------------------------------------ running
+
+
+def aten_op(name: str) -> Any:
+    """The callable for an op name like ``"aten.conv2d.default"``."""
+    ns, packet, overload = name.split(".")
+    return getattr(getattr(getattr(torch.ops, ns), packet), overload)
+
+
+def decode(e: Any, env: Sequence[Any], batch: Any, constants: tuple[Tensor, ...]) -> Any:
+    tag = e[0]
+    if tag == "n":
+        return env[e[1]]
+    if tag == "c":
+        return e[1]
+    if tag == "l":
+        return [decode(v, env, batch, constants) for v in e[1]]
+    if tag == "t":
+        return tuple(decode(v, env, batch, constants) for v in e[1])
+    if tag == "b":
+        return e[1] * batch + e[2]
+    if tag == "dt":
+        return _DTYPES[e[1]]
+    if tag == "dev":
+        return torch.device(e[1])
+    if tag == "lay":
+        return getattr(torch, e[1])
+    if tag == "mf":
+        return getattr(torch, e[1])
+    if tag == "k":
+        return constants[e[1]]
+    raise AssertionError(f"bad encoding {e!r}")
+
+
+def call_args(program: Program, node: Node, env: Sequence[Any], batch: Any) -> tuple[list[Any], dict[str, Any]]:
+    c = program.constants
+    return [decode(a, env, batch, c) for a in node.args], {k: decode(v, env, batch, c) for k, v in node.kwargs}
+
+
+def run_node(program: Program, node: Node, env: Sequence[Any], batch: Any) -> Any:
+    args, kwargs = call_args(program, node, env, batch)
+    if node.target == "getitem":
+        return args[0][args[1]]
+    return aten_op(node.target)(*args, **kwargs)
+
+
+def forward(
+    program: Program,
+    params: Any,
+    xs: Sequence[Tensor],
+    shared: Sequence[Any] | None = None,
+) -> list[Any]:
+    """Evaluate every node with ordinary ops; returns the list of node values.
+
+    With ``shared`` (the values of another stream of the same program), nodes
+    that do not depend on the input are taken from it instead of recomputed.
+    """
+    if program.batch is not None and xs[0].shape[0] != program.batch:
+        raise AssertionError("static program run at a different batch size")
+    batch = xs[0].shape[0]
+    env: list[Any] = [None] * len(program.nodes)
+    for node in program.nodes:
+        i = node.index
+        if shared is not None and not node.dep:
+            env[i] = shared[i]
+        elif node.op == "call":
+            env[i] = run_node(program, node, env, batch)
+        elif node.op == "param":
+            try:
+                env[i] = params[node.target]
+            except KeyError:
+                raise ValueError(f"params is missing '{node.target}', which model_fn uses") from None
+        elif node.op == "input":
+            env[i] = xs[int(node.target)]
+        elif node.op == "const":
+            env[i] = program.constants[int(node.target)]
+    return env
+
+
+#: ``backward(node, g) -> {ref index: cotangent}`` for one call node
+BackwardFn = Callable[[Node, Any], dict[int, Any]]
+
+
+def reverse(program: Program, seeds: dict[int, Any], backward: BackwardFn) -> dict[int, Any]:
+    """Propagate cotangents from ``seeds`` to the inputs; returns ``{input position: cotangent}``.
+
+    Nodes are visited in reverse topological order; each call node with a
+    cotangent hands it to ``backward``, whose results are summed into the
+    referenced nodes. Tuple-valued nodes hold a list of per-output cotangents,
+    filled by their ``getitem`` users.
+    """
+    cot: dict[int, Any] = dict(seeds)
+    result: dict[int, Any] = {}
+    for node in reversed(program.nodes):
+        g = cot.pop(node.index, None)
+        if g is None or not node.dep:
+            continue
+        if node.op == "input":
+            result[int(node.target)] = g
+            continue
+        if node.op != "call":
+            continue
+        if node.target == "getitem":
+            src, slot = node.refs[0], node.args[1][1]
+            slots = cot.setdefault(src, {})
+            slots[slot] = g if slot not in slots else slots[slot] + g
+            continue
+        if isinstance(g, dict):  # tuple-valued node: cotangent per output slot
+            g = tuple(g.get(k) for k in range(max(g) + 1))
+        for ref, grad in backward(node, g).items():
+            if grad is None:
+                continue
+            cot[ref] = grad if ref not in cot else cot[ref] + grad
+    return result
+
+
+# ------------------------------------------------------------------ exact transposes
+
+
+def exact_vjp(program: Program, node: Node, env: Sequence[Any], batch: Any, g: Any) -> dict[int, Any]:
+    """The true vector-Jacobian product of one node at the values in ``env``.
+
+    Common layers use explicit transposes (``convolution_backward``, ``g @ W``,
+    pooling backward kernels), so the layer's forward is not recomputed; any
+    other op falls back to ``torch.func.vjp`` of that single op.
+    """
+    fast = _TRANSPOSES.get(node.target)
+    if fast is not None:
+        args, kwargs = call_args(program, node, env, batch)
+        out = fast(node, args, kwargs, env[node.index], g)
+        if out is not None:
+            return out
+    return generic_vjp(program, node, env, batch, g)
+
+
+def generic_vjp(program: Program, node: Node, env: Sequence[Any], batch: Any, g: Any) -> dict[int, Any]:
+    """``torch.func.vjp`` of one op with respect to its input-dependent float arguments."""
+    wrt = [r for r, d in zip(node.refs, node.dep_refs) if d]
+    if not wrt:
+        return {}
+    out_val = env[node.index]
+    multi = isinstance(out_val, (tuple, list))
+    keep = [k for k, v in enumerate(out_val) if isinstance(v, Tensor) and v.is_floating_point()] if multi else None
+
+    def f(*vals: Tensor) -> Any:
+        local = list(env)
+        for r, v in zip(wrt, vals):
+            local[r] = v
+        out = run_node(program, node, local, batch)
+        return tuple(out[k] for k in keep) if multi else out
+
+    _, vjp_fn = torch.func.vjp(f, *(env[r] for r in wrt))
+    if multi:
+        cot = tuple(
+            (g[k] if (isinstance(g, tuple) and k < len(g) and g[k] is not None) else torch.zeros_like(out_val[k]))
+            for k in keep
+        )
+    else:
+        cot = g
+    grads = vjp_fn(cot)
+    return dict(zip(wrt, grads))
+
+
+def _dep(node: Node, ref: int) -> bool:
+    for r, d in zip(node.refs, node.dep_refs):
+        if r == ref:
+            return d
+    return False
+
+
+def _ntuple(v: Any, n: int) -> list[int]:
+    if isinstance(v, int):
+        return [v] * n
+    v = list(v)
+    return v * n if len(v) == 1 else v
+
+
+def _t_conv(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
+    if kw or not _is_ref(node.args[0]) or any(_dep(node, r) for r in _refs(node.args[1:])):
+        return None
+    x, w = args[0], args[1]
+    nd = w.ndim - 2
+    if node.packet == "convolution":
+        _, _, bias, stride, padding, dilation, transposed, output_padding, groups = args
+        if transposed:
+            return None
+    else:
+        if len(args) > 4 and isinstance(args[4], str):
+            return None  # padding="same"/"valid"
+        stride = args[3] if len(args) > 3 else 1
+        padding = args[4] if len(args) > 4 else 0
+        dilation = args[5] if len(args) > 5 else 1
+        groups = args[6] if len(args) > 6 else 1
+        output_padding = 0
+    gx = torch.ops.aten.convolution_backward(
+        g, x, w, None, _ntuple(stride, nd), _ntuple(padding, nd), _ntuple(dilation, nd), False,
+        _ntuple(output_padding, nd), groups, [True, False, False],
+    )[0]
+    return {node.args[0][1]: gx}
+
+
+def _is_ref(e: Any) -> bool:
+    return isinstance(e, tuple) and e[0] == "n"
+
+
+def _t_linear(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
+    if kw or not _is_ref(node.args[0]) or any(_dep(node, r) for r in _refs(node.args[1:])):
+        return None
+    return {node.args[0][1]: g.matmul(args[1].to(g.dtype))}
+
+
+def _t_batch_norm(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Any) -> dict[int, Any] | None:
+    x, weight, _, _, running_var = args[:5]
+    if node.packet == "batch_norm":
+        training, eps = args[5], args[7]
+    else:  # _native_batch_norm_legit_no_training(input, weight, bias, mean, var, momentum, eps)
+        training, eps = False, args[6]
+        g = g[0]
+    if training or kw or any(_dep(node, r) for r in _refs(node.args[1:])):
+        return None
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shape = [1, -1] + [1] * (x.ndim - 2)
+    return {node.args[0][1]: g * scale.reshape(shape)}
+
+
+def _t_max_pool(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
+    nd = {"max_pool2d": 2, "max_pool3d": 3}.get(node.packet)
+    if nd is None or kw:
+        return None
+    x, k = args[0], args[1]
+    stride = args[2] if len(args) > 2 and args[2] else k
+    padding = args[3] if len(args) > 3 else 0
+    dilation = args[4] if len(args) > 4 else 1
+    ceil = args[5] if len(args) > 5 else False
+    p = (_ntuple(k, nd), _ntuple(stride, nd), _ntuple(padding, nd), _ntuple(dilation, nd), ceil)
+    if nd == 2:
+        _, idx = torch.ops.aten.max_pool2d_with_indices(x, *p)
+        gx = torch.ops.aten.max_pool2d_with_indices_backward(g, x, *p, idx)
+    else:
+        _, idx = torch.ops.aten.max_pool3d_with_indices(x, *p)
+        gx = torch.ops.aten.max_pool3d_with_indices_backward(g, x, *p, idx)
+    return {node.args[0][1]: gx}
+
+
+def _t_avg_pool(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
+    nd = {"avg_pool2d": 2, "avg_pool3d": 3}.get(node.packet)
+    if nd is None or kw:
+        return None
+    x, k = args[0], args[1]
+    stride = args[2] if len(args) > 2 and args[2] else k
+    rest = list(args[3:]) + [0, False, True, None][len(args[3:]) :]
+    padding, ceil, count_include_pad, divisor = rest[:4]
+    op = torch.ops.aten.avg_pool2d_backward if nd == 2 else torch.ops.aten.avg_pool3d_backward
+    gx = op(g, x, _ntuple(k, nd), _ntuple(stride, nd), _ntuple(padding, nd), ceil, count_include_pad, divisor)
+    return {node.args[0][1]: gx}
+
+
+def _t_adaptive_avg_pool(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
+    x = args[0]
+    if node.packet == "adaptive_avg_pool2d" and x.ndim in (3, 4):
+        return {node.args[0][1]: torch.ops.aten._adaptive_avg_pool2d_backward(g, x)}
+    if node.packet == "adaptive_avg_pool3d" and x.ndim in (4, 5):
+        return {node.args[0][1]: torch.ops.aten._adaptive_avg_pool3d_backward(g, x)}
+    return None
+
+
+def _t_reshape(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
+    return {node.args[0][1]: g.reshape(args[0].shape)}
+
+
+def _t_permute(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
+    dims = [d % g.ndim for d in args[1]]
+    inverse = [0] * len(dims)
+    for i, d in enumerate(dims):
+        inverse[d] = i
+    return {node.args[0][1]: g.permute(inverse)}
+
+
+def _t_transpose(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
+    if node.packet == "t":
+        return {node.args[0][1]: g.t()}
+    return {node.args[0][1]: g.transpose(args[1], args[2])}
+
+
+def _t_identity(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
+    if node.packet == "dropout" and (len(args) < 3 or args[2]):
+        return None  # training-mode dropout: not the identity
+    if not _is_ref(node.args[0]):
+        return None
+    return {node.args[0][1]: g.to(args[0].dtype) if g.dtype != args[0].dtype else g}
+
+
+def _t_add(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
+    alpha = kw.get("alpha", 1)
+    if set(kw) - {"alpha"}:
+        return None
+    res: dict[int, Any] = {}
+    sign = -1 if node.packet in ("sub", "rsub") else 1
+    for pos, e in enumerate(node.args[:2]):
+        if _is_ref(e) and _dep(node, e[1]):
+            scale = 1
+            if pos == 1:
+                scale = sign * alpha
+            if node.packet == "rsub":
+                scale = -alpha if pos == 0 else 1
+            grad = g if scale == 1 else g * scale
+            grad = grad.sum_to_size(args[pos].shape)
+            res[e[1]] = grad if e[1] not in res else res[e[1]] + grad
+    return res
+
+
+def _t_mul(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
+    if kw:
+        return None
+    res: dict[int, Any] = {}
+    for pos, e in enumerate(node.args[:2]):
+        if _is_ref(e) and _dep(node, e[1]):
+            other = args[1 - pos]
+            grad = (g * other).sum_to_size(args[pos].shape) if isinstance(other, Tensor) else g * other
+            res[e[1]] = grad if e[1] not in res else res[e[1]] + grad
+    return res
+
+
+def _t_div(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
+    if kw or (_is_ref(node.args[1]) and _dep(node, node.args[1][1])):
+        return None
+    d = args[1]
+    grad = g / d
+    return {node.args[0][1]: grad.sum_to_size(args[0].shape) if isinstance(d, Tensor) else grad}
+
+
+def _t_neg(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
+    return {node.args[0][1]: -g}
+
+
+def _t_cat(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
+    dim = args[1] if len(args) > 1 else kw.get("dim", 0)
+    tensors = args[0]
+    sizes = [t.shape[dim] if t.ndim else 0 for t in tensors]
+    pieces = g.split(sizes, dim=dim)
+    res: dict[int, Any] = {}
+    for e, piece in zip(node.args[0][1], pieces):
+        if _is_ref(e) and _dep(node, e[1]):
+            res[e[1]] = piece if e[1] not in res else res[e[1]] + piece
+    return res
+
+
+def _t_mean_sum(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
+    x = args[0]
+    if node.target in ("aten.sum.default", "aten.mean.default"):
+        grad = g.expand(x.shape)
+        return {node.args[0][1]: grad / x.numel() * 1 if node.packet == "mean" else grad}
+    dims = args[1] if len(args) > 1 else kw.get("dim")
+    keepdim = args[2] if len(args) > 2 else kw.get("keepdim", False)
+    if dims is None:
+        return None
+    dims = [d % x.ndim for d in ([dims] if isinstance(dims, int) else dims)] or list(range(x.ndim))
+    if not keepdim:
+        for d in sorted(dims):
+            g = g.unsqueeze(d)
+    grad = g.expand(x.shape)
+    if node.packet == "mean":
+        count = 1
+        for d in dims:
+            count *= x.shape[d]
+        grad = grad / count
+    return {node.args[0][1]: grad}
+
+
+def _t_unsqueeze(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
+    return {node.args[0][1]: g.reshape(args[0].shape)}
+
+
+def _t_expand(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
+    return {node.args[0][1]: g.sum_to_size(args[0].shape)}
+
+
+def _t_relu(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
+    return {node.args[0][1]: g * (out > 0).to(g.dtype)}
+
+
+def _t_select(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
+    x, dim, idx = args[0], args[1], args[2]
+    return {node.args[0][1]: torch.ops.aten.select_backward(g, list(x.shape), dim, idx)}
+
+
+def _t_slice(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
+    x = args[0]
+    dim = args[1] if len(args) > 1 else 0
+    start = args[2] if len(args) > 2 and args[2] is not None else 0
+    end = args[3] if len(args) > 3 and args[3] is not None else sys.maxsize
+    step = args[4] if len(args) > 4 else 1
+    return {node.args[0][1]: torch.ops.aten.slice_backward(g, list(x.shape), dim, start, end, step)}
+
+
+def _t_pad(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
+    return {node.args[0][1]: torch.ops.aten.constant_pad_nd(g, [-p for p in args[1]])}
+
+
+_TRANSPOSES: dict[str, Callable[..., dict[int, Any] | None]] = {
+    **{f"aten.{op}.default": _t_conv for op in ("conv1d", "conv2d", "conv3d", "convolution")},
+    "aten.linear.default": _t_linear,
+    "aten.batch_norm.default": _t_batch_norm,
+    "aten._native_batch_norm_legit_no_training.default": _t_batch_norm,
+    "aten.max_pool2d.default": _t_max_pool,
+    "aten.max_pool3d.default": _t_max_pool,
+    "aten.avg_pool2d.default": _t_avg_pool,
+    "aten.avg_pool3d.default": _t_avg_pool,
+    "aten.adaptive_avg_pool2d.default": _t_adaptive_avg_pool,
+    "aten.adaptive_avg_pool3d.default": _t_adaptive_avg_pool,
+    **{
+        f"aten.{op}": _t_reshape
+        for op in ("view.default", "_unsafe_view.default", "reshape.default", "flatten.using_ints", "unflatten.int",
+                   "squeeze.default", "squeeze.dim", "squeeze.dims")
+    },
+    "aten.unsqueeze.default": _t_unsqueeze,
+    "aten.permute.default": _t_permute,
+    "aten.transpose.int": _t_transpose,
+    "aten.t.default": _t_transpose,
+    **{
+        f"aten.{op}": _t_identity
+        for op in ("clone.default", "contiguous.default", "alias.default", "lift_fresh_copy.default", "dropout.default",
+                   "_to_copy.default")
+    },
+    "aten.add.Tensor": _t_add,
+    "aten.sub.Tensor": _t_add,
+    "aten.rsub.Tensor": _t_add,
+    "aten.add.Scalar": _t_add,
+    "aten.sub.Scalar": _t_add,
+    "aten.mul.Tensor": _t_mul,
+    "aten.mul.Scalar": _t_mul,
+    "aten.div.Tensor": _t_div,
+    "aten.div.Scalar": _t_div,
+    "aten.neg.default": _t_neg,
+    "aten.cat.default": _t_cat,
+    "aten.mean.dim": _t_mean_sum,
+    "aten.mean.default": _t_mean_sum,
+    "aten.sum.dim_IntList": _t_mean_sum,
+    "aten.sum.default": _t_mean_sum,
+    "aten.expand.default": _t_expand,
+    "aten.relu.default": _t_relu,
+    "aten.select.int": _t_select,
+    "aten.slice.Tensor": _t_slice,
+    "aten.constant_pad_nd.default": _t_pad,
+}
+
+
+@dataclass
+class Streams:
+    """The values of one or two forward streams of a program, for rules to read."""
+
+    program: Program
+    x: list[Any]
+    ref: list[Any] | None = None
+    batch: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def args(self, node: Node, which: str = "x") -> tuple[list[Any], dict[str, Any]]:
+        env = self.x if which == "x" else self.ref
+        assert env is not None
+        return call_args(self.program, node, env, self.batch)
+
+
+@dataclass
+class Site:
+    """What a rule sees at one call site: the node and the stream values around it."""
+
+    node: Node
+    streams: Streams
+
+    @property
+    def program(self) -> Program:
+        return self.streams.program
+
+    def args(self, which: str = "x") -> list[Any]:
+        return self.streams.args(self.node, which)[0]
+
+    def out(self, which: str = "x") -> Any:
+        env = self.streams.x if which == "x" else self.streams.ref
+        assert env is not None
+        return env[self.node.index]
+
+
+def substitute(program: Program, rule_for: Callable[[Program, Node], Any], method: str) -> tuple[Any, ...]:
+    """The rewriting pass: choose a rule for every input-dependent call site, or fail naming it.
+
+    ``rule_for(program, node)`` returns a rule (an object with
+    ``backward(site, g)``) or None when the method has none for that op; the
+    first such node raises before any tensor work is done.
+    """
+    plan: list[Any] = [None] * len(program.nodes)
+    for node in program.nodes:
+        if node.op != "call" or not node.dep or node.target == "getitem" or not any(node.dep_refs):
+            continue
+        rule = rule_for(program, node)
+        if rule is None:
+            raise UnsupportedOperation(
+                f"{method} has no rule for {node.describe()}; a nonlinearity without a rule is an error, never a "
+                f"silent fallback to the gradient"
+            )
+        plan[node.index] = rule
+    return tuple(plan)
+
+
+def run_plan(program: Program, plan: Sequence[Any], streams: Streams, seeds: dict[int, Any]) -> dict[int, Any]:
+    """Reverse pass with the substituted rules; returns ``{input position: cotangent}``."""
+
+    def backward(node: Node, g: Any) -> dict[int, Any]:
+        rule = plan[node.index]
+        return {} if rule is None else rule.backward(Site(node, streams), g)
+
+    return reverse(program, seeds, backward)

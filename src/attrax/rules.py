@@ -1,0 +1,321 @@
+r"""Backward rules: small, stateless data that the rewrite pass substitutes at call sites.
+
+A rule is a frozen dataclass with one method, ``backward(site, g)``, mapping the
+cotangent ``g`` arriving at a node's output to cotangents for the node's
+input-dependent arguments. It is written in ordinary differentiable tensor ops,
+so a rule composes with ``torch.func.grad`` (true second-order gradients),
+``vmap`` and ``torch.compile``; ``notes/rewrite.md`` explains why this form was
+chosen over custom ``autograd.Function`` s.
+
+This module holds the rules for the modified-gradient methods: the exact
+gradient, DeepLift's rescale family, guided backprop and deconvnet. LRP's rules
+live in :mod:`attrax.lrp`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from .rewrite import Node, Program, Site, Streams, call_args, exact_vjp, generic_vjp, run_node
+
+__all__ = [
+    "Bilinear",
+    "CrossMax",
+    "DeconvReLU",
+    "Gradient",
+    "GuidedReLU",
+    "Rescale",
+    "Rule",
+    "SoftmaxRescale",
+]
+
+
+class Rule(Protocol):
+    def backward(self, site: Site, g: Any) -> dict[int, Any]: ...
+
+
+def tolerance(t: Tensor) -> float:
+    """Below this |x - x'| a secant slope is replaced by the derivative at the midpoint."""
+    return torch.finfo(t.dtype).eps ** 0.75 if t.is_floating_point() else 0.0
+
+
+def safe_divide(num: Tensor, den: Tensor, small: Tensor, fallback: Tensor) -> Tensor:
+    """``num / den`` where ``small`` is False, ``fallback`` elsewhere; NaN-free at any order.
+
+    The denominator is replaced before dividing (the double-``where`` guard), so no
+    inf/NaN reaches a gradient through the unused branch.
+    """
+    safe = torch.where(small, torch.ones_like(den), den)
+    return torch.where(small, fallback, num / safe)
+
+
+# ------------------------------------------------------------------------ rules
+
+
+@dataclass(frozen=True)
+class Gradient:
+    """The exact vector-Jacobian product at the input stream."""
+
+    def backward(self, site: Site, g: Any) -> dict[int, Any]:
+        s = site.streams
+        return exact_vjp(s.program, site.node, s.x, s.batch, g)
+
+
+@dataclass(frozen=True)
+class Rescale:
+    r"""DeepLift's rescale rule for an elementwise nonlinearity :math:`y = f(x)`.
+
+    Multiplier :math:`m = (f(x) - f(x')) / (x - x')`, the secant slope, so that
+    :math:`m \Delta x = \Delta y` exactly; where :math:`|x - x'|` is below
+    ``tolerance`` the derivative at the midpoint :math:`f'((x + x')/2)` is used.
+    Shrikumar, Greenside, Kundaje (2017), Eq. (rescale rule), arXiv:1704.02685.
+    """
+
+    def backward(self, site: Site, g: Any) -> dict[int, Any]:
+        node = site.node
+        x, r = site.args("x")[0], site.args("ref")[0]
+        dy = site.out("x") - site.out("ref")
+        dx = x - r
+        small = dx.abs() <= tolerance(dx) * (1 + x.abs())
+        if node.packet == "relu":
+            fallback = (x > 0).to(x.dtype)  # relu's secant is exact; this only covers dx == 0
+        elif node.packet in ("leaky_relu", "hardtanh", "relu6", "threshold", "clamp", "clamp_min", "clamp_max"):
+            fallback = _derivative(site, x)  # piecewise linear: derivative at x is the limit
+        else:
+            fallback = _derivative(site, (x + r) / 2)
+        m = safe_divide(dy, dx, small, fallback)
+        return {node.args[0][1]: g * m}
+
+
+def _derivative(site: Site, at: Tensor) -> Tensor:
+    """f'(at) for an elementwise node, by forward-mode AD of the op itself."""
+    node, streams = site.node, site.streams
+
+    def f(t: Tensor) -> Tensor:
+        env = list(streams.x)
+        env[node.args[0][1]] = t
+        return run_node(streams.program, node, env, streams.batch)
+
+    return torch.func.jvp(f, (at,), (torch.ones_like(at),))[1]
+
+
+@dataclass(frozen=True)
+class CrossMax:
+    r"""DeepLift for max pooling, exact per window and per sample.
+
+    For each window, the output difference :math:`\Delta y = \max_w x - \max_w x'` goes
+    to the position of the larger of the two maxima: to :math:`\arg\max_w x` when
+    :math:`\max x \ge \max x'` (there :math:`\Delta x \ge \Delta y \ge 0`), otherwise to
+    :math:`\arg\max_w x'` (there :math:`\Delta x \le \Delta y < 0`), so the receiving
+    position always has :math:`|\Delta x| \ge |\Delta y|` and the multiplier
+    :math:`\Delta y / \Delta x` lies in [0, 1]. Summation-to-delta holds exactly,
+    also when the input equals the reference at the input's maximum.
+    """
+
+    def backward(self, site: Site, g: Tensor) -> dict[int, Any]:
+        node = site.node
+        args_x, args_r = site.args("x"), site.args("ref")
+        x, r = args_x[0], args_r[0]
+        nd = {"max_pool1d": 1, "max_pool2d": 2, "max_pool3d": 3}[node.packet]
+        params = _pool_params(args_x, nd)
+        if nd == 1:  # run as 2-d with a unit height
+            x2, r2, g2 = x.unsqueeze(-2), r.unsqueeze(-2), g.unsqueeze(-2)
+            p2 = tuple([1] + list(v) if isinstance(v, list) else v for v in params)
+            return {node.args[0][1]: _cross_max(x2, r2, g2, p2, 2).squeeze(-2)}
+        return {node.args[0][1]: _cross_max(x, r, g, params, nd)}
+
+
+def _pool_params(args: list[Any], nd: int) -> tuple[Any, ...]:
+    def tup(v: Any) -> list[int]:
+        return [v] * nd if isinstance(v, int) else (list(v) * nd if len(v) == 1 else list(v))
+
+    k = args[1]
+    stride = args[2] if len(args) > 2 and args[2] else k
+    padding = args[3] if len(args) > 3 else 0
+    dilation = args[4] if len(args) > 4 else 1
+    ceil = args[5] if len(args) > 5 else False
+    return tup(k), tup(stride), tup(padding), tup(dilation), ceil
+
+
+def _cross_max(x: Tensor, r: Tensor, g: Tensor, params: tuple[Any, ...], nd: int) -> Tensor:
+    pool = torch.ops.aten.max_pool2d_with_indices if nd == 2 else torch.ops.aten.max_pool3d_with_indices
+    unpool = (
+        torch.ops.aten.max_pool2d_with_indices_backward if nd == 2 else torch.ops.aten.max_pool3d_with_indices_backward
+    )
+    yx, ix = pool(x, *params)
+    yr, ir = pool(r, *params)
+    top = torch.maximum(yx, yr)
+    to_x = unpool(g * (top - yr), x, *params, ix)  # dy when max x >= max x', at argmax x
+    to_r = unpool(g * (yx - top), r, *params, ir)  # dy when max x <  max x', at argmax x'
+    dx = x - r
+    small = dx.abs() <= tolerance(dx) * (1 + x.abs())
+    return safe_divide(to_x + to_r, dx, small, unpool(g, x, *params, ix))
+
+
+@dataclass(frozen=True)
+class SoftmaxRescale:
+    r"""DeepLift for softmax / log-softmax along one dim, exact per row.
+
+    Softmax is split into primitives with exact rules: :math:`e = \exp(x - c)`
+    (rescale), :math:`s = \sum e` (linear) and :math:`y = e / s`, whose difference
+    splits exactly and symmetrically (the two-player Shapley split of a ratio):
+    :math:`\Delta y = \tfrac12(1/s + 1/s')\,\Delta e - \tfrac12(e + e')/(s s')\,\Delta s`.
+    For log-softmax, :math:`\Delta y = \Delta x - \Delta \log s` with the secant of
+    :math:`\log`. :math:`c` is a per-row constant shared by both streams; the
+    multipliers do not depend on it. Normalisation never mixes rows or samples.
+    """
+
+    def backward(self, site: Site, g: Tensor) -> dict[int, Any]:
+        node = site.node
+        args_x = site.args("x")
+        x, r, dim = args_x[0], site.args("ref")[0], args_x[1]
+        c = torch.maximum(x.amax(dim, keepdim=True), r.amax(dim, keepdim=True)).detach()
+        ex, er = torch.exp(x - c), torch.exp(r - c)
+        dx = x - r
+        small = dx.abs() <= tolerance(dx) * (1 + x.abs())
+        m_exp = safe_divide(ex - er, dx, small, torch.exp((x + r) / 2 - c))
+        sx, sr = ex.sum(dim, keepdim=True), er.sum(dim, keepdim=True)
+        if node.packet in ("softmax", "_softmax"):
+            a = 0.5 * (1 / sx + 1 / sr)
+            b = 0.5 * (ex + er) / (sx * sr)
+            g_e = a * g - (g * b).sum(dim, keepdim=True)
+            return {node.args[0][1]: m_exp * g_e}
+        ds = sx - sr
+        small_s = ds.abs() <= tolerance(ds) * sx
+        m_log = safe_divide(torch.log(sx) - torch.log(sr), ds, small_s, 2 / (sx + sr))
+        return {node.args[0][1]: g - g.sum(dim, keepdim=True) * m_log * m_exp}
+
+
+@dataclass(frozen=True)
+class Bilinear:
+    r"""DeepLift for a product of two input-dependent tensors (mul, matmul, bmm) and division.
+
+    A bilinear map splits its difference exactly and symmetrically (the Shapley
+    split of two players): :math:`\Delta(ab) = \Delta a\,\bar b + \bar a\,\Delta b` with
+    :math:`\bar a = (a + a')/2`; the backward is therefore the op's vjp at the
+    midpoints. For :math:`a / b`:
+    :math:`\Delta(a/b) = \Delta a\,\tfrac12(1/b + 1/b') - \Delta b\,\tfrac12(a + a')/(b b')`.
+    """
+
+    def backward(self, site: Site, g: Tensor) -> dict[int, Any]:
+        node, s = site.node, site.streams
+        if node.packet == "div":
+            (ax, bx), (ar, br) = site.args("x")[:2], site.args("ref")[:2]
+            res: dict[int, Any] = {}
+            ea, eb = node.args[0], node.args[1]
+            ga = (g * 0.5 * (1 / bx + 1 / br)).sum_to_size(ax.shape)
+            gb = (-g * 0.5 * (ax + ar) / (bx * br)).sum_to_size(bx.shape)
+            res[ea[1]] = ga
+            res[eb[1]] = res[eb[1]] + gb if eb[1] in res else gb
+            return res
+        assert s.ref is not None
+        mid = list(s.x)
+        for r, d in zip(node.refs, node.dep_refs):
+            if d:
+                mid[r] = (s.x[r] + s.ref[r]) / 2
+        return generic_vjp(s.program, node, mid, s.batch, g)
+
+
+@dataclass(frozen=True)
+class GuidedReLU:
+    """Guided backprop at a ReLU: pass only positive gradient where the input was positive.
+
+    Springenberg et al. (2015), Striving for Simplicity, arXiv:1412.6806.
+    """
+
+    def backward(self, site: Site, g: Tensor) -> dict[int, Any]:
+        return {site.node.args[0][1]: g.clamp(min=0) * (site.out("x") > 0).to(g.dtype)}
+
+
+@dataclass(frozen=True)
+class DeconvReLU:
+    """Deconvnet at a ReLU: rectify the gradient, ignore the forward activation.
+
+    Zeiler, Fergus (2014), Visualizing and Understanding Convolutional Networks.
+    """
+
+    def backward(self, site: Site, g: Tensor) -> dict[int, Any]:
+        return {site.node.args[0][1]: g.clamp(min=0)}
+
+
+# ------------------------------------------------------------------ op families
+
+#: ops that are affine in their input-dependent float arguments (given the rest)
+LINEAR = frozenset(
+    """conv1d conv2d conv3d convolution conv_transpose1d conv_transpose2d conv_transpose3d linear addmm mm bmm matmul
+    add sub rsub neg mul div batch_norm _native_batch_norm_legit_no_training avg_pool1d avg_pool2d avg_pool3d
+    adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d mean sum view _unsafe_view reshape flatten unflatten
+    permute transpose t expand expand_as squeeze unsqueeze select slice narrow cat concat concatenate stack split
+    split_with_sizes chunk unbind clone contiguous alias dropout feature_dropout alpha_dropout constant_pad_nd pad repeat
+    roll flip index_select gather upsample_nearest1d upsample_nearest2d upsample_nearest3d upsample_bilinear2d
+    upsample_linear1d upsample_trilinear3d _upsample_nearest_exact1d _upsample_nearest_exact2d pixel_shuffle
+    pixel_unshuffle _to_copy to lift_fresh_copy cumsum tril triu movedim swapaxes diagonal unfold view_as einsum
+    zeros_like ones_like full_like empty_like masked_fill""".split()
+)
+#: elementwise nonlinearities y = f(x) (other arguments constant)
+ELEMENTWISE = frozenset(
+    """relu leaky_relu elu celu selu gelu silu mish sigmoid tanh softplus hardtanh relu6 hardsigmoid hardswish
+    logsigmoid softsign exp log log1p expm1 sqrt rsqrt abs sin cos erf pow square reciprocal clamp clamp_min clamp_max
+    threshold prelu""".split()
+)
+MAXPOOL = frozenset(("max_pool1d", "max_pool2d", "max_pool3d"))
+SOFTMAX = frozenset(("softmax", "_softmax", "log_softmax", "_log_softmax"))
+BILINEAR = frozenset(("mul", "div", "mm", "bmm", "matmul", "einsum"))
+RELU = frozenset(("relu",))
+
+
+def n_dep(node: Node) -> int:
+    return sum(node.dep_refs)
+
+
+def selected_by_input(program: Program, node: Node) -> bool:
+    """True when a non-float argument (an index or mask) is computed from the input."""
+    return any(program.nodes[r].dep and not program.nodes[r].float_out for r in node.refs)
+
+
+def is_linear(program: Program, node: Node) -> bool:
+    """Affine in the input-dependent float arguments at this call site."""
+    p = node.packet
+    if node.target == "getitem":
+        return True
+    if p not in LINEAR or selected_by_input(program, node):
+        return False
+    args = node.args
+    deps = [isinstance(a, tuple) and a[0] == "n" and any(r == a[1] and d for r, d in zip(node.refs, node.dep_refs)) for a in args]
+    if p in ("mul", "mm", "bmm", "matmul", "einsum"):
+        return n_dep(node) <= 1
+    if p == "div":
+        return not (len(deps) > 1 and deps[1])
+    if p in ("conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+             "linear"):
+        return not any(deps[1:])
+    if p == "addmm":
+        return not (deps[0] or deps[2]) if len(deps) > 2 else False
+    if p == "batch_norm":
+        return not _const_arg(node, 5, True)
+    if p == "dropout":
+        return not _const_arg(node, 2, True)
+    if p == "pad":
+        return len(args) < 3 or _const_arg(node, 2, "constant")
+    return True
+
+
+def _const_arg(node: Node, pos: int, value: Any) -> bool:
+    return len(node.args) > pos and node.args[pos] == ("c", value)
+
+
+def is_elementwise(node: Node) -> bool:
+    return node.packet in ELEMENTWISE and node.dep_refs[:1] == (True,) and n_dep(node) == 1 and _first_is(node)
+
+
+def _first_is(node: Node) -> bool:
+    a = node.args[0] if node.args else None
+    return isinstance(a, tuple) and a[0] == "n" and a[1] == node.refs[0]
+
+
+__all__ += ["BILINEAR", "ELEMENTWISE", "LINEAR", "MAXPOOL", "RELU", "SOFTMAX", "Site", "call_args", "is_elementwise",
+            "is_linear", "selected_by_input"]
