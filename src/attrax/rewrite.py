@@ -86,11 +86,11 @@ class Node:
     dep_refs: tuple[bool, ...] = ()
     float_out: bool = True
     shape: tuple[int, ...] | None = None
+    packet: str = ""  # "conv2d" for "aten.conv2d.default" (a field, not a property: dynamo hashes it)
 
-    @property
-    def packet(self) -> str:
-        """``"conv2d"`` for ``"aten.conv2d.default"``."""
-        return self.target.split(".")[1] if self.target.startswith("aten.") else self.target
+    def __post_init__(self) -> None:
+        if not self.packet:
+            object.__setattr__(self, "packet", self.target.split(".")[1] if self.target.startswith("aten.") else self.target)
 
     def describe(self) -> str:
         where = f" in module '{self.module}' ({self.module_type})" if self.module else ""
@@ -146,27 +146,37 @@ def _training_flags(model_fn: Any) -> tuple[bool, ...]:
 
 @torch.compiler.assume_constant_result
 def _program(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int | None) -> Program:
-    """Trace (or fetch) the program. Marked constant so ``torch.compile`` runs it at trace time."""
+    """Trace (or fetch) the program. Marked constant so ``torch.compile`` runs it at trace time.
+
+    A concrete batch size gets a program traced at exactly that size, so Python
+    branches on ``x.shape[0]`` are always taken as in eager mode. A symbolic batch
+    (``torch.compile(dynamic=True)``, export) gets a batch-generic program, traced
+    at two sizes with the integer arguments that move with the batch stored as
+    affine functions of it.
+    """
     cache = model_fn._programs if isinstance(model_fn, FunctionalModel) else None
+    key = (spec, batch)
     if cache is not None:
         with model_fn._lock:
-            hit = cache.get((spec, None)) or cache.get((spec, batch))
+            hit = cache.get(key)
         if hit is not None:
             return hit
-    sizes = (batch, batch + 1) if batch is not None else _TRACE_BATCH_FALLBACK
-    first = _build(_trace(model_fn, spec, sizes[0]), spec)
-    second = _build(_trace(model_fn, spec, sizes[1]), spec)
-    program = _generalize(first, second, sizes)
-    if program is None:
-        if batch is None:
+    if batch is not None:
+        program = replace(_build(_trace(model_fn, spec, batch), spec), batch=batch)
+    else:
+        sizes = _TRACE_BATCH_FALLBACK
+        first = _build(_trace(model_fn, spec, sizes[0]), spec)
+        second = _build(_trace(model_fn, spec, sizes[1]), spec)
+        generic = _generalize(first, second, sizes)
+        if generic is None:
             raise UnsupportedOperation(
                 "model_fn's graph changes with the batch size, so it cannot be traced for a symbolic batch; "
                 "call the method with a fixed batch size (torch.compile without dynamic=True)"
             )
-        program = replace(first, batch=batch)
+        program = generic
     if cache is not None:
         with model_fn._lock:
-            cache[(spec, program.batch)] = program
+            cache[key] = program
     return program
 
 

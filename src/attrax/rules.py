@@ -92,7 +92,7 @@ class Rescale:
 
 
 def _derivative(site: Site, at: Tensor) -> Tensor:
-    """f'(at) for an elementwise node, by forward-mode AD of the op itself."""
+    """f'(at) for an elementwise node, by differentiating the op itself."""
     node, streams = site.node, site.streams
 
     def f(t: Tensor) -> Tensor:
@@ -100,7 +100,9 @@ def _derivative(site: Site, at: Tensor) -> Tensor:
         env[node.args[0][1]] = t
         return run_node(streams.program, node, env, streams.batch)
 
-    return torch.func.jvp(f, (at,), (torch.ones_like(at),))[1]
+    # elementwise, so the vjp with ones is the derivative (jvp would load TorchScript decompositions)
+    _, pullback = torch.func.vjp(f, at)
+    return pullback(torch.ones_like(at))[0]
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,8 @@ class CrossMax:
         params = _pool_params(args_x, nd)
         if nd == 1:  # run as 2-d with a unit height
             x2, r2, g2 = x.unsqueeze(-2), r.unsqueeze(-2), g.unsqueeze(-2)
-            p2 = tuple([1] + list(v) if isinstance(v, list) else v for v in params)
+            k, st, pad, dil, ceil = params
+            p2 = ([1] + k, [1] + st, [0] + pad, [1] + dil, ceil)
             return {node.args[0][1]: _cross_max(x2, r2, g2, p2, 2).squeeze(-2)}
         return {node.args[0][1]: _cross_max(x, r, g, params, nd)}
 
@@ -269,7 +272,15 @@ RELU = frozenset(("relu",))
 
 
 def n_dep(node: Node) -> int:
-    return sum(node.dep_refs)
+    """Number of argument positions holding an input-dependent float tensor (``x * x`` counts 2)."""
+    deps = {r for r, d in zip(node.refs, node.dep_refs) if d}
+    count = 0
+    for a in node.args:
+        if isinstance(a, tuple) and a[0] == "n" and a[1] in deps:
+            count += 1
+        elif isinstance(a, tuple) and a[0] in ("l", "t"):
+            count += sum(1 for e in a[1] if isinstance(e, tuple) and e[0] == "n" and e[1] in deps)
+    return count
 
 
 def selected_by_input(program: Program, node: Node) -> bool:

@@ -30,6 +30,7 @@ __all__ = [
     "mlps",
     "relu_cnns",
     "relu_mlps",
+    "resnets",
     "check_completeness",
 ]
 
@@ -151,6 +152,71 @@ def cnns(
 def relu_cnns(**kwargs: Any) -> st.SearchStrategy[Case]:
     """Random ReLU CNNs with max/avg pooling."""
     return cnns(activations=("relu",), **kwargs)
+
+
+class _Block(nn.Module):
+    """conv-[bn]-act-conv-[bn] plus a skip connection, then act (torchvision BasicBlock style)."""
+
+    def __init__(self, c: int, act: str, batchnorm: bool, bias: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=bias)
+        self.bn1 = nn.BatchNorm2d(c) if batchnorm else nn.Identity()
+        self.act = ACTIVATIONS[act]()
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=bias)
+        self.bn2 = nn.BatchNorm2d(c) if batchnorm else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out = out + x
+        return self.act(out)
+
+
+class _ResNet(nn.Module):
+    def __init__(self, c_in: int, c: int, n_blocks: int, act: str, pool: str, batchnorm: bool, n_out: int,
+                 softmax: bool, bias: bool) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(c_in, c, 3, padding=1, bias=bias)
+        self.bn = nn.BatchNorm2d(c) if batchnorm else nn.Identity()
+        self.act = ACTIVATIONS[act]()
+        self.pool = {"max": nn.MaxPool2d(2), "avg": nn.AvgPool2d(2), "none": nn.Identity()}[pool]
+        self.blocks = nn.Sequential(*[_Block(c, act, batchnorm, bias) for _ in range(n_blocks)])
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, n_out, bias=bias))
+        self.softmax = nn.Softmax(dim=1) if softmax else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.softmax(self.head(self.blocks(self.pool(self.act(self.bn(self.stem(x)))))))
+
+
+@st.composite
+def resnets(
+    draw: Any,
+    activations: tuple[str, ...] = tuple(ACTIVATIONS),
+    pools: tuple[str, ...] = ("none", "max", "avg"),
+    batchnorm: bool | None = None,
+    softmax: bool | None = None,
+    dtype: torch.dtype = torch.float64,
+    bias: bool = True,
+) -> Case:
+    """Random small residual CNNs: stem conv, [BN], act, [pool], 1-2 residual blocks, GAP, linear, [softmax].
+
+    ``batchnorm`` / ``softmax`` None means drawn at random.
+    """
+    seed = draw(st.integers(0, 2**31 - 1))
+    c_in = draw(st.integers(1, 3))
+    c = draw(st.integers(2, 6))
+    n_blocks = draw(st.integers(1, 2))
+    act = draw(st.sampled_from(activations))
+    pool = draw(st.sampled_from(pools))
+    bn = draw(st.booleans()) if batchnorm is None else batchnorm
+    sm = draw(st.booleans()) if softmax is None else softmax
+    n_out = draw(st.integers(2, 5))
+    batch = draw(st.integers(1, 3))
+    size = draw(st.sampled_from([4, 6, 8]))
+    torch.manual_seed(seed)
+    module = _ResNet(c_in, c, n_blocks, act, pool, bn, n_out, sm, bias)
+    info = {"act": act, "pool": pool, "bn": bn, "softmax": sm, "blocks": n_blocks}
+    return _finish(module, (batch, c_in, size, size), n_out, seed, dtype, info)
 
 
 def check_completeness(case: Case, attributions: Tensor, *, rtol: float = 1e-3, atol: float = 1e-6, baseline: Tensor | None = None) -> None:

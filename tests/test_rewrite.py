@@ -1,0 +1,184 @@
+"""The rewrite engine: tracing, programs, interpreter, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import attrax as ax
+from attrax.rewrite import UnsupportedOperation, forward, program_for, substitute
+from attrax.deeplift import deeplift_rule
+
+D = torch.float64
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.relu(self.bn(self.conv(x)))
+        out = self.conv2(h)
+        out += h
+        out = self.relu(out)
+        return self.fc(out.mean((2, 3)))
+
+
+def test_program_reproduces_module_bitwise_and_names_modules():
+    torch.manual_seed(0)
+    m = Residual().eval()
+    f, p = ax.functionalize(m)
+    x = torch.randn(3, 3, 6, 6)
+    prog = program_for(f, p, (x,))
+    assert torch.equal(forward(prog, p, (x,))[prog.output], m(x))
+    calls = [n for n in prog.nodes if n.op == "call"]
+    relus = [n for n in calls if n.packet == "relu"]
+    assert len(relus) == 2 and all(n.module == "relu" for n in relus)  # a reused in-place module: two call sites
+    assert {n.layer for n in calls if n.packet == "conv2d"} == {"conv", "conv2"}
+    assert not any(n.target.split(".")[1].endswith("_") for n in calls)  # in-place ops rewritten out of place
+
+
+def test_programs_are_memoised_per_batch_size():
+    m = Residual().eval()
+    f, p = ax.functionalize(m)
+    a = program_for(f, p, (torch.randn(2, 3, 6, 6),))
+    b = program_for(f, p, (torch.randn(2, 3, 6, 6),))
+    c = program_for(f, p, (torch.randn(5, 3, 6, 6),))
+    assert a is b and c is not a and c.batch == 5
+
+
+def test_batch_dependent_views_run_at_their_own_size():
+    def fn(p, x):
+        h = torch.relu(x @ p["w"])
+        return h.view(h.size(0), -1).sum(1, keepdim=True)
+
+    f, _ = ax.functionalize(fn)
+    p = {"w": torch.randn(4, 3, dtype=D)}
+    for b in (1, 3, 7):
+        x = torch.randn(b, 2, 4, dtype=D)
+        prog = program_for(f, p, (x,))
+        torch.testing.assert_close(forward(prog, p, (x,))[prog.output], fn(p, x))
+
+
+def test_batch_branching_model_is_traced_per_batch_size():
+    def fn(p, x):
+        return x.sum(1, keepdim=True) * (2.0 if x.shape[0] > 2 else -1.0)
+
+    for b in (1, 2, 3, 5):
+        x = torch.randn(b, 3, dtype=D)
+        a = ax.deeplift(fn, {}, x, None)
+        torch.testing.assert_close(a, x * (2.0 if b > 2 else -1.0))
+
+
+def test_generic_program_for_symbolic_batch():
+    from attrax.rewrite import _program
+
+    m = Residual().eval()
+    f, p = ax.functionalize(m)
+    x = torch.randn(3, 3, 6, 6)
+    from attrax.rewrite import _training_flags
+
+    spec = (
+        tuple((k, tuple(v.shape), tuple(v.stride()), str(v.dtype), str(v.device)) for k, v in p.items()),
+        ((tuple(x.shape[1:]), str(x.dtype), str(x.device)),),
+        _training_flags(f),
+    )
+    prog = _program(f, spec, None)
+    assert prog.batch is None
+    for b in (1, 4, 9):
+        xb = torch.randn(b, 3, 6, 6)
+        torch.testing.assert_close(forward(prog, p, (xb,))[prog.output], m(xb))
+
+
+def test_unsupported_op_names_op_node_and_module():
+    class LN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.norm = nn.LayerNorm(4)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(self.norm(self.fc(x)))
+
+    f, p = ax.functionalize(LN().eval())
+    with pytest.raises(ValueError, match=r"deeplift has no rule for aten\.layer_norm\.default at node '.*' in module 'norm'"):
+        ax.deeplift(f, p, torch.randn(2, 4), 0)
+
+
+def test_rule_error_is_raised_before_any_model_evaluation():
+    calls = []
+
+    def fn(p, x):
+        calls.append(1)
+        return torch.atan2(x, x + 1).sum(1, keepdim=True)
+
+    f, _ = ax.functionalize(fn)
+    n_trace = len(calls)
+    with pytest.raises(ValueError, match="atan2"):
+        ax.deeplift(f, {}, torch.randn(2, 3), None)
+    # only the (fake-tensor) trace ran the function; no real forward happened
+    assert all(c == 1 for c in calls) and len(calls) >= n_trace
+
+
+def test_training_mode_batchnorm_is_rejected_for_deeplift():
+    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).train()
+    f, p = ax.functionalize(m)
+    with pytest.raises(ValueError, match="batch_norm"):
+        ax.deeplift(f, p, torch.randn(5, 3), 0)
+
+
+def test_inplace_write_into_used_view_is_refused():
+    def fn(p, x):
+        h = x * 2
+        h[:, 0] = 0.0
+        return h.sum(1, keepdim=True)
+
+    with pytest.raises(ValueError, match="writes in place into a view"):
+        ax.deeplift(fn, {}, torch.randn(2, 3), None)
+
+
+def test_untraceable_model_is_a_clear_error():
+    def fn(p, x):
+        if x.sum() > 0:  # data-dependent control flow
+            return x.sum(1, keepdim=True)
+        return -x.sum(1, keepdim=True)
+
+    with pytest.raises(ValueError, match="could not trace model_fn"):
+        ax.deeplift(fn, {}, torch.randn(2, 3), None)
+
+
+def test_missing_param_is_named():
+    m = Residual().eval()
+    f, p = ax.functionalize(m)
+    p = {k: v for k, v in p.items() if k != "conv.weight"}
+    with pytest.raises((ValueError, KeyError)):
+        ax.deeplift(f, p, torch.randn(2, 3, 6, 6), 0)
+
+
+def test_substitute_covers_every_dependent_call_site():
+    m = Residual().eval()
+    f, p = ax.functionalize(m)
+    prog = program_for(f, p, (torch.randn(2, 3, 6, 6),))
+    plan = substitute(prog, deeplift_rule, "deeplift")
+    for n in prog.nodes:
+        needs = n.op == "call" and n.dep and n.target != "getitem" and any(n.dep_refs)
+        assert (plan[n.index] is not None) == needs
+
+
+def test_functional_spellings_share_one_program_shape():
+    def a(p, x):
+        return F.relu(x @ p["w"]).sum(1, keepdim=True)
+
+    def b(p, x):
+        return (x @ p["w"]).relu().sum(1, keepdim=True)
+
+    p = {"w": torch.randn(3, 3)}
+    x = torch.randn(2, 3)
+    pa, pb = program_for(a, p, (x,)), program_for(b, p, (x,))
+    assert [n.target for n in pa.nodes] == [n.target for n in pb.nodes]
