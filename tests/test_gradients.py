@@ -123,6 +123,15 @@ def test_ig_completeness_random_smooth_networks(case):
 
 
 @settings(max_examples=30)
+@given(case=st.one_of(relu_mlps(bias=False), relu_cnns(bias=False)))
+def test_ig_completeness_bias_free_relu_networks_zero_baseline(case):
+    # Bias-free ReLU networks (with max/avg pooling) are positively homogeneous, so the gradient is
+    # constant along the path from 0 and the acceptance bound holds at any step count.
+    attr = ax.integrated_gradients(case.model_fn, case.params, case.x, case.target, n_steps=256)
+    check_completeness(case, attr, rtol=1e-3, atol=1e-9)
+
+
+@settings(max_examples=30)
 @given(case=st.one_of(relu_mlps(), relu_cnns()))
 def test_ig_completeness_random_relu_networks(case):
     # On ReLU networks the path integrand is piecewise constant, and any 256-point rule errs by

@@ -139,16 +139,18 @@ def deeplift(
     program = program_for(model_fn, params, xs)
     plan = substitute(program, deeplift_rule, "deeplift")
     with eager_no_grad():
-        env_x = forward(program, params, xs)
-        mult = _multipliers(program, plan, params, env_x, bs, t, batch, len(xs))
+        aux_x: dict[int, Any] = {}
+        env_x = forward(program, params, xs, aux=aux_x)
+        mult = _multipliers(program, plan, params, env_x, aux_x, bs, t, batch, len(xs))
         attrs = tuple((xi - b) * m for xi, b, m in zip(xs, bs, mult)) if multiply_by_inputs else mult
     return attrs if is_tuple else attrs[0]
 
 
-def _multipliers(program: Program, plan: Any, params: Any, env_x: list[Any], refs: tuple[Tensor, ...],
-                 target: ResolvedTarget, batch: Any, n_inputs: int) -> tuple[Tensor, ...]:
-    env_r = forward(program, params, refs, shared=env_x)
-    streams = Streams(program, env_x, env_r, batch)
+def _multipliers(program: Program, plan: Any, params: Any, env_x: list[Any], aux_x: dict[int, Any],
+                 refs: tuple[Tensor, ...], target: ResolvedTarget, batch: Any, n_inputs: int) -> tuple[Tensor, ...]:
+    aux_r: dict[int, Any] = {}
+    env_r = forward(program, params, refs, shared=env_x, aux=aux_r)
+    streams = Streams(program, env_x, env_r, batch, aux_x, aux_r)
     grads = run_plan(program, plan, streams, {program.output: seed(env_x[program.output], target)})
     return tuple(grads[i] if i in grads else torch.zeros_like(refs[i]) for i in range(n_inputs))
 
@@ -199,11 +201,12 @@ def deeplift_shap(
     plan = substitute(program, deeplift_rule, "deeplift_shap")
     n = bls[0].shape[0]
     with eager_no_grad():
-        env_x = forward(program, params, xs)
+        aux_x: dict[int, Any] = {}
+        env_x = forward(program, params, xs, aux=aux_x)
 
         def one(*refs: Tensor) -> tuple[Tensor, ...]:
             expanded = tuple(r.unsqueeze(0).expand_as(xi) for r, xi in zip(refs, xs))
-            mult = _multipliers(program, plan, params, env_x, expanded, t, batch, len(xs))
+            mult = _multipliers(program, plan, params, env_x, aux_x, expanded, t, batch, len(xs))
             return tuple((xi - r) * m for xi, r, m in zip(xs, expanded, mult))
 
         total = [torch.zeros_like(xi) for xi in xs]
@@ -220,8 +223,10 @@ def _relu_method(rule_for: Any, method: str, model_fn: ModelFn, params: Params, 
     program = program_for(model_fn, params, xs)
     plan = substitute(program, rule_for, method)
     with eager_no_grad():
-        env = forward(program, params, xs)
-        grads = run_plan(program, plan, Streams(program, env, None, batch), {program.output: seed(env[program.output], t)})
+        aux: dict[int, Any] = {}
+        env = forward(program, params, xs, aux=aux)
+        streams = Streams(program, env, None, batch, aux)
+        grads = run_plan(program, plan, streams, {program.output: seed(env[program.output], t)})
         out = tuple(grads[i] if i in grads else torch.zeros_like(xi) for i, xi in enumerate(xs))
     return out if is_tuple else out[0]
 

@@ -522,16 +522,25 @@ def run_node(program: Program, node: Node, env: Sequence[Any], batch: Any) -> An
     return aten_op(node.target)(*args, **kwargs)
 
 
+_POOL_WITH_INDICES = {
+    "aten.max_pool2d.default": (torch.ops.aten.max_pool2d_with_indices.default, 2),
+    "aten.max_pool3d.default": (torch.ops.aten.max_pool3d_with_indices.default, 3),
+}
+
+
 def forward(
     program: Program,
     params: Any,
     xs: Sequence[Tensor],
     shared: Sequence[Any] | None = None,
+    aux: dict[int, Any] | None = None,
 ) -> list[Any]:
     """Evaluate every node with ordinary ops; returns the list of node values.
 
     With ``shared`` (the values of another stream of the same program), nodes
     that do not depend on the input are taken from it instead of recomputed.
+    With ``aux``, max-pooling nodes also record their argmax indices there (the
+    kernel computes them anyway), so backward rules need not pool again.
     """
     if program.batch is not None and xs[0].shape[0] != program.batch:
         raise AssertionError("static program run at a different batch size")
@@ -542,7 +551,12 @@ def forward(
         if shared is not None and not node.dep:
             env[i] = shared[i]
         elif node.op == "call":
-            env[i] = run_node(program, node, env, batch)
+            pool = _POOL_WITH_INDICES.get(node.target) if aux is not None else None
+            if pool is not None and not node.kwargs:
+                args, _ = call_args(program, node, env, batch)
+                env[i], aux[i] = pool[0](*pool_params(args, pool[1], with_input=True))
+            else:
+                env[i] = run_node(program, node, env, batch)
         elif node.op == "param":
             try:
                 env[i] = params[node.target]
@@ -553,6 +567,17 @@ def forward(
         elif node.op == "const":
             env[i] = program.constants[int(node.target)]
     return env
+
+
+def pool_params(args: Sequence[Any], nd: int, with_input: bool = False) -> tuple[Any, ...]:
+    """``(kernel, stride, padding, dilation, ceil_mode)`` of a ``max_poolNd`` call, normalised."""
+    k = _ntuple(args[1], nd)
+    stride = _ntuple(args[2], nd) if len(args) > 2 and args[2] else k
+    padding = _ntuple(args[3], nd) if len(args) > 3 else [0] * nd
+    dilation = _ntuple(args[4], nd) if len(args) > 4 else [1] * nd
+    ceil = args[5] if len(args) > 5 else False
+    out = (k, stride, padding, dilation, ceil)
+    return (args[0], *out) if with_input else out
 
 
 #: ``backward(node, g) -> {ref index: cotangent}`` for one call node
@@ -595,7 +620,9 @@ def reverse(program: Program, seeds: dict[int, Any], backward: BackwardFn) -> di
 # ------------------------------------------------------------------ exact transposes
 
 
-def exact_vjp(program: Program, node: Node, env: Sequence[Any], batch: Any, g: Any) -> dict[int, Any]:
+def exact_vjp(
+    program: Program, node: Node, env: Sequence[Any], batch: Any, g: Any, aux: dict[int, Any] | None = None
+) -> dict[int, Any]:
     """The true vector-Jacobian product of one node at the values in ``env``.
 
     Common layers use explicit transposes (``convolution_backward``, ``g @ W``,
@@ -605,10 +632,19 @@ def exact_vjp(program: Program, node: Node, env: Sequence[Any], batch: Any, g: A
     fast = _TRANSPOSES.get(node.target)
     if fast is not None:
         args, kwargs = call_args(program, node, env, batch)
+        if fast is _t_max_pool and aux is not None and node.index in aux:
+            nd = _POOL_WITH_INDICES[node.target][1]
+            return {node.args[0][1]: unpool(g, args[0], pool_params(args, nd), aux[node.index], nd)}
         out = fast(node, args, kwargs, env[node.index], g)
         if out is not None:
             return out
     return generic_vjp(program, node, env, batch, g)
+
+
+def unpool(g: Tensor, x: Tensor, params: tuple[Any, ...], indices: Tensor, nd: int) -> Tensor:
+    """Scatter-add ``g`` to the argmax positions (the max-pooling backward kernel)."""
+    op = torch.ops.aten.max_pool2d_with_indices_backward if nd == 2 else torch.ops.aten.max_pool3d_with_indices_backward
+    return op(g, x, *params, indices)
 
 
 def generic_vjp(program: Program, node: Node, env: Sequence[Any], batch: Any, g: Any) -> dict[int, Any]:
@@ -933,7 +969,8 @@ class Streams:
     x: list[Any]
     ref: list[Any] | None = None
     batch: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    aux_x: dict[int, Any] = field(default_factory=dict)  # per-node extras of the x stream (pool indices)
+    aux_ref: dict[int, Any] = field(default_factory=dict)
 
     def args(self, node: Node, which: str = "x") -> tuple[list[Any], dict[str, Any]]:
         env = self.x if which == "x" else self.ref

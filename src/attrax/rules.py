@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .rewrite import Node, Program, Site, Streams, call_args, exact_vjp, generic_vjp, run_node
+from .rewrite import Node, Program, Site, Streams, call_args, exact_vjp, generic_vjp, pool_params, run_node, unpool
 
 __all__ = [
     "Bilinear",
@@ -49,8 +49,7 @@ def safe_divide(num: Tensor, den: Tensor, small: Tensor, fallback: Tensor) -> Te
     The denominator is replaced before dividing (the double-``where`` guard), so no
     inf/NaN reaches a gradient through the unused branch.
     """
-    safe = torch.where(small, torch.ones_like(den), den)
-    return torch.where(small, fallback, num / safe)
+    return torch.where(small, fallback, num / torch.where(small, 1.0, den))
 
 
 # ------------------------------------------------------------------------ rules
@@ -62,7 +61,7 @@ class Gradient:
 
     def backward(self, site: Site, g: Any) -> dict[int, Any]:
         s = site.streams
-        return exact_vjp(s.program, site.node, s.x, s.batch, g)
+        return exact_vjp(s.program, site.node, s.x, s.batch, g, s.aux_x)
 
 
 @dataclass(frozen=True)
@@ -80,10 +79,14 @@ class Rescale:
         x, r = site.args("x")[0], site.args("ref")[0]
         dy = site.out("x") - site.out("ref")
         dx = x - r
-        small = dx.abs() <= tolerance(dx) * (1 + x.abs())
         if node.packet == "relu":
-            fallback = (x > 0).to(x.dtype)  # relu's secant is exact; this only covers dx == 0
-        elif node.packet in ("leaky_relu", "hardtanh", "relu6", "threshold", "clamp", "clamp_min", "clamp_max"):
+            # relu's secant has no cancellation (dy == dx exactly where both are active), so only
+            # dx == 0 needs the fallback, and there dy == 0 too.
+            zero = dx == 0
+            m = torch.where(zero, (x > 0).to(x.dtype), dy / torch.where(zero, 1.0, dx))
+            return {node.args[0][1]: g * m}
+        small = dx.abs() <= tolerance(dx) * (1 + x.abs())
+        if node.packet in ("leaky_relu", "hardtanh", "relu6", "threshold", "clamp", "clamp_min", "clamp_max"):
             fallback = _derivative(site, x)  # piecewise linear: derivative at x is the limit
         else:
             fallback = _derivative(site, (x + r) / 2)
@@ -119,44 +122,34 @@ class CrossMax:
     """
 
     def backward(self, site: Site, g: Tensor) -> dict[int, Any]:
-        node = site.node
+        node, s = site.node, site.streams
         args_x, args_r = site.args("x"), site.args("ref")
         x, r = args_x[0], args_r[0]
         nd = {"max_pool1d": 1, "max_pool2d": 2, "max_pool3d": 3}[node.packet]
-        params = _pool_params(args_x, nd)
         if nd == 1:  # run as 2-d with a unit height
-            x2, r2, g2 = x.unsqueeze(-2), r.unsqueeze(-2), g.unsqueeze(-2)
-            k, st, pad, dil, ceil = params
+            k, st, pad, dil, ceil = pool_params(args_x, 1)
             p2 = ([1] + k, [1] + st, [0] + pad, [1] + dil, ceil)
-            return {node.args[0][1]: _cross_max(x2, r2, g2, p2, 2).squeeze(-2)}
-        return {node.args[0][1]: _cross_max(x, r, g, params, nd)}
+            return {node.args[0][1]: _cross_max(x.unsqueeze(-2), r.unsqueeze(-2), g.unsqueeze(-2), p2, 2).squeeze(-2)}
+        indices = (s.aux_x.get(node.index), s.aux_ref.get(node.index))
+        outs = (site.out("x"), site.out("ref"))
+        return {node.args[0][1]: _cross_max(x, r, g, pool_params(args_x, nd), nd, outs, indices)}
 
 
-def _pool_params(args: list[Any], nd: int) -> tuple[Any, ...]:
-    def tup(v: Any) -> list[int]:
-        return [v] * nd if isinstance(v, int) else (list(v) * nd if len(v) == 1 else list(v))
-
-    k = args[1]
-    stride = args[2] if len(args) > 2 and args[2] else k
-    padding = args[3] if len(args) > 3 else 0
-    dilation = args[4] if len(args) > 4 else 1
-    ceil = args[5] if len(args) > 5 else False
-    return tup(k), tup(stride), tup(padding), tup(dilation), ceil
-
-
-def _cross_max(x: Tensor, r: Tensor, g: Tensor, params: tuple[Any, ...], nd: int) -> Tensor:
+def _cross_max(x: Tensor, r: Tensor, g: Tensor, params: tuple[Any, ...], nd: int,
+               outs: tuple[Tensor, Tensor] | None = None, indices: tuple[Any, Any] = (None, None)) -> Tensor:
     pool = torch.ops.aten.max_pool2d_with_indices if nd == 2 else torch.ops.aten.max_pool3d_with_indices
-    unpool = (
-        torch.ops.aten.max_pool2d_with_indices_backward if nd == 2 else torch.ops.aten.max_pool3d_with_indices_backward
-    )
-    yx, ix = pool(x, *params)
-    yr, ir = pool(r, *params)
+    ix, ir = indices
+    if ix is None or ir is None or outs is None:
+        (yx, ix), (yr, ir) = pool(x, *params), pool(r, *params)
+    else:
+        yx, yr = outs
     top = torch.maximum(yx, yr)
-    to_x = unpool(g * (top - yr), x, *params, ix)  # dy when max x >= max x', at argmax x
-    to_r = unpool(g * (yx - top), r, *params, ir)  # dy when max x <  max x', at argmax x'
+    to_x = unpool(g * (top - yr), x, params, ix, nd)  # dy when max x >= max x', at argmax x
+    to_r = unpool(g * (yx - top), r, params, ir, nd)  # dy when max x <  max x', at argmax x'
     dx = x - r
-    small = dx.abs() <= tolerance(dx) * (1 + x.abs())
-    return safe_divide(to_x + to_r, dx, small, unpool(g, x, *params, ix))
+    # a receiving position has |dx| >= |dy| (see above), so the ratio is bounded: only dx == 0 needs a guard
+    zero = dx == 0
+    return safe_divide(to_x + to_r, dx, zero, unpool(g, x, params, ix, nd))
 
 
 @dataclass(frozen=True)
