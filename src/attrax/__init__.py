@@ -5,9 +5,10 @@
     >>> attr = ax.integrated_gradients(model_fn, params, x, target)  # doctest: +SKIP
 """
 
-from . import metrics
+from . import composites, metrics, rules
 from .core import FunctionalModel, functionalize
 from .deeplift import deconvnet, deeplift, deeplift_shap, guided_backprop
+from .lrp import lrp
 from .gradients import (
     gradient,
     gradient_shap,
@@ -40,7 +41,10 @@ __all__ = [
     "gradient_shap",
     "input_x_gradient",
     "integrated_gradients",
+    "lrp",
     "metrics",
+    "composites",
+    "rules",
     "noise_tunnel",
     "saliency",
     "smoothgrad",

@@ -20,8 +20,9 @@ from torch import Tensor
 
 from ._types import ModelFn, Params, Target, TensorOrTuple
 from .core import baselines_for, check_positive_int, chunks, inside_transform
-from .rewrite import Node, Program, Streams, forward, program_for, run_plan, substitute
+from .rewrite import Node, Program, Streams, forward, program_for, substitute
 from .rules import (
+    run_plan,
     BILINEAR,
     MAXPOOL,
     RELU,

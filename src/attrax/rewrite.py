@@ -28,7 +28,6 @@ one place:
 from __future__ import annotations
 
 import operator
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -42,7 +41,6 @@ __all__ = [
     "Node",
     "Site",
     "Streams",
-    "run_plan",
     "substitute",
     "Program",
     "UnsupportedOperation",
@@ -127,16 +125,21 @@ class Program:
 _TRACE_BATCH_FALLBACK = (2, 3)
 
 
-def program_for(model_fn: Callable[..., Tensor], params: Any, xs: Sequence[Tensor]) -> Program:
-    """The traced program of ``model_fn`` for inputs like ``xs`` (memoised on ``FunctionalModel``)."""
+def program_spec(model_fn: Callable[..., Tensor], params: Any, xs: Sequence[Tensor]) -> tuple[tuple[Any, ...], int | None]:
+    """``(spec, batch)``: the hashable description of a call that a program is traced for."""
     batch = xs[0].shape[0]
     spec = (
         tuple((k, tuple(v.shape), tuple(v.stride()), str(v.dtype), str(v.device)) for k, v in params.items()),
         tuple((tuple(x.shape[1:]), str(x.dtype), str(x.device)) for x in xs),
         _training_flags(model_fn),
     )
-    concrete = not isinstance(batch, torch.SymInt)
-    return _program(model_fn, spec, int(batch) if concrete else None)
+    return spec, (None if isinstance(batch, torch.SymInt) else int(batch))
+
+
+def program_for(model_fn: Callable[..., Tensor], params: Any, xs: Sequence[Tensor]) -> Program:
+    """The traced program of ``model_fn`` for inputs like ``xs`` (memoised on ``FunctionalModel``)."""
+    spec, batch = program_spec(model_fn, params, xs)
+    return _program(model_fn, spec, batch)
 
 
 def _training_flags(model_fn: Any) -> tuple[bool, ...]:
@@ -144,9 +147,8 @@ def _training_flags(model_fn: Any) -> tuple[bool, ...]:
     return tuple(m.training for m in module.modules()) if module is not None else ()
 
 
-@torch.compiler.assume_constant_result
-def _program(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int | None) -> Program:
-    """Trace (or fetch) the program. Marked constant so ``torch.compile`` runs it at trace time.
+def trace_program(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int | None) -> Program:
+    """Trace (or fetch) the program.
 
     A concrete batch size gets a program traced at exactly that size, so Python
     branches on ``x.shape[0]`` are always taken as in eager mode. A symbolic batch
@@ -178,6 +180,10 @@ def _program(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int 
         with model_fn._lock:
             cache[key] = program
     return program
+
+
+#: marked constant so ``torch.compile`` runs tracing once, at trace time, outside the compiled region
+_program = torch.compiler.assume_constant_result(trace_program)
 
 
 def _trace(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int) -> torch.fx.GraphModule:
@@ -620,6 +626,13 @@ def reverse(program: Program, seeds: dict[int, Any], backward: BackwardFn) -> di
 # ------------------------------------------------------------------ exact transposes
 
 
+def _ntuple(v: Any, n: int) -> list[int]:
+    if isinstance(v, int):
+        return [v] * n
+    v = list(v)
+    return v * n if len(v) == 1 else v
+
+
 def exact_vjp(
     program: Program, node: Node, env: Sequence[Any], batch: Any, g: Any, aux: dict[int, Any] | None = None
 ) -> dict[int, Any]:
@@ -629,10 +642,12 @@ def exact_vjp(
     pooling backward kernels), so the layer's forward is not recomputed; any
     other op falls back to ``torch.func.vjp`` of that single op.
     """
-    fast = _TRANSPOSES.get(node.target)
+    from ._transpose import TRANSPOSES, t_max_pool
+
+    fast = TRANSPOSES.get(node.target)
     if fast is not None:
         args, kwargs = call_args(program, node, env, batch)
-        if fast is _t_max_pool and aux is not None and node.index in aux:
+        if fast is t_max_pool and aux is not None and node.index in aux:
             nd = _POOL_WITH_INDICES[node.target][1]
             return {node.args[0][1]: unpool(g, args[0], pool_params(args, nd), aux[node.index], nd)}
         out = fast(node, args, kwargs, env[node.index], g)
@@ -673,292 +688,6 @@ def generic_vjp(program: Program, node: Node, env: Sequence[Any], batch: Any, g:
         cot = g
     grads = vjp_fn(cot)
     return dict(zip(wrt, grads))
-
-
-def _dep(node: Node, ref: int) -> bool:
-    for r, d in zip(node.refs, node.dep_refs):
-        if r == ref:
-            return d
-    return False
-
-
-def _ntuple(v: Any, n: int) -> list[int]:
-    if isinstance(v, int):
-        return [v] * n
-    v = list(v)
-    return v * n if len(v) == 1 else v
-
-
-def _t_conv(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
-    if kw or not _is_ref(node.args[0]) or any(_dep(node, r) for r in _refs(node.args[1:])):
-        return None
-    x, w = args[0], args[1]
-    nd = w.ndim - 2
-    if node.packet == "convolution":
-        _, _, bias, stride, padding, dilation, transposed, output_padding, groups = args
-        if transposed:
-            return None
-    else:
-        if len(args) > 4 and isinstance(args[4], str):
-            return None  # padding="same"/"valid"
-        stride = args[3] if len(args) > 3 else 1
-        padding = args[4] if len(args) > 4 else 0
-        dilation = args[5] if len(args) > 5 else 1
-        groups = args[6] if len(args) > 6 else 1
-        output_padding = 0
-    gx = torch.ops.aten.convolution_backward(
-        g, x, w, None, _ntuple(stride, nd), _ntuple(padding, nd), _ntuple(dilation, nd), False,
-        _ntuple(output_padding, nd), groups, [True, False, False],
-    )[0]
-    return {node.args[0][1]: gx}
-
-
-def _is_ref(e: Any) -> bool:
-    return isinstance(e, tuple) and e[0] == "n"
-
-
-def _t_linear(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
-    if kw or not _is_ref(node.args[0]) or any(_dep(node, r) for r in _refs(node.args[1:])):
-        return None
-    return {node.args[0][1]: g.matmul(args[1].to(g.dtype))}
-
-
-def _t_batch_norm(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Any) -> dict[int, Any] | None:
-    x, weight, _, _, running_var = args[:5]
-    if node.packet == "batch_norm":
-        training, eps = args[5], args[7]
-    else:  # _native_batch_norm_legit_no_training(input, weight, bias, mean, var, momentum, eps)
-        training, eps = False, args[6]
-        g = g[0]
-    if training or kw or any(_dep(node, r) for r in _refs(node.args[1:])):
-        return None
-    scale = torch.rsqrt(running_var + eps)
-    if weight is not None:
-        scale = scale * weight
-    shape = [1, -1] + [1] * (x.ndim - 2)
-    return {node.args[0][1]: g * scale.reshape(shape)}
-
-
-def _t_max_pool(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
-    nd = {"max_pool2d": 2, "max_pool3d": 3}.get(node.packet)
-    if nd is None or kw:
-        return None
-    x, k = args[0], args[1]
-    stride = args[2] if len(args) > 2 and args[2] else k
-    padding = args[3] if len(args) > 3 else 0
-    dilation = args[4] if len(args) > 4 else 1
-    ceil = args[5] if len(args) > 5 else False
-    p = (_ntuple(k, nd), _ntuple(stride, nd), _ntuple(padding, nd), _ntuple(dilation, nd), ceil)
-    if nd == 2:
-        _, idx = torch.ops.aten.max_pool2d_with_indices(x, *p)
-        gx = torch.ops.aten.max_pool2d_with_indices_backward(g, x, *p, idx)
-    else:
-        _, idx = torch.ops.aten.max_pool3d_with_indices(x, *p)
-        gx = torch.ops.aten.max_pool3d_with_indices_backward(g, x, *p, idx)
-    return {node.args[0][1]: gx}
-
-
-def _t_avg_pool(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
-    nd = {"avg_pool2d": 2, "avg_pool3d": 3}.get(node.packet)
-    if nd is None or kw:
-        return None
-    x, k = args[0], args[1]
-    stride = args[2] if len(args) > 2 and args[2] else k
-    rest = list(args[3:]) + [0, False, True, None][len(args[3:]) :]
-    padding, ceil, count_include_pad, divisor = rest[:4]
-    op = torch.ops.aten.avg_pool2d_backward if nd == 2 else torch.ops.aten.avg_pool3d_backward
-    gx = op(g, x, _ntuple(k, nd), _ntuple(stride, nd), _ntuple(padding, nd), ceil, count_include_pad, divisor)
-    return {node.args[0][1]: gx}
-
-
-def _t_adaptive_avg_pool(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
-    x = args[0]
-    if node.packet == "adaptive_avg_pool2d" and x.ndim in (3, 4):
-        return {node.args[0][1]: torch.ops.aten._adaptive_avg_pool2d_backward(g, x)}
-    if node.packet == "adaptive_avg_pool3d" and x.ndim in (4, 5):
-        return {node.args[0][1]: torch.ops.aten._adaptive_avg_pool3d_backward(g, x)}
-    return None
-
-
-def _t_reshape(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
-    return {node.args[0][1]: g.reshape(args[0].shape)}
-
-
-def _t_permute(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
-    dims = [d % g.ndim for d in args[1]]
-    inverse = [0] * len(dims)
-    for i, d in enumerate(dims):
-        inverse[d] = i
-    return {node.args[0][1]: g.permute(inverse)}
-
-
-def _t_transpose(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
-    if node.packet == "t":
-        return {node.args[0][1]: g.t()}
-    return {node.args[0][1]: g.transpose(args[1], args[2])}
-
-
-def _t_identity(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
-    if node.packet == "dropout" and (len(args) < 3 or args[2]):
-        return None  # training-mode dropout: not the identity
-    if not _is_ref(node.args[0]):
-        return None
-    return {node.args[0][1]: g.to(args[0].dtype) if g.dtype != args[0].dtype else g}
-
-
-def _t_add(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
-    alpha = kw.get("alpha", 1)
-    if set(kw) - {"alpha"}:
-        return None
-    res: dict[int, Any] = {}
-    sign = -1 if node.packet in ("sub", "rsub") else 1
-    for pos, e in enumerate(node.args[:2]):
-        if _is_ref(e) and _dep(node, e[1]):
-            scale = 1
-            if pos == 1:
-                scale = sign * alpha
-            if node.packet == "rsub":
-                scale = -alpha if pos == 0 else 1
-            grad = g if scale == 1 else g * scale
-            grad = grad.sum_to_size(args[pos].shape)
-            res[e[1]] = grad if e[1] not in res else res[e[1]] + grad
-    return res
-
-
-def _t_mul(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
-    if kw:
-        return None
-    res: dict[int, Any] = {}
-    for pos, e in enumerate(node.args[:2]):
-        if _is_ref(e) and _dep(node, e[1]):
-            other = args[1 - pos]
-            grad = (g * other).sum_to_size(args[pos].shape) if isinstance(other, Tensor) else g * other
-            res[e[1]] = grad if e[1] not in res else res[e[1]] + grad
-    return res
-
-
-def _t_div(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
-    if kw or (_is_ref(node.args[1]) and _dep(node, node.args[1][1])):
-        return None
-    d = args[1]
-    grad = g / d
-    return {node.args[0][1]: grad.sum_to_size(args[0].shape) if isinstance(d, Tensor) else grad}
-
-
-def _t_neg(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
-    return {node.args[0][1]: -g}
-
-
-def _t_cat(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
-    dim = args[1] if len(args) > 1 else kw.get("dim", 0)
-    tensors = args[0]
-    sizes = [t.shape[dim] if t.ndim else 0 for t in tensors]
-    pieces = g.split(sizes, dim=dim)
-    res: dict[int, Any] = {}
-    for e, piece in zip(node.args[0][1], pieces):
-        if _is_ref(e) and _dep(node, e[1]):
-            res[e[1]] = piece if e[1] not in res else res[e[1]] + piece
-    return res
-
-
-def _t_mean_sum(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
-    x = args[0]
-    if node.target in ("aten.sum.default", "aten.mean.default"):
-        grad = g.expand(x.shape)
-        return {node.args[0][1]: grad / x.numel() * 1 if node.packet == "mean" else grad}
-    dims = args[1] if len(args) > 1 else kw.get("dim")
-    keepdim = args[2] if len(args) > 2 else kw.get("keepdim", False)
-    if dims is None:
-        return None
-    dims = [d % x.ndim for d in ([dims] if isinstance(dims, int) else dims)] or list(range(x.ndim))
-    if not keepdim:
-        for d in sorted(dims):
-            g = g.unsqueeze(d)
-    grad = g.expand(x.shape)
-    if node.packet == "mean":
-        count = 1
-        for d in dims:
-            count *= x.shape[d]
-        grad = grad / count
-    return {node.args[0][1]: grad}
-
-
-def _t_unsqueeze(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
-    return {node.args[0][1]: g.reshape(args[0].shape)}
-
-
-def _t_expand(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
-    return {node.args[0][1]: g.sum_to_size(args[0].shape)}
-
-
-def _t_relu(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
-    return {node.args[0][1]: g * (out > 0).to(g.dtype)}
-
-
-def _t_select(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
-    x, dim, idx = args[0], args[1], args[2]
-    return {node.args[0][1]: torch.ops.aten.select_backward(g, list(x.shape), dim, idx)}
-
-
-def _t_slice(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
-    x = args[0]
-    dim = args[1] if len(args) > 1 else 0
-    start = args[2] if len(args) > 2 and args[2] is not None else 0
-    end = args[3] if len(args) > 3 and args[3] is not None else sys.maxsize
-    step = args[4] if len(args) > 4 else 1
-    return {node.args[0][1]: torch.ops.aten.slice_backward(g, list(x.shape), dim, start, end, step)}
-
-
-def _t_pad(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
-    return {node.args[0][1]: torch.ops.aten.constant_pad_nd(g, [-p for p in args[1]])}
-
-
-_TRANSPOSES: dict[str, Callable[..., dict[int, Any] | None]] = {
-    **{f"aten.{op}.default": _t_conv for op in ("conv1d", "conv2d", "conv3d", "convolution")},
-    "aten.linear.default": _t_linear,
-    "aten.batch_norm.default": _t_batch_norm,
-    "aten._native_batch_norm_legit_no_training.default": _t_batch_norm,
-    "aten.max_pool2d.default": _t_max_pool,
-    "aten.max_pool3d.default": _t_max_pool,
-    "aten.avg_pool2d.default": _t_avg_pool,
-    "aten.avg_pool3d.default": _t_avg_pool,
-    "aten.adaptive_avg_pool2d.default": _t_adaptive_avg_pool,
-    "aten.adaptive_avg_pool3d.default": _t_adaptive_avg_pool,
-    **{
-        f"aten.{op}": _t_reshape
-        for op in ("view.default", "_unsafe_view.default", "reshape.default", "flatten.using_ints", "unflatten.int",
-                   "squeeze.default", "squeeze.dim", "squeeze.dims")
-    },
-    "aten.unsqueeze.default": _t_unsqueeze,
-    "aten.permute.default": _t_permute,
-    "aten.transpose.int": _t_transpose,
-    "aten.t.default": _t_transpose,
-    **{
-        f"aten.{op}": _t_identity
-        for op in ("clone.default", "contiguous.default", "alias.default", "lift_fresh_copy.default", "dropout.default",
-                   "_to_copy.default")
-    },
-    "aten.add.Tensor": _t_add,
-    "aten.sub.Tensor": _t_add,
-    "aten.rsub.Tensor": _t_add,
-    "aten.add.Scalar": _t_add,
-    "aten.sub.Scalar": _t_add,
-    "aten.mul.Tensor": _t_mul,
-    "aten.mul.Scalar": _t_mul,
-    "aten.div.Tensor": _t_div,
-    "aten.div.Scalar": _t_div,
-    "aten.neg.default": _t_neg,
-    "aten.cat.default": _t_cat,
-    "aten.mean.dim": _t_mean_sum,
-    "aten.mean.default": _t_mean_sum,
-    "aten.sum.dim_IntList": _t_mean_sum,
-    "aten.sum.default": _t_mean_sum,
-    "aten.expand.default": _t_expand,
-    "aten.relu.default": _t_relu,
-    "aten.select.int": _t_select,
-    "aten.slice.Tensor": _t_slice,
-    "aten.constant_pad_nd.default": _t_pad,
-}
 
 
 @dataclass
@@ -1019,11 +748,55 @@ def substitute(program: Program, rule_for: Callable[[Program, Node], Any], metho
     return tuple(plan)
 
 
-def run_plan(program: Program, plan: Sequence[Any], streams: Streams, seeds: dict[int, Any]) -> dict[int, Any]:
-    """Reverse pass with the substituted rules; returns ``{input position: cotangent}``."""
+class ProgramBuilder:
+    """Build a new program from an old one: copy, insert and alias nodes (for canonizers).
 
-    def backward(node: Node, g: Any) -> dict[int, Any]:
-        rule = plan[node.index]
-        return {} if rule is None else rule.backward(Site(node, streams), g)
+    Indices in encoded arguments refer to the *old* program for copied nodes and
+    to the *new* program for inserted ones; ``remap`` translates.
+    """
 
-    return reverse(program, seeds, backward)
+    def __init__(self, program: Program) -> None:
+        self.src = program
+        self.nodes: list[Node] = []
+        self.remap: dict[int, int] = {}
+
+    def _renumber(self, e: Any) -> Any:
+        tag = e[0]
+        if tag == "n":
+            return ("n", self.remap[e[1]])
+        if tag in ("l", "t"):
+            return (tag, tuple(self._renumber(v) for v in e[1]))
+        return e
+
+    def _add(self, node: Node, args: tuple[Any, ...], kwargs: tuple[tuple[str, Any], ...]) -> int:
+        i = len(self.nodes)
+        refs = tuple(dict.fromkeys(_refs(args) + _refs(tuple(v for _, v in kwargs))))
+        dep = node.op == "input" or (node.op == "call" and any(self.nodes[r].dep for r in refs))
+        dep_refs = tuple(self.nodes[r].dep and self.nodes[r].float_out for r in refs)
+        self.nodes.append(replace(node, index=i, args=args, kwargs=kwargs, refs=refs, dep=dep, dep_refs=dep_refs))
+        return i
+
+    def copy(self, old: Node, **changes: Any) -> int:
+        """Copy node ``old``; ``args=``/``kwargs=`` in ``changes`` are given in *new* indices."""
+        args = changes.pop("args", None)
+        kwargs = changes.pop("kwargs", None)
+        args = tuple(self._renumber(a) for a in old.args) if args is None else args
+        kwargs = tuple((k, self._renumber(v)) for k, v in old.kwargs) if kwargs is None else kwargs
+        i = self._add(replace(old, **changes), args, kwargs)
+        self.remap[old.index] = i
+        return i
+
+    def call(self, target: str, args: tuple[Any, ...], like: Node, name: str) -> int:
+        """Insert a new call node; ``args`` are encoded with *new* indices."""
+        node = Node(0, "call", target, name=f"{like.name}_{name}", module=like.module, module_type=like.module_type,
+                    layer=like.layer, float_out=True)
+        return self._add(node, args, ())
+
+    def ref(self, old_index: int) -> tuple[str, int]:
+        return ("n", self.remap[old_index])
+
+    def alias(self, old_index: int, new_index: int) -> None:
+        self.remap[old_index] = new_index
+
+    def build(self) -> Program:
+        return replace(self.src, nodes=tuple(self.nodes), output=self.remap[self.src.output])

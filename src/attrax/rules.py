@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .rewrite import Node, Program, Site, Streams, call_args, exact_vjp, generic_vjp, pool_params, run_node, unpool
+from .rewrite import Node, Program, Site, Streams, call_args, exact_vjp, generic_vjp, pool_params, reverse, run_node, unpool
 
 __all__ = [
     "Bilinear",
@@ -323,3 +323,34 @@ def _first_is(node: Node) -> bool:
 
 __all__ += ["BILINEAR", "ELEMENTWISE", "LINEAR", "MAXPOOL", "RELU", "SOFTMAX", "Site", "call_args", "is_elementwise",
             "is_linear", "selected_by_input"]
+
+
+# the LRP rules live in attrax.relevance; ax.rules is the one public place for all rules
+from .relevance import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, WSquare, ZBox, ZPlus, stabilize  # noqa: E402
+
+__all__ += ["AlphaBeta", "Epsilon", "Flat", "Gamma", "Norm", "Pass", "WSquare", "ZBox", "ZPlus", "stabilize", "run_plan"]
+
+#: Built-in rule classes. Under torch.compile rules are dispatched through this tuple: a plan made at
+#: trace time holds rule objects that dynamo cannot guard on, and ``Class.backward(rule, ...)``
+#: through a global class is what it can trace. (Subclasses are dispatched to their base class there.)
+RULE_CLASSES = (Gradient, Rescale, CrossMax, SoftmaxRescale, Bilinear, GuidedReLU, DeconvReLU, Epsilon, Gamma, ZPlus,
+                AlphaBeta, Flat, WSquare, ZBox, Pass, Norm)
+
+
+def apply_rule(rule: Any, site: Site, g: Any) -> dict[int, Any]:
+    if not torch.compiler.is_compiling():
+        return rule.backward(site, g)
+    for cls in RULE_CLASSES:  # isinstance is what dynamo can evaluate on an unguarded constant
+        if isinstance(rule, cls):
+            return cls.backward(rule, site, g)
+    return rule.backward(site, g)  # a user-defined rule
+
+
+def run_plan(program: Program, plan: Any, streams: Streams, seeds: dict[int, Any]) -> dict[int, Any]:
+    """Reverse pass with the substituted rules; returns ``{input position: cotangent}``."""
+
+    def backward(node: Node, g: Any) -> dict[int, Any]:
+        rule = plan[node.index]
+        return {} if rule is None else apply_rule(rule, Site(node, streams), g)
+
+    return reverse(program, seeds, backward)

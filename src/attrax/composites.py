@@ -1,0 +1,252 @@
+r"""Composites: which LRP rule each layer gets, as plain data and functions.
+
+A composite maps a layer to a rule. attrax accepts three forms (API.md section 7):
+
+* any callable ``(name, layer) -> Rule | None``, where ``name`` is the dotted module path
+  (or ``"<module>.<node>"`` for operations that are not a module of their own) and ``layer``
+  is the module, or a :class:`TracedOp` describing the traced operation;
+* a dict from a layer type (class or tuple of classes) or a dotted-name glob to a rule;
+* a :class:`Composite` built by :func:`mapping` or one of the factories below, which can
+  also match *kinds* of operation (``Kind("conv")`` matches ``nn.Conv2d`` and ``F.conv2d``
+  alike) and give the layer nearest the input its own rule.
+
+``None`` from a composite means "the default for this kind of operation": Epsilon(1e-6) for
+convolutions and linear layers, Norm for residual sums, average pooling and other
+parameter-free linear operations, Pass for activations and unmerged BatchNorm, the exact
+gradient for max pooling and reshapes. Matching order: names, then the first layer, then
+types and kinds, then the composite's default.
+
+The factories reproduce Zennit's composites of the same names (Anders et al., Zennit,
+arXiv:2106.13200), which the tests check number for number.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .relevance import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
+from .rules import DeconvReLU, Gradient, GuidedReLU
+
+__all__ = [
+    "Composite",
+    "Kind",
+    "TracedOp",
+    "deconvnet",
+    "epsilon",
+    "epsilon_alpha2_beta1",
+    "epsilon_alpha2_beta1_flat",
+    "epsilon_gamma_box",
+    "epsilon_plus",
+    "epsilon_plus_flat",
+    "excitation_backprop",
+    "guided_backprop",
+    "mapping",
+]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of traced operation, matching modules and functional calls alike.
+
+    Kinds: ``"conv"``, ``"linear"`` (dense), ``"layer"`` (either), ``"activation"``,
+    ``"relu"``, ``"avgpool"``, ``"maxpool"``, ``"add"`` (sums of two activations, e.g. residual
+    connections), ``"batchnorm"``, ``"softmax"``, ``"reshape"`` (shape-only ops),
+    ``"arithmetic"`` (other parameter-free linear ops), ``"*"`` (anything).
+    """
+
+    name: str
+
+    def matches(self, kind: str) -> bool:
+        if self.name == "*" or self.name == kind:
+            return True
+        if self.name == "layer":
+            return kind in ("conv", "linear")
+        if self.name == "activation":
+            return kind in ("activation", "relu")
+        return False
+
+
+@dataclass(frozen=True)
+class TracedOp:
+    """Describes a traced operation that is not a module call of its own (e.g. ``F.relu``, ``x + y``).
+
+    ``module_type`` is the ``nn`` class the op corresponds to (``nn.ReLU`` for ``F.relu``), so
+    type keys such as ``nn.Conv2d`` also match functional calls.
+    """
+
+    kind: str
+    op: str
+    node: str
+    module: str | None
+    module_type: type | None
+
+
+def matches_type(key: Any, layer: Any) -> bool:
+    if isinstance(key, Kind):
+        return False
+    if isinstance(layer, TracedOp):
+        return layer.module_type is not None and isinstance(key, (type, tuple)) and issubclass(layer.module_type, key)
+    return isinstance(key, (type, tuple)) and isinstance(layer, key)
+
+
+@dataclass(frozen=True)
+class Composite:
+    """Rules by name glob, by type or kind, for the first layer, and a default (all optional)."""
+
+    by_name: tuple[tuple[str, Any], ...] = ()
+    by_type: tuple[tuple[Any, Any], ...] = ()
+    first: tuple[tuple[Any, Any], ...] = ()
+    default: Any = None
+
+    def select(self, name: str, layer: Any, kind: str, is_first: bool) -> Any:
+        for pattern, rule in self.by_name:
+            if fnmatch.fnmatchcase(name, pattern):
+                return rule
+        if is_first:
+            for key, rule in self.first:
+                if (isinstance(key, Kind) and key.matches(kind)) or matches_type(key, layer):
+                    return rule
+        for key, rule in self.by_type:
+            if (isinstance(key, Kind) and key.matches(kind)) or matches_type(key, layer):
+                return rule
+        return self.default
+
+    def __call__(self, name: str, layer: Any) -> Any:
+        kind = layer.kind if isinstance(layer, TracedOp) else _module_kind(layer)
+        return self.select(name, layer, kind, False)
+
+
+def _module_kind(layer: Any) -> str:
+    from .lrp import module_kind
+
+    return module_kind(layer)
+
+
+def mapping(
+    by_type: Mapping[Any, Any] | None = None,
+    by_name: Mapping[str, Any] | None = None,
+    first: Mapping[Any, Any] | None = None,
+    default: Any = None,
+) -> Composite:
+    """Build a composite from plain dicts (Zennit's LayerMap, NameMap and SpecialFirstLayerMap).
+
+    Args:
+        by_type: ``{nn.Conv2d: ZPlus(), (nn.Linear,): Epsilon(), Kind("add"): Norm()}``.
+        by_name: ``{"features.0": Flat(), "classifier.*": Epsilon(0.25)}`` (``fnmatch`` globs).
+        first: rules for the linear/conv layer nearest the input, keyed like ``by_type``.
+        default: rule for anything unmatched (``None``: the per-kind default).
+
+    Example:
+        >>> import torch, attrax as ax
+        >>> comp = ax.composites.mapping(by_type={torch.nn.Conv2d: ax.rules.ZPlus()}, first={ax.composites.Kind("layer"): ax.rules.Flat()})
+        >>> comp("features.3", torch.nn.Conv2d(3, 3, 3))
+        ZPlus(stabilizer=1e-06, zero_params=())
+    """
+    return Composite(
+        by_name=tuple((by_name or {}).items()),
+        by_type=tuple((by_type or {}).items()),
+        first=tuple((first or {}).items()),
+        default=default,
+    )
+
+
+def as_composite(composite: Any) -> Callable[..., Any] | Composite | None:
+    """Normalise the ``composite`` argument of ``ax.lrp``."""
+    if composite is None or isinstance(composite, Composite):
+        return composite
+    if isinstance(composite, Mapping):
+        by_name, by_type = {}, {}
+        for key, rule in composite.items():
+            if isinstance(key, str):
+                by_name[key] = rule
+            elif isinstance(key, (type, tuple, Kind)):
+                by_type[key] = rule
+            else:
+                raise TypeError(f"composite dict keys must be layer types, Kind(...) or name globs, got {key!r}")
+        return mapping(by_type=by_type, by_name=by_name)
+    if callable(composite):
+        return composite
+    raise TypeError(
+        f"composite must be None, an ax.composites factory result, a dict or a callable (name, layer) -> Rule, "
+        f"got {type(composite).__name__}"
+    )
+
+
+def _base(stabilizer: float) -> dict[Any, Any]:
+    """Zennit's ``layer_map_base``: activations pass, sums and average pools normalise, BatchNorm passes."""
+    return {Kind("activation"): Pass(), Kind("add"): Norm(stabilizer), Kind("avgpool"): Norm(stabilizer),
+            Kind("batchnorm"): Pass()}
+
+
+def epsilon(epsilon: float = 1e-6) -> Composite:
+    """Epsilon everywhere (the meaning of ``composite=None``)."""
+    return mapping(by_type={**_base(1e-6), Kind("layer"): Epsilon(epsilon)})
+
+
+def epsilon_plus(epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_params: tuple[str, ...] = ()) -> Composite:
+    """z⁺ on convolutions, ε on dense layers (Zennit ``EpsilonPlus``)."""
+    return mapping(by_type={**_base(stabilizer), Kind("conv"): ZPlus(stabilizer, zero_params),
+                            Kind("linear"): Epsilon(epsilon, zero_params)})
+
+
+def epsilon_plus_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_params: tuple[str, ...] = ()) -> Composite:
+    """Flat on the first layer, z⁺ on convolutions, ε on dense layers (Zennit ``EpsilonPlusFlat``)."""
+    return mapping(
+        by_type={**_base(stabilizer), Kind("conv"): ZPlus(stabilizer, zero_params), Kind("linear"): Epsilon(epsilon, zero_params)},
+        first={Kind("layer"): Flat(stabilizer, zero_params)},
+    )
+
+
+def epsilon_gamma_box(
+    low: Any = -3.0,
+    high: Any = 3.0,
+    gamma: float = 0.25,
+    epsilon: float = 1e-6,
+    stabilizer: float = 1e-6,
+    zero_params: tuple[str, ...] = (),
+) -> Composite:
+    """z^B on the first convolution, γ on other convolutions, ε on dense layers (Zennit ``EpsilonGammaBox``)."""
+    return mapping(
+        by_type={**_base(stabilizer), Kind("conv"): Gamma(gamma, stabilizer, zero_params),
+                 Kind("linear"): Epsilon(epsilon, zero_params)},
+        first={Kind("conv"): ZBox(low, high, stabilizer, zero_params)},
+    )
+
+
+def epsilon_alpha2_beta1(epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_params: tuple[str, ...] = ()) -> Composite:
+    """α2β1 on convolutions, ε on dense layers (Zennit ``EpsilonAlpha2Beta1``)."""
+    return mapping(by_type={**_base(stabilizer), Kind("conv"): AlphaBeta(2.0, 1.0, stabilizer, zero_params),
+                            Kind("linear"): Epsilon(epsilon, zero_params)})
+
+
+def epsilon_alpha2_beta1_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6, zero_params: tuple[str, ...] = ()) -> Composite:
+    """Flat on the first layer, α2β1 on convolutions, ε on dense layers (Zennit ``EpsilonAlpha2Beta1Flat``)."""
+    return mapping(
+        by_type={**_base(stabilizer), Kind("conv"): AlphaBeta(2.0, 1.0, stabilizer, zero_params),
+                 Kind("linear"): Epsilon(epsilon, zero_params)},
+        first={Kind("layer"): Flat(stabilizer, zero_params)},
+    )
+
+
+def guided_backprop() -> Composite:
+    """Guided backprop at ReLUs and the exact gradient elsewhere (Zennit ``GuidedBackprop``).
+
+    With ``ax.lrp``'s relevance convention the result is the target score times guided backprop.
+    """
+    return mapping(by_type={Kind("relu"): GuidedReLU()}, default=Gradient())
+
+
+def deconvnet() -> Composite:
+    """Deconvnet at ReLUs and the exact gradient elsewhere (Zennit ``DeconvNet``)."""
+    return mapping(by_type={Kind("relu"): DeconvReLU()}, default=Gradient())
+
+
+def excitation_backprop(stabilizer: float = 1e-6, zero_params: tuple[str, ...] = ()) -> Composite:
+    """Excitation backprop [Zhang et al. 2016]: z⁺ on every layer, Norm on sums and average
+    pools, the gradient elsewhere (Zennit ``ExcitationBackprop``)."""
+    return mapping(by_type={Kind("layer"): ZPlus(stabilizer, zero_params), Kind("add"): Norm(stabilizer),
+                            Kind("avgpool"): Norm(stabilizer)}, default=Gradient())
+
