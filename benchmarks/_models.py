@@ -68,7 +68,9 @@ class Bottleneck(nn.Module):
         return self.relu(out)
 
 
-def resnet50_like(classes: int = 1000, width: float = 1.0, layers: tuple[int, ...] = (3, 4, 6, 3)) -> nn.Module:
+def resnet50_like(classes: int = 1000, width: float = 1.0, layers: tuple[int, ...] = (3, 4, 6, 3), block=None) -> nn.Module:
+    """``block(c_in, width, stride)`` builds a bottleneck (default: this module's ``Bottleneck``)."""
+    block = block or Bottleneck
     base = max(8, int(64 * width))
     mods: list[nn.Module] = [
         nn.Conv2d(3, base, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(base), nn.ReLU(inplace=True),
@@ -78,7 +80,7 @@ def resnet50_like(classes: int = 1000, width: float = 1.0, layers: tuple[int, ..
     for i, n in enumerate(layers):
         w = base * 2**i
         for j in range(n):
-            mods.append(Bottleneck(c, w, stride=2 if (j == 0 and i > 0) else 1))
+            mods.append(block(c, w, 2 if (j == 0 and i > 0) else 1))
             c = w * 4
     mods += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, classes)]
     return nn.Sequential(*mods)

@@ -20,7 +20,7 @@ from .canonizers import merge_batchnorm
 from .composites import Composite, TracedOp, as_composite
 from .deeplift import eager_no_grad, seed
 from .relevance import POOLS, WEIGHTED, AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, WSquare, ZBox, ZPlus
-from .rewrite import Node, Program, Streams, forward, program_spec, substitute, trace_program
+from .rewrite import Node, Program, Streams, forward, memoised, program_spec, substitute, trace_program
 from .rules import MAXPOOL, SOFTMAX, DeconvReLU, Gradient, GuidedReLU, is_elementwise, is_linear, n_dep, run_plan
 from .targets import prepare_call, select
 
@@ -187,7 +187,7 @@ def _prepare(model_fn: Any, spec: tuple[Any, ...], batch: int | None, composite:
     at trace time; its arguments are the caller's own objects, which dynamo can guard on)."""
     program = trace_program(model_fn, spec, batch)
     if canonize:
-        program = merge_batchnorm(program)
+        program = memoised(model_fn, ("merge_batchnorm", spec, batch), lambda: merge_batchnorm(program))
     return program, plan_for(program, as_composite(composite), getattr(model_fn, "module", None))
 
 

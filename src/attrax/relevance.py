@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .rewrite import Site, aten_op, exact_vjp
+from .rewrite import Site, _ntuple, aten_op, exact_vjp
 
 __all__ = ["AlphaBeta", "Epsilon", "Flat", "Gamma", "Norm", "Pass", "WSquare", "ZBox", "ZPlus", "stabilize"]
 
@@ -40,7 +40,7 @@ POOLS = frozenset(("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1
 
 def stabilize(z: Tensor, epsilon: float) -> Tensor:
     """``z + epsilon * sign(z)`` with ``sign(0) = 1`` (Zennit's stabiliser)."""
-    return z + epsilon * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+    return z + torch.where(z >= 0, epsilon, -epsilon).to(z.dtype)
 
 
 def _check_zero_params(zero_params: Sequence[str]) -> tuple[str, ...]:
@@ -102,64 +102,122 @@ class _Part:
     gamma: float = 0.0
 
 
-def _layer(site: Site) -> tuple[Callable[..., Tensor], Tensor, Tensor | None, Tensor | None]:
-    """``(call(a, W, b), a, W, b)`` for the layer at ``site``; W and b are None for pools."""
+@dataclass(frozen=True)
+class _Layer:
+    """A layer call site: ``forward(a, W, b)`` and the transpose ``back(g, a, W)`` w.r.t. its input."""
+
+    node: Any
+    args: list[Any]
+    kwargs: dict[str, Any]
+    weight: Tensor | None
+    bias: Tensor | None
+
+    def forward(self, a: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
+        op = aten_op(self.node.target)
+        if self.weight is None:
+            return op(a, *self.args[1:], **self.kwargs)
+        rest = self.args[3:]
+        return op(a, w, b, *rest, **{k: v for k, v in self.kwargs.items() if k != "bias"})
+
+    def back(self, g: Tensor, a: Tensor, w: Tensor | None, scale: float = 1.0) -> Tensor:
+        p = self.node.packet
+        if p == "linear":
+            return g.matmul(w)
+        if p in ("conv1d", "conv2d", "conv3d") and not self.kwargs and not (len(self.args) > 4 and isinstance(self.args[4], str)):
+            nd = w.ndim - 2
+            stride, padding, dilation, groups = (list(self.args[3:]) + [1, 0, 1, 1][len(self.args[3:]):])[:4]
+            return torch.ops.aten.convolution_backward(
+                g, a, w, None, _ntuple(stride, nd), _ntuple(padding, nd), _ntuple(dilation, nd), False, [0] * nd,
+                groups, [True, False, False],
+            )[0]
+        # anything else (pools, transposed or string-padded convolutions): differentiate the op
+        _, pull = torch.func.vjp(lambda t: self.forward(t, w, None if self.bias is None else self.bias) * scale, a)
+        return pull(g)[0]
+
+
+def _layer(site: Site) -> _Layer:
     node, s = site.node, site.streams
     args, kwargs = s.args(node)
     if node.packet in WEIGHTED:
-        weight = args[1]
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
-        op = aten_op(node.target)
-
-        def call(a: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
-            full = [a, w, b, *args[3:]] if len(args) > 2 else [a, w, b]
-            return op(*full, **{k: v for k, v in kwargs.items() if k != "bias"})
-
-        return call, args[0], weight, bias
+        return _Layer(node, args, kwargs, args[1], bias)
     if node.packet in POOLS:
-        op = aten_op(node.target)
-
-        def pool(a: Tensor, w: Any, b: Any) -> Tensor:
-            return op(a, *args[1:], **kwargs)
-
-        return pool, args[0], None, None
+        return _Layer(node, args, kwargs, None, None)
     raise ValueError(f"LRP layer rules act on convolutions, linear and average-pooling layers, not {node.describe()}")
 
 
-def _parts(site: Site, parts: Sequence[_Part], rule: Any, zero_params: tuple[str, ...]) -> list[tuple[Tensor, Tensor, Any]]:
-    """``(a_k, z_k, pullback_k)`` for each part; pullback maps ``d z_k`` to ``W_k^T d z_k``."""
-    call, a, weight, bias = _layer(site)
-    out: list[tuple[Tensor, Tensor, Any]] = []
+@dataclass(frozen=True)
+class _Term:
+    """One part of a rule at a site: modified input ``a``, output ``z`` and its transpose."""
+
+    a: Tensor
+    z: Tensor
+    pull: Callable[[Tensor], Tensor]
+
+
+def _parts(site: Site, parts: Sequence[_Part], rule: Any, zero_params: tuple[str, ...]) -> list[_Term | None]:
+    """The terms of a rule; ``None`` where the part is identically zero.
+
+    A part acting on the negative part of an input that is non-negative by construction (after a
+    ReLU, pooling of such, ...; see ``rewrite.nonnegative``) contributes exactly nothing and is
+    skipped, which halves the work of z+, alpha-beta and gamma on ReLU networks.
+    """
+    layer = _layer(site)
+    a = layer.args[0]
+    source = site.program.nodes[site.node.args[0][1]]
+    out: list[_Term | None] = []
     for part in parts:
-        a_k = _input(part.input, a, rule)
-        if weight is None:  # pooling: implicit weights 1/k >= 0
+        if part.input == "neg" and source.nonneg:
+            out.append(None)
+            continue
+        a_k = a if (part.input == "pos" and source.nonneg) else _input(part.input, a, rule)
+        if layer.weight is None:  # pooling: implicit weights 1/k >= 0
             scale = {"id": 1.0, "pos": 1.0, "gamma_pos": 1.0 + part.gamma, "neg": 0.0, "gamma_neg": 1.0}.get(part.param)
             if scale is None:
                 raise ValueError(f"rule {rule} modifies weights in a way undefined for {site.node.describe()}")
-            z_k, pull = torch.func.vjp(lambda t: call(t, None, None) * scale, a_k)
-            out.append((a_k, z_k, pull))
+            if scale == 0.0:
+                out.append(None)
+                continue
+            z_k = layer.forward(a_k, None, None) * scale
+            out.append(_Term(a_k, z_k, lambda g, a_k=a_k, sc=scale: layer.back(g, a_k, None, sc)))
             continue
-        w_k = torch.zeros_like(weight) if "weight" in zero_params else _param(part.param, weight, part.gamma)
-        b_k = None if (part.zero_bias or "bias" in zero_params) else _param(part.param, bias, part.gamma)
         if part.input == "id" and part.param == "id" and not part.zero_bias and not zero_params:
-            out.append((a_k, site.out("x"), _exact_pullback(site)))  # the forward already computed z
+            out.append(_Term(a_k, site.out("x"), _exact_pullback(site)))  # the forward already computed z
             continue
-        z_k, pull = torch.func.vjp(lambda t, w=w_k, b=b_k: call(t, w, b), a_k)
-        out.append((a_k, z_k, pull))
+        w_k = torch.zeros_like(layer.weight) if "weight" in zero_params else _param(part.param, layer.weight, part.gamma)
+        b_k = None if (part.zero_bias or "bias" in zero_params) else _param(part.param, layer.bias, part.gamma)
+        z_k = layer.forward(a_k, w_k, b_k)
+        out.append(_Term(a_k, z_k, lambda g, a_k=a_k, w_k=w_k: layer.back(g, a_k, w_k)))
     return out
 
 
-def _exact_pullback(site: Site) -> Callable[[Tensor], tuple[Tensor]]:
+def _exact_pullback(site: Site) -> Callable[[Tensor], Tensor]:
     s, node = site.streams, site.node
     ref = node.args[0][1]
 
-    def pull(g: Tensor) -> tuple[Tensor]:
-        return (exact_vjp(s.program, node, s.x, s.batch, g, s.aux_x)[ref],)
+    def pull(g: Tensor) -> Tensor:
+        return exact_vjp(s.program, node, s.x, s.batch, g, s.aux_x)[ref]
 
     return pull
 
 
-def _result(site: Site, relevance: Tensor) -> dict[int, Any]:
+def _z(*terms: _Term | None) -> Any:
+    """Sum of the terms' outputs (0 when all are absent)."""
+    total: Any = 0
+    for t in terms:
+        if t is not None:
+            total = total + t.z
+    return total
+
+
+def _back(term: _Term | None, s: Tensor) -> Any:
+    """``a_k * W_k^T s`` for one term (0 when absent)."""
+    return 0 if term is None else term.a * term.pull(s)
+
+
+def _result(site: Site, relevance: Any) -> dict[int, Any]:
+    if not isinstance(relevance, Tensor):  # every term vanished
+        relevance = torch.zeros_like(site.args("x")[0])
     return {site.node.args[0][1]: relevance}
 
 
@@ -182,9 +240,9 @@ class Epsilon:
             raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
 
     def backward(self, site: Site, r: Tensor) -> dict[int, Any]:
-        ((a, z, pull),) = _parts(site, [_Part("id", "id")], self, self.zero_params)
+        (t,) = _parts(site, [_Part("id", "id")], self, self.zero_params)
         eps = self.epsilon if self.epsilon > 0 else 1e-12
-        return _result(site, a * pull(r / stabilize(z, eps))[0])
+        return _result(site, _back(t, r / stabilize(_z(t), eps)))
 
 
 @dataclass(frozen=True)
@@ -216,12 +274,11 @@ class Gamma:
             _Part("pos", "gamma_neg", gamma=g_neg),
             _Part("neg", "gamma_pos", zero_bias=True, gamma=g_neg),
         ]
-        (a1, z1, p1), (a2, z2, p2), (a3, z3, p3), (a4, z4, p4) = _parts(site, parts, self, self.zero_params)
+        t1, t2, t3, t4 = _parts(site, parts, self, self.zero_params)
         z = site.out("x")
-        pos = r * (z > 0).to(r.dtype) / stabilize(z1 + z2, self.stabilizer)
-        neg = r * (z < 0).to(r.dtype) / stabilize(z3 + z4, self.stabilizer)
-        rel = a1 * p1(pos)[0] + a2 * p2(pos)[0] + a3 * p3(neg)[0] + a4 * p4(neg)[0]
-        return _result(site, rel)
+        pos = r * (z > 0).to(r.dtype) / stabilize(_z(t1, t2), self.stabilizer)
+        neg = r * (z < 0).to(r.dtype) / stabilize(_z(t3, t4), self.stabilizer)
+        return _result(site, _back(t1, pos) + _back(t2, pos) + _back(t3, neg) + _back(t4, neg))
 
 
 @dataclass(frozen=True)
@@ -236,10 +293,9 @@ class ZPlus:
         object.__setattr__(self, "zero_params", _check_zero_params(self.zero_params))
 
     def backward(self, site: Site, r: Tensor) -> dict[int, Any]:
-        (a1, z1, p1), (a2, z2, p2) = _parts(site, [_Part("pos", "pos"), _Part("neg", "neg", zero_bias=True)], self,
-                                            self.zero_params)
-        s = r / stabilize(z1 + z2, self.stabilizer)
-        return _result(site, a1 * p1(s)[0] + a2 * p2(s)[0])
+        t1, t2 = _parts(site, [_Part("pos", "pos"), _Part("neg", "neg", zero_bias=True)], self, self.zero_params)
+        s = r / stabilize(_z(t1, t2), self.stabilizer)
+        return _result(site, _back(t1, s) + _back(t2, s))
 
 
 @dataclass(frozen=True)
@@ -264,10 +320,10 @@ class AlphaBeta:
     def backward(self, site: Site, r: Tensor) -> dict[int, Any]:
         parts = [_Part("pos", "pos"), _Part("neg", "neg", zero_bias=True), _Part("pos", "neg"),
                  _Part("neg", "pos", zero_bias=True)]
-        (a1, z1, p1), (a2, z2, p2), (a3, z3, p3), (a4, z4, p4) = _parts(site, parts, self, self.zero_params)
-        s_pos = r / stabilize(z1 + z2, self.stabilizer)
-        s_neg = r / stabilize(z3 + z4, self.stabilizer)
-        rel = self.alpha * (a1 * p1(s_pos)[0] + a2 * p2(s_pos)[0]) - self.beta * (a3 * p3(s_neg)[0] + a4 * p4(s_neg)[0])
+        t1, t2, t3, t4 = _parts(site, parts, self, self.zero_params)
+        s_pos = r / stabilize(_z(t1, t2), self.stabilizer)
+        s_neg = r / stabilize(_z(t3, t4), self.stabilizer)
+        rel = self.alpha * (_back(t1, s_pos) + _back(t2, s_pos)) - self.beta * (_back(t3, s_neg) + _back(t4, s_neg))
         return _result(site, rel)
 
 
@@ -283,8 +339,9 @@ class Flat:
         object.__setattr__(self, "zero_params", _check_zero_params(self.zero_params))
 
     def backward(self, site: Site, r: Tensor) -> dict[int, Any]:
-        ((_, z, pull),) = _parts(site, [_Part("ones", "ones", zero_bias=True)], self, self.zero_params)
-        return _result(site, pull(r / stabilize(z, self.stabilizer))[0])
+        (t,) = _parts(site, [_Part("ones", "ones", zero_bias=True)], self, self.zero_params)
+        assert t is not None
+        return _result(site, t.pull(r / stabilize(t.z, self.stabilizer)))
 
 
 @dataclass(frozen=True)
@@ -298,8 +355,9 @@ class WSquare:
         object.__setattr__(self, "zero_params", _check_zero_params(self.zero_params))
 
     def backward(self, site: Site, r: Tensor) -> dict[int, Any]:
-        ((_, z, pull),) = _parts(site, [_Part("ones", "square")], self, self.zero_params)
-        return _result(site, pull(r / stabilize(z, self.stabilizer))[0])
+        (t,) = _parts(site, [_Part("ones", "square")], self, self.zero_params)
+        assert t is not None
+        return _result(site, t.pull(r / stabilize(t.z, self.stabilizer)))
 
 
 @dataclass(frozen=True)
@@ -318,9 +376,9 @@ class ZBox:
 
     def backward(self, site: Site, r: Tensor) -> dict[int, Any]:
         parts = [_Part("id", "id"), _Part("low", "pos"), _Part("high", "neg")]
-        (a1, z1, p1), (a2, z2, p2), (a3, z3, p3) = _parts(site, parts, self, self.zero_params)
-        s = r / stabilize(z1 - z2 - z3, self.stabilizer)
-        return _result(site, a1 * p1(s)[0] - a2 * p2(s)[0] - a3 * p3(s)[0])
+        t1, t2, t3 = _parts(site, parts, self, self.zero_params)
+        s = r / stabilize(_z(t1) - _z(t2) - _z(t3), self.stabilizer)
+        return _result(site, _back(t1, s) - _back(t2, s) - _back(t3, s))
 
 
 @dataclass(frozen=True)

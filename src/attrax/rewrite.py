@@ -85,6 +85,7 @@ class Node:
     float_out: bool = True
     shape: tuple[int, ...] | None = None
     packet: str = ""  # "conv2d" for "aten.conv2d.default" (a field, not a property: dynamo hashes it)
+    nonneg: bool = False  # the value is >= 0 by construction (after ReLU, pooling of such, ...)
 
     def __post_init__(self) -> None:
         if not self.packet:
@@ -93,6 +94,32 @@ class Node:
     def describe(self) -> str:
         where = f" in module '{self.module}' ({self.module_type})" if self.module else ""
         return f"{self.target} at node '{self.name}'{where}"
+
+
+#: ops whose output is >= 0 whatever the input
+_ALWAYS_NONNEG = frozenset("relu relu6 sigmoid softplus exp abs square sqrt hardsigmoid".split())
+#: ops whose output is >= 0 when every tensor argument is
+_KEEPS_NONNEG = frozenset(
+    """max_pool1d max_pool2d max_pool3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d
+    adaptive_avg_pool3d adaptive_max_pool2d mean sum add mul cat concat stack view _unsafe_view reshape flatten unflatten
+    permute transpose t expand squeeze unsqueeze select slice narrow clone contiguous alias dropout _to_copy
+    lift_fresh_copy constant_pad_nd getitem split chunk unbind maximum""".split()
+)
+
+
+def nonnegative(target: str, packet: str, args: tuple[Any, ...], nodes: Sequence[Node]) -> bool:
+    """Static sign analysis: is this op's value >= 0 for every input?"""
+    if packet in _ALWAYS_NONNEG:
+        return True
+    if packet not in _KEEPS_NONNEG:
+        return False
+    for e in args:
+        for r in _refs((e,)):
+            if not nodes[r].nonneg:
+                return False
+        if e[0] == "c" and isinstance(e[1], (int, float)) and not isinstance(e[1], bool) and e[1] < 0:
+            return False  # a negative scalar operand (add/mul by a constant, pad value)
+    return True
 
 
 @dataclass(frozen=True)
@@ -180,6 +207,19 @@ def trace_program(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch:
         with model_fn._lock:
             cache[key] = program
     return program
+
+
+def memoised(model_fn: Any, key: Any, compute: Callable[[], Any]) -> Any:
+    """``compute()`` memoised on a ``FunctionalModel`` under ``key`` (plain functions: not memoised)."""
+    cache = model_fn._programs if isinstance(model_fn, FunctionalModel) else None
+    if cache is None:
+        return compute()
+    with model_fn._lock:
+        if key in cache:
+            return cache[key]
+    value = compute()
+    with model_fn._lock:
+        return cache.setdefault(key, value)
 
 
 #: marked constant so ``torch.compile`` runs tracing once, at trace time, outside the compiled region
@@ -289,9 +329,10 @@ def _build(gm: torch.fx.GraphModule, spec: tuple[Any, ...]) -> Program:
         dep_refs = tuple(nodes[r].dep and nodes[r].float_out for r in refs)
         module, module_type = _module_of(fx_node)
         layer = _layer_of(args, nodes) or module
+        packet = name.split(".")[1] if name.startswith("aten.") else name
         nodes.append(
             Node(i, "call", name, args, kwargs, fx_node.name, module, module_type, layer, dep, refs, dep_refs,
-                 float_out, _shape(fx_node))
+                 float_out, _shape(fx_node), packet, nonnegative(name, packet, args, nodes))
         )
         index[fx_node] = i
         first = fx_node.args[0] if fx_node.args else None
@@ -773,7 +814,9 @@ class ProgramBuilder:
         refs = tuple(dict.fromkeys(_refs(args) + _refs(tuple(v for _, v in kwargs))))
         dep = node.op == "input" or (node.op == "call" and any(self.nodes[r].dep for r in refs))
         dep_refs = tuple(self.nodes[r].dep and self.nodes[r].float_out for r in refs)
-        self.nodes.append(replace(node, index=i, args=args, kwargs=kwargs, refs=refs, dep=dep, dep_refs=dep_refs))
+        nonneg = node.op == "call" and nonnegative(node.target, node.packet, args, self.nodes)
+        self.nodes.append(replace(node, index=i, args=args, kwargs=kwargs, refs=refs, dep=dep, dep_refs=dep_refs,
+                                  nonneg=nonneg))
         return i
 
     def copy(self, old: Node, **changes: Any) -> int:
