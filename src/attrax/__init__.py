@@ -5,7 +5,8 @@
     >>> attr = ax.integrated_gradients(model_fn, params, x, target)  # doctest: +SKIP
 """
 
-from . import composites, metrics, rules
+from . import composites, concepts, metrics, rules
+from .conditional import conditional
 from .core import FunctionalModel, functionalize
 from .deeplift import deconvnet, deeplift, deeplift_shap, guided_backprop
 from .lrp import lrp
@@ -32,6 +33,7 @@ def __getattr__(name: str):  # lazy: these need optional dependencies
 
 __all__ = [
     "FunctionalModel",
+    "conditional",
     "deconvnet",
     "deeplift",
     "deeplift_shap",
@@ -44,6 +46,7 @@ __all__ = [
     "lrp",
     "metrics",
     "composites",
+    "concepts",
     "rules",
     "noise_tunnel",
     "saliency",

@@ -120,7 +120,8 @@ def _emit_after(b: ProgramBuilder, layer: Node, bn: Node) -> int:
     else:
         b_new = t[1]
     args = (b.ref(layer.args[0][1]), ("n", w_new), ("n", b_new)) + tuple(b._renumber(a) for a in layer.args[3:])
-    return b.copy(layer, args=args)
+    aliases = layer.aliases + ((bn.module,) if bn.module else ()) + bn.aliases
+    return b.copy(layer, args=args, aliases=aliases)
 
 
 def _emit_before(b: ProgramBuilder, layer: Node, bn: Node) -> int:

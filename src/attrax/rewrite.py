@@ -86,6 +86,7 @@ class Node:
     shape: tuple[int, ...] | None = None
     packet: str = ""  # "conv2d" for "aten.conv2d.default" (a field, not a property: dynamo hashes it)
     nonneg: bool = False  # the value is >= 0 by construction (after ReLU, pooling of such, ...)
+    aliases: tuple[str, ...] = ()  # other module paths whose output this node is (a BatchNorm folded into it)
 
     def __post_init__(self) -> None:
         if not self.packet:
@@ -631,13 +632,22 @@ def pool_params(args: Sequence[Any], nd: int, with_input: bool = False) -> tuple
 BackwardFn = Callable[[Node, Any], dict[int, Any]]
 
 
-def reverse(program: Program, seeds: dict[int, Any], backward: BackwardFn) -> dict[int, Any]:
+def reverse(
+    program: Program,
+    seeds: dict[int, Any],
+    backward: BackwardFn,
+    arrive: Callable[[Node, Any], Any] | None = None,
+    captured: dict[int, Any] | None = None,
+) -> dict[int, Any]:
     """Propagate cotangents from ``seeds`` to the inputs; returns ``{input position: cotangent}``.
 
     Nodes are visited in reverse topological order; each call node with a
     cotangent hands it to ``backward``, whose results are summed into the
     referenced nodes. Tuple-valued nodes hold a list of per-output cotangents,
-    filled by their ``getitem`` users.
+    filled by their ``getitem`` users. ``arrive(node, g)`` may replace the total
+    cotangent of a node before it is propagated (conditional attribution masks
+    channels there); ``captured``, if given, receives the total cotangent of the
+    nodes whose indices it holds as keys.
     """
     cot: dict[int, Any] = dict(seeds)
     result: dict[int, Any] = {}
@@ -645,6 +655,10 @@ def reverse(program: Program, seeds: dict[int, Any], backward: BackwardFn) -> di
         g = cot.pop(node.index, None)
         if g is None or not node.dep:
             continue
+        if arrive is not None:
+            g = arrive(node, g)
+        if captured is not None and node.index in captured:
+            captured[node.index] = g
         if node.op == "input":
             result[int(node.target)] = g
             continue

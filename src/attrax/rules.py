@@ -346,11 +346,24 @@ def apply_rule(rule: Any, site: Site, g: Any) -> dict[int, Any]:
     return rule.backward(site, g)  # a user-defined rule
 
 
-def run_plan(program: Program, plan: Any, streams: Streams, seeds: dict[int, Any]) -> dict[int, Any]:
-    """Reverse pass with the substituted rules; returns ``{input position: cotangent}``."""
+def run_plan(
+    program: Program,
+    plan: Any,
+    streams: Streams,
+    seeds: dict[int, Any],
+    arrive: Any = None,
+    captured: dict[int, Any] | None = None,
+    leave: Any = None,
+) -> dict[int, Any]:
+    """Reverse pass with the substituted rules; returns ``{input position: cotangent}``.
+
+    ``arrive``/``captured`` as in :func:`attrax.rewrite.reverse`; ``leave(node, grads)`` may edit
+    the cotangents a node sends to its inputs (conditional attribution drops parallel paths there).
+    """
 
     def backward(node: Node, g: Any) -> dict[int, Any]:
         rule = plan[node.index]
-        return {} if rule is None else apply_rule(rule, Site(node, streams), g)
+        out = {} if rule is None else apply_rule(rule, Site(node, streams), g)
+        return out if leave is None else leave(node, out)
 
-    return reverse(program, seeds, backward)
+    return reverse(program, seeds, backward, arrive, captured)
