@@ -265,3 +265,36 @@ def test_atlas_resumes_from_its_state_file(tmp_path):
         torch.testing.assert_close(getattr(resumed, key).values, getattr(full, key).values)
     with pytest.raises(ValueError, match="belongs to another walk"):
         ax.concepts.atlas(f, p, data, "features.1", top_k=2, state_file=state, progress=False)
+
+
+# -------------------------------------------------------------------- zennit-crp parity
+
+
+@pytest.mark.parametrize("arch", ["vgg", "resnet"])
+@pytest.mark.parametrize("exclude_parallel", [True, False])
+def test_zennit_crp_equivalence(arch, exclude_parallel):
+    import copy
+
+    from _peers import zennit
+
+    zennit()
+    crp = pytest.importorskip("crp.attribution")
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.composites import EpsilonPlusFlat
+    from zennit.torchvision import ResNetCanonizer
+
+    from test_lrp import resnet_like, vgg_like
+
+    model = vgg_like() if arch == "vgg" else resnet_like()
+    layers = ["3", "7"] if arch == "vgg" else ["4.conv2", "4.bn2", "5.conv1", "3"]
+    canon = SequentialMergeBatchNorm() if arch == "vgg" else ResNetCanonizer()
+    f, p = ax.functionalize(model)
+    x = torch.randn(1, 3, 16, 16, dtype=D, generator=torch.Generator().manual_seed(5))
+    t = int(f(p, x).argmax())
+    for layer in layers:
+        ours = ax.conditional(f, p, x, t, [{layer: [c]} for c in range(4)], composite=ax.composites.epsilon_plus_flat(),
+                              exclude_parallel=exclude_parallel)[:, 0].sum(1)
+        attribution = crp.CondAttribution(copy.deepcopy(model))  # zennit-crp mutates the model it explains
+        theirs = attribution(x.clone().requires_grad_(), [{"y": [t], layer: [c]} for c in range(4)],
+                             EpsilonPlusFlat(canonizers=[canon]), exclude_parallel=exclude_parallel).heatmap
+        torch.testing.assert_close(ours, theirs.detach(), rtol=1e-6, atol=1e-12)
