@@ -5,11 +5,12 @@
     >>> attr = ax.integrated_gradients(model_fn, params, x, target)  # doctest: +SKIP
 """
 
-from . import composites, concepts, metrics, rules
+from . import composites, concepts, layer, metrics, rules
 from .conditional import conditional
 from .core import FunctionalModel, functionalize
 from .deeplift import deconvnet, deeplift, deeplift_shap, guided_backprop
 from .lrp import lrp
+from .perturbation import feature_ablation, kernel_shap, lime, occlusion, shapley_sampling
 from .gradients import (
     gradient,
     gradient_shap,
@@ -42,7 +43,13 @@ __all__ = [
     "gradient",
     "gradient_shap",
     "input_x_gradient",
+    "feature_ablation",
     "integrated_gradients",
+    "kernel_shap",
+    "layer",
+    "lime",
+    "occlusion",
+    "shapley_sampling",
     "lrp",
     "metrics",
     "composites",

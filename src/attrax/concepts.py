@@ -21,7 +21,8 @@ from torch import Tensor
 
 from ._types import ModelFn, Params, Target
 from .conditional import _check_conditions, _masks, layer_nodes
-from .deeplift import eager_no_grad, seed
+from .core import eager_no_grad
+from .deeplift import seed
 from .lrp import _prepare
 from .rewrite import Node, Program, Site, Streams, exact_vjp, forward, program_spec
 from .rules import run_plan

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from ._types import ModelFn, Params, Target, TensorOrTuple
 from .core import check_positive_int, chunks
-from .deeplift import eager_no_grad, seed
+from .core import eager_no_grad
+from .deeplift import seed
 from .lrp import _prepare
 from .rewrite import Node, Program, Streams, forward, program_spec
 from .rules import run_plan
@@ -34,34 +35,27 @@ __all__ = ["conditional", "layer_nodes"]
 
 
 def layer_nodes(program: Program, layer: str) -> tuple[int, ...]:
-    """The nodes whose value is the output of ``layer``: a dotted module path (every call of the
-    module, e.g. a reused ReLU) or a graph node name."""
+    """The nodes whose value is the output of ``layer``: a dotted module path (the last node of every
+    call of the module, e.g. both calls of a reused ReLU) or a graph node name."""
     for node in program.nodes:
         if node.name == layer and node.op == "call":
             return (node.index,)
-    outs: list[int] = []
-    run_end = None
+    calls: dict[str, int] = {}  # call key -> last node of that call
     for node in program.nodes:
-        inside = node.op == "call" and node.dep and _in_module(node, layer)
-        if inside:
-            run_end = node.index
-        elif run_end is not None:
-            outs.append(run_end)
-            run_end = None
-    if run_end is not None:
-        outs.append(run_end)
-    if not outs:
-        modules = sorted({n.module for n in program.nodes if n.module})
+        if node.op != "call" or not node.dep:
+            continue
+        for key, path in node.stack:
+            if path == layer:
+                calls[key] = node.index
+        if layer in node.aliases:  # a BatchNorm folded into this layer
+            calls[f"{layer}#{node.index}"] = node.index
+    if not calls:
+        modules = sorted({path for n in program.nodes for _, path in n.stack})
         raise ValueError(
             f"layer {layer!r} is neither a module path nor a node of the traced graph (or it was folded away by "
             f"canonization: pass canonize=False); module paths include {modules[:12]}{' ...' if len(modules) > 12 else ''}"
         )
-    return tuple(outs)
-
-
-def _in_module(node: Node, layer: str) -> bool:
-    paths = ((node.module,) if node.module else ()) + node.aliases
-    return any(p == layer or p.startswith(layer + ".") for p in paths)
+    return tuple(sorted(set(calls.values())))
 
 
 def _descendants(program: Program, starts: Sequence[int]) -> set[int]:

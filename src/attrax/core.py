@@ -10,6 +10,7 @@ impossible.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -139,6 +140,16 @@ def detach_outside_transforms(params: Params, xs: tuple[Tensor, ...]) -> tuple[P
     if not torch.is_grad_enabled():
         return params, xs
     return {k: v.detach() for k, v in params.items()}, tuple(t.detach() for t in xs)
+
+
+@contextlib.contextmanager
+def eager_no_grad() -> Iterator[None]:
+    """No autograd recording for top-level eager calls of methods that never need it."""
+    if torch.compiler.is_compiling() or inside_transform() or not torch.is_grad_enabled():
+        yield
+    else:
+        with torch.no_grad():
+            yield
 
 
 def as_tuple(x: TensorOrTuple, name: str = "x") -> tuple[tuple[Tensor, ...], bool]:

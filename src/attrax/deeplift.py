@@ -11,15 +11,13 @@ samples (the known failure of concatenating them, as Captum does).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._types import ModelFn, Params, Target, TensorOrTuple
-from .core import baselines_for, check_positive_int, chunks, inside_transform
+from .core import baselines_for, check_positive_int, chunks, eager_no_grad
 from .rewrite import Node, Program, Streams, forward, program_for, substitute
 from .rules import (
     run_plan,
@@ -70,16 +68,6 @@ def _guided_rule(program: Program, node: Node) -> Any:
 
 def _deconv_rule(program: Program, node: Node) -> Any:
     return _DECONV if node.packet in RELU else _GRADIENT
-
-
-@contextlib.contextmanager
-def eager_no_grad() -> Iterator[None]:
-    """No autograd recording for top-level eager calls (the engine never needs it there)."""
-    if torch.compiler.is_compiling() or inside_transform() or not torch.is_grad_enabled():
-        yield
-    else:
-        with torch.no_grad():
-            yield
 
 
 def seed(out: Tensor, target: ResolvedTarget) -> Tensor:

@@ -355,28 +355,11 @@ def noise_tunnel(
     eps = _noise_for(xs, noise, n_samples, stdev, generator)
     n = eps[0].shape[0]
 
-    fold = not any(isinstance(v, Tensor) for v in method_kwargs.values())
-
-    def one(*e: Tensor) -> tuple[Tensor, ...]:
-        noisy = tuple(xi + ei for xi, ei in zip(xs, e))
-        out, _ = as_tuple(attribute(model_fn, params, _pack(noisy, is_tuple), target, **method_kwargs), "attribute(...)")
-        return out
-
-    def folded(*e: Tensor) -> tuple[Tensor, ...]:
-        # k noisy copies stacked into one batch of k*B rows: one method call, as Captum does
-        k = e[0].shape[0]
-        noisy = tuple(_fold(xi.unsqueeze(0) + ei) for xi, ei in zip(xs, e))
-        out, _ = as_tuple(
-            attribute(model_fn, params, _pack(noisy, is_tuple), _repeat_raw(target, t, k), **method_kwargs),
-            "attribute(...)",
-        )
-        return tuple(a.reshape(k, *xi.shape) for a, xi in zip(out, xs))
-
     total = [torch.zeros_like(xi) for xi in xs]
     total_sq = [torch.zeros_like(xi) for xi in xs]
     for start, stop in chunks(n, chunk_size):
-        draws = tuple(e[start:stop] for e in eps)
-        attrs = folded(*draws) if fold else torch.func.vmap(one)(*draws)
+        noisy = tuple(xi.unsqueeze(0) + e[start:stop] for xi, e in zip(xs, eps))
+        attrs = attribute_copies(attribute, model_fn, params, noisy, is_tuple, target, t, method_kwargs)
         total = [s + a.sum(0) for s, a in zip(total, attrs)]
         if kind != "smoothgrad":
             total_sq = [s + (a * a).sum(0) for s, a in zip(total_sq, attrs)]
@@ -387,6 +370,39 @@ def noise_tunnel(
     else:
         result = tuple(sq / n - (s / n) ** 2 for s, sq in zip(total, total_sq))
     return _pack(result, is_tuple)
+
+
+def attribute_copies(
+    attribute: Callable[..., TensorOrTuple],
+    model_fn: ModelFn,
+    params: Params,
+    copies: tuple[Tensor, ...],
+    is_tuple: bool,
+    target: Target,
+    resolved: ResolvedTarget,
+    method_kwargs: dict[str, Any],
+) -> tuple[Tensor, ...]:
+    """``attribute`` on ``k`` modified copies of the batch (``(k, B, ...)`` per input) -> ``(k, B, ...)``.
+
+    When no keyword argument is a tensor the copies are stacked into one batch of ``k * B`` rows
+    and the method is called once (exact for models whose samples do not interact); otherwise it
+    is vectorised over the copies with ``torch.func.vmap``, so per-sample tensor options keep
+    their meaning.
+    """
+    k = copies[0].shape[0]
+    if not any(isinstance(v, Tensor) for v in method_kwargs.values()):
+        flat = tuple(_fold(c) for c in copies)
+        out, _ = as_tuple(
+            attribute(model_fn, params, _pack(flat, is_tuple), _repeat_raw(target, resolved, k), **method_kwargs),
+            "attribute(...)",
+        )
+        return tuple(a.reshape(c.shape) for a, c in zip(out, copies))
+
+    def one(*c: Tensor) -> tuple[Tensor, ...]:
+        out, _ = as_tuple(attribute(model_fn, params, _pack(c, is_tuple), target, **method_kwargs), "attribute(...)")
+        return out
+
+    return torch.func.vmap(one)(*copies)
 
 
 def _repeat_raw(target: Target, resolved: ResolvedTarget, times: int) -> Target:

@@ -18,7 +18,8 @@ from torch import nn
 from ._types import ModelFn, Params, Target, TensorOrTuple
 from .canonizers import merge_batchnorm
 from .composites import Composite, TracedOp, as_composite
-from .deeplift import eager_no_grad, seed
+from .core import eager_no_grad
+from .deeplift import seed
 from .relevance import POOLS, WEIGHTED, AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, WSquare, ZBox, ZPlus
 from .rewrite import Node, Program, Streams, forward, memoised, program_spec, substitute, trace_program
 from .rules import MAXPOOL, SOFTMAX, DeconvReLU, Gradient, GuidedReLU, is_elementwise, is_linear, n_dep, run_plan

@@ -87,6 +87,7 @@ class Node:
     packet: str = ""  # "conv2d" for "aten.conv2d.default" (a field, not a property: dynamo hashes it)
     nonneg: bool = False  # the value is >= 0 by construction (after ReLU, pooling of such, ...)
     aliases: tuple[str, ...] = ()  # other module paths whose output this node is (a BatchNorm folded into it)
+    stack: tuple[tuple[str, str], ...] = ()  # enclosing module calls, outermost first: (call key, module path)
 
     def __post_init__(self) -> None:
         if not self.packet:
@@ -333,7 +334,8 @@ def _build(gm: torch.fx.GraphModule, spec: tuple[Any, ...]) -> Program:
         packet = name.split(".")[1] if name.startswith("aten.") else name
         nodes.append(
             Node(i, "call", name, args, kwargs, fx_node.name, module, module_type, layer, dep, refs, dep_refs,
-                 float_out, _shape(fx_node), packet, nonnegative(name, packet, args, nodes))
+                 float_out, _shape(fx_node), packet, nonnegative(name, packet, args, nodes),
+                 stack=_stack_of(fx_node))
         )
         index[fx_node] = i
         first = fx_node.args[0] if fx_node.args else None
@@ -449,6 +451,12 @@ def _module_of(fx_node: torch.fx.Node) -> tuple[str | None, str | None]:
         return None, None
     type_name = typ if isinstance(typ, str) else f"{typ.__module__}.{typ.__qualname__}"
     return path, type_name
+
+
+def _stack_of(fx_node: torch.fx.Node) -> tuple[tuple[str, str], ...]:
+    """``(call key, module path)`` of every enclosing module call; repeated calls have keys ``path@k``."""
+    stack = fx_node.meta.get("nn_module_stack") or {}
+    return tuple((str(key), str(value[0])) for key, value in stack.items() if value[0])
 
 
 def _layer_of(args: tuple[Any, ...], nodes: list[Node]) -> str | None:

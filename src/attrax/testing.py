@@ -31,7 +31,12 @@ __all__ = [
     "relu_cnns",
     "relu_mlps",
     "resnets",
+    "check_batch_invariance",
     "check_completeness",
+    "check_dummy",
+    "check_implementation_invariance",
+    "check_linearity",
+    "permuted",
 ]
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -232,3 +237,98 @@ def check_completeness(case: Case, attributions: Tensor, *, rtol: float = 1e-3, 
     bad = delta.abs() > atol + rtol * span
     if bool(bad.any()):
         raise AssertionError(f"completeness violated for {case}: delta {delta.tolist()} vs f(x)-f(x') {span.tolist()}")
+
+
+# ------------------------------------------------------------------------ axiom checks
+
+
+def _close(a: Tensor, b: Tensor, rtol: float, atol: float, what: str) -> None:
+    if not torch.allclose(a, b, rtol=rtol, atol=atol):
+        raise AssertionError(f"{what}: max abs difference {float((a - b).abs().max()):.3g} (rtol {rtol}, atol {atol})")
+
+
+def check_batch_invariance(attribute: Callable[..., Tensor], case: Case, *, rtol: float = 1e-6, atol: float = 1e-9,
+                           **method_kwargs: Any) -> None:
+    """Attributing the batch equals attributing each sample alone."""
+    whole = attribute(case.model_fn, case.params, case.x, case.target, **method_kwargs)
+    for i in range(case.x.shape[0]):
+        one = attribute(case.model_fn, case.params, case.x[i : i + 1], case.target[i : i + 1], **method_kwargs)
+        _close(whole[i : i + 1], one, rtol, atol, f"batch invariance, sample {i}, {case}")
+
+
+def permuted(case: Case, seed: int = 0) -> Case:
+    """The same function with the hidden units of every inner Linear/Conv layer permuted.
+
+    A functionally identical network with different parameters, for implementation invariance.
+    Works on ``mlps``/``cnns``-style ``nn.Sequential`` models (layers followed by elementwise ops).
+    """
+    import copy
+
+    module = copy.deepcopy(case.module)
+    layers = [m for m in module if isinstance(m, (nn.Linear, nn.Conv2d))] if isinstance(module, nn.Sequential) else []
+    if len(layers) < 2:
+        raise ValueError("permuted() needs an nn.Sequential with at least two Linear/Conv2d layers")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for first, second in zip(layers, layers[1:]):
+            if isinstance(first, nn.Conv2d) != isinstance(second, nn.Conv2d):
+                continue  # conv -> flatten -> linear: the flattened order would need the spatial map too
+            perm = torch.randperm(first.weight.shape[0], generator=g)
+            first.weight.copy_(first.weight[perm])
+            if first.bias is not None:
+                first.bias.copy_(first.bias[perm])
+            second.weight.copy_(second.weight[:, perm])
+    model_fn, params = functionalize(module)
+    return Case(module, model_fn, params, case.x, case.baseline, case.target, case.seed, {**case.info, "permuted": seed})
+
+
+def check_implementation_invariance(attribute: Callable[..., Tensor], case: Case, other: Case, *, rtol: float = 1e-6,
+                                    atol: float = 1e-9, **method_kwargs: Any) -> None:
+    """Two networks computing the same function get the same attributions (Sundararajan et al. 2017)."""
+    with torch.no_grad():
+        _close(case.model_fn(case.params, case.x), other.model_fn(other.params, other.x), 1e-9, 1e-9, "the two models differ")
+    a = attribute(case.model_fn, case.params, case.x, case.target, **method_kwargs)
+    b = attribute(other.model_fn, other.params, other.x, other.target, **method_kwargs)
+    _close(a, b, rtol, atol, f"implementation invariance, {case}")
+
+
+def check_dummy(attribute: Callable[..., Tensor], case: Case, feature: int = 0, *, atol: float = 1e-9,
+                **method_kwargs: Any) -> None:
+    """A feature the model does not depend on gets zero attribution (the dummy axiom).
+
+    Wraps the model so that flat input feature ``feature`` is replaced by 0 before the model sees it.
+    """
+
+    def ignoring(params: Any, x: Tensor) -> Tensor:
+        flat = x.reshape(x.shape[0], -1)
+        mask = (torch.arange(flat.shape[1], device=x.device) != feature).to(x.dtype)
+        return case.model_fn(params, (flat * mask).reshape(x.shape))
+
+    attr = attribute(ignoring, case.params, case.x, case.target, **method_kwargs)
+    value = attr.reshape(attr.shape[0], -1)[:, feature]
+    if not bool((value.abs() <= atol).all()):
+        raise AssertionError(f"dummy feature {feature} got attribution {value.tolist()} for {case}")
+
+
+def check_linearity(attribute: Callable[..., Tensor], case: Case, other: Case, alpha: float = 2.0, beta: float = -0.5,
+                    *, rtol: float = 1e-6, atol: float = 1e-9, **method_kwargs: Any) -> None:
+    """Attributions of ``alpha f + beta g`` equal ``alpha A(f) + beta A(g)`` (the linearity axiom).
+
+    ``case`` and ``other`` must share the input and output shapes (e.g. two draws of one strategy
+    with fixed widths).
+    """
+
+    def combined(params: Any, x: Tensor) -> Tensor:
+        return alpha * case.model_fn(params["f"], x) + beta * other.model_fn(params["g"], x)
+
+    both = {"f": case.params, "g": other.params}
+
+    def flat_fn(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        return combined({"f": {k[2:]: v for k, v in p.items() if k.startswith("f.")},
+                         "g": {k[2:]: v for k, v in p.items() if k.startswith("g.")}}, x)
+
+    params = {**{f"f.{k}": v for k, v in both["f"].items()}, **{f"g.{k}": v for k, v in both["g"].items()}}
+    a = attribute(flat_fn, params, case.x, case.target, **method_kwargs)
+    fa = attribute(case.model_fn, case.params, case.x, case.target, **method_kwargs)
+    ga = attribute(other.model_fn, other.params, case.x, case.target, **method_kwargs)
+    _close(a, alpha * fa + beta * ga, rtol, atol, f"linearity, {case}")

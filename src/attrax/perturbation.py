@@ -1,0 +1,541 @@
+r"""Perturbation methods: occlusion, feature ablation, Shapley sampling, KernelSHAP, LIME.
+
+Model-agnostic methods evaluate the model on perturbed copies of the input. Here every
+perturbation set is a batch: ``k`` perturbations of a ``B``-sample batch are built by
+broadcasting (no Python loop over features) and evaluated in one model call of ``k * B`` rows,
+``chunk_size`` perturbations per sample at a time. Randomness comes only from ``generator``.
+
+Feature groups (``feature_mask``) follow API.md: an integer tensor broadcastable to ``x`` (a
+tuple of them for tuple inputs, sharing one id space), ids forming groups, every member of a
+group receiving the group's full attribution; ``None`` makes every scalar its own group.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._types import ModelFn, Params, Target, TensorOrTuple
+from .core import (
+    _describe,
+    as_tuple,
+    baselines_for,
+    check_generator,
+    check_positive_int,
+    chunks,
+    eager_no_grad,
+)
+from .targets import ResolvedTarget, prepare_call, repeat_target, select
+
+__all__ = ["feature_ablation", "kernel_shap", "lime", "occlusion", "shapley_sampling"]
+
+
+# --------------------------------------------------------------------------- shared
+
+
+def _evaluate(model_fn: ModelFn, params: Params, target: ResolvedTarget, n_points: int, chunk_size: int | None,
+              make: Callable[[int, int], tuple[Tensor, ...]]) -> Tensor:
+    """Scores ``(n_points, B)`` of ``make(lo, hi)`` -> inputs ``(hi - lo, B, ...)``, chunk by chunk."""
+    out = []
+    for lo, hi in chunks(n_points, chunk_size):
+        points = make(lo, hi)
+        k, batch = points[0].shape[:2]
+        flat = tuple(p.reshape(k * batch, *p.shape[2:]) for p in points)
+        out.append(select(model_fn(params, *flat), repeat_target(target, k)).reshape(k, batch))
+    return torch.cat(out)
+
+
+def _score(model_fn: ModelFn, params: Params, xs: tuple[Tensor, ...], target: ResolvedTarget) -> Tensor:
+    return select(model_fn(params, *xs), target)
+
+
+def _pack(attrs: tuple[Tensor, ...], is_tuple: bool) -> TensorOrTuple:
+    return attrs if is_tuple else attrs[0]
+
+
+def feature_groups(feature_mask: Any, xs: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], int]:
+    """Integer group ids broadcast to each input (batch dim 1 or B), and the number of groups."""
+    if feature_mask is None:
+        masks, offset = [], 0
+        for x in xs:
+            n = x[0].numel()
+            masks.append((torch.arange(n, device=x.device) + offset).reshape(1, *x.shape[1:]))
+            offset += n
+        return tuple(masks), offset
+    fm, _ = as_tuple(feature_mask, "feature_mask")
+    if len(fm) != len(xs):
+        raise ValueError(f"feature_mask has {len(fm)} entries but x has {len(xs)} inputs")
+    out = []
+    for i, (m, x) in enumerate(zip(fm, xs)):
+        label = "feature_mask" if len(xs) == 1 else f"feature_mask[{i}]"
+        if m.is_floating_point() or m.is_complex() or m.dtype == torch.bool:
+            raise TypeError(f"{label} must be an integer tensor of group ids, got dtype {m.dtype}")
+        if m.ndim < x.ndim:
+            m = m.reshape((1,) * (x.ndim - m.ndim) + tuple(m.shape))
+        try:
+            shape = torch.broadcast_shapes(m.shape, x.shape)
+        except RuntimeError:
+            shape = None
+        if shape != x.shape:
+            raise ValueError(f"{label} of shape {tuple(m.shape)} does not broadcast to x of shape {tuple(x.shape)}")
+        m = m.to(device=x.device, dtype=torch.long)
+        out.append(m.expand(m.shape[0], *x.shape[1:]))
+    if any(bool((m < 0).any()) for m in out):
+        raise ValueError("feature_mask ids must be >= 0")
+    n = int(max(int(m.max()) for m in out)) + 1
+    return tuple(out), n
+
+
+def _members(groups: tuple[Tensor, ...], ids: Tensor) -> tuple[Tensor, ...]:
+    """``(k, B or 1, ...)`` boolean membership of each input position in each of ``ids``."""
+    return tuple(g.unsqueeze(0) == ids.reshape(-1, *([1] * g.ndim)) for g in groups)
+
+
+def _spread(values: Tensor, groups: tuple[Tensor, ...], xs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Give every member of group g the value ``values[:, g]`` (``values``: ``(B, n_groups)``)."""
+    out = []
+    for g, x in zip(groups, xs):
+        flat = g.expand(x.shape[0], *g.shape[1:]).reshape(x.shape[0], -1)
+        out.append(values.gather(1, flat).reshape(x.shape).to(x.dtype))
+    return tuple(out)
+
+
+def _check_common(chunk_size: Any, generator: Any = None) -> None:
+    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    check_generator(generator)
+
+
+# ------------------------------------------------------------------------ occlusion
+
+
+def _per_input(arg: Any, xs: tuple[Tensor, ...], name: str) -> list[tuple[int, ...]]:
+    """Window/stride spec -> one tuple over the non-batch dims per input."""
+    if len(xs) > 1 and isinstance(arg, tuple) and len(arg) == len(xs) and all(isinstance(a, (tuple, int)) for a in arg):
+        specs = list(arg)
+    else:
+        specs = [arg] * len(xs)
+    out = []
+    for i, (spec, x) in enumerate(zip(specs, xs)):
+        dims = x.ndim - 1
+        if isinstance(spec, numbers.Integral) and not isinstance(spec, bool):
+            spec = (int(spec),) * dims
+        if not isinstance(spec, tuple) or len(spec) != dims or not all(isinstance(v, int) and v >= 1 for v in spec):
+            raise ValueError(
+                f"{name} must be a positive int or a tuple of {dims} positive ints (one per non-batch dim of "
+                f"x{'' if len(xs) == 1 else f'[{i}]'} with shape {tuple(x.shape)}), got {spec!r}"
+            )
+        out.append(spec)
+    return out
+
+
+def occlusion(
+    model_fn: ModelFn,
+    params: Params,
+    x: TensorOrTuple,
+    target: Target,
+    *,
+    window: int | tuple[int, ...],
+    stride: int | tuple[int, ...] | None = None,
+    baseline: Tensor | float = 0.0,
+    chunk_size: int | None = None,
+    check_finite: bool = True,
+) -> TensorOrTuple:
+    r"""Occlusion [1]: slide a window of ``baseline`` values over the input and record the output drop.
+
+    Windows start at multiples of ``stride`` along every non-batch dim, ``ceil((n - w) / s) + 1``
+    of them per dim (the last one cropped at the border), as in Captum. Each feature gets the mean
+    of :math:`f_t(x) - f_t(x_{\text{occluded}})` over the windows covering it.
+
+    Args:
+        window: Window shape over all non-batch dims (an int means that size in every dim).
+        stride: Step over all non-batch dims; ``None`` means 1.
+        baseline: Value written into the window: a number or a tensor broadcastable to ``x``.
+        chunk_size: Windows per sample evaluated in one model call.
+    Returns:
+        Attributions with the shape, dtype and device of ``x``.
+    References:
+        [1] Zeiler, Fergus. Visualizing and Understanding Convolutional Networks. ECCV 2014.
+
+    Example:
+        >>> import torch, attrax as ax
+        >>> model_fn, params = ax.functionalize(torch.nn.Linear(4, 1, bias=False).eval())
+        >>> x = torch.ones(1, 4)
+        >>> torch.allclose(ax.occlusion(model_fn, params, x, None, window=1), x * params["weight"])
+        True
+    """
+    xs, params, is_tuple, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
+    _check_common(chunk_size)
+    windows = _per_input(window, xs, "window")
+    strides = _per_input(1 if stride is None else stride, xs, "stride")
+    bs = baselines_for(baseline, xs)
+    for i, (x_i, w, s) in enumerate(zip(xs, windows, strides)):
+        for n, wd, sd in zip(x_i.shape[1:], w, s):
+            if wd > n:
+                raise ValueError(f"window {w} is larger than x{'' if len(xs) == 1 else f'[{i}]'} of shape {tuple(x_i.shape)}")
+            if sd > wd and n != wd:
+                raise ValueError(f"stride {s} must not exceed window {w} (features would be skipped)")
+    with eager_no_grad():
+        full = _score(model_fn, params, xs, t)
+        attrs = []
+        for i, (x_i, w, s) in enumerate(zip(xs, windows, strides)):
+            dims = x_i.shape[1:]
+            counts = [math.ceil((n - wd) / sd) + 1 for n, wd, sd in zip(dims, w, s)]
+            n_windows = math.prod(counts)
+            total = torch.zeros_like(x_i)
+            cover = torch.zeros(dims, dtype=x_i.dtype, device=x_i.device)
+
+            def masks(lo: int, hi: int, dims: Any = dims, counts: Any = counts, w: Any = w, s: Any = s,
+                      x_i: Tensor = x_i) -> Tensor:
+                idx = torch.arange(lo, hi, device=x_i.device)
+                m = torch.ones(hi - lo, *dims, dtype=torch.bool, device=x_i.device)
+                for d in reversed(range(len(dims))):  # row-major window index
+                    pos = idx % counts[d]
+                    idx = idx // counts[d]
+                    start = (pos * s[d]).reshape(-1, 1)
+                    ar = torch.arange(dims[d], device=x_i.device).reshape(1, -1)
+                    inside = (ar >= start) & (ar < start + w[d])
+                    shape = [hi - lo] + [1] * len(dims)
+                    shape[d + 1] = dims[d]
+                    m = m & inside.reshape(shape)
+                return m
+
+            for lo, hi in chunks(n_windows, chunk_size):
+                m = masks(lo, hi)
+
+                def make(a: int, b: int, m: Tensor = m, i: int = i) -> tuple[Tensor, ...]:
+                    mm = m.unsqueeze(1)
+                    return tuple(
+                        torch.where(mm, bs[j].unsqueeze(0), xs[j].unsqueeze(0)) if j == i else xs[j].unsqueeze(0).expand(b - a, *xs[j].shape)
+                        for j in range(len(xs))
+                    )
+
+                drops = full.unsqueeze(0) - _evaluate(model_fn, params, t, hi - lo, None, make)  # (k, B)
+                mf = m.to(x_i.dtype)
+                total = total + torch.einsum("kb,k...->b...", drops.to(x_i.dtype), mf)
+                cover = cover + mf.sum(0)
+            attrs.append(total / cover.clamp(min=1))
+    return _pack(tuple(attrs), is_tuple)
+
+
+# ------------------------------------------------------------------- feature ablation
+
+
+def feature_ablation(
+    model_fn: ModelFn,
+    params: Params,
+    x: TensorOrTuple,
+    target: Target,
+    *,
+    feature_mask: TensorOrTuple | None = None,
+    baseline: Tensor | float = 0.0,
+    chunk_size: int | None = None,
+    check_finite: bool = True,
+) -> TensorOrTuple:
+    r"""Feature ablation: replace each feature group by ``baseline`` and record the output drop.
+
+    Every member of group :math:`g` gets :math:`f_t(x) - f_t(x_{g \leftarrow \text{baseline}})`.
+    Groups may differ per sample (a ``feature_mask`` with batch dim ``B``).
+
+    Args:
+        feature_mask: Integer group ids broadcastable to ``x``; ``None``: every scalar alone.
+        baseline: Replacement values, a number or a tensor broadcastable to ``x``.
+        chunk_size: Groups per sample evaluated in one model call.
+    Returns:
+        Attributions with the shape, dtype and device of ``x``.
+
+    Example:
+        >>> import torch, attrax as ax
+        >>> model_fn, params = ax.functionalize(torch.nn.Linear(4, 1, bias=False).eval())
+        >>> x = torch.ones(1, 4)
+        >>> a = ax.feature_ablation(model_fn, params, x, None, feature_mask=torch.tensor([[0, 0, 1, 1]]))
+        >>> torch.allclose(a[0, 0], params["weight"][0, :2].sum())
+        True
+    """
+    xs, params, is_tuple, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
+    _check_common(chunk_size)
+    groups, n_groups = feature_groups(feature_mask, xs)
+    bs = baselines_for(baseline, xs)
+    with eager_no_grad():
+        full = _score(model_fn, params, xs, t)
+
+        def make(lo: int, hi: int) -> tuple[Tensor, ...]:
+            member = _members(groups, torch.arange(lo, hi, device=xs[0].device))
+            return tuple(torch.where(m, b.unsqueeze(0), x_i.unsqueeze(0)) for m, b, x_i in zip(member, bs, xs))
+
+        drops = full.unsqueeze(0) - _evaluate(model_fn, params, t, n_groups, chunk_size, make)  # (K, B)
+        attrs = _spread(drops.T, groups, xs)
+    return _pack(attrs, is_tuple)
+
+
+# --------------------------------------------------------------------- shapley values
+
+
+def shapley_sampling(
+    model_fn: ModelFn,
+    params: Params,
+    x: TensorOrTuple,
+    target: Target,
+    *,
+    feature_mask: TensorOrTuple | None = None,
+    n_samples: int = 25,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+    antithetic: bool = False,
+    check_finite: bool = True,
+) -> TensorOrTuple:
+    r"""Shapley value sampling [1]: average marginal contributions over random feature orders.
+
+    For each of ``n_samples`` permutations :math:`\pi` of the feature groups (shared by the
+    batch), features are switched from ``baseline`` (0) to ``x`` in the order :math:`\pi` and each
+    is credited with the change of :math:`f_t` it causes. With ``antithetic=True`` every other
+    permutation is the reverse of the previous one, which cancels the first-order sampling error.
+    Exact for additive models whatever the draws.
+
+    References:
+        [1] Castro, Gómez, Tejada. Polynomial calculation of the Shapley value based on sampling.
+            Computers & Operations Research 36(5), 2009.
+
+    Example:
+        >>> import torch, attrax as ax
+        >>> model_fn, params = ax.functionalize(torch.nn.Linear(3, 1, bias=False).eval())
+        >>> x = torch.randn(2, 3)
+        >>> a = ax.shapley_sampling(model_fn, params, x, None, n_samples=2, generator=torch.Generator().manual_seed(0))
+        >>> torch.allclose(a, x * params["weight"], atol=1e-6)
+        True
+    """
+    xs, params, is_tuple, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
+    _check_common(chunk_size, generator)
+    check_positive_int(n_samples, "n_samples")
+    groups, k = feature_groups(feature_mask, xs)
+    bs = baselines_for(0.0, xs)
+    device = generator.device if generator is not None else xs[0].device
+    perms = []
+    for s in range(n_samples):
+        if antithetic and s % 2 == 1:
+            perms.append(perms[-1].flip(0))
+        else:
+            perms.append(torch.randperm(k, generator=generator, device=device).to(xs[0].device))
+    perm = torch.stack(perms)  # (n, K)
+    with eager_no_grad():
+        # rank[s, g] = position of group g in permutation s; prefix j holds the groups of rank < j
+        rank = torch.empty_like(perm).scatter_(1, perm, torch.arange(k, device=perm.device).expand(n_samples, k))
+
+        def make(lo: int, hi: int) -> tuple[Tensor, ...]:
+            idx = torch.arange(lo, hi, device=perm.device)
+            s, j = idx // (k + 1), idx % (k + 1)
+            on = rank[s] < j.unsqueeze(1)  # (points, K): groups switched to x
+            out = []
+            for g, b, x_i in zip(groups, bs, xs):
+                gf = g.expand(x_i.shape[0], *g.shape[1:]).reshape(-1)
+                keep = on[:, gf].reshape(hi - lo, *x_i.shape)
+                out.append(torch.where(keep, x_i.unsqueeze(0), b.unsqueeze(0)))
+            return tuple(out)
+
+        vals = _evaluate(model_fn, params, t, n_samples * (k + 1), chunk_size, make).reshape(n_samples, k + 1, batch)
+        gains = vals[:, 1:] - vals[:, :-1]  # (n, K, B): gain of the j-th switched group
+        credit = torch.zeros(n_samples, k, batch, dtype=gains.dtype, device=gains.device)
+        credit.scatter_(1, perm.unsqueeze(2).expand(n_samples, k, batch), gains)
+        phi = credit.mean(0)  # (K, B)
+        attrs = _spread(phi.T, groups, xs)
+    return _pack(attrs, is_tuple)
+
+
+# ---------------------------------------------------------------- surrogate models
+
+
+def _coalition_inputs(groups: tuple[Tensor, ...], xs: tuple[Tensor, ...], bs: tuple[Tensor, ...], z: Tensor
+                      ) -> Callable[[int, int], tuple[Tensor, ...]]:
+    def make(lo: int, hi: int) -> tuple[Tensor, ...]:
+        out = []
+        for g, b, x_i in zip(groups, bs, xs):
+            gf = g.expand(x_i.shape[0], *g.shape[1:]).reshape(-1)
+            keep = z[lo:hi][:, gf].reshape(hi - lo, *x_i.shape)
+            out.append(torch.where(keep, x_i.unsqueeze(0), b.unsqueeze(0)))
+        return tuple(out)
+
+    return make
+
+
+def _weighted_least_squares(z: Tensor, y: Tensor, w: Tensor, ridge: float) -> Tensor:
+    """Per sample ``min sum_i w_i (y_i - c - z_i.phi)^2 + ridge |phi|^2``; returns ``phi`` ``(B, K)``."""
+    n, k = z.shape
+    design = torch.cat([torch.ones(n, 1, dtype=y.dtype, device=y.device), z.to(y.dtype)], 1)  # (n, K+1)
+    sw = w.sqrt().unsqueeze(-1)  # (B?, n, 1)
+    a = sw * design  # (B, n, K+1)
+    b = sw.squeeze(-1) * y.T  # (B, n)
+    gram = a.transpose(1, 2) @ a
+    if ridge > 0:
+        reg = torch.eye(k + 1, dtype=y.dtype, device=y.device) * ridge
+        reg[0, 0] = 0
+        gram = gram + reg
+    rhs = (a.transpose(1, 2) @ b.unsqueeze(-1))
+    coef = torch.linalg.lstsq(gram, rhs).solution.squeeze(-1)
+    return coef[:, 1:]
+
+
+def kernel_shap(
+    model_fn: ModelFn,
+    params: Params,
+    x: TensorOrTuple,
+    target: Target,
+    *,
+    feature_mask: TensorOrTuple | None = None,
+    n_samples: int = 200,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+    check_finite: bool = True,
+) -> TensorOrTuple:
+    r"""KernelSHAP [1]: Shapley values from a weighted linear fit over random coalitions.
+
+    Coalitions :math:`z \in \{0,1\}^M` of the feature groups are drawn from the Shapley kernel
+    (size :math:`s` with probability :math:`\propto (M-1)/(s(M-s))`, then a uniform subset), the
+    model is evaluated on :math:`h(z)` (``x`` on the coalition, 0 elsewhere), and
+    :math:`f_t(h(z)) \approx \phi_0 + z\cdot\phi` is fitted by least squares with
+    ``torch.linalg``; the empty and full coalitions are added with large weight so that
+    :math:`\sum\phi = f_t(x) - f_t(0)` holds. Exact on linear models.
+
+    References:
+        [1] Lundberg, Lee. A Unified Approach to Interpreting Model Predictions. NeurIPS 2017.
+
+    Example:
+        >>> import torch, attrax as ax
+        >>> model_fn, params = ax.functionalize(torch.nn.Linear(4, 1).eval())
+        >>> x = torch.randn(2, 4)
+        >>> a = ax.kernel_shap(model_fn, params, x, None, n_samples=64, generator=torch.Generator().manual_seed(0))
+        >>> torch.allclose(a, x * params["weight"], atol=1e-4)
+        True
+    """
+    xs, params, is_tuple, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
+    _check_common(chunk_size, generator)
+    check_positive_int(n_samples, "n_samples")
+    groups, k = feature_groups(feature_mask, xs)
+    bs = baselines_for(0.0, xs)
+    z = _shapley_coalitions(k, n_samples, generator).to(xs[0].device)
+    z = torch.cat([z, torch.zeros(1, k, dtype=torch.bool, device=z.device), torch.ones(1, k, dtype=torch.bool, device=z.device)])
+    w = torch.ones(z.shape[0], dtype=xs[0].dtype, device=xs[0].device)
+    w[-2:] = 1e6
+    with eager_no_grad():
+        y = _evaluate(model_fn, params, t, z.shape[0], chunk_size, _coalition_inputs(groups, xs, bs, z))  # (n, B)
+        phi = _weighted_least_squares(z, y, w.expand(batch, -1), 0.0)
+        attrs = _spread(phi, groups, xs)
+    return _pack(attrs, is_tuple)
+
+
+def _shapley_coalitions(k: int, n: int, generator: torch.Generator | None) -> Tensor:
+    if k == 1:
+        return torch.ones(n, 1, dtype=torch.bool)
+    sizes = torch.arange(1, k, dtype=torch.float64)
+    p = (k - 1) / (sizes * (k - sizes))
+    device = generator.device if generator is not None else torch.device("cpu")
+    size = torch.multinomial((p / p.sum()).to(device), n, replacement=True, generator=generator).cpu() + 1
+    keys = torch.rand(n, k, generator=generator, device=device).cpu()
+    order = keys.argsort(1)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(k).expand(n, k))
+    return ranks < size.unsqueeze(1)
+
+
+def lime(
+    model_fn: ModelFn,
+    params: Params,
+    x: TensorOrTuple,
+    target: Target,
+    *,
+    feature_mask: TensorOrTuple | None = None,
+    n_samples: int = 200,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+    distance: str = "cosine",
+    kernel_width: float = 1.0,
+    regularization: str = "lasso",
+    alpha: float = 0.01,
+    check_finite: bool = True,
+) -> TensorOrTuple:
+    r"""LIME [1]: a sparse local linear surrogate fitted on random on/off feature patterns.
+
+    Coalitions :math:`z \sim \text{Bernoulli}(1/2)^M` switch groups between ``x`` and 0;
+    samples are weighted by the exponential kernel :math:`\exp(-d^2/w^2)` of the ``cosine`` or
+    ``euclidean`` distance between the perturbed and the original input (Captum's defaults), and
+    :math:`f_t \approx c + z\cdot\phi` is fitted in torch with ``lasso`` (weighted, by proximal
+    gradient, penalty ``alpha``: Captum's default surrogate) or ``ridge`` (closed form).
+
+    References:
+        [1] Ribeiro, Singh, Guestrin. "Why Should I Trust You?" KDD 2016.
+
+    Example:
+        >>> import torch, attrax as ax
+        >>> model_fn, params = ax.functionalize(torch.nn.Linear(4, 1).eval())
+        >>> x = torch.randn(1, 4)
+        >>> a = ax.lime(model_fn, params, x, None, n_samples=256, regularization="ridge", alpha=1e-6,
+        ...             generator=torch.Generator().manual_seed(0))
+        >>> torch.allclose(a, x * params["weight"], atol=1e-3)
+        True
+    """
+    xs, params, is_tuple, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
+    _check_common(chunk_size, generator)
+    check_positive_int(n_samples, "n_samples")
+    if distance not in ("cosine", "euclidean"):
+        raise ValueError(f"distance must be 'cosine' or 'euclidean', got {distance!r}")
+    if regularization not in ("lasso", "ridge"):
+        raise ValueError(f"regularization must be 'lasso' or 'ridge', got {regularization!r}")
+    if not (isinstance(kernel_width, numbers.Real) and kernel_width > 0):
+        raise ValueError(f"kernel_width must be > 0, got {kernel_width!r}")
+    if not (isinstance(alpha, numbers.Real) and alpha >= 0):
+        raise ValueError(f"alpha must be >= 0, got {_describe(alpha)}")
+    groups, k = feature_groups(feature_mask, xs)
+    bs = baselines_for(0.0, xs)
+    device = generator.device if generator is not None else xs[0].device
+    z = (torch.rand(n_samples, k, generator=generator, device=device) < 0.5).to(xs[0].device)
+    make = _coalition_inputs(groups, xs, bs, z)
+    with eager_no_grad():
+        y = _evaluate(model_fn, params, t, n_samples, chunk_size, make)  # (n, B)
+        dist = _distances(make, xs, n_samples, chunk_size, distance)  # (n, B)
+        w = torch.exp(-(dist**2) / kernel_width**2).T  # (B, n)
+        if regularization == "ridge":
+            phi = _weighted_least_squares(z, y, w, float(alpha))
+        else:
+            phi = _weighted_lasso(z.to(y.dtype), y, w, float(alpha))
+        attrs = _spread(phi, groups, xs)
+    return _pack(attrs, is_tuple)
+
+
+def _distances(make: Callable[[int, int], tuple[Tensor, ...]], xs: tuple[Tensor, ...], n: int, chunk_size: int | None,
+               mode: str) -> Tensor:
+    ref = torch.cat([x.reshape(x.shape[0], -1) for x in xs], 1)
+    out = []
+    for lo, hi in chunks(n, chunk_size):
+        pts = torch.cat([p.reshape(p.shape[0], p.shape[1], -1) for p in make(lo, hi)], 2)  # (k, B, D)
+        if mode == "cosine":
+            out.append(1 - torch.nn.functional.cosine_similarity(pts, ref.unsqueeze(0), dim=2, eps=1e-8))
+        else:
+            out.append((pts - ref.unsqueeze(0)).norm(dim=2))
+    return torch.cat(out)
+
+
+def _weighted_lasso(z: Tensor, y: Tensor, w: Tensor, alpha: float, iters: int = 500) -> Tensor:
+    r"""Per sample ``min 1/(2 sum w) sum_i w_i (y_i - c - z_i.phi)^2 + alpha |phi|_1`` by FISTA."""
+    n, k = z.shape
+    wn = w / w.sum(1, keepdim=True)  # (B, n)
+    yt = y.T  # (B, n)
+    # centre by the weighted means so the intercept drops out
+    zm = wn @ z  # (B, K)
+    ym = (wn * yt).sum(1, keepdim=True)
+    zc = z.unsqueeze(0) - zm.unsqueeze(1)  # (B, n, K)
+    yc = yt - ym
+    gram = zc.transpose(1, 2) @ (wn.unsqueeze(2) * zc)  # (B, K, K)
+    lin = (zc.transpose(1, 2) @ (wn * yc).unsqueeze(2)).squeeze(2)  # (B, K)
+    step = 1.0 / torch.linalg.matrix_norm(gram, ord=2).clamp(min=1e-12).unsqueeze(1)
+    phi = torch.zeros_like(lin)
+    momentum, prev, tk = phi, phi, 1.0
+    for _ in range(iters):
+        grad = (gram @ momentum.unsqueeze(2)).squeeze(2) - lin
+        new = momentum - step * grad
+        new = new.sign() * (new.abs() - step * alpha).clamp(min=0)
+        tn = (1 + math.sqrt(1 + 4 * tk * tk)) / 2
+        momentum = new + ((tk - 1) / tn) * (new - prev)
+        prev, tk = new, tn
+    return prev

@@ -1,0 +1,133 @@
+"""Layer attribution by splitting the traced graph."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import attrax as ax
+from conftest import assert_unchanged, module_snapshot
+
+D = torch.float64
+
+
+class TinyCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 3, 3)
+        self.fc = nn.Linear(3 * 4 * 4, 5)
+
+    def forward(self, x):
+        h = F.softplus(self.conv1(x))
+        h = torch.tanh(self.conv2(h))
+        return self.fc(h.flatten(1))
+
+
+def tiny():
+    torch.manual_seed(0)
+    return TinyCNN().double().eval()
+
+
+X = torch.randn(3, 2, 6, 6, dtype=D, generator=torch.Generator().manual_seed(1))
+T = torch.tensor([0, 4, 2])
+
+
+def test_activation_and_node_names():
+    m = tiny()
+    f, p = ax.functionalize(m)
+    torch.testing.assert_close(ax.layer.activation(f, p, X, "conv2"), m.conv2(F.softplus(m.conv1(X))))
+    from attrax.rewrite import program_for
+
+    softplus = [n.name for n in program_for(f, p, (X,)).nodes if n.packet == "softplus"][0]
+    torch.testing.assert_close(ax.layer.activation(f, p, X, softplus), F.softplus(m.conv1(X)))
+
+
+def test_grad_cam_equals_the_formula_by_hand():
+    m = tiny()
+    f, p = ax.functionalize(m)
+    before = module_snapshot(m)
+    # by hand: A = conv2 output, dy/dA by torch.autograd, weights = spatial mean, ReLU(sum_c w_c A_c)
+    a = m.conv2(F.softplus(m.conv1(X))).detach().requires_grad_()
+    y = m.fc(torch.tanh(a).flatten(1)).gather(1, T[:, None]).sum()
+    (g,) = torch.autograd.grad(y, a)
+    want = (g.mean((2, 3), keepdim=True) * a.detach()).sum(1, keepdim=True).clamp(min=0)
+    got = ax.layer.grad_cam(f, p, X, T, "conv2")
+    assert got.shape == (3, 1, 4, 4)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(ax.layer.grad_cam(f, p, X, T, "conv2", relu=False),
+                               (g.mean((2, 3), keepdim=True) * a.detach()).sum(1, keepdim=True))
+    torch.testing.assert_close(ax.layer.gradient_x_activation(f, p, X, T, "conv2"), g * a.detach())
+    assert_unchanged(m, before)
+
+
+def test_grad_cam_matches_captum_without_relu():
+    ca = pytest.importorskip("captum.attr")
+    m = tiny()
+    f, p = ax.functionalize(m)
+    theirs = ca.LayerGradCam(m, m.conv2).attribute(X.clone().requires_grad_(), target=T)
+    torch.testing.assert_close(ax.layer.grad_cam(f, p, X, T, "conv2", relu=False), theirs, rtol=1e-6, atol=1e-10)
+
+
+def test_layer_ig_is_complete_at_the_layer_and_conductance_sums_to_it():
+    m = tiny()
+    f, p = ax.functionalize(m)
+    b = torch.randn_like(X) * 0.2
+    with torch.no_grad():
+        span = f(p, X).gather(1, T[:, None])[:, 0] - f(p, b).gather(1, T[:, None])[:, 0]
+    for layer in ("conv1", "conv2"):
+        lig = ax.layer.integrated_gradients(f, p, X, T, layer, baseline=b, n_steps=64)
+        assert lig.shape == ax.layer.activation(f, p, X, layer).shape
+        torch.testing.assert_close(lig.flatten(1).sum(1), span, rtol=1e-6, atol=1e-10)
+        cond = ax.layer.conductance(f, p, X, T, layer, baseline=b, n_steps=64)
+        torch.testing.assert_close(cond.flatten(1).sum(1), lig.flatten(1).sum(1), rtol=1e-6, atol=1e-10)
+
+
+def test_layer_ig_and_conductance_chunk_and_batch_invariance():
+    m = tiny()
+    f, p = ax.functionalize(m)
+    for fn in (ax.layer.integrated_gradients, ax.layer.conductance):
+        ref = fn(f, p, X, T, "conv1", n_steps=9)
+        torch.testing.assert_close(fn(f, p, X, T, "conv1", n_steps=9, chunk_size=2), ref)
+        torch.testing.assert_close(fn(f, p, X[1:2], T[1:2], "conv1", n_steps=9), ref[1:2])
+
+
+def test_layer_with_a_bypass_uses_the_skip_value_at_x():
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return self.b(h + x)
+
+    torch.manual_seed(4)
+    m = Res().double().eval()
+    f, p = ax.functionalize(m)
+    x = torch.randn(2, 3, dtype=D)
+    # d out / d h at x is b.weight: gradient x activation by hand
+    h = torch.tanh(m.a(x))
+    torch.testing.assert_close(ax.layer.gradient_x_activation(f, p, x, 1, "a"), (1 - h**2) * m.b.weight[1] * m.a(x))
+
+
+def test_guided_grad_cam_shape_and_reused_module_error():
+    m = tiny()
+    f, p = ax.functionalize(m)
+    assert ax.layer.guided_grad_cam(f, p, X.float().double(), T, "conv2").shape == X.shape
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.lin(self.lin(x))
+
+    f2, p2 = ax.functionalize(Twice().eval())
+    with pytest.raises(ValueError, match="called 2 times"):
+        ax.layer.activation(f2, p2, torch.randn(2, 3), "lin")
+    with pytest.raises(ValueError, match="neither a module path nor a node"):
+        ax.layer.activation(f2, p2, torch.randn(2, 3), "nope")
+    with pytest.raises(TypeError, match="layer must be"):
+        ax.layer.activation(f2, p2, torch.randn(2, 3), 3)
