@@ -1,0 +1,330 @@
+"""The ``attrax`` command line: ``attrax demo`` and ``attrax explain``.
+
+``attrax explain`` loads a model (``package.module:factory`` with optional ``--weights``, or a
+``torch.export`` ``.pt2`` file), reads inputs (PNG/JPEG images, ``.npy``, ``.pt``), runs one method
+with ``--opt key=value`` options, and writes for each input a heatmap PNG, an overlay PNG (for 2-d
+inputs) and the raw attributions (``.npy``). Any bad argument ends with one line on stderr and exit
+code 2, never a traceback (``--debug`` shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import inspect
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+__all__ = ["main"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class UsageError(Exception):
+    """A bad argument: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line instead of usage + message
+        _fail(f"{self.prog}: error: {message}")
+
+
+def _fail(message: str) -> NoReturn:
+    sys.stderr.write(" ".join(message.split()) + "\n")
+    raise SystemExit(2)
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def _methods() -> dict[str, Any]:
+    import attrax as ax
+
+    return {
+        "gradient": ax.gradient,
+        "saliency": ax.saliency,
+        "input_x_gradient": ax.input_x_gradient,
+        "integrated_gradients": ax.integrated_gradients,
+        "smoothgrad": ax.smoothgrad,
+        "gradient_shap": ax.gradient_shap,
+        "deeplift": ax.deeplift,
+        "deeplift_shap": ax.deeplift_shap,
+        "guided_backprop": ax.guided_backprop,
+        "deconvnet": ax.deconvnet,
+        "lrp": ax.lrp,
+        "occlusion": ax.occlusion,
+        "feature_ablation": ax.feature_ablation,
+        "shapley_sampling": ax.shapley_sampling,
+        "kernel_shap": ax.kernel_shap,
+        "lime": ax.lime,
+        "grad_cam": ax.layer.grad_cam,
+        "guided_grad_cam": ax.layer.guided_grad_cam,
+    }
+
+
+def parse_value(text: str) -> Any:
+    """``--opt`` values: Python literals (ints, floats, tuples, True/False/None), ``3,4,4`` as a tuple, else a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        pass
+    if "," in text:
+        return tuple(parse_value(part) for part in text.split(","))
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    return text
+
+
+def _options(opts: list[str], method: Any, name: str) -> dict[str, Any]:
+    import attrax as ax
+
+    params = inspect.signature(method).parameters
+    out: dict[str, Any] = {}
+    for opt in opts:
+        if "=" not in opt:
+            raise UsageError(f"--opt expects key=value, got {opt!r}")
+        key, text = opt.split("=", 1)
+        key = key.strip()
+        if key not in params or params[key].kind not in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) \
+                or key in ("model_fn", "params", "x", "target"):
+            allowed = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY or p in ("layer", "baselines")]
+            raise UsageError(f"method {name} has no option {key!r}; options: {', '.join(allowed)}")
+        value = parse_value(text)
+        if key == "composite" and isinstance(value, str):
+            factory = getattr(ax.composites, value, None)
+            if factory is None or not callable(factory) or value.startswith("_"):
+                raise UsageError(f"unknown composite {value!r}; e.g. epsilon_plus, epsilon_plus_flat, epsilon_gamma_box")
+            value = factory()
+        if key in ("baselines", "feature_mask") and isinstance(value, str):
+            value = _load_tensor(Path(value), batch=False)
+            if key == "feature_mask":
+                value = value.long()
+        out[key] = value
+    return out
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+def _load_model(spec: str, weights: str | None) -> Any:
+    import torch
+
+    if spec.endswith(".pt2"):
+        if not os.path.exists(spec):
+            raise UsageError(f"cannot read model file {spec!r}: no such file")
+        try:
+            return torch.export.load(spec).module()
+        except Exception as e:
+            raise UsageError(f"cannot load exported program {spec!r}: {e}") from e
+    if ":" not in spec:
+        raise UsageError(f"--model must be 'package.module:factory' or a .pt2 file, got {spec!r}")
+    module_name, factory_name = spec.split(":", 1)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise UsageError(f"cannot import {module_name!r} for --model: {e}") from e
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise UsageError(f"{module_name} has no callable {factory_name!r} for --model")
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"{spec} returned {type(model).__name__}, expected a torch.nn.Module")
+    if weights is not None:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UsageError(f"cannot read --weights {weights!r}: {e}") from e
+        state = state.get("model", state) if isinstance(state, dict) else state
+        try:
+            model.load_state_dict(state)
+        except Exception as e:
+            raise UsageError(f"--weights {weights!r} do not fit the model: {e}") from e
+    return model.eval()
+
+
+def _load_tensor(path: Path, batch: bool = False, resize: tuple[int, int] | None = None, gray: bool = False) -> Any:
+    import numpy as np
+    import torch
+
+    if not path.exists():
+        raise UsageError(f"cannot read input {str(path)!r}: no such file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in IMAGE_SUFFIXES:
+            from PIL import Image
+
+            img = Image.open(path).convert("L" if gray else "RGB")
+            if resize is not None:
+                img = img.resize((resize[1], resize[0]))
+            arr = np.asarray(img, dtype=np.float32) / 255.0
+            t = torch.from_numpy(arr.copy())
+            return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+        if suffix == ".npy":
+            return torch.from_numpy(np.load(path, allow_pickle=False)).float()
+        if suffix == ".pt":
+            value = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(value, torch.Tensor):
+                raise UsageError(f"{str(path)!r} holds a {type(value).__name__}, expected a tensor")
+            return value.float()
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"cannot read input {str(path)!r}: {type(e).__name__}: {e}") from e
+    raise UsageError(f"unsupported input {str(path)!r}: use an image ({', '.join(IMAGE_SUFFIXES)}), .npy or .pt")
+
+
+def _pair(text: str | None, name: str, kind: type = int) -> tuple[Any, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"{name} expects comma-separated numbers, got {text!r}") from None
+
+
+# ------------------------------------------------------------------------------ explain
+
+
+def explain(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    import attrax as ax
+
+    methods = _methods()
+    if args.method not in methods:
+        raise UsageError(f"unknown method {args.method!r}; choose from {', '.join(methods)}")
+    method = methods[args.method]
+    options = _options(args.opt, method, args.method)
+    resize = _pair(args.resize, "--resize")
+    if resize is not None and len(resize) != 2:
+        raise UsageError(f"--resize expects H,W, got {args.resize!r}")
+    model = _load_model(args.model, args.weights)
+    paths = [Path(p) for p in args.input]
+    samples = [_load_tensor(p, resize=resize, gray=args.gray) for p in paths]
+    shapes = {tuple(s.shape) for s in samples}
+    if len(shapes) > 1:
+        raise UsageError(f"inputs have different shapes {sorted(shapes)}; pass --resize H,W")
+    x = torch.stack(samples)
+    if args.normalize is not None:
+        parts = args.normalize.split(";") if ";" in args.normalize else None
+        mean_std = [float(v) for v in args.normalize.replace(";", ",").split(",")] if parts is None else None
+        try:
+            if parts is not None:
+                mean = torch.tensor([float(v) for v in parts[0].split(",")])
+                std = torch.tensor([float(v) for v in parts[1].split(",")])
+            else:
+                assert mean_std is not None and len(mean_std) == 2
+                mean, std = torch.tensor([mean_std[0]]), torch.tensor([mean_std[1]])
+        except (ValueError, AssertionError, IndexError):
+            raise UsageError(f"--normalize expects 'mean,std' or 'm1,m2,m3;s1,s2,s3', got {args.normalize!r}") from None
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        x = (x - mean.reshape(shape)) / std.reshape(shape)
+    model_fn, params = ax.functionalize(model)
+    try:
+        with torch.no_grad():
+            out = model_fn(params, x)
+    except Exception as e:
+        raise UsageError(f"input of shape {tuple(x.shape)} does not fit the model: {str(e).splitlines()[0]}") from e
+    target = _target(args.target, out, len(paths))
+    try:
+        attr = method(model_fn, params, x, target, **options)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{args.method}: {str(e).splitlines()[0]}") from e
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    attr = attr.detach()
+    for i, path in enumerate(paths):
+        stem = f"{path.stem}_{args.method}"
+        a = attr[i]
+        np.save(out_dir / f"{stem}.npy", a.numpy())
+        heat = ax.viz.heatmap(a, sign=args.sign) if a.ndim >= 2 else ax.viz.heatmap(a.reshape(1, -1), sign=args.sign, channel_axis=None)
+        ax.viz.save(out_dir / f"{stem}.png", heat)
+        if samples[i].ndim == 3:
+            ax.viz.save(out_dir / f"{stem}_overlay.png", ax.viz.overlay(samples[i], heat, alpha=args.alpha))
+    print(f"wrote {len(paths)} heatmaps to {out_dir}")
+    return 0
+
+
+def _target(text: str, out: Any, n: int) -> Any:
+    import torch
+
+    if text == "top1":
+        return out.argmax(1)
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--target expects an int, 'top1' or one int per input, got {text!r}") from None
+    if len(values) == 1:
+        target = values[0]
+    elif len(values) == n:
+        target = torch.tensor(values)
+    else:
+        raise UsageError(f"--target has {len(values)} values for {n} inputs")
+    n_classes = out.shape[1] if out.ndim > 1 else 1
+    bad = [v for v in values if not 0 <= v < n_classes]
+    if bad:
+        raise UsageError(f"--target {bad} out of range for model output of shape {tuple(out.shape)}")
+    return target
+
+
+# --------------------------------------------------------------------------------- main
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="attrax", description="Attribution for PyTorch models.")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = ap.add_subparsers(dest="command", parser_class=_Parser)
+    demo = sub.add_parser("demo", help="train a digits CNN and explain it with every method", add_help=False)
+    demo.add_argument("rest", nargs=argparse.REMAINDER)
+    ex = sub.add_parser("explain", help="explain a model on input files")
+    ex.add_argument("--model", required=True, help="package.module:factory or an exported .pt2 file")
+    ex.add_argument("--weights", help="state dict for the factory's model (torch.save)")
+    ex.add_argument("--input", nargs="+", required=True, help="image files, .npy or .pt (one sample each)")
+    ex.add_argument("--method", required=True, help="attribution method, e.g. integrated_gradients, lrp, occlusion")
+    ex.add_argument("--opt", action="append", default=[], help="method option key=value (repeatable)")
+    ex.add_argument("--target", default="top1", help="class index, 'top1', or one index per input (comma-separated)")
+    ex.add_argument("--resize", help="H,W for image inputs")
+    ex.add_argument("--gray", action="store_true", help="load images with one channel")
+    ex.add_argument("--normalize", help="'mean,std' or 'm1,m2,m3;s1,s2,s3' applied after scaling images to [0, 1]")
+    ex.add_argument("--sign", default="all", choices=["all", "positive", "negative", "absolute"], help="heatmap sign mode")
+    ex.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    ex.add_argument("--out", default="attrax-out", help="output folder")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # the demo has its own parser (argparse remainders drop leading options)
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if args.command is None:
+        ap.print_help()
+        return 2
+    try:
+        if args.command == "explain":
+            return explain(args)
+    except UsageError as e:
+        if args.debug:
+            raise
+        _fail(f"attrax {args.command}: error: {e}")
+    except Exception as e:  # never a traceback for the user; --debug shows it
+        if args.debug:
+            raise
+        _fail(f"attrax {args.command}: error: {type(e).__name__}: {e}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
