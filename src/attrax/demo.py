@@ -127,10 +127,17 @@ def methods(x_train: Tensor) -> dict[str, Callable[..., Tensor]]:
     }
 
 
+def _ranks(v: Tensor) -> Tensor:
+    """Average ranks (ties share the mean of their positions), per row."""
+    v = v.flatten(1).double()
+    below = (v.unsqueeze(2) > v.unsqueeze(1)).sum(2)
+    equal = (v.unsqueeze(2) == v.unsqueeze(1)).sum(2)
+    return below + (equal + 1) / 2
+
+
 def _spearman(a: Tensor, b: Tensor) -> Tensor:
-    """Per-sample Spearman rank correlation of two ``(B, ...)`` tensors."""
-    ra = a.flatten(1).argsort(1).argsort(1).double()
-    rb = b.flatten(1).argsort(1).argsort(1).double()
+    """Per-sample Spearman rank correlation of two ``(B, ...)`` tensors (ties get average ranks)."""
+    ra, rb = _ranks(a), _ranks(b)
     ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
     return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1)).clamp(min=1e-12)
 

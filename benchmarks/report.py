@@ -1,0 +1,132 @@
+"""Render benchmarks/results/*.json as the README's tables (between <!-- bench:start/end --> markers).
+
+    python benchmarks/report.py          # rewrite the README section in place
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _machine(d: dict) -> str:
+    m = d["machine"]
+    where = m.get("gpu") or f"{m.get('processor', 'CPU')}, {m.get('cpu_threads')} threads"
+    return f"{m['date']}, torch {m['torch']}, {where}"
+
+
+def gradients() -> list[str]:
+    d = _load("gradients-cpu")
+    if not d:
+        return []
+    lines = [f"**Gradient family** vs Captum {d['machine'].get('captum', '')} ({_machine(d)}); ratio to one forward + input-gradient pass:", "",
+             "| model | method | attrax | Captum | attrax / Captum | peak MB attrax / Captum |", "|---|---|---:|---:|---:|---:|"]
+    for model, r in d["models"].items():
+        for name, v in r["methods"].items():
+            lines.append(f"| {model} {tuple(r['input_shape'])} | {name} | {v['attrax_x_fwd_bwd']:.2f}× | {v['captum_x_fwd_bwd']:.2f}× "
+                         f"| {v['attrax_over_captum']:.2f} | {v['peak_mb_attrax']:.0f} / {v['peak_mb_captum']:.0f} |")
+    return lines + [""]
+
+
+def rules() -> list[str]:
+    d = _load("rules-cpu")
+    if not d:
+        return []
+    lines = [f"**Rule methods** vs Captum ({_machine(d)}); ratio to one forward + input-gradient pass; completeness gap "
+             "= max |Σattr − Δf| / max(1, |Δf|):", "",
+             "| model | method | attrax | Captum | completeness attrax / Captum | peak MB attrax / Captum |", "|---|---|---:|---:|---:|---:|"]
+    for model, r in d["models"].items():
+        for name, v in r["methods"].items():
+            cap = f"{v['captum_x_fwd_bwd']:.2f}×" if "captum_x_fwd_bwd" in v else "fails: " + v.get("captum_error", "")[:48]
+            comp = ""
+            if "completeness_attrax" in v:
+                comp = f"{v['completeness_attrax']:.1e} / " + (f"{v['completeness_captum']:.1e}" if "completeness_captum" in v else "—")
+            mem = f"{v['peak_mb_attrax']:.0f} / " + (f"{v['peak_mb_captum']:.0f}" if "peak_mb_captum" in v else "—")
+            lines.append(f"| {model} {tuple(r['input_shape'])} | {name} | {v['attrax_x_fwd_bwd']:.2f}× | {cap} | {comp} | {mem} |")
+    return lines + [""]
+
+
+def lrp() -> list[str]:
+    d = _load("lrp-cpu")
+    if not d:
+        return []
+    lines = [f"**LRP** (epsilon_plus_flat, BatchNorm merged) vs Zennit {d['machine'].get('zennit', '')} with hooks registered "
+             f"beforehand ({_machine(d)}):", "",
+             "| model | attrax | Zennit | attrax / Zennit | max rel. diff to Zennit × score | peak MB attrax / Zennit |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for model, r in d["models"].items():
+        v = r["lrp"]
+        z = f"{v['zennit_x_fwd_bwd']:.2f}×" if "zennit_x_fwd_bwd" in v else "—"
+        ratio = f"{v['attrax_over_zennit']:.2f}" if "attrax_over_zennit" in v else "—"
+        lines.append(f"| {model} {tuple(r['input_shape'])} | {v['attrax_x_fwd_bwd']:.2f}× | {z} | {ratio} | "
+                     f"{v.get('max_rel_diff_to_zennit', float('nan')):.1e} | {v['peak_mb_attrax']:.0f} / {v.get('peak_mb_zennit', 0):.0f} |")
+    return lines + [""]
+
+
+def conditional() -> list[str]:
+    d = _load("conditional-cpu")
+    if not d:
+        return []
+    r = d["result"]
+    s = r["seconds"]
+    crp = f", zennit-crp {s['zennit_crp']:.2f} s ({r['batched_over_zennit_crp']:.2f}×, max rel. diff {r['max_rel_diff_to_zennit_crp']:.0e})" if "zennit_crp" in s else ""
+    return [f"**Conditional attribution** ({_machine(d)}): {r['conditions']} conditions on {d['model']}: one call "
+            f"{s['attrax_batched']:.2f} s vs {r['conditions']} LRP calls {s['attrax_64_lrp']:.2f} s "
+            f"(**{r['batched_over_independent']:.3f}×**){crp}.", ""]
+
+
+def perturbation() -> list[str]:
+    d = _load("perturbation-cpu")
+    if not d:
+        return []
+    lines = [f"**Perturbation methods** vs Captum, same number of model evaluations ({_machine(d)}); speedup = Captum time / attrax time:", "",
+             "| model | comparison | speedup |", "|---|---|---:|"]
+    for model, r in d["models"].items():
+        for k, v in r["speedups"].items():
+            lines.append(f"| {model} | {k.replace('_speedup_vs_', ' vs ')} | {v:.2f}× |")
+    return lines + [""]
+
+
+def zoo() -> list[str]:
+    d = _load("zoo-cpu")
+    if not d:
+        return []
+    m = d["machine"]
+    methods = ["gradient", "integrated_gradients", "deeplift", "deeplift_shap", "lrp_epsilon_plus_flat", "grad_cam"]
+    lines = [f"Model zoo ({m['date']}, {m['device']}, torch {m['torch']}, torchvision {m['torchvision']}, timm {m['timm']}, "
+             f"transformers {m['transformers']}, random weights, input {m['input']}; `gap` = relative completeness gap, "
+             "`clear error` = the op the method has no rule for, raised before any computation):", "",
+             "| model | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for model, r in d["results"].items():
+        cells = [re.sub(r" \([0-9.]+s\)", "", r.get(k, "")) for k in methods]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def render() -> str:
+    parts = gradients() + rules() + lrp() + conditional() + perturbation()
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    for tag, body in (("bench", render()), ("zoo", "\n".join(zoo()).rstrip() + "\n")):
+        start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+        if start in text and end in text:
+            text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _m: f"{start}\n{body}{end}", text, flags=re.S)
+    readme.write_text(text)
+    print("README tables updated")
+
+
+if __name__ == "__main__":
+    main()
