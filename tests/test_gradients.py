@@ -149,6 +149,86 @@ def test_ig_completeness_random_relu_networks(case):
     assert bool((delta.abs() <= 5e-2 * scale + 1e-9).all()), (delta, span, scale)
 
 
+# ------------------------------------------------------------------- adaptive steps
+
+
+@settings(max_examples=15)
+@given(case=relu_cnns())
+def test_auto_ig_meets_rtol_and_reports_steps(case):
+    res = ax.gradients.adaptive_integrated_gradients(
+        case.model_fn, case.params, case.x, case.target, baseline=case.baseline, rtol=0.01, max_steps=1024
+    )
+    delta = ax.metrics.completeness_delta(case.model_fn, case.params, case.x, case.target, res.attributions, baseline=case.baseline)
+    with torch.no_grad():
+        from attrax.targets import select
+
+        t = check_target(case.target, case.x.shape[0])
+        span = (select(case.model_fn(case.params, case.x), t) - select(case.model_fn(case.params, case.baseline), t)).abs()
+    # the reported gap is the measured one, and converged samples really are within rtol
+    torch.testing.assert_close(res.gap * span, delta.abs(), rtol=1e-6, atol=1e-9)
+    conv = res.converged
+    assert bool((delta.abs()[conv] <= 0.01 * span[conv] + 1e-7).all())
+    # steps are powers of two from 16, evaluations the sum of the levels run
+    assert set(res.steps.tolist()) <= {16, 32, 64, 128, 256, 512, 1024}
+    assert torch.equal(res.evaluations, 2 * res.steps - 16)
+    # each sample's attribution is fixed-step IG with its own step count
+    for n in res.steps.unique().tolist():
+        rows = (res.steps == n).nonzero().flatten()
+        t = check_target(case.target, case.x.shape[0])
+        sub_t = t.value[rows] if t.kind == "tensor" else case.target
+        ref = ax.integrated_gradients(case.model_fn, case.params, case.x[rows], sub_t, baseline=case.baseline[rows], n_steps=n)
+        torch.testing.assert_close(res.attributions[rows], ref, rtol=1e-7, atol=1e-10)
+
+
+def test_auto_ig_through_integrated_gradients_and_tuples():
+    net = small_cnn()
+    f, p = ax.functionalize(net)
+    x = torch.randn(6, 2, 8, 8, dtype=D, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0, 1, 2, 0, 1, 2])
+    a = ax.integrated_gradients(f, p, x, t, n_steps="auto", rtol=1e-3)
+    r = ax.gradients.adaptive_integrated_gradients(f, p, x, t, rtol=1e-3)
+    assert torch.equal(a, r.attributions) and bool(r.converged.all())
+    # tighter tolerance costs more steps, never fewer
+    loose = ax.gradients.adaptive_integrated_gradients(f, p, x, t, rtol=0.05)
+    assert bool((loose.steps <= r.steps).all())
+
+    def two(params, a, b):
+        return f(params, a + b)
+
+    ta = ax.integrated_gradients(two, p, (x, 0.5 * x), t, n_steps="auto")
+    assert isinstance(ta, tuple) and len(ta) == 2
+
+
+def test_auto_ig_max_steps_caps_and_flags():
+    f, p = ax.functionalize(small_cnn())
+    x = torch.randn(8, 2, 8, 8, dtype=D, generator=torch.Generator().manual_seed(1))
+    r = ax.gradients.adaptive_integrated_gradients(f, p, x, 1, rtol=1e-12, max_steps=40)
+    assert set(r.steps.tolist()) <= {16, 32, 40}
+    assert not bool(r.converged.all())
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"n_steps": "many"}, ValueError, 'n_steps must be a positive int or "auto"'),
+        ({"n_steps": "auto", "method": "riemann_left"}, ValueError, "Gauss-Legendre"),
+        ({"n_steps": "auto", "rtol": -1.0}, ValueError, "rtol"),
+        ({"n_steps": "auto", "max_steps": 0}, ValueError, "max_steps must be >= 1"),
+    ],
+)
+def test_auto_ig_bad_arguments(kwargs, exc, match):
+    f, p = ax.functionalize(small_mlp())
+    with pytest.raises(exc, match=match):
+        ax.integrated_gradients(f, p, torch.randn(3, 5, dtype=D), 0, **kwargs)
+
+
+def test_auto_ig_refuses_transforms():
+    f, p = ax.functionalize(small_mlp())
+    x = torch.randn(3, 5, dtype=D)
+    with pytest.raises(ValueError, match="data-dependent"):
+        torch.func.vmap(lambda xi: ax.integrated_gradients(f, p, xi[None], 0, n_steps="auto"))(x)
+
+
 # --------------------------------------------------------------------- captum parity
 
 def _captum():

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -31,6 +33,8 @@ from .core import (
 from .targets import ResolvedTarget, prepare_call, repeat_target, select
 
 __all__ = [
+    "AdaptiveIG",
+    "adaptive_integrated_gradients",
     "gradient",
     "gradient_shap",
     "input_x_gradient",
@@ -187,6 +191,8 @@ def quadrature(method: str, n_steps: int) -> tuple[tuple[float, ...], tuple[floa
 
 
 def check_quadrature(method: Any, n_steps: Any) -> None:
+    if isinstance(n_steps, str):
+        raise ValueError(f'n_steps must be a positive int or "auto"; got {n_steps!r}')
     check_positive_int(n_steps, "n_steps")
     if method not in QUADRATURES:
         raise ValueError(f"method must be one of {', '.join(QUADRATURES)}; got {method!r}")
@@ -233,10 +239,12 @@ def integrated_gradients(
     target: Target,
     *,
     baseline: Tensor | float | tuple[Any, ...] | None = None,
-    n_steps: int = 50,
+    n_steps: int | str = 50,
     method: str = "gausslegendre",
     chunk_size: int | None = None,
     check_finite: bool = True,
+    rtol: float = 0.01,
+    max_steps: int = 512,
 ) -> TensorOrTuple:
     r"""Integrated Gradients along the straight path from ``baseline`` to ``x``.
 
@@ -252,7 +260,10 @@ def integrated_gradients(
         target: Selects one scalar per sample.
         baseline: Reference input :math:`x'`: zeros when ``None``, a number, or a
             tensor broadcastable to ``x`` (a tuple of these for tuple inputs).
-        n_steps: Model evaluations per sample.
+        n_steps: Model evaluations per sample, or ``"auto"``: per sample, the fewest
+            Gauss-Legendre steps (16, 32, 64, ... up to ``max_steps``) that bring the
+            completeness gap under ``rtol`` (see :func:`adaptive_integrated_gradients`,
+            which also reports the steps used).
         method: ``gausslegendre`` or ``riemann_{left,right,middle,trapezoid}``
             (nodes as in API.md section 7; the trapezoid rule is the true one,
             unlike Captum's, see ``notes/decisions.md``).
@@ -276,6 +287,13 @@ def integrated_gradients(
         >>> bool(ax.metrics.completeness_delta(model_fn, params, x, None, a).abs().max() < 1e-8)
         True
     """
+    if n_steps == "auto":
+        if method != "gausslegendre":
+            raise ValueError(f'n_steps="auto" uses Gauss-Legendre steps; got method={method!r}')
+        return adaptive_integrated_gradients(
+            model_fn, params, x, target, baseline=baseline, rtol=rtol, max_steps=max_steps, chunk_size=chunk_size,
+            check_finite=check_finite,
+        ).attributions
     xs, params, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
     check_quadrature(method, n_steps)
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
@@ -283,6 +301,105 @@ def integrated_gradients(
     alphas, weights = quadrature(method, n_steps)
     sums = path_gradient_sum(model_fn, params, xs, bs, t, alphas, weights, chunk_size)
     return _pack(tuple(s * (xi - b) for s, xi, b in zip(sums, xs, bs)), is_tuple)
+
+
+@dataclass(frozen=True)
+class AdaptiveIG:
+    r"""Result of :func:`adaptive_integrated_gradients`.
+
+    ``attributions`` as ``x``; ``steps`` ``(B,)`` the Gauss-Legendre steps each sample used;
+    ``gap`` ``(B,)`` its relative completeness gap :math:`|\sum a - \Delta f| / |\Delta f|`;
+    ``converged`` ``(B,)`` whether the gap is under ``rtol``; ``evaluations`` ``(B,)`` the model
+    evaluations spent on each sample over all levels (16 + 32 + ... + ``steps``).
+    """
+
+    attributions: TensorOrTuple
+    steps: Tensor
+    gap: Tensor
+    converged: Tensor
+    evaluations: Tensor
+
+
+def adaptive_integrated_gradients(
+    model_fn: ModelFn,
+    params: Params,
+    x: TensorOrTuple,
+    target: Target,
+    *,
+    baseline: Tensor | float | tuple[Any, ...] | None = None,
+    rtol: float = 0.01,
+    max_steps: int = 512,
+    start_steps: int = 16,
+    chunk_size: int | None = None,
+    check_finite: bool = True,
+) -> AdaptiveIG:
+    r"""Integrated Gradients with the fewest Gauss-Legendre steps that meet a completeness tolerance.
+
+    Every sample starts at ``start_steps``; the samples whose relative completeness gap
+    :math:`|\sum_i a_i - (f_t(x) - f_t(x'))| / |f_t(x) - f_t(x')|` is still above ``rtol`` are
+    recomputed, all together, with twice the steps, until ``max_steps``. Samples whose output does
+    not change along the path (:math:`\Delta f = 0`) count as converged when the gap is zero to
+    rounding. The cost is the sum over levels of (still failing samples) x (steps).
+
+    Returns:
+        :class:`AdaptiveIG` with the attributions, steps used, gaps and convergence flags.
+
+    Example:
+        >>> import torch, attrax as ax
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double().eval()
+        >>> model_fn, params = ax.functionalize(net)
+        >>> r = ax.gradients.adaptive_integrated_gradients(model_fn, params, torch.randn(4, 3, dtype=torch.float64), None, rtol=1e-6)
+        >>> bool(r.converged.all()), r.steps.tolist()
+        (True, [16, 16, 16, 16])
+    """
+    if inside_transform() or torch.compiler.is_compiling():
+        raise ValueError(
+            'n_steps="auto" picks steps from the data (a data-dependent loop), so it cannot run inside '
+            "torch.func transforms or torch.compile; use a fixed n_steps there"
+        )
+    xs, params, is_tuple, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
+    check_positive_int(max_steps, "max_steps")
+    check_positive_int(start_steps, "start_steps")
+    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    tol = check_nonnegative(rtol, "rtol")
+    bs = baselines_for(baseline, xs)
+    with torch.no_grad():
+        span = select(model_fn(params, *xs), t) - select(model_fn(params, *bs), t)
+    attrs = [torch.zeros_like(xi) for xi in xs]
+    steps = torch.zeros(batch, dtype=torch.long, device=xs[0].device)
+    evaluations = torch.zeros_like(steps)
+    gap = torch.full((batch,), float("inf"), dtype=span.dtype, device=span.device)
+    todo = torch.arange(batch, device=xs[0].device)
+    n = min(start_steps, max_steps)
+    scale = span.abs()
+    floor = torch.finfo(span.dtype).eps ** 0.5 * (1 + span.abs())  # Delta f ~ 0: accept rounding-level gaps
+    while todo.numel():
+        sub = tuple(xi[todo] for xi in xs)
+        sub_b = tuple(b[todo] for b in bs)
+        sub_t = _subset_target(t, todo)
+        alphas, weights = quadrature("gausslegendre", n)
+        sums = path_gradient_sum(model_fn, params, sub, sub_b, sub_t, alphas, weights, chunk_size)
+        part = tuple(s * (xi - b) for s, xi, b in zip(sums, sub, sub_b))
+        total = sum(p.reshape(len(todo), -1).sum(1) for p in part)
+        g = (total - span[todo]).abs()
+        for a, p in zip(attrs, part):
+            a[todo] = p.to(a.dtype)
+        steps[todo] = n
+        evaluations[todo] += n
+        gap[todo] = g / scale[todo].clamp(min=torch.finfo(span.dtype).tiny)
+        ok = (g <= tol * scale[todo]) | (g <= floor[todo])
+        if n >= max_steps:
+            break
+        todo = todo[~ok]
+        n = min(2 * n, max_steps)
+    converged = (gap <= tol) | ((gap * scale) <= floor)
+    return AdaptiveIG(_pack(tuple(attrs), is_tuple), steps, gap, converged, evaluations)
+
+
+def _subset_target(t: ResolvedTarget, rows: Tensor) -> ResolvedTarget:
+    if t.kind == "tensor" and t.value.ndim == 1:
+        return ResolvedTarget("tensor", t.value.to(rows.device)[rows])
+    return t
 
 
 # ------------------------------------------------------------------------ noise tunnel
