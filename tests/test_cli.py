@@ -16,6 +16,9 @@ def tiny():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                                torch.nn.Flatten(), torch.nn.Linear(4, 3))
+def images():
+    g = torch.Generator().manual_seed(3)
+    return torch.utils.data.TensorDataset(torch.randn(30, 3, 12, 12, generator=g), torch.randint(0, 3, (30,), generator=g))
 '''
 
 
@@ -110,6 +113,57 @@ def test_bad_arguments_exit_2_with_one_line(workdir, args, message):
     if message is None:  # .npy inputs are not resized: a shape mismatch between inputs, still one line
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
         return
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_explain_dataset_single_and_torchrun(workdir):
+    import torch
+
+    import attrax as ax
+
+    r = run(["explain-dataset", "--model", "mymodels:tiny", "--weights", "w.pt", "--dataset", "mymodels:images",
+             "--method", "integrated_gradients", "--opt", "n_steps=8", "--batch-size", "4", "--shard-size", "8",
+             "--out", "ds1", "--no-progress"], workdir)
+    assert r.returncode == 0, r.stderr
+    assert "30 attributions of 30 samples" in r.stdout and "(complete)" in r.stdout
+    one = ax.distributed.open_store(workdir / "ds1")
+    env = {**os.environ, "PYTHONPATH": str(workdir), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "attrax",
+                        "explain-dataset", "--model", "mymodels:tiny", "--weights", "w.pt", "--dataset", "mymodels:images",
+                        "--method", "integrated_gradients", "--opt", "n_steps=8", "--batch-size", "4", "--shard-size", "8",
+                        "--out", "ds2", "--no-progress"], cwd=workdir, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    two = ax.distributed.open_store(workdir / "ds2")
+    assert two.complete and np.array_equal(one.ids, two.ids)
+    np.testing.assert_allclose(np.asarray(one.attributions), np.asarray(two.attributions), rtol=1e-6, atol=1e-7)
+    # a .pt dataset file
+    data = {"x": torch.randn(5, 3, 12, 12), "target": torch.tensor([0, 1, 2, 0, 1])}
+    torch.save(data, workdir / "data.pt")
+    r = run(["explain-dataset", "--model", "mymodels:tiny", "--dataset", "data.pt", "--method", "saliency", "--out", "ds3"], workdir)
+    assert r.returncode == 0, r.stderr
+    assert ax.distributed.open_store(workdir / "ds3").attributions.shape == (5, 3, 12, 12)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "nomod:f"], "cannot import 'nomod' for --dataset"),
+        (["--dataset", "missing.pt"], "cannot read dataset file 'missing.pt'"),
+        (["--dataset", "plain"], "--dataset must be 'package.module:factory' or a .pt file"),
+        (["--method", "grad_cam"], "unknown method 'grad_cam' for explain-dataset"),
+        (["--batch-size", "0"], "batch_size must be >= 1"),
+        (["--opt", "n_steps=0"], "n_steps must be >= 1"),
+    ],
+)
+def test_explain_dataset_bad_arguments(workdir, args, message):
+    base = {"--model": "mymodels:tiny", "--dataset": "mymodels:images", "--method": "integrated_gradients", "--out": "bad"}
+    full = ["explain-dataset"]
+    for k, v in base.items():
+        if k not in args:
+            full += [k, v]
+    r = run(full + args, workdir)
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, r.stderr

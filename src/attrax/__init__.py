@@ -5,7 +5,7 @@
     >>> attr = ax.integrated_gradients(model_fn, params, x, target)  # doctest: +SKIP
 """
 
-from . import composites, concepts, layer, metrics, rules
+from . import composites, concepts, distributed, layer, metrics, rules
 from .conditional import conditional
 from .core import FunctionalModel, functionalize
 from .deeplift import deconvnet, deeplift, deeplift_shap, guided_backprop
@@ -36,6 +36,7 @@ __all__ = [
     "FunctionalModel",
     "conditional",
     "deconvnet",
+    "distributed",
     "deeplift",
     "deeplift_shap",
     "functionalize",

@@ -1,10 +1,15 @@
-"""The ``attrax`` command line: ``attrax demo`` and ``attrax explain``.
+"""The ``attrax`` command line: ``attrax demo``, ``attrax explain`` and ``attrax explain-dataset``.
 
 ``attrax explain`` loads a model (``package.module:factory`` with optional ``--weights``, or a
 ``torch.export`` ``.pt2`` file), reads inputs (PNG/JPEG images, ``.npy``, ``.pt``), runs one method
 with ``--opt key=value`` options, and writes for each input a heatmap PNG, an overlay PNG (for 2-d
 inputs) and the raw attributions (``.npy``). Any bad argument ends with one line on stderr and exit
 code 2, never a traceback (``--debug`` shows it).
+
+``attrax explain-dataset`` attributes a whole map-style dataset (``package.module:factory``, or a
+``.pt`` file holding ``{"x": tensor, "target": tensor}``) into a resumable on-disk store (see
+:mod:`attrax.distributed`); run it under ``torchrun --nproc-per-node N -m attrax explain-dataset ...``
+to shard it over N processes.
 """
 
 from __future__ import annotations
@@ -254,6 +259,61 @@ def explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_dataset(spec: str) -> Any:
+    import torch
+
+    if spec.endswith(".pt"):
+        if not os.path.exists(spec):
+            raise UsageError(f"cannot read dataset file {spec!r}: no such file")
+        try:
+            value = torch.load(spec, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UsageError(f"cannot read dataset file {spec!r}: {e}") from e
+        if not (isinstance(value, dict) and isinstance(value.get("x"), torch.Tensor) and isinstance(value.get("target"), torch.Tensor)):
+            raise UsageError(f"{spec!r} must hold a dict {{'x': tensor, 'target': tensor}}")
+        if len(value["x"]) != len(value["target"]):
+            raise UsageError(f"{spec!r}: x has {len(value['x'])} samples but target has {len(value['target'])}")
+        return torch.utils.data.TensorDataset(value["x"], value["target"].long())
+    if ":" not in spec:
+        raise UsageError(f"--dataset must be 'package.module:factory' or a .pt file, got {spec!r}")
+    module_name, factory_name = spec.split(":", 1)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise UsageError(f"cannot import {module_name!r} for --dataset: {e}") from e
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise UsageError(f"{module_name} has no callable {factory_name!r} for --dataset")
+    return factory()
+
+
+def explain_dataset(args: argparse.Namespace) -> int:
+    import attrax as ax
+
+    methods = _methods()
+    if args.method not in methods or args.method in ("grad_cam", "guided_grad_cam"):
+        names = [m for m in methods if m not in ("grad_cam", "guided_grad_cam")]
+        raise UsageError(f"unknown method {args.method!r} for explain-dataset; choose from {', '.join(names)}")
+    method = methods[args.method]
+    options = _options(args.opt, method, args.method)
+    model = _load_model(args.model, args.weights)
+    dataset = _load_dataset(args.dataset)
+    model_fn, params = ax.functionalize(model)
+    try:
+        store = ax.distributed.attribute_dataset(
+            method, model_fn, params, dataset, out=args.out, batch_size=args.batch_size, chunk_size=args.chunk_size,
+            shard_size=args.shard_size, seed=args.seed, progress=not args.no_progress, **options,
+        )
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e).splitlines()[0]) from e
+    if int(os.environ.get("RANK", "0")) == 0:
+        state = "complete" if store.complete else f"{len(store.missing)} samples missing"
+        print(f"{len(store)} attributions of {store.manifest['n']} samples in {args.out} ({state})")
+    return 0
+
+
 def _target(text: str, out: Any, n: int) -> Any:
     import torch
 
@@ -298,6 +358,18 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--sign", default="all", choices=["all", "positive", "negative", "absolute"], help="heatmap sign mode")
     ex.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     ex.add_argument("--out", default="attrax-out", help="output folder")
+    ds = sub.add_parser("explain-dataset", help="attribute a whole dataset into a resumable store (torchrun-aware)")
+    ds.add_argument("--model", required=True, help="package.module:factory or an exported .pt2 file")
+    ds.add_argument("--weights", help="state dict for the factory's model (torch.save)")
+    ds.add_argument("--dataset", required=True, help="package.module:factory returning a Dataset of (x, target), or a .pt file {'x','target'}")
+    ds.add_argument("--method", required=True, help="attribution method, e.g. integrated_gradients, deeplift, lrp")
+    ds.add_argument("--opt", action="append", default=[], help="method option key=value (repeatable)")
+    ds.add_argument("--out", required=True, help="store folder (rerun on the same folder to resume)")
+    ds.add_argument("--batch-size", type=int, default=64, help="samples per method call")
+    ds.add_argument("--chunk-size", type=int, help="passed to the method as chunk_size")
+    ds.add_argument("--shard-size", type=int, help="samples per shard file (default 8 x batch size)")
+    ds.add_argument("--seed", type=int, help="seed for methods that draw noise (per shard)")
+    ds.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
 
@@ -315,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "explain":
             return explain(args)
+        if args.command == "explain-dataset":
+            return explain_dataset(args)
     except UsageError as e:
         if args.debug:
             raise

@@ -1,0 +1,493 @@
+"""Dataset-scale attribution: sharded across ``torchrun`` ranks, written atomically, resumable.
+
+    >>> store = ax.distributed.attribute_dataset(ax.integrated_gradients, model_fn, params, dataset,
+    ...                                          out="attr-store", batch_size=64)   # doctest: +SKIP
+    >>> store.ids, store.attributions[store.ids.argsort()[:4]]                        # doctest: +SKIP
+
+The dataset (indices ``0..N-1``) is cut into fixed shards of ``shard_size`` consecutive indices.
+Shard ``k`` is one unit of work and of storage:
+
+* ``shard-k.npy`` — the attributions of the shard's samples (numpy, memory-mappable);
+* ``shard-k.json`` — its sample ids, targets and completeness gaps. Written last, so a shard is
+  *in the index* exactly when its json file exists, and then its ``.npy`` is complete.
+
+Both files are written to a temporary name and renamed (``os.replace`` is atomic on POSIX), so a
+reader or a killed run never sees a partial file under a final name. ``manifest.json`` (written
+first by rank 0) records the method, its options, the dataset length and the shard size; a rerun
+on the same ``out`` must match it and then computes only the shards without a json file. Shards are
+dealt round-robin among the ranks (``torchrun`` sets ``RANK``/``WORLD_SIZE``); unlike
+``DistributedSampler`` nothing is padded, so every sample is computed exactly once. A shard's
+contents depend only on its indices (batches never cross shards and random methods get a
+generator seeded by ``seed`` and the shard number), so the store is the same whatever the number
+of processes and however often the run was interrupted. See ``notes/decisions.md`` for why numpy
+files and not zarr.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .core import ModelFn, Params, check_positive_int
+
+__all__ = ["Store", "attribute_dataset", "open_store"]
+
+FORMAT = "attrax-store/1"
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+class _Rows:
+    """Read-only, lazily concatenated view over the shards' memory-mapped ``.npy`` files."""
+
+    def __init__(self, parts: list[np.ndarray], shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self._parts = parts
+        self._starts = np.cumsum([0] + [len(p) for p in parts])
+        self.shape = (int(self._starts[-1]), *shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"<attrax store rows shape={self.shape} dtype={self.dtype} in {len(self._parts)} shards>"
+
+    def _row(self, i: int) -> np.ndarray:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"row {i} out of range for {len(self)} rows")
+        i %= len(self)
+        k = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return self._parts[k][i - self._starts[k]]
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if isinstance(index, (int, np.integer)):
+            return np.asarray(self._row(int(index)))
+        if isinstance(index, tuple):
+            return self[index[0]][(slice(None), *index[1:])]
+        if isinstance(index, slice):
+            rows = range(*index.indices(len(self)))
+            if index.step in (None, 1):  # contiguous: copy only the overlapping pieces
+                lo, hi = rows.start, rows.stop
+                pieces = [p[max(lo - s, 0):max(min(hi - s, len(p)), 0)] for p, s in zip(self._parts, self._starts)]
+                pieces = [q for q in pieces if len(q)]
+                return np.concatenate(pieces) if pieces else np.empty((0, *self.shape[1:]), self.dtype)
+            index = np.asarray(rows)
+        idx = np.asarray(index)
+        if idx.dtype == bool:
+            idx = np.nonzero(idx)[0]
+        out = np.empty((len(idx), *self.shape[1:]), self.dtype)
+        for j, i in enumerate(idx.tolist()):
+            out[j] = self._row(i)
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        full = self[0:len(self)]
+        return full if dtype is None else full.astype(dtype)
+
+
+@dataclass(frozen=True)
+class Store:
+    """What :func:`open_store` reads back.
+
+    ``ids`` ``(n,)`` int64: the dataset indices held, each once, in shard order; row ``i`` of
+    ``attributions`` (array-like over memory-mapped shard files, nothing loaded until indexed),
+    ``targets`` and ``delta`` (completeness gaps, NaN where not computed) belongs to ``ids[i]``.
+    ``complete`` says whether every sample of the dataset is held; ``missing`` lists the rest.
+    """
+
+    path: Path
+    manifest: dict[str, Any]
+    ids: np.ndarray
+    targets: np.ndarray
+    delta: np.ndarray
+    attributions: _Rows
+    missing: np.ndarray
+
+    @property
+    def complete(self) -> bool:
+        return self.missing.size == 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def open_store(out: str | os.PathLike[str]) -> Store:
+    """Open the store that :func:`attribute_dataset` wrote (or is writing) at ``out``.
+
+    Only shards whose index file exists are read, so a store being written or left by a killed
+    run shows exactly its finished shards.
+
+    Raises:
+        ValueError: If ``out`` holds no attrax store.
+    """
+    path = Path(out)
+    manifest = _read_manifest(path)
+    if manifest is None:
+        raise ValueError(f"out={str(out)!r} holds no attrax store (no manifest.json)")
+    n, size = manifest["n"], manifest["shard_size"]
+    ids, targets, delta, parts = [], [], [], []
+    for k in range(_n_shards(n, size)):
+        meta = path / _meta_name(k)
+        if not meta.exists():
+            continue
+        info = json.loads(meta.read_text())
+        rows = np.load(path / info["file"], mmap_mode="r", allow_pickle=False)
+        if len(rows) != len(info["ids"]):
+            raise ValueError(f"store {str(out)!r}: shard {k} has {len(rows)} rows for {len(info['ids'])} ids")
+        parts.append(rows)
+        ids.append(np.asarray(info["ids"], dtype=np.int64))
+        targets.append(np.asarray(info["targets"], dtype=np.int64))
+        delta.append(np.asarray([np.nan if d is None else d for d in info["delta"]], dtype=np.float64))
+    cat = (lambda xs, dt: np.concatenate(xs) if xs else np.empty(0, dt))
+    held = cat(ids, np.int64)
+    missing = np.setdiff1d(np.arange(n, dtype=np.int64), held)
+    rows = _Rows(parts, tuple(manifest["shape"]), np.dtype(manifest["dtype"]))
+    return Store(path, manifest, held, cat(targets, np.int64), cat(delta, np.float64), rows, missing)
+
+
+# -------------------------------------------------------------------------- the writer
+
+
+def attribute_dataset(
+    attribute: Callable[..., Tensor],
+    model_fn: ModelFn,
+    params: Params,
+    dataset: Any,
+    *,
+    out: str | os.PathLike[str],
+    batch_size: int = 64,
+    chunk_size: int | None = None,
+    shard_size: int | None = None,
+    seed: int | None = None,
+    completeness: bool = True,
+    progress: bool = True,
+    **method_kwargs: Any,
+) -> Store:
+    """Attribute every sample of a map-style dataset and store the results on disk.
+
+    Runs as one process, or as each rank of ``torchrun --nproc-per-node N`` (gloo on CPU, nccl
+    when the params live on a GPU; a process group is created from the ``torchrun`` environment
+    if none exists and destroyed again at the end). Rerunning the same call on the same ``out``
+    resumes: finished shards are skipped.
+
+    Args:
+        attribute: An attrax method ``(model_fn, params, x, target, **kw) -> Tensor``.
+        dataset: Map-style: ``len(dataset)`` and ``dataset[i] -> (x, target)``, ``x`` one
+            sample without batch dim, ``target`` an int.
+        out: Folder of the store (created).
+        batch_size: Samples per call of ``attribute``.
+        chunk_size: Passed to ``attribute`` when given.
+        shard_size: Samples per shard file (the unit of resumption); ``8 * batch_size`` by default.
+        seed: For methods that draw noise: each shard gets ``generator=Generator().manual_seed(seed + shard)``.
+            Passing a ``generator`` instead is refused, because its state would depend on the
+            order in which shards run.
+        completeness: Also record :math:`\\sum a - (f(x) - f(x'))` per sample (``x'`` from
+            ``baseline=`` or the mean over ``baselines=``), one extra batched forward each.
+        progress: Rank 0 shows a tqdm bar (all ranks' finished samples, samples/s) if tqdm is installed.
+        **method_kwargs: Passed to ``attribute`` unchanged (and recorded in the manifest).
+
+    Returns:
+        :func:`open_store` of ``out`` once every rank is done.
+    Raises:
+        ValueError/TypeError: Bad arguments, a dataset item that is not ``(tensor, int)``, or an
+            ``out`` that holds a store made with other options.
+    """
+    if not callable(attribute):
+        raise TypeError(f"attribute must be an attrax method (callable), got {type(attribute).__name__}")
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise TypeError(f"dataset must be a map-style Dataset (len() and [i]), got {type(dataset).__name__}")
+    check_positive_int(batch_size, "batch_size")
+    check_positive_int(chunk_size, "chunk_size", allow_none=True)
+    shard_size = 8 * batch_size if shard_size is None else shard_size
+    check_positive_int(shard_size, "shard_size")
+    if "generator" in method_kwargs:
+        raise ValueError("pass seed=<int> instead of generator=: each shard needs its own reproducible generator")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("dataset is empty")
+    x0, t0 = _item(dataset, 0)
+    if chunk_size is not None:
+        method_kwargs = {**method_kwargs, "chunk_size": chunk_size}
+    # one sample through the method first: bad options fail here, before anything is written
+    probe = dict(method_kwargs, generator=torch.Generator().manual_seed(seed)) if seed is not None else method_kwargs
+    _check_output(attribute(model_fn, params, x0[None].to(_device(params)), torch.tensor([t0], device=_device(params)), **probe),
+                  (1, *x0.shape))
+
+    path = Path(out)
+    manifest = {
+        "format": FORMAT,
+        "method": f"{getattr(attribute, '__module__', '?')}.{getattr(attribute, '__qualname__', repr(attribute))}",
+        "options": {k: _describe_option(v) for k, v in sorted(method_kwargs.items())},
+        "seed": seed,
+        "n": n,
+        "shard_size": shard_size,
+        "batch_size": batch_size,
+        "shape": list(x0.shape),
+        "dtype": str(_np_dtype(x0.dtype)),
+    }
+    rank, world, group_made = _join_group(params)
+    try:
+        todo: list[int] | str = _prepare_store(path, manifest) if rank == 0 else []
+        todo = _broadcast(todo, world)
+        if isinstance(todo, str):  # rank 0 refused the folder: every rank stops with its message
+            raise ValueError(todo)
+        bar = _Bar(n, path, shard_size, world) if progress and rank == 0 else None
+        try:
+            for k in todo[rank::world]:
+                _run_shard(attribute, model_fn, params, dataset, path, k, n, shard_size, batch_size, seed,
+                           completeness, method_kwargs, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        _barrier(world)
+    finally:
+        if group_made:
+            torch.distributed.destroy_process_group()
+    return open_store(path)
+
+
+def _prepare_store(path: Path, manifest: dict[str, Any]) -> list[int] | str:
+    """Rank 0: create or check the store; the unfinished shards, or why the folder cannot be used."""
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        old = _read_manifest(path)
+    except ValueError as e:
+        return str(e)
+    if old is None:
+        _atomic_write_text(path / "manifest.json", json.dumps(manifest, indent=1))
+    elif old != manifest:
+        diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+        return (f"out={str(path)!r} holds a store made with different {', '.join(diff)}; "
+                "use a new folder, or the same method and options to resume")
+    for stale in path.glob("*.tmp-*"):  # left by a killed run; never part of the index
+        stale.unlink(missing_ok=True)
+    n, size = manifest["n"], manifest["shard_size"]
+    return [k for k in range(_n_shards(n, size)) if not (path / _meta_name(k)).exists()]
+
+
+def _run_shard(attribute: Callable[..., Tensor], model_fn: ModelFn, params: Params, dataset: Any, path: Path, k: int,
+               n: int, shard_size: int, batch_size: int, seed: int | None, completeness: bool,
+               method_kwargs: dict[str, Any], bar: _Bar | None) -> None:
+    lo, hi = k * shard_size, min((k + 1) * shard_size, n)
+    kwargs = dict(method_kwargs)
+    if seed is not None:
+        kwargs["generator"] = torch.Generator().manual_seed(seed + k)
+    device = _device(params)
+    rows: list[np.ndarray] = []
+    targets: list[int] = []
+    deltas: list[float | None] = []
+    for start in range(lo, hi, batch_size):
+        items = [_item(dataset, i) for i in range(start, min(start + batch_size, hi))]
+        x = torch.stack([it[0] for it in items]).to(device)
+        t = torch.tensor([it[1] for it in items], dtype=torch.long, device=device)
+        attr = attribute(model_fn, params, x, t, **kwargs)
+        _check_output(attr, tuple(x.shape))
+        rows.append(attr.detach().cpu().numpy())
+        targets.extend(int(v) for v in t.tolist())
+        deltas.extend(_delta(model_fn, params, x, t, attr, method_kwargs) if completeness else [None] * len(items))
+        if bar is not None:
+            bar.advance(len(items))
+    data = np.concatenate(rows).astype(_np_dtype(rows[0].dtype), copy=False)
+    array_name = f"shard-{k:05d}.npy"
+    _atomic_write(path / array_name, lambda f: np.save(f, data, allow_pickle=False))
+    meta = {"shard": k, "file": array_name, "ids": list(range(lo, hi)), "targets": targets, "delta": deltas}
+    _atomic_write_text(path / _meta_name(k), json.dumps(meta))  # the commit point of the shard
+    if bar is not None:
+        bar.shard_done()
+
+
+def _check_output(attr: Any, shape: tuple[int, ...]) -> None:
+    if not isinstance(attr, Tensor) or tuple(attr.shape) != shape:
+        raise TypeError(f"attribute must return a tensor shaped like its input {shape}, got "
+                        f"{type(attr).__name__} {tuple(getattr(attr, 'shape', ()))}")
+
+
+def _delta(model_fn: ModelFn, params: Params, x: Tensor, t: Tensor, attr: Tensor,
+           method_kwargs: dict[str, Any]) -> list[float]:
+    rows = torch.arange(len(x), device=x.device)
+    with torch.no_grad():
+        fx = model_fn(params, x)
+        if "baselines" in method_kwargs and isinstance(method_kwargs["baselines"], Tensor):
+            b = method_kwargs["baselines"].to(x.device, x.dtype)
+            fb = model_fn(params, b).reshape(len(b), -1)[:, t].mean(0)
+        else:
+            b = method_kwargs.get("baseline")
+            b = torch.zeros_like(x) if b is None else torch.as_tensor(b, dtype=x.dtype, device=x.device).expand_as(x)
+            fb = model_fn(params, b).reshape(len(x), -1)[rows, t]
+        span = fx.reshape(len(x), -1)[rows, t] - fb
+        gap = attr.detach().reshape(len(x), -1).sum(1).to(span.dtype) - span
+    return [float(v) for v in gap.tolist()]
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _item(dataset: Any, i: int) -> tuple[Tensor, int]:
+    item = dataset[i]
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise TypeError(f"dataset[{i}] must be a pair (x, target), got {type(item).__name__}")
+    x, t = item
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"dataset[{i}][0] must be a tensor (one sample, no batch dim), got {type(x).__name__}")
+    if isinstance(t, Tensor) and t.numel() == 1 and not t.is_floating_point():
+        t = int(t.item())
+    if isinstance(t, np.integer):
+        t = int(t)
+    if isinstance(t, bool) or not isinstance(t, int):
+        raise TypeError(f"dataset[{i}][1] (the target) must be an int, got {type(t).__name__}")
+    return x, t
+
+
+def _np_dtype(dtype: Any) -> np.dtype:
+    if isinstance(dtype, torch.dtype):
+        return torch.empty((), dtype=dtype).numpy().dtype
+    return np.dtype(dtype)
+
+
+def _device(params: Params) -> torch.device:
+    for v in (params.values() if isinstance(params, dict) else ()):
+        if isinstance(v, Tensor):
+            return v.device
+    return torch.device("cpu")
+
+
+def _describe_option(value: Any) -> Any:
+    """A JSON-able fingerprint of a method option: tensors by shape, dtype and content hash."""
+    if isinstance(value, Tensor):
+        data = value.detach().cpu().contiguous()
+        digest = hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()[:16]
+        return {"tensor": list(value.shape), "dtype": str(value.dtype), "sha256": digest}
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (tuple, list)):
+        return [_describe_option(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _describe_option(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    return repr(value) if type(value).__repr__ is not object.__repr__ else type(value).__qualname__
+
+
+def _n_shards(n: int, size: int) -> int:
+    return -(-n // size)
+
+
+def _meta_name(k: int) -> str:
+    return f"shard-{k:05d}.json"
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except FileNotFoundError:
+        return None
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r} holds manifest.json that is not an {FORMAT} store")
+    return manifest
+
+
+def _atomic_write(target: Path, write: Callable[[Any], None]) -> None:
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def _atomic_write_text(target: Path, text: str) -> None:
+    _atomic_write(target, lambda f: f.write(text.encode()))
+
+
+def _join_group(params: Params) -> tuple[int, int, bool]:
+    """(rank, world size, whether this call created the process group)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    backend = "nccl" if _device(params).type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def _broadcast(value: Any, world: int) -> Any:
+    if world <= 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+class _Bar:
+    """Rank 0's progress bar: samples in committed shards (all ranks, read from the index) plus its own
+    samples of the shard in flight; tqdm's rate is then the whole job's samples/s."""
+
+    def __init__(self, n: int, path: Path, shard_size: int, world: int) -> None:
+        self._path, self._size, self._n, self._world = path, shard_size, n, world
+        self._inflight = 0
+        self._polled = time.monotonic()
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            self._bar = None
+            return
+        self._committed = self._count()
+        self._bar = tqdm(total=n, initial=self._committed, desc="attribute_dataset", unit="sample", dynamic_ncols=True)
+
+    def _count(self) -> int:
+        total = 0
+        for meta in self._path.glob("shard-*.json"):
+            k = int(meta.stem.split("-")[1])
+            total += min((k + 1) * self._size, self._n) - k * self._size
+        return total
+
+    def _show(self) -> None:
+        assert self._bar is not None
+        value = min(self._committed + self._inflight, self._n)
+        if value > self._bar.n:
+            self._bar.update(value - self._bar.n)
+
+    def advance(self, count: int) -> None:
+        if self._bar is None:
+            return
+        self._inflight += count
+        if self._world > 1 and time.monotonic() - self._polled > 0.5:  # other ranks' shards
+            self._polled = time.monotonic()
+            self._committed = self._count()
+        self._show()
+
+    def shard_done(self) -> None:
+        if self._bar is None:
+            return
+        self._inflight = 0
+        self._committed = self._count()
+        self._show()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._committed, self._inflight = self._count(), 0
+            self._show()
+            self._bar.close()
