@@ -153,10 +153,10 @@ def test_ig_completeness_random_relu_networks(case):
 
 
 @settings(max_examples=15)
-@given(case=relu_cnns())
-def test_auto_ig_meets_rtol_and_reports_steps(case):
+@given(case=relu_cnns(), strategy=st.sampled_from(["panels", "doubling"]))
+def test_auto_ig_meets_rtol_and_reports_steps(case, strategy):
     res = ax.gradients.adaptive_integrated_gradients(
-        case.model_fn, case.params, case.x, case.target, baseline=case.baseline, rtol=0.01, max_steps=1024
+        case.model_fn, case.params, case.x, case.target, baseline=case.baseline, rtol=0.01, max_steps=1024, strategy=strategy
     )
     delta = ax.metrics.completeness_delta(case.model_fn, case.params, case.x, case.target, res.attributions, baseline=case.baseline)
     with torch.no_grad():
@@ -168,16 +168,38 @@ def test_auto_ig_meets_rtol_and_reports_steps(case):
     torch.testing.assert_close(res.gap * span, delta.abs(), rtol=1e-6, atol=1e-9)
     conv = res.converged
     assert bool((delta.abs()[conv] <= 0.01 * span[conv] + 1e-7).all())
-    # steps are powers of two from 16, evaluations the sum of the levels run
-    assert set(res.steps.tolist()) <= {16, 32, 64, 128, 256, 512, 1024}
-    assert torch.equal(res.evaluations, 2 * res.steps - 16)
-    # each sample's attribution is fixed-step IG with its own step count
-    for n in res.steps.unique().tolist():
-        rows = (res.steps == n).nonzero().flatten()
-        t = check_target(case.target, case.x.shape[0])
+    assert bool((res.evaluations <= 1024).all()) and bool((res.steps >= 16).all())
+    if strategy == "doubling":  # powers of two from 16; evaluations are the sum of the levels run
+        assert set(res.steps.tolist()) <= {16, 32, 64, 128, 256, 512, 1024}
+        assert torch.equal(res.evaluations, 2 * res.steps - 16) and not bool(res.forwards.any())
+    else:  # 16 for the first rule, then one per panel, plus forwards at the cuts
+        first = res.forwards == 0
+        assert bool((res.steps[first] == 16).all()) and bool((res.evaluations[first] == 16).all())
+        assert bool((res.evaluations[~first] >= 16 + res.steps[~first]).all())
+    # samples that kept the first rule have fixed-step IG's attribution
+    keep = (res.steps == 16) & (res.forwards == 0)
+    rows = keep.nonzero().flatten()
+    if len(rows):
         sub_t = t.value[rows] if t.kind == "tensor" else case.target
-        ref = ax.integrated_gradients(case.model_fn, case.params, case.x[rows], sub_t, baseline=case.baseline[rows], n_steps=n)
+        ref = ax.integrated_gradients(case.model_fn, case.params, case.x[rows], sub_t, baseline=case.baseline[rows], n_steps=16)
         torch.testing.assert_close(res.attributions[rows], ref, rtol=1e-7, atol=1e-10)
+
+
+def test_auto_ig_panels_find_exact_ig_of_a_piecewise_linear_model():
+    # f(x) = relu(x1 + x2 - 1) + relu(x1 - x2 - 0.2), baseline 0, x = (1.3, 0.4). Along the path a*x the
+    # first unit is active for a > 1/1.7, the second for a > 0.2/0.9, so exact IG is
+    # x * w1 * (1 - 1/1.7) + x * w2 * (1 - 0.2/0.9): every feature, not only the sum.
+    def f(p, x):
+        return torch.relu(x @ p["w1"] - 1.0) + torch.relu(x @ p["w2"] - 0.2)
+
+    p = {"w1": torch.tensor([1.0, 1.0], dtype=D), "w2": torch.tensor([1.0, -1.0], dtype=D)}
+    x = torch.tensor([[1.3, 0.4]], dtype=D)
+    exact = x * p["w1"] * (1 - 1 / 1.7) + x * p["w2"] * (1 - 0.2 / 0.9)
+    res = ax.gradients.adaptive_integrated_gradients(f, p, x, None, rtol=1e-9, max_steps=4096)
+    assert bool(res.converged.all())
+    torch.testing.assert_close(res.attributions, exact, rtol=1e-6, atol=1e-7)
+    fixed = ax.integrated_gradients(f, p, x, None, n_steps=int(res.evaluations))
+    assert (fixed - exact).abs().max() > 100 * (res.attributions - exact).abs().max()  # same budget, fixed GL
 
 
 def test_auto_ig_through_integrated_gradients_and_tuples():
@@ -188,9 +210,9 @@ def test_auto_ig_through_integrated_gradients_and_tuples():
     a = ax.integrated_gradients(f, p, x, t, n_steps="auto", rtol=1e-3)
     r = ax.gradients.adaptive_integrated_gradients(f, p, x, t, rtol=1e-3)
     assert torch.equal(a, r.attributions) and bool(r.converged.all())
-    # tighter tolerance costs more steps, never fewer
+    # a tighter tolerance costs more evaluations, never fewer
     loose = ax.gradients.adaptive_integrated_gradients(f, p, x, t, rtol=0.05)
-    assert bool((loose.steps <= r.steps).all())
+    assert bool((loose.evaluations <= r.evaluations).all())
 
     def two(params, a, b):
         return f(params, a + b)
@@ -202,9 +224,11 @@ def test_auto_ig_through_integrated_gradients_and_tuples():
 def test_auto_ig_max_steps_caps_and_flags():
     f, p = ax.functionalize(small_cnn())
     x = torch.randn(8, 2, 8, 8, dtype=D, generator=torch.Generator().manual_seed(1))
-    r = ax.gradients.adaptive_integrated_gradients(f, p, x, 1, rtol=1e-12, max_steps=40)
-    assert set(r.steps.tolist()) <= {16, 32, 40}
-    assert not bool(r.converged.all())
+    for strategy in ("panels", "doubling"):
+        r = ax.gradients.adaptive_integrated_gradients(f, p, x, 1, rtol=1e-12, max_steps=40, strategy=strategy)
+        used = r.evaluations if strategy == "panels" else r.steps  # panels: all evaluations; doubling: the last rule
+        assert bool((used <= 40).all()) and not bool(r.converged.all())
+        assert torch.equal(r.converged, r.gap <= 1e-12)
 
 
 @pytest.mark.parametrize(
@@ -220,6 +244,12 @@ def test_auto_ig_bad_arguments(kwargs, exc, match):
     f, p = ax.functionalize(small_mlp())
     with pytest.raises(exc, match=match):
         ax.integrated_gradients(f, p, torch.randn(3, 5, dtype=D), 0, **kwargs)
+
+
+def test_auto_ig_unknown_strategy():
+    f, p = ax.functionalize(small_mlp())
+    with pytest.raises(ValueError, match="strategy must be one of panels, doubling"):
+        ax.gradients.adaptive_integrated_gradients(f, p, torch.randn(3, 5, dtype=D), 0, strategy="bisect")
 
 
 def test_auto_ig_refuses_transforms():
