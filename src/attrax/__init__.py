@@ -5,11 +5,12 @@
     >>> attr = ax.integrated_gradients(model_fn, params, x, target)  # doctest: +SKIP
 """
 
-from . import composites, concepts, distributed, layer, metrics, rules
+from . import composites, concepts, distributed, layer, metrics, rules, serving
 from .conditional import conditional
 from .core import FunctionalModel, functionalize
 from .deeplift import deconvnet, deeplift, deeplift_shap, guided_backprop
 from .lrp import lrp
+from .serving import compile, export, value_and_attribution
 from .perturbation import feature_ablation, kernel_shap, lime, occlusion, shapley_sampling
 from .gradients import (
     gradient,
@@ -34,6 +35,10 @@ def __getattr__(name: str):  # lazy: these need optional dependencies
 
 __all__ = [
     "FunctionalModel",
+    "compile",
+    "export",
+    "serving",
+    "value_and_attribution",
     "conditional",
     "deconvnet",
     "distributed",

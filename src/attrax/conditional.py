@@ -23,8 +23,7 @@ import torch
 from torch import Tensor
 
 from ._types import ModelFn, Params, Target, TensorOrTuple
-from .core import check_positive_int, chunks
-from .core import eager_no_grad
+from .core import check_positive_int, chunks, eager_no_grad, publish_output
 from .deeplift import seed
 from .lrp import _prepare
 from .rewrite import Node, Program, Streams, forward, program_spec
@@ -180,6 +179,7 @@ def conditional(
         aux: dict[int, Any] = {}
         env = forward(program, params, xs, aux=aux)
         out = env[program.output]
+        publish_output(xs, out)
         masks, keep = _masks(program, env, conds, bool(exclude_parallel))
         streams = Streams(program, env, None, batch, aux)
         start = seed(out, t)

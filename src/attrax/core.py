@@ -11,9 +11,11 @@ impossible.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import numbers
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -125,6 +127,53 @@ def inside_transform() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
+@dataclass
+class _TrainingCall:
+    """An active :func:`attrax.value_and_attribution` call: its inputs, and the output at them once seen."""
+
+    xs: tuple[Tensor, ...]
+    output: Any = None
+    seen: bool = False
+
+
+#: Per thread and per context (not process-global): set only for the duration of one
+#: ``value_and_attribution`` call, so methods running elsewhere are unaffected.
+_TRAINING: contextvars.ContextVar[_TrainingCall | None] = contextvars.ContextVar("attrax_training_call", default=None)
+
+
+@contextlib.contextmanager
+def training_call(xs: tuple[Tensor, ...]) -> Iterator[_TrainingCall]:
+    """Within: methods keep autograd history (differentiable w.r.t. params) and report the output at ``xs``."""
+    call = _TrainingCall(xs)
+    token = _TRAINING.set(call)
+    try:
+        yield call
+    finally:
+        _TRAINING.reset(token)
+
+
+def keeps_graph() -> bool:
+    """True inside ``value_and_attribution``: results must stay differentiable w.r.t. params.
+
+    Never inside ``torch.compile`` (dynamo cannot read context variables; compiled code takes the
+    composable paths anyway).
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return _TRAINING.get() is not None
+
+
+def publish_output(xs: tuple[Tensor, ...], output: Any) -> None:
+    """A method evaluated the model at ``xs``: hand the output to ``value_and_attribution`` if these are its inputs."""
+    if torch.compiler.is_compiling():
+        return
+    call = _TRAINING.get()
+    if call is None or call.seen or len(xs) != len(call.xs):
+        return
+    if all(a is b for a, b in zip(xs, call.xs)):
+        call.output, call.seen = output, True
+
+
 def detach_outside_transforms(params: Params, xs: tuple[Tensor, ...]) -> tuple[Params, tuple[Tensor, ...]]:
     """Cut regular-autograd history at the method boundary unless a ``torch.func`` transform is active.
 
@@ -137,7 +186,7 @@ def detach_outside_transforms(params: Params, xs: tuple[Tensor, ...]) -> tuple[P
     """
     if not torch.compiler.is_compiling() and inside_transform():
         return params, xs
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() or keeps_graph():
         return params, xs
     return {k: v.detach() for k, v in params.items()}, tuple(t.detach() for t in xs)
 
@@ -145,7 +194,7 @@ def detach_outside_transforms(params: Params, xs: tuple[Tensor, ...]) -> tuple[P
 @contextlib.contextmanager
 def eager_no_grad() -> Iterator[None]:
     """No autograd recording for top-level eager calls of methods that never need it."""
-    if torch.compiler.is_compiling() or inside_transform() or not torch.is_grad_enabled():
+    if torch.compiler.is_compiling() or inside_transform() or not torch.is_grad_enabled() or keeps_graph():
         yield
     else:
         with torch.no_grad():

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ._types import ModelFn, Params, Target, TensorOrTuple
-from .core import baselines_for, check_positive_int, chunks, eager_no_grad
+from .core import baselines_for, check_positive_int, chunks, eager_no_grad, publish_output
 from .rewrite import Node, Program, Streams, forward, program_for, substitute
 from .rules import (
     run_plan,
@@ -37,7 +37,7 @@ from .rules import (
     n_dep,
     selected_by_input,
 )
-from .targets import ResolvedTarget, prepare_call, select
+from .targets import ResolvedTarget, prepare_call, repeat_target, select
 
 __all__ = ["deconvnet", "deeplift", "deeplift_shap", "guided_backprop"]
 
@@ -130,6 +130,7 @@ def deeplift(
     with eager_no_grad():
         aux_x: dict[int, Any] = {}
         env_x = forward(program, params, xs, aux=aux_x)
+        publish_output(xs, env_x[program.output])
         mult = _multipliers(program, plan, params, env_x, aux_x, bs, t, batch, len(xs))
         attrs = tuple((xi - b) * m for xi, b, m in zip(xs, bs, mult)) if multiply_by_inputs else mult
     return attrs if is_tuple else attrs[0]
@@ -192,6 +193,7 @@ def deeplift_shap(
     with eager_no_grad():
         aux_x: dict[int, Any] = {}
         env_x = forward(program, params, xs, aux=aux_x)
+        publish_output(xs, env_x[program.output])
 
         def one(*refs: Tensor) -> tuple[Tensor, ...]:
             expanded = tuple(r.unsqueeze(0).expand_as(xi) for r, xi in zip(refs, xs))
@@ -200,10 +202,27 @@ def deeplift_shap(
 
         total = [torch.zeros_like(xi) for xi in xs]
         for start, stop in chunks(n, chunk_size):
-            attrs = torch.func.vmap(one)(*(b[start:stop] for b in bls))
+            if isinstance(batch, torch.SymInt) or torch.compiler.is_compiling():
+                # symbolic batch (export, torch.compile): vmap's conv batching rule would pin the
+                # batch size, so the chunk's baselines are folded into the batch instead
+                attrs = _folded(program, plan, params, xs, tuple(b[start:stop] for b in bls), t, batch)
+            else:
+                attrs = torch.func.vmap(one)(*(b[start:stop] for b in bls))
             total = [s + a.sum(0) for s, a in zip(total, attrs)]
     result = tuple(s / n for s in total)
     return result if is_tuple else result[0]
+
+
+def _folded(program: Program, plan: Any, params: Any, xs: tuple[Tensor, ...], refs: tuple[Tensor, ...],
+            t: ResolvedTarget, batch: Any) -> tuple[Tensor, ...]:
+    """DeepLift of every sample against ``k`` baselines at once, the pairs folded into a ``k * B`` batch."""
+    k = refs[0].shape[0]
+    x_rep = tuple(xi.unsqueeze(0).expand(k, *xi.shape).reshape(k * batch, *xi.shape[1:]) for xi in xs)
+    r_rep = tuple(r.unsqueeze(1).expand(k, *xi.shape).reshape(k * batch, *xi.shape[1:]) for r, xi in zip(refs, xs))
+    aux_x: dict[int, Any] = {}
+    env_x = forward(program, params, x_rep, aux=aux_x)
+    mult = _multipliers(program, plan, params, env_x, aux_x, r_rep, repeat_target(t, k), k * batch, len(xs))
+    return tuple(((xr - rr) * m).reshape(k, *xi.shape) for xr, rr, m, xi in zip(x_rep, r_rep, mult, xs))
 
 
 def _relu_method(rule_for: Any, method: str, model_fn: ModelFn, params: Params, x: TensorOrTuple, target: Target,
@@ -214,6 +233,7 @@ def _relu_method(rule_for: Any, method: str, model_fn: ModelFn, params: Params, 
     with eager_no_grad():
         aux: dict[int, Any] = {}
         env = forward(program, params, xs, aux=aux)
+        publish_output(xs, env[program.output])
         streams = Streams(program, env, None, batch, aux)
         grads = run_plan(program, plan, streams, {program.output: seed(env[program.output], t)})
         out = tuple(grads[i] if i in grads else torch.zeros_like(xi) for i, xi in enumerate(xs))

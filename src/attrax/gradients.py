@@ -29,6 +29,8 @@ from .core import (
     check_positive_int,
     chunks,
     inside_transform,
+    keeps_graph,
+    publish_output,
 )
 from .targets import ResolvedTarget, prepare_call, repeat_target, select
 
@@ -58,27 +60,40 @@ def grad_of_selected(
     xs: tuple[Tensor, ...],
     target: ResolvedTarget,
     weights: Tensor | None = None,
+    publish: bool = False,
 ) -> tuple[Tensor, ...]:
     """``d/dx sum_i w_i * f_{t_i}(x_i)`` for every input; ``w`` defaults to ones.
 
     Samples do not interact, so this is the per-sample gradient of the selected
-    output, scaled by ``w``.
+    output, scaled by ``w``. With ``publish`` the model output at ``xs`` is offered to
+    an enclosing ``value_and_attribution`` (see ``core.publish_output``).
     """
 
-    def weighted_sum(*inputs: Tensor) -> Tensor:
-        out = select(model_fn(params, *inputs), target)
-        return out.sum() if weights is None else (out * weights.to(out.dtype)).sum()
+    def weighted_sum(*inputs: Tensor) -> tuple[Tensor, Tensor]:
+        out = model_fn(params, *inputs)
+        sel = select(out, target)
+        return (sel.sum() if weights is None else (sel * weights.to(sel.dtype)).sum()), out
 
     if not torch.compiler.is_compiling() and not inside_transform():
-        # Eager fast path: same values, but plain autograd measured 10-18 % faster and half
-        # the peak memory of torch.func.grad on CNNs (notes/decisions.md).
-        leaves = tuple(x.detach().requires_grad_() for x in xs)
+        # Eager: plain autograd measured 10-18 % faster and half the peak memory of
+        # torch.func.grad on CNNs (notes/decisions.md). In value_and_attribution it records
+        # the backward (create_graph) and keeps the inputs' own history; unlike torch.func.grad
+        # it also allows the in-place running-statistics update of BatchNorm in training mode.
+        keep = keeps_graph()
+        leaves = tuple(x if keep and x.requires_grad else x.detach().requires_grad_() for x in xs)
         with torch.enable_grad():
-            total = weighted_sum(*leaves)
-        return torch.autograd.grad(total, leaves, allow_unused=True, materialize_grads=True)
-    # Composable path. torch.func.grad, not vjp: vjp's pullback may be called again, so it
-    # retains the graph and keeps every saved activation alive through the backward.
-    grads = torch.func.grad(weighted_sum, argnums=tuple(range(len(xs))))(*xs)
+            total, out = weighted_sum(*leaves)
+        grads = torch.autograd.grad(total, leaves, create_graph=keep, allow_unused=True, materialize_grads=True)
+        if publish:
+            publish_output(xs, out)
+        return grads
+    # Composable path (transforms, compile). torch.func.grad, not vjp:
+    # vjp's pullback may be called again, so it retains the graph and keeps every saved
+    # activation alive through the backward. Under plain autograd its results stay
+    # differentiable w.r.t. tensors captured from outside (params), and so does the output.
+    grads, out = torch.func.grad(weighted_sum, argnums=tuple(range(len(xs))), has_aux=True)(*xs)
+    if publish:
+        publish_output(xs, out)
     return tuple(grads)
 
 
@@ -108,7 +123,7 @@ def gradient(
         True
     """
     xs, params, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
-    return _pack(grad_of_selected(model_fn, params, xs, t), is_tuple)
+    return _pack(grad_of_selected(model_fn, params, xs, t, publish=True), is_tuple)
 
 
 def saliency(
@@ -137,7 +152,7 @@ def saliency(
         True
     """
     xs, params, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
-    grads = grad_of_selected(model_fn, params, xs, t)
+    grads = grad_of_selected(model_fn, params, xs, t, publish=True)
     return _pack(tuple(g.abs() for g in grads) if abs else grads, is_tuple)
 
 
@@ -158,7 +173,7 @@ def input_x_gradient(
         True
     """
     xs, params, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
-    grads = grad_of_selected(model_fn, params, xs, t)
+    grads = grad_of_selected(model_fn, params, xs, t, publish=True)
     return _pack(tuple(xi * g for xi, g in zip(xs, grads)), is_tuple)
 
 
@@ -730,11 +745,13 @@ def smoothgrad(
     stdev: float = 1.0,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
+    noise: TensorOrTuple | None = None,
     check_finite: bool = True,
 ) -> TensorOrTuple:
     r"""SmoothGrad [1]: the mean gradient over ``n_samples`` noisy copies of ``x``.
 
     Same as ``noise_tunnel(ax.gradient, ..., kind="smoothgrad")``; ``stdev`` is absolute.
+    ``noise`` (shape ``(n_samples, *x.shape)``) replaces drawing, as in :func:`noise_tunnel`.
 
     References:
         [1] Smilkov et al. SmoothGrad: removing noise by adding noise. arXiv:1706.03825.
@@ -748,7 +765,7 @@ def smoothgrad(
     """
     return noise_tunnel(
         gradient, model_fn, params, x, target, n_samples=n_samples, stdev=stdev, kind="smoothgrad",
-        generator=generator, chunk_size=chunk_size, check_finite=check_finite,
+        generator=generator, chunk_size=chunk_size, noise=noise, check_finite=check_finite,
     )
 
 

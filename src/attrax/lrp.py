@@ -18,7 +18,7 @@ from torch import nn
 from ._types import ModelFn, Params, Target, TensorOrTuple
 from .canonizers import merge_batchnorm
 from .composites import Composite, TracedOp, as_composite
-from .core import eager_no_grad
+from .core import eager_no_grad, publish_output
 from .deeplift import seed
 from .relevance import POOLS, WEIGHTED, AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, WSquare, ZBox, ZPlus
 from .rewrite import Node, Program, Streams, forward, memoised, program_spec, substitute, trace_program
@@ -245,6 +245,7 @@ def lrp(
         aux: dict[int, Any] = {}
         env = forward(program, params, xs, aux=aux)
         out = env[program.output]
+        publish_output(xs, out)
         # Every LRP rule is linear in the incoming relevance, so propagating the unit seed and
         # scaling by the score equals seeding the score; for the guided/deconv ReLU rules, which
         # are not odd in their input, this is also Zennit's convention (its result x score).

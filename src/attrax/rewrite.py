@@ -157,12 +157,21 @@ _TRACE_BATCH_FALLBACK = (2, 3)
 def program_spec(model_fn: Callable[..., Tensor], params: Any, xs: Sequence[Tensor]) -> tuple[tuple[Any, ...], int | None]:
     """``(spec, batch)``: the hashable description of a call that a program is traced for."""
     batch = xs[0].shape[0]
+    # Only the batch may be symbolic; other sizes are specialised (symbolic make_fx and
+    # torch.compile(dynamic=True) make every dim a SymInt). operator.index specialises under both.
+    ix = operator.index
     spec = (
-        tuple((k, tuple(v.shape), tuple(v.stride()), str(v.dtype), str(v.device)) for k, v in params.items()),
-        tuple((tuple(x.shape[1:]), str(x.dtype), str(x.device)) for x in xs),
+        tuple((k, tuple(ix(d) for d in v.shape), tuple(ix(d) for d in v.stride()), str(v.dtype), str(v.device))
+              for k, v in params.items()),
+        tuple((tuple(ix(d) for d in x.shape[1:]), str(x.dtype), str(x.device)) for x in xs),
         _training_flags(model_fn),
     )
-    return spec, (None if isinstance(batch, torch.SymInt) else int(batch))
+    # Under torch.compile always the batch-generic program: dynamo cannot tell a symbolic batch
+    # from a static one here (isinstance(b, SymInt) is False in traced code), and a generic
+    # program is right for both, so a later recompile with a symbolic batch reuses it.
+    if torch.compiler.is_compiling() or isinstance(batch, torch.SymInt):
+        return spec, None
+    return spec, int(batch)
 
 
 def program_for(model_fn: Callable[..., Tensor], params: Any, xs: Sequence[Tensor]) -> Program:

@@ -1,0 +1,339 @@
+"""Serving and training: compiled explainers, exported attribution programs, one-forward training.
+
+    >>> explain = ax.compile(ax.integrated_gradients, model_fn, params, n_steps=32)   # doctest: +SKIP
+    >>> attr = explain(x, target)                       # compiled once, reused across batches and targets
+    >>> prog = ax.export(ax.deeplift, model_fn, params, x, target)                     # doctest: +SKIP
+    >>> torch.export.save(prog, "explain.pt2")          # loads and runs without attrax
+    >>> out, attr = ax.value_and_attribution(ax.input_x_gradient, model_fn, params, x, target)  # doctest: +SKIP
+
+* :func:`compile` wraps ``torch.compile`` (``fullgraph=True``). Targets are always tensor inputs
+  (an int becomes a ``(B,)`` tensor before the compiled region), so new targets never recompile;
+  ``batch_size=`` cuts large inputs into equal pieces inside the call, padding the last one, so
+  one compiled graph serves every input size.
+* :func:`export` traces the whole attribution - model, backward rules and all - into one ATen
+  graph with ``make_fx`` on a symbolic batch, then hands that graph to ``torch.export`` with a
+  dynamic batch dimension (``notes/decisions.md`` says why this route). The program needs
+  neither attrax nor the model's Python code to run. Methods that draw noise (SmoothGrad,
+  ``noise_tunnel``) take a third input, an integer ``seed``, and draw their noise from it with
+  :func:`seeded_normal`, a counter-based generator made of plain integer ops.
+* :func:`value_and_attribution` runs a method so that its result stays differentiable w.r.t.
+  ``params`` under plain autograd, and returns the model output from the same forward pass
+  where the method evaluates the model at ``x`` (gradient methods, DeepLift, LRP, guided
+  backprop, conditional); methods that never evaluate it there (IG, SmoothGrad) get one extra
+  forward. Nothing is switched on a module or global: the state lives in a context variable for
+  the duration of the call.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._types import ModelFn, Params, Target, TensorOrTuple
+from .core import as_tuple, check_positive_int, training_call
+from .targets import prepare_call, select
+
+__all__ = ["Explainer", "compile", "export", "seeded_normal", "value_and_attribution"]
+
+_COMPILE_KEYS = ("backend", "mode", "dynamic", "options")
+
+
+# ------------------------------------------------------------------------------ targets
+
+
+def _target_input(target: Any, batch: int, device: torch.device) -> Any:
+    """Ints and per-sample sequences become a ``(B,)`` LongTensor, so the compiled graph takes them as input."""
+    if isinstance(target, bool):
+        return target  # prepare_call rejects it with the usual message
+    if isinstance(target, int):
+        return torch.full((batch,), target, dtype=torch.long, device=device)
+    if isinstance(target, (list, range)) and all(isinstance(v, int) and not isinstance(v, bool) for v in target):
+        return torch.tensor(list(target), dtype=torch.long, device=device)
+    if isinstance(target, Tensor) and target.ndim == 0 and not target.is_floating_point():
+        return target.to(torch.long).expand(batch).clone()
+    return target
+
+
+def _check_attribute(attribute: Any) -> None:
+    if not callable(attribute):
+        raise TypeError(f"attribute must be an attrax method such as ax.integrated_gradients, got {type(attribute).__name__}")
+
+
+# ------------------------------------------------------------------------------ compile
+
+
+class Explainer:
+    """A compiled attribution function ``explain(x, target)`` made by :func:`compile`.
+
+    ``explain.fn`` is the compiled callable; ``explain.batch_size`` the piece size.
+    """
+
+    def __init__(self, fn: Callable[..., TensorOrTuple], batch_size: int | None, description: str) -> None:
+        self.fn = fn
+        self.batch_size = batch_size
+        self._description = description
+
+    def __repr__(self) -> str:
+        return f"Explainer({self._description}, batch_size={self.batch_size})"
+
+    def __call__(self, x: TensorOrTuple, target: Target = None) -> TensorOrTuple:
+        xs, is_tuple = as_tuple(x)
+        batch = xs[0].shape[0]
+        t = _target_input(target, batch, xs[0].device)
+        size = self.batch_size
+        if size is None or batch == size:
+            return self.fn(x, t)
+        per_sample = isinstance(t, Tensor) and t.ndim >= 1 and t.shape[0] == batch
+        pieces: list[tuple[Tensor, ...]] = []
+        for start in range(0, batch, size):
+            stop = min(start + size, batch)
+            part = tuple(xi[start:stop] for xi in xs)
+            part_t = t[start:stop] if per_sample else t
+            short = size - (stop - start)
+            if short:  # pad the last piece to the compiled size: no recompile for a remainder
+                part = tuple(torch.cat([p, p[-1:].expand(short, *p.shape[1:])]) for p in part)
+                if per_sample:
+                    part_t = torch.cat([part_t, part_t[-1:].expand(short, *part_t.shape[1:])])
+            out, _ = as_tuple(self.fn(part if is_tuple else part[0], part_t), "attribute(...)")
+            pieces.append(tuple(o[: stop - start] for o in out))
+        result = tuple(torch.cat(col) for col in zip(*pieces))
+        return result if is_tuple else result[0]
+
+
+def compile(  # noqa: A001 - the API name
+    attribute: Callable[..., TensorOrTuple],
+    model_fn: ModelFn,
+    params: Params,
+    *,
+    backend: Any = "inductor",
+    mode: str | None = None,
+    dynamic: bool | None = None,
+    options: dict[str, Any] | None = None,
+    fullgraph: bool = True,
+    batch_size: int | None = None,
+    **method_kwargs: Any,
+) -> Explainer:
+    """Compile ``attribute(model_fn, params, x, target, **method_kwargs)`` once for reuse.
+
+    Args:
+        attribute: An attrax method (any ``(model_fn, params, x, target, **kw)`` function).
+        backend, mode, dynamic, options: Passed to ``torch.compile``. With ``dynamic=None`` the
+            first call compiles for its batch size and a second size recompiles once with a
+            symbolic batch, after which no size recompiles.
+        fullgraph: Passed to ``torch.compile``; every attrax method compiles without graph breaks.
+        batch_size: Cut inputs larger than this into pieces of exactly this size (the last one
+            padded with copies of its last sample), all served by one compiled graph.
+        **method_kwargs: Options of ``attribute`` (e.g. ``n_steps``, ``composite``, ``baselines``).
+    Returns:
+        :class:`Explainer` ``explain(x, target)``; ``target`` as in API.md section 2, always
+        passed to the graph as a tensor input.
+
+    Example:
+        >>> import torch, attrax as ax
+        >>> model_fn, params = ax.functionalize(torch.nn.Linear(3, 2).eval())
+        >>> explain = ax.compile(ax.saliency, model_fn, params, backend="eager")
+        >>> explain(torch.randn(4, 3), 1).shape
+        torch.Size([4, 3])
+    """
+    _check_attribute(attribute)
+    check_positive_int(batch_size, "batch_size", allow_none=True)
+    if dynamic is not None and not isinstance(dynamic, bool):
+        raise TypeError(f"dynamic must be True, False or None, got {type(dynamic).__name__}")
+    if n_steps_auto(method_kwargs):
+        raise ValueError('n_steps="auto" cannot be compiled (its loop depends on the data); pass a fixed n_steps')
+
+    def run(x: TensorOrTuple, target: Target) -> TensorOrTuple:
+        return attribute(model_fn, params, x, target, **method_kwargs)
+
+    compiled = torch.compile(run, backend=backend, mode=mode, dynamic=dynamic, options=options, fullgraph=fullgraph)
+    return Explainer(compiled, batch_size, getattr(attribute, "__name__", repr(attribute)))
+
+
+def n_steps_auto(kwargs: dict[str, Any]) -> bool:
+    return isinstance(kwargs.get("n_steps"), str)
+
+
+# ------------------------------------------------------------------------------- export
+
+
+def _draws_noise(attribute: Any) -> bool:
+    """Methods that take pre-drawn ``noise`` and a ``stdev`` (SmoothGrad, noise_tunnel)."""
+    try:
+        names = inspect.signature(attribute).parameters
+    except (TypeError, ValueError):
+        return False
+    return "noise" in names and "stdev" in names and "n_samples" in names
+
+
+def export(
+    attribute: Callable[..., TensorOrTuple],
+    model_fn: ModelFn,
+    params: Params,
+    x: TensorOrTuple,
+    target: Target,
+    *,
+    seed: int | Tensor = 0,
+    **method_kwargs: Any,
+) -> torch.export.ExportedProgram:
+    """Export ``attribute`` as a ``torch.export.ExportedProgram`` with a dynamic batch dimension.
+
+    ``prog.module()(x, target)`` returns the attributions for any batch size; ``target`` is a
+    ``(B,)`` integer tensor (the example's int target is turned into one). For methods that draw
+    noise (``ax.smoothgrad``, ``ax.noise_tunnel``) the program is ``(x, target, seed)`` with ``seed``
+    an int64 scalar tensor; the noise is ``stdev * seeded_normal(seed, (n_samples, *x.shape))``,
+    so ``ax.smoothgrad(..., noise=stdev * ax.serving.seeded_normal(seed, shape))`` is its eager twin.
+    For scalar-output models (``target=None``) the program is ``(x,)``.
+
+    Args:
+        attribute: A gradient method, IG, SmoothGrad/noise_tunnel, DeepLift, DeepLiftShap, LRP,
+            guided backprop or deconvnet (any method whose loop structure does not depend on
+            values).
+        x, target: An example call. Parameters and keyword tensors (``baselines``...) become
+            constants of the program.
+        seed: The example seed for noise-drawing methods.
+        **method_kwargs: Options of ``attribute``.
+    Raises:
+        ValueError/TypeError: Bad arguments (checked on the example before tracing), or
+            ``n_steps="auto"``.
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    _check_attribute(attribute)
+    if n_steps_auto(method_kwargs):
+        raise ValueError('n_steps="auto" cannot be exported (its loop depends on the data); pass a fixed n_steps')
+    if "generator" in method_kwargs:
+        raise ValueError("export draws noise from its seed input; do not pass generator=")
+    xs, checked_params, is_tuple, batch, resolved = prepare_call(model_fn, params, x, target)
+    with torch.no_grad():  # the example must run, and the target fit its output, before tracing
+        select(model_fn(checked_params, *xs), resolved)
+    t = _target_input(target, batch, xs[0].device)
+    if target is not None and not (isinstance(t, Tensor) and t.ndim == 1):
+        raise TypeError("export needs an int or per-sample integer target (it becomes the program's (B,) target input); "
+                        f"got {type(target).__name__}")
+    noisy = _draws_noise(attribute)
+    if noisy:
+        n_samples = method_kwargs.pop("n_samples", 25)
+        stdev = float(method_kwargs.pop("stdev", 1.0))
+        check_positive_int(n_samples, "n_samples")
+    # trace at a batch of at least 2: size-1 dims are specialised by symbolic tracing
+    ex = tuple(xi if batch >= 2 else xi.expand(2, *xi.shape[1:]).clone() for xi in xs)
+    ex_t = t if t is None or batch >= 2 else t.expand(2).clone()
+    ex_x = ex if is_tuple else ex[0]
+
+    def attribution(xv: TensorOrTuple, *rest: Tensor) -> TensorOrTuple:
+        tv = rest[0] if target is not None else None
+        if not noisy:
+            return attribute(model_fn, params, xv, tv, **method_kwargs)
+        seed_v = rest[-1]
+        parts, _ = as_tuple(xv)
+        noise = tuple(
+            stdev * seeded_normal(seed_v + 7919 * i, (n_samples, *p.shape), dtype=p.dtype, device=p.device)
+            for i, p in enumerate(parts)
+        )
+        return attribute(model_fn, params, xv, tv, n_samples=n_samples, noise=noise if is_tuple else noise[0],
+                         **method_kwargs)
+
+    inputs: list[Any] = [ex_x]
+    if target is not None:
+        inputs.append(ex_t)
+    if noisy:
+        inputs.append(torch.as_tensor(seed, dtype=torch.long).reshape(()))
+    name = getattr(attribute, "__name__", "attribute")
+    try:
+        graph = make_fx(attribution, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*inputs)
+    except (TypeError, ValueError):
+        raise
+    except Exception as e:
+        raise ValueError(f"could not trace {name} for export ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         "methods that draw random numbers need a noise= argument, and loops must not depend on values") from e
+    dim = torch.export.Dim("batch", min=1)
+    shapes: list[Any] = [tuple({0: dim} for _ in ex) if is_tuple else {0: dim}]
+    if target is not None:
+        shapes.append({0: dim})
+    if noisy:
+        shapes.append(None)
+    try:
+        return torch.export.export(graph, tuple(inputs), dynamic_shapes=tuple(shapes), strict=False)
+    except Exception as e:
+        raise ValueError(f"{name} traced, but its graph does not export with a dynamic batch ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
+
+
+# --------------------------------------------------------------------------- seeded noise
+
+_MASK31 = (1 << 31) - 1
+
+
+def _mix(v: Tensor) -> Tensor:
+    """A 31-bit integer hash (xorshift-multiply rounds); products stay below 2**63, so no overflow."""
+    v = v & _MASK31
+    v = ((v ^ (v >> 16)) * 0x45D9F3B) & _MASK31
+    v = ((v ^ (v >> 15)) * 0x2C1B3C6D) & _MASK31
+    v = ((v ^ (v >> 16)) * 0x297A2D39) & _MASK31
+    return v ^ (v >> 15)
+
+
+def seeded_normal(
+    seed: int | Tensor, shape: tuple[Any, ...] | torch.Size, *, dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Standard normal noise that is a pure function of ``seed`` (an int or int64 scalar tensor).
+
+    A counter-based generator: element ``i`` hashes ``(seed, i)`` with integer ops and maps two
+    hashed uniforms through Box-Muller. Because it is plain tensor code it runs inside exported
+    programs and compiled graphs, where ``torch.Generator`` cannot go, and gives the same numbers
+    eagerly, compiled and exported. Statistical quality is adequate for SmoothGrad-style noise
+    (mean, variance and independence are tested), not for cryptography. Up to 2**30 elements.
+    """
+    seed_t = torch.as_tensor(seed, dtype=torch.long, device=device).reshape(())
+    numel = math.prod(shape)
+    i = torch.arange(numel, dtype=torch.long, device=seed_t.device)
+    key = _mix(((seed_t & _MASK31) * 0x5BD1E995 + 0x1B873593) ^ _mix((seed_t >> 31) + 0x3C6EF372))
+    u1 = (_mix((2 * i) ^ key).to(torch.float64) + 0.5) / 2.0**31
+    u2 = (_mix((2 * i + 1) ^ _mix(key + 0x68E31DA4)).to(torch.float64) + 0.5) / 2.0**31
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+    return z.to(dtype).reshape(shape)
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def value_and_attribution(
+    attribute: Callable[..., TensorOrTuple],
+    model_fn: ModelFn,
+    params: Params,
+    x: TensorOrTuple,
+    target: Target,
+    **method_kwargs: Any,
+) -> tuple[Tensor, TensorOrTuple]:
+    """The model output and the attributions, from one forward pass, both differentiable w.r.t. ``params``.
+
+    For a training step with an attribution loss: ``out, attr = value_and_attribution(...)``,
+    then ``(task_loss(out) + lam * attr_loss(attr)).backward()`` (or the same under
+    ``torch.func.grad`` w.r.t. ``params``). The output is the one the method computed at ``x``
+    (so BatchNorm in training mode sees the batch once and updates its running statistics once,
+    as a plain training step does); methods that never evaluate the model at ``x`` itself (IG
+    with Gauss-Legendre nodes, SmoothGrad) add one forward for it.
+
+    Example:
+        >>> import torch, attrax as ax
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> model_fn, params = ax.functionalize(net)
+        >>> x = torch.randn(5, 3)
+        >>> out, attr = ax.value_and_attribution(ax.input_x_gradient, model_fn, params, x, 1)
+        >>> loss = torch.nn.functional.cross_entropy(out, torch.ones(5, dtype=torch.long)) + attr.pow(2).sum()
+        >>> loss.backward()
+        >>> net[0].weight.grad.shape
+        torch.Size([4, 3])
+    """
+    _check_attribute(attribute)
+    xs, _ = as_tuple(x)
+    with training_call(xs) as call:
+        attr = attribute(model_fn, params, x, target, **method_kwargs)
+    out = call.output if call.seen else model_fn(params, *xs)
+    return out, attr
