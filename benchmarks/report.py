@@ -96,6 +96,52 @@ def perturbation() -> list[str]:
     return lines + [""]
 
 
+def serving() -> list[str]:
+    d = _load("serving-cpu")
+    if not d:
+        return []
+    lines = [f"**Serving** ({_machine(d)}): per-call latency over a stream of {next(iter(d['models'].values()))['calls']} "
+             "batches with new targets each call, after 3 warm-up calls:", "",
+             "| model | method | variant | median ms | × eager attrax | × fwd+bwd | first call s | recompiles after warm-up |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for model, r in d["models"].items():
+        for method, v in r["methods"].items():
+            for label, row in v["variants"].items():
+                rec = str(v["recompiles_after_warmup"]) if label == "attrax compiled" else ""
+                lines.append(f"| {model} {tuple(r['input_shape'])} | {method} | {label} | {row['median_ms']:.1f} | "
+                             f"{row['over_eager']:.2f}× | {row['x_fwd_bwd']:.1f}× | {row['first_call_s']:.1f} | {rec} |")
+    return lines + [""]
+
+
+def dataset() -> list[str]:
+    d = _load("dataset-cpu")
+    if not d:
+        return []
+    lines: list[str] = []
+    a = d.get("adaptive_ig")
+    if a:
+        lines += [f"**IG accuracy/cost dial** ({_machine(d)}): `n_steps=\"auto\"`, rtol {a['rtol']}, max_steps {a['max_steps']}, "
+                  "against the smallest fixed Gauss-Legendre n meeting rtol on the same samples (per model, averaged):", "",
+                  "| models | strategy | reach rtol | mean evaluations (+ forwards) | evaluations / fixed n | time / fixed n |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for fam, rows in a["families"].items():
+            for strategy, v in rows.items():
+                lines.append(f"| {fam} | {strategy} | {100 * v['converged_fraction']:.1f} % | {v['mean_evaluations']:.0f} "
+                             f"(+{v['mean_forwards']:.0f}) | {v['evaluations_over_fixed']:.2f} | {v['time_over_fixed']:.2f} |")
+        lines.append("")
+    tp = d.get("throughput")
+    if tp:
+        lines += [f"**attribute_dataset throughput** ({_machine(d)}), {tp['method']} on {tp['model']}, {tp['samples']} samples, "
+                  f"batch {tp['batch_size']}, samples/s (median of runs):", "",
+                  "| configuration | samples/s |", "|---|---:|"]
+        for name, v in tp["configs"].items():
+            lines.append(f"| {name} | {v['samples_per_s']:.0f} |")
+        sp = tp["speedups"]
+        lines += ["", f"2 processes: **{sp['2proc_vs_1proc_default_threads']:.2f}×** one process with default threads, "
+                  f"{sp['2proc_vs_1proc_1thread']:.2f}× one single-threaded process.", ""]
+    return lines
+
+
 def zoo() -> list[str]:
     d = _load("zoo-cpu")
     if not d:
@@ -113,7 +159,7 @@ def zoo() -> list[str]:
 
 
 def render() -> str:
-    parts = gradients() + rules() + lrp() + conditional() + perturbation()
+    parts = gradients() + rules() + lrp() + conditional() + perturbation() + serving() + dataset()
     return "\n".join(parts).rstrip() + "\n"
 
 
