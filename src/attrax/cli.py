@@ -117,6 +117,23 @@ def _options(opts: list[str], method: Any, name: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ inputs
 
 
+def _factory(spec: str, option: str, alternative: str) -> Any:
+    """The callable named by ``package.module:factory`` (the working directory is importable)."""
+    if ":" not in spec:
+        raise UsageError(f"{option} must be 'package.module:factory' or {alternative}, got {spec!r}")
+    module_name, factory_name = spec.split(":", 1)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise UsageError(f"cannot import {module_name!r} for {option}: {e}") from e
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise UsageError(f"{module_name} has no callable {factory_name!r} for {option}")
+    return factory
+
+
 def _load_model(spec: str, weights: str | None) -> Any:
     import torch
 
@@ -127,19 +144,7 @@ def _load_model(spec: str, weights: str | None) -> Any:
             return torch.export.load(spec).module()
         except Exception as e:
             raise UsageError(f"cannot load exported program {spec!r}: {e}") from e
-    if ":" not in spec:
-        raise UsageError(f"--model must be 'package.module:factory' or a .pt2 file, got {spec!r}")
-    module_name, factory_name = spec.split(":", 1)
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:
-        raise UsageError(f"cannot import {module_name!r} for --model: {e}") from e
-    factory = getattr(module, factory_name, None)
-    if not callable(factory):
-        raise UsageError(f"{module_name} has no callable {factory_name!r} for --model")
-    model = factory()
+    model = _factory(spec, "--model", "a .pt2 file")()
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"{spec} returned {type(model).__name__}, expected a torch.nn.Module")
     if weights is not None:
@@ -274,19 +279,7 @@ def _load_dataset(spec: str) -> Any:
         if len(value["x"]) != len(value["target"]):
             raise UsageError(f"{spec!r}: x has {len(value['x'])} samples but target has {len(value['target'])}")
         return torch.utils.data.TensorDataset(value["x"], value["target"].long())
-    if ":" not in spec:
-        raise UsageError(f"--dataset must be 'package.module:factory' or a .pt file, got {spec!r}")
-    module_name, factory_name = spec.split(":", 1)
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:
-        raise UsageError(f"cannot import {module_name!r} for --dataset: {e}") from e
-    factory = getattr(module, factory_name, None)
-    if not callable(factory):
-        raise UsageError(f"{module_name} has no callable {factory_name!r} for --dataset")
-    return factory()
+    return _factory(spec, "--dataset", "a .pt file")()
 
 
 def explain_dataset(args: argparse.Namespace) -> int:
