@@ -332,7 +332,7 @@ __all__ += ["AlphaBeta", "Epsilon", "Flat", "Gamma", "Norm", "Pass", "WSquare", 
 
 #: Built-in rule classes. Under torch.compile rules are dispatched through this tuple: a plan made at
 #: trace time holds rule objects that dynamo cannot guard on, and ``Class.backward(rule, ...)``
-#: through a global class is what it can trace. (Subclasses are dispatched to their base class there.)
+#: through a module-level class is what it can trace. (Subclasses are dispatched to their base class there.)
 RULE_CLASSES = (Gradient, Rescale, CrossMax, SoftmaxRescale, Bilinear, GuidedReLU, DeconvReLU, Epsilon, Gamma, ZPlus,
                 AlphaBeta, Flat, WSquare, ZBox, Pass, Norm)
 
