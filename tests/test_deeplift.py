@@ -1,5 +1,8 @@
 """DeepLift, DeepLiftShap, guided backprop, deconvnet."""
 
+import importlib
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +11,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import attrax as ax
-from attrax.testing import check_completeness, cnns, mlps, resnets
+from attrax.rewrite import program_for, substitute
+from attrax.testing import check_completeness, cnns, mlps, relu_cnns, resnets
 from conftest import assert_unchanged, module_snapshot
 
 D = torch.float64
@@ -382,3 +386,157 @@ def test_captum_deeplift_fails_on_a_reused_relu_module():
     except RuntimeError:
         return  # Captum refuses the model (measured on captum 0.9.0)
     assert ax.metrics.completeness_delta(f, p, x, 1, theirs, baseline=b).abs().max() > 1e-6
+
+
+# ------------------------------------------------------------- fused ReLU -> max-pool rule
+
+_dl = importlib.import_module("attrax.deeplift")
+
+
+def unfused(method, *args, **kwargs):
+    """``method`` with the pool's cross-max rule and the ReLU's rescale rule applied one after the other."""
+    with mock.patch.object(_dl, "non_overlapping_relu_pool", lambda *a: False):
+        return method(*args, **kwargs)
+
+
+def pool_rules(module, x):
+    f, p = ax.functionalize(module)
+    program = program_for(f, p, (x,))
+    plan = substitute(program, _dl.deeplift_rule, "deeplift")
+    return [type(plan[n.index]).__name__ for n in program.nodes if n.packet in ("max_pool2d", "max_pool3d")]
+
+
+class _Pools(nn.Module):
+    def __init__(self, pool, nd=2):
+        super().__init__()
+        conv = nn.Conv2d if nd == 2 else nn.Conv3d
+        self.c1, self.c2 = conv(2, 3, 3, padding=1), conv(3, 3, 3, padding=1)
+        self.pool = pool
+        self.fc = nn.LazyLinear(3)
+
+    def forward(self, x):
+        h = self.pool(F.relu(self.c1(x)))
+        return self.fc(self.pool(torch.relu(self.c2(h))).flatten(1))
+
+
+class _ReluTwice(nn.Module):  # the ReLU output also feeds a skip: the pool cannot own it
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.c(x))
+        return (F.max_pool2d(h, 2) + F.avg_pool2d(h, 2)).flatten(1)
+
+
+def _built(module, x):
+    with torch.no_grad():
+        module(x)  # materialise lazy layers
+    return module.double().eval()
+
+
+def test_fused_rule_is_chosen_only_where_windows_are_disjoint():
+    x2, x3 = torch.randn(2, 2, 8, 8, dtype=D), torch.randn(2, 2, 8, 8, 8, dtype=D)
+    assert pool_rules(_built(_Pools(nn.MaxPool2d(2)).double(), x2), x2) == ["ReluMaxPool"] * 2
+    assert pool_rules(_built(_Pools(nn.MaxPool2d(2, stride=3)).double(), x2), x2) == ["ReluMaxPool"] * 2
+    assert pool_rules(_built(_Pools(nn.MaxPool3d(2), nd=3).double(), x3), x3) == ["ReluMaxPool"] * 2
+    # overlapping windows (ResNet stem), dilated windows that interleave, a shared ReLU output
+    assert pool_rules(_built(_Pools(nn.MaxPool2d(3, 2, 1)).double(), x2), x2) == ["CrossMax"] * 2
+    assert pool_rules(_built(_Pools(nn.MaxPool2d(2, 2, dilation=2)).double(), x2), x2) == ["CrossMax"] * 2
+    assert pool_rules(_ReluTwice().double().eval(), x2) == ["CrossMax"]
+    # a max pool after another activation keeps the cross-max rule
+    m = nn.Sequential(nn.Conv2d(2, 2, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten()).double().eval()
+    assert pool_rules(m, x2) == ["CrossMax"]
+
+
+def _edge_baselines(x, gen):
+    """Baselines that hit every branch: random, zero, equal to x, equal to x on half the image, x shifted."""
+    b = torch.randn(x.shape, generator=gen, dtype=x.dtype) * 0.5
+    half = x.clone()
+    half[..., : x.shape[-1] // 2] = b[..., : x.shape[-1] // 2]
+    return [b, torch.zeros_like(x), x.clone(), half, x + 1.0, x.round()]
+
+
+@pytest.mark.parametrize(
+    "pool, nd",
+    [(nn.MaxPool2d(2), 2), (nn.MaxPool2d(2, stride=3), 2), (nn.MaxPool2d(2, padding=1), 2),
+     (nn.MaxPool2d(3, ceil_mode=True), 2), (nn.MaxPool3d(2), 3)],
+)
+def test_fused_rule_equals_crossmax_then_rescale_on_edge_cases(pool, nd):
+    torch.manual_seed(12)
+    shape = (3, 2, 8, 8) if nd == 2 else (2, 2, 6, 6, 6)
+    x = torch.randn(shape, dtype=D)
+    x[0] = x[0].round()  # ties inside windows
+    x[1, :, :2] = -5.0  # dead ReLUs: whole windows at zero
+    m = _built(_Pools(pool, nd).double(), x)
+    f, p = ax.functionalize(m)
+    gen = torch.Generator().manual_seed(0)
+    for b in _edge_baselines(x, gen):
+        for mbi in (False, True):
+            ours = ax.deeplift(f, p, x, 1, baseline=b, multiply_by_inputs=mbi)
+            ref = unfused(ax.deeplift, f, p, x, 1, baseline=b, multiply_by_inputs=mbi)
+            torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-14)
+        delta = ax.metrics.completeness_delta(f, p, x, 1, ours, baseline=b)  # ours: attributions
+        assert delta.abs().max() < 1e-12
+    # x == x': the multipliers are the gradient
+    grad = torch.func.grad(lambda xx: f(p, xx)[:, 2].sum())(x)
+    torch.testing.assert_close(ax.deeplift(f, p, x, 2, baseline=x, multiply_by_inputs=False), grad)
+
+
+@settings(max_examples=30)
+@given(case=st.one_of(relu_cnns(pools=("max",), batchnorm=True), resnets(activations=("relu",), pools=("max",))))
+def test_fused_rule_equals_crossmax_then_rescale_on_random_networks(case):
+    for b in (case.baseline, torch.zeros_like(case.x), case.x.round()):
+        ours = ax.deeplift(case.model_fn, case.params, case.x, case.target, baseline=b)
+        ref = unfused(ax.deeplift, case.model_fn, case.params, case.x, case.target, baseline=b)
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+        check_completeness(case, ours, baseline=b, rtol=1e-5, atol=1e-5)
+    bl = torch.stack([case.baseline[0], torch.zeros_like(case.x[0]), case.x[0]])
+    torch.testing.assert_close(
+        ax.deeplift_shap(case.model_fn, case.params, case.x, case.target, bl, chunk_size=2),
+        unfused(ax.deeplift_shap, case.model_fn, case.params, case.x, case.target, bl), rtol=1e-10, atol=1e-12,
+    )
+
+
+def test_fused_rule_composes_with_vmap_grad_and_shap_chunks():
+    torch.manual_seed(13)
+    m = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(inplace=True),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 3),
+    ).double().eval()
+    assert pool_rules(m, torch.zeros(1, 1, 8, 8, dtype=D)) == ["ReluMaxPool"] * 2
+    f, p = ax.functionalize(m)
+    x, b = torch.randn(3, 1, 8, 8, dtype=D), torch.randn(3, 1, 8, 8, dtype=D) * 0.3
+    ts = torch.tensor([[0, 1, 2], [2, 2, 1]])
+    vm = torch.func.vmap(lambda t: ax.deeplift(f, p, x, t, baseline=b))(ts)
+    torch.testing.assert_close(vm, torch.stack([ax.deeplift(f, p, x, t, baseline=b) for t in ts]), rtol=1e-12, atol=1e-13)
+    bs = torch.randn(4, 3, 1, 8, 8, dtype=D)
+    vm = torch.func.vmap(lambda bb: ax.deeplift(f, p, x, 1, baseline=bb))(bs)
+    torch.testing.assert_close(vm, torch.stack([ax.deeplift(f, p, x, 1, baseline=bb) for bb in bs]), rtol=1e-12, atol=1e-13)
+    bl = torch.randn(5, 1, 8, 8, dtype=D)
+    mean = torch.stack([ax.deeplift(f, p, x, 1, baseline=bb.expand_as(x)) for bb in bl]).mean(0)
+    for cs in (1, 3, None):
+        torch.testing.assert_close(ax.deeplift_shap(f, p, x, 1, bl, chunk_size=cs), mean, rtol=1e-12, atol=1e-13)
+
+    weights = dict(m.named_parameters())
+
+    def loss(w):
+        return (ax.deeplift(f, {**p, **w}, x, 1, baseline=b) ** 2).sum()
+
+    grads = torch.func.grad(loss)(weights)
+    eps = 1e-6
+    gen = torch.Generator().manual_seed(1)
+    for name, w in weights.items():
+        for _ in range(3):
+            idx = tuple(int(torch.randint(s, (1,), generator=gen)) for s in w.shape)
+            plus = {k: v.detach().clone() for k, v in weights.items()}
+            minus = {k: v.detach().clone() for k, v in weights.items()}
+            plus[name][idx] += eps
+            minus[name][idx] -= eps
+            with torch.no_grad():
+                fd = float((loss(plus) - loss(minus)) / (2 * eps))
+            got = float(grads[name][idx].detach())
+            assert abs(got - fd) <= 1e-6 + 1e-5 * abs(fd), (name, idx, got, fd)
+    # plain autograd (value_and_attribution keeps history) gives the same gradient
+    out, attr = ax.value_and_attribution(ax.deeplift, f, {**p, **weights}, x, 1)
+    assert attr.requires_grad

@@ -30,11 +30,13 @@ from .rules import (
     DeconvReLU,
     Gradient,
     GuidedReLU,
+    ReluMaxPool,
     Rescale,
     SoftmaxRescale,
     is_elementwise,
     is_linear,
     n_dep,
+    non_overlapping_relu_pool,
     selected_by_input,
 )
 from .targets import ResolvedTarget, prepare_call, repeat_target, select
@@ -42,7 +44,7 @@ from .targets import ResolvedTarget, prepare_call, repeat_target, select
 __all__ = ["deconvnet", "deeplift", "deeplift_shap", "guided_backprop"]
 
 _GRADIENT, _RESCALE, _CROSSMAX, _SOFTMAX, _BILINEAR = Gradient(), Rescale(), CrossMax(), SoftmaxRescale(), Bilinear()
-_GUIDED, _DECONV = GuidedReLU(), DeconvReLU()
+_GUIDED, _DECONV, _RELU_MAXPOOL = GuidedReLU(), DeconvReLU(), ReluMaxPool()
 
 
 def deeplift_rule(program: Program, node: Node) -> Any:
@@ -54,7 +56,7 @@ def deeplift_rule(program: Program, node: Node) -> Any:
     if is_elementwise(node):
         return _RESCALE
     if node.packet in MAXPOOL and n_dep(node) == 1:
-        return _CROSSMAX
+        return _RELU_MAXPOOL if non_overlapping_relu_pool(program, node) else _CROSSMAX
     if node.packet in SOFTMAX and n_dep(node) == 1:
         return _SOFTMAX
     if node.packet in BILINEAR and n_dep(node) == 2:

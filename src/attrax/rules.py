@@ -20,7 +20,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .rewrite import Node, Program, Site, Streams, call_args, exact_vjp, generic_vjp, pool_params, reverse, run_node, unpool
+from .rewrite import (Node, Program, Site, Streams, call_args, decode, exact_vjp, generic_vjp, pool_params, reverse,
+                      run_node, unpool)
 
 __all__ = [
     "Bilinear",
@@ -28,6 +29,7 @@ __all__ = [
     "DeconvReLU",
     "Gradient",
     "GuidedReLU",
+    "ReluMaxPool",
     "Rescale",
     "Rule",
     "SoftmaxRescale",
@@ -41,6 +43,23 @@ class Rule(Protocol):
 def tolerance(t: Tensor) -> float:
     """Below this |x - x'| a secant slope is replaced by the derivative at the midpoint."""
     return torch.finfo(t.dtype).eps ** 0.75 if t.is_floating_point() else 0.0
+
+
+# Masks as float arithmetic: bool tensors (comparisons, where, masked_fill) cost 5-15x a float op on
+# the CPU builds measured (benchmarks/bench_rules.py); these are exact 0/1 values with zero derivative.
+def is_zero(t: Tensor) -> Tensor:
+    """1.0 where ``t == 0``, else 0.0."""
+    return 1 - t.sign().abs()
+
+
+def is_nonzero(t: Tensor) -> Tensor:
+    """1.0 where ``t != 0``, else 0.0."""
+    return t.sign().abs()
+
+
+def is_positive(t: Tensor) -> Tensor:
+    """1.0 where ``t > 0``, else 0.0."""
+    return t.sign().clamp(min=0)
 
 
 def safe_divide(num: Tensor, den: Tensor, small: Tensor, fallback: Tensor) -> Tensor:
@@ -81,10 +100,10 @@ class Rescale:
         dx = x - r
         if node.packet == "relu":
             # relu's secant has no cancellation (dy == dx exactly where both are active), so only
-            # dx == 0 needs the fallback, and there dy == 0 too.
-            zero = dx == 0
-            m = torch.where(zero, (x > 0).to(x.dtype), dy / torch.where(zero, 1.0, dx))
-            return {node.args[0][1]: g * m}
+            # dx == 0 needs the fallback, relu'(x); there dy == 0 too, so m = (dy + [dx=0] relu'(x)) /
+            # (dx + [dx=0]): the secant, or the derivative where the input did not move.
+            still = is_zero(dx)
+            return {node.args[0][1]: g * (torch.addcmul(dy, still, is_positive(x)) / (dx + still))}
         small = dx.abs() <= tolerance(dx) * (1 + x.abs())
         if node.packet in ("leaky_relu", "hardtanh", "relu6", "threshold", "clamp", "clamp_min", "clamp_max"):
             fallback = _derivative(site, x)  # piecewise linear: derivative at x is the limit
@@ -150,6 +169,84 @@ def _cross_max(x: Tensor, r: Tensor, g: Tensor, params: tuple[Any, ...], nd: int
     # a receiving position has |dx| >= |dy| (see above), so the ratio is bounded: only dx == 0 needs a guard
     zero = dx == 0
     return safe_divide(to_x + to_r, dx, zero, unpool(g, x, params, ix, nd))
+
+
+@dataclass(frozen=True)
+class ReluMaxPool:
+    r"""DeepLift for ``max_pool(relu(z))`` with non-overlapping windows, as one rule at the pool.
+
+    The same values as :class:`CrossMax` at the pool followed by :class:`Rescale` at the ReLU,
+    computed at the pooled resolution. In each window the cross-max rule sends
+    :math:`\Delta y` to at most two positions (the argmax of either stream), and there the
+    two multipliers telescope, :math:`\frac{\Delta y}{\Delta a}\frac{\Delta a}{\Delta z} =
+    \frac{\Delta y}{\Delta z}`; every other position of the ReLU's input gets zero. So the
+    pre-activations are gathered at the argmax positions, the multipliers formed on tensors
+    of the pooled size, and one scatter writes the cotangent of :math:`z`: no full-size
+    difference, ratio or unpooling of the activation map is built. Chosen by the rewrite
+    pass only where the ReLU's sole consumer is a 2-d/3-d max pool whose windows do not
+    overlap (stride ≥ dilated kernel), so each input position belongs to one window.
+    """
+
+    def backward(self, site: Site, g: Tensor) -> dict[int, Any]:
+        node, s = site.node, site.streams
+        assert s.ref is not None
+        relu = s.program.nodes[node.args[0][1]]
+        zi = relu.args[0][1]
+        zx, zr = s.x[zi], s.ref[zi]
+        yx, yr = site.out("x"), site.out("ref")
+        ix, ir = s.aux_x.get(node.index), s.aux_ref.get(node.index)
+        if ix is None or ir is None:
+            nd = 2 if node.packet == "max_pool2d" else 3
+            pool = torch.ops.aten.max_pool2d_with_indices if nd == 2 else torch.ops.aten.max_pool3d_with_indices
+            params = pool_params(site.args("x"), nd)
+            (yx, ix), (yr, ir) = pool(s.x[relu.index], *params), pool(s.ref[relu.index], *params)
+        # Only two gathers: z at the argmax of its own stream is the pooled value wherever it matters
+        # (y > 0 means z = y there; y == 0 leaves nothing to send from that stream, see below).
+        ixf, irf = ix.flatten(2), ir.flatten(2)
+        zr_ix, zx_ir = torch.gather(zr.flatten(2), 2, ixf), torch.gather(zx.flatten(2), 2, irf)
+        g, yx, yr = g.flatten(2), yx.flatten(2), yr.flatten(2)
+        # The window's dy = yx - yr goes to argmax x when positive (to_x), to argmax x' when negative
+        # (to_r). to_x != 0 means yx > yr >= relu(zr_ix), so z moved there and dz = yx - zr_ix > 0;
+        # likewise to_r != 0 means dz_r = zx_ir - yr < 0. So the multiplier is dy/dz wherever dy is
+        # sent; the denominators are only guarded where nothing is sent. Where z did not move at argmax
+        # x (dz == 0) the ReLU's own limit, relu'(x), passes g. Where both argmaxes are one position
+        # the two terms add up to dy/dz there. yx == 0 makes to_x and relu'(x) zero, and yr == 0
+        # makes to_r zero, so z at the argmax of its own stream can be read off the pooled value.
+        dy = yx - yr
+        to_x = g * torch.relu(dy)
+        to_r = g * dy - to_x
+        dz = yx - zr_ix
+        still = is_zero(dz)
+        at_x = torch.addcmul(to_x, still * is_positive(yx), g) / (dz + still)
+        dz_r = zx_ir - yr
+        at_r = to_r / (dz_r + is_zero(dz_r))
+        # zeros made from at_x (batched under vmap whenever anything it holds is), filled in place:
+        # one write of the full-size map instead of a copy per out-of-place scatter
+        out = at_x.new_zeros(zr.flatten(2).shape)
+        out.scatter_add_(2, ixf, at_x)
+        out.scatter_add_(2, irf, at_r)
+        return {zi: out.reshape(s.ref[zi].shape)}
+
+
+def non_overlapping_relu_pool(program: Program, node: Node) -> bool:
+    """``node`` is ``max_pool{2,3}d(relu(z))`` with disjoint windows and that ReLU used nowhere else."""
+    if node.target not in ("aten.max_pool2d.default", "aten.max_pool3d.default") or node.kwargs:
+        return False
+    src = node.args[0] if node.args else None
+    if not (isinstance(src, tuple) and src[0] == "n"):
+        return False
+    relu = program.nodes[src[1]]
+    if relu.op != "call" or relu.packet != "relu" or not is_elementwise(relu) or program.output == relu.index:
+        return False
+    if any(relu.index in n.refs for n in program.nodes if n.index != node.index):
+        return False
+    try:
+        params = [decode(a, (), None, program.constants) for a in node.args[1:]]
+    except (IndexError, TypeError):
+        return False
+    nd = 2 if node.packet == "max_pool2d" else 3
+    k, stride, _, dilation, _ = pool_params([None, *params], nd)
+    return all(st >= d * (kk - 1) + 1 for kk, st, d in zip(k, stride, dilation))
 
 
 @dataclass(frozen=True)
@@ -333,7 +430,7 @@ __all__ += ["AlphaBeta", "Epsilon", "Flat", "Gamma", "Norm", "Pass", "WSquare", 
 #: Built-in rule classes. Under torch.compile rules are dispatched through this tuple: a plan made at
 #: trace time holds rule objects that dynamo cannot guard on, and ``Class.backward(rule, ...)``
 #: through a module-level class is what it can trace. (Subclasses are dispatched to their base class there.)
-RULE_CLASSES = (Gradient, Rescale, CrossMax, SoftmaxRescale, Bilinear, GuidedReLU, DeconvReLU, Epsilon, Gamma, ZPlus,
+RULE_CLASSES = (Gradient, Rescale, CrossMax, ReluMaxPool, SoftmaxRescale, Bilinear, GuidedReLU, DeconvReLU, Epsilon, Gamma, ZPlus,
                 AlphaBeta, Flat, WSquare, ZBox, Pass, Norm)
 
 
