@@ -83,6 +83,21 @@ def timeit(fns: dict[str, Callable[[], Any]], device: torch.device, rounds: int 
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def paired_ratios(base: Callable[[], Any], fns: dict[str, Callable[[], Any]], device: torch.device, rounds: int = 15,
+                  warmup: int = 2) -> dict[str, float]:
+    """Each function's median time over the base's, the two timed interleaved with nothing else.
+
+    Timing a heavy peer in the same rounds changes the allocator state the others see: measured on
+    the 2-core CPU, Captum's DeepLiftShap (400 MB peak) made the 11 ms base 30 % slower, which
+    flattered every ratio measured beside it. So each function gets its own rounds with the base.
+    """
+    out = {}
+    for name, fn in fns.items():
+        times = timeit({"base": base, name: fn}, device, rounds=rounds, warmup=warmup)
+        out[name] = times[name] / times["base"]
+    return out
+
+
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
     """Peak bytes of live tensors allocated during one call of ``fn`` (above what was live before)."""
     if device.type == "cuda":

@@ -41,8 +41,8 @@ def rules() -> list[str]:
     d = _load("rules-cpu")
     if not d:
         return []
-    lines = [f"**Rule methods** vs Captum ({_machine(d)}); ratio to one forward + input-gradient pass; completeness gap "
-             "= max |Σattr − Δf| / max(1, |Δf|):", "",
+    lines = [f"**Rule methods** vs Captum ({_machine(d)}); ratio to one forward + input-gradient pass, each timed "
+             "interleaved with that pass alone; completeness gap = max |Σattr − Δf| / max(1, |Δf|):", "",
              "| model | method | attrax | Captum | completeness attrax / Captum | peak MB attrax / Captum |", "|---|---|---:|---:|---:|---:|"]
     for model, r in d["models"].items():
         for name, v in r["methods"].items():
@@ -51,7 +51,14 @@ def rules() -> list[str]:
             if "completeness_attrax" in v:
                 comp = f"{v['completeness_attrax']:.1e} / " + (f"{v['completeness_captum']:.1e}" if "completeness_captum" in v else "—")
             mem = f"{v['peak_mb_attrax']:.0f} / " + (f"{v['peak_mb_captum']:.0f}" if "peak_mb_captum" in v else "—")
-            lines.append(f"| {model} {tuple(r['input_shape'])} | {name} | {v['attrax_x_fwd_bwd']:.2f}× | {cap} | {comp} | {mem} |")
+            label = f"{name} (chunk {v['chunk_size']})" if "chunk_size" in v else name
+            lines.append(f"| {model} {tuple(r['input_shape'])} | {label} | {v['attrax_x_fwd_bwd']:.2f}× | {cap} | {comp} | {mem} |")
+    sweeps = [(model, v["chunk_sweep"]) for model, r in d["models"].items() for v in r["methods"].values() if "chunk_sweep" in v]
+    if sweeps:
+        lines += ["", "DeepLiftShap `chunk_size` (baselines per vectorised chunk) bounds memory; time ratio / peak MB:", ""]
+        for model, sw in sweeps:
+            cells = ", ".join(f"{c}: {e['x_fwd_bwd']:.1f}× / {e['peak_mb']:.0f} MB" for c, e in sw.items())
+            lines.append(f"* {model}: {cells}")
     return lines + [""]
 
 

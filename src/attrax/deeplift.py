@@ -73,9 +73,24 @@ def _deconv_rule(program: Program, node: Node) -> Any:
 
 
 def seed(out: Tensor, target: ResolvedTarget) -> Tensor:
-    """The cotangent on the model output that selects the target (exact for linear selections)."""
-    selected, pullback = torch.func.vjp(lambda o: select(o, target), out)
-    return pullback(torch.ones_like(selected))[0]
+    """The cotangent on the model output that selects the target (exact for linear selections).
+
+    Index targets give the one-hot cotangent directly (a vjp through the selection costs more
+    than a small model's rule pass); a callable target is differentiated at ``out``.
+    """
+    if target.kind == "callable":
+        selected, pullback = torch.func.vjp(lambda o: select(o, target), out)
+        return pullback(torch.ones_like(selected))[0]
+    select(out, target)  # validates the target against the output's shape
+    if target.kind == "none":
+        return torch.ones_like(out)
+    if target.kind == "tensor":
+        idx = target.value.to(out.device).expand(out.shape[0]).unsqueeze(1)
+        return torch.zeros_like(out).scatter(1, idx, 1.0)
+    index = (slice(None), target.value) if target.kind == "int" else (slice(None), *target.value)
+    g = torch.zeros_like(out)
+    g[index] = 1
+    return g
 
 
 def deeplift(
