@@ -394,8 +394,8 @@ _dl = importlib.import_module("attrax.deeplift")
 
 
 def unfused(method, *args, **kwargs):
-    """``method`` with the pool's cross-max rule and the ReLU's rescale rule applied one after the other."""
-    with mock.patch.object(_dl, "non_overlapping_relu_pool", lambda *a: False):
+    """``method`` with the full-size cross-max rule at every max pool (then the ReLU's rescale rule)."""
+    with mock.patch.object(_dl, "disjoint_max_pool", lambda *a: False):
         return method(*args, **kwargs)
 
 
@@ -407,16 +407,17 @@ def pool_rules(module, x):
 
 
 class _Pools(nn.Module):
-    def __init__(self, pool, nd=2):
+    def __init__(self, pool, nd=2, act="relu"):
         super().__init__()
         conv = nn.Conv2d if nd == 2 else nn.Conv3d
         self.c1, self.c2 = conv(2, 3, 3, padding=1), conv(3, 3, 3, padding=1)
         self.pool = pool
         self.fc = nn.LazyLinear(3)
+        self.act = {"relu": (F.relu, torch.relu), "tanh": (torch.tanh, torch.tanh), "elu": (F.elu, F.elu)}[act]
 
     def forward(self, x):
-        h = self.pool(F.relu(self.c1(x)))
-        return self.fc(self.pool(torch.relu(self.c2(h))).flatten(1))
+        h = self.pool(self.act[0](self.c1(x)))
+        return self.fc(self.pool(self.act[1](self.c2(h))).flatten(1))
 
 
 class _ReluTwice(nn.Module):  # the ReLU output also feeds a skip: the pool cannot own it
@@ -443,10 +444,10 @@ def test_fused_rule_is_chosen_only_where_windows_are_disjoint():
     # overlapping windows (ResNet stem), dilated windows that interleave, a shared ReLU output
     assert pool_rules(_built(_Pools(nn.MaxPool2d(3, 2, 1)).double(), x2), x2) == ["CrossMax"] * 2
     assert pool_rules(_built(_Pools(nn.MaxPool2d(2, 2, dilation=2)).double(), x2), x2) == ["CrossMax"] * 2
-    assert pool_rules(_ReluTwice().double().eval(), x2) == ["CrossMax"]
-    # a max pool after another activation keeps the cross-max rule
+    assert pool_rules(_ReluTwice().double().eval(), x2) == ["DisjointCrossMax"]
+    # a disjoint max pool after another activation: cross-max at the pooled resolution
     m = nn.Sequential(nn.Conv2d(2, 2, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten()).double().eval()
-    assert pool_rules(m, x2) == ["CrossMax"]
+    assert pool_rules(m, x2) == ["DisjointCrossMax"]
 
 
 def _edge_baselines(x, gen):
@@ -457,18 +458,20 @@ def _edge_baselines(x, gen):
     return [b, torch.zeros_like(x), x.clone(), half, x + 1.0, x.round()]
 
 
+@pytest.mark.parametrize("act", ["relu", "tanh", "elu"])
 @pytest.mark.parametrize(
     "pool, nd",
     [(nn.MaxPool2d(2), 2), (nn.MaxPool2d(2, stride=3), 2), (nn.MaxPool2d(2, padding=1), 2),
      (nn.MaxPool2d(3, ceil_mode=True), 2), (nn.MaxPool3d(2), 3)],
 )
-def test_fused_rule_equals_crossmax_then_rescale_on_edge_cases(pool, nd):
+def test_pooled_resolution_rules_equal_crossmax_then_rescale_on_edge_cases(pool, nd, act):
     torch.manual_seed(12)
     shape = (3, 2, 8, 8) if nd == 2 else (2, 2, 6, 6, 6)
     x = torch.randn(shape, dtype=D)
     x[0] = x[0].round()  # ties inside windows
     x[1, :, :2] = -5.0  # dead ReLUs: whole windows at zero
-    m = _built(_Pools(pool, nd).double(), x)
+    m = _built(_Pools(pool, nd, act).double(), x)
+    assert pool_rules(m, x) == ["ReluMaxPool" if act == "relu" else "DisjointCrossMax"] * 2
     f, p = ax.functionalize(m)
     gen = torch.Generator().manual_seed(0)
     for b in _edge_baselines(x, gen):
@@ -484,8 +487,9 @@ def test_fused_rule_equals_crossmax_then_rescale_on_edge_cases(pool, nd):
 
 
 @settings(max_examples=30)
-@given(case=st.one_of(relu_cnns(pools=("max",), batchnorm=True), resnets(activations=("relu",), pools=("max",))))
-def test_fused_rule_equals_crossmax_then_rescale_on_random_networks(case):
+@given(case=st.one_of(relu_cnns(pools=("max",), batchnorm=True), resnets(activations=("relu",), pools=("max",)),
+                      cnns(activations=ACTS, pools=("max",))))
+def test_pooled_resolution_rules_equal_crossmax_then_rescale_on_random_networks(case):
     for b in (case.baseline, torch.zeros_like(case.x), case.x.round()):
         ours = ax.deeplift(case.model_fn, case.params, case.x, case.target, baseline=b)
         ref = unfused(ax.deeplift, case.model_fn, case.params, case.x, case.target, baseline=b)

@@ -28,15 +28,17 @@ from .rules import (
     Bilinear,
     CrossMax,
     DeconvReLU,
+    DisjointCrossMax,
     Gradient,
     GuidedReLU,
     ReluMaxPool,
     Rescale,
     SoftmaxRescale,
     is_elementwise,
+    disjoint_max_pool,
+    exclusive_relu_input,
     is_linear,
     n_dep,
-    non_overlapping_relu_pool,
     selected_by_input,
 )
 from .targets import ResolvedTarget, prepare_call, repeat_target, select
@@ -44,7 +46,7 @@ from .targets import ResolvedTarget, prepare_call, repeat_target, select
 __all__ = ["deconvnet", "deeplift", "deeplift_shap", "guided_backprop"]
 
 _GRADIENT, _RESCALE, _CROSSMAX, _SOFTMAX, _BILINEAR = Gradient(), Rescale(), CrossMax(), SoftmaxRescale(), Bilinear()
-_GUIDED, _DECONV, _RELU_MAXPOOL = GuidedReLU(), DeconvReLU(), ReluMaxPool()
+_GUIDED, _DECONV, _RELU_MAXPOOL, _DISJOINT_CROSSMAX = GuidedReLU(), DeconvReLU(), ReluMaxPool(), DisjointCrossMax()
 
 
 def deeplift_rule(program: Program, node: Node) -> Any:
@@ -56,7 +58,9 @@ def deeplift_rule(program: Program, node: Node) -> Any:
     if is_elementwise(node):
         return _RESCALE
     if node.packet in MAXPOOL and n_dep(node) == 1:
-        return _RELU_MAXPOOL if non_overlapping_relu_pool(program, node) else _CROSSMAX
+        if not disjoint_max_pool(program, node):
+            return _CROSSMAX
+        return _RELU_MAXPOOL if exclusive_relu_input(program, node) else _DISJOINT_CROSSMAX
     if node.packet in SOFTMAX and n_dep(node) == 1:
         return _SOFTMAX
     if node.packet in BILINEAR and n_dep(node) == 2:

@@ -27,6 +27,7 @@ __all__ = [
     "Bilinear",
     "CrossMax",
     "DeconvReLU",
+    "DisjointCrossMax",
     "Gradient",
     "GuidedReLU",
     "ReluMaxPool",
@@ -41,7 +42,7 @@ class Rule(Protocol):
 
 
 def tolerance(t: Tensor) -> float:
-    """Below this |x - x'| a secant slope is replaced by the derivative at the midpoint."""
+    """Below this |x - x'| (relative to 1 + |x|) a secant slope is replaced by the derivative at x."""
     return torch.finfo(t.dtype).eps ** 0.75 if t.is_floating_point() else 0.0
 
 
@@ -57,18 +58,24 @@ def is_nonzero(t: Tensor) -> Tensor:
     return t.sign().abs()
 
 
+def is_nonnegative(t: Tensor) -> Tensor:
+    """1.0 where ``t >= 0``, else 0.0."""
+    return (t.sign() + 1).clamp(max=1)
+
+
 def is_positive(t: Tensor) -> Tensor:
     """1.0 where ``t > 0``, else 0.0."""
     return t.sign().clamp(min=0)
 
 
 def safe_divide(num: Tensor, den: Tensor, small: Tensor, fallback: Tensor) -> Tensor:
-    """``num / den`` where ``small`` is False, ``fallback`` elsewhere; NaN-free at any order.
+    """``num / den`` where the float mask ``small`` is 0, ``fallback`` where it is 1; NaN-free at any order.
 
-    The denominator is replaced before dividing (the double-``where`` guard), so no
-    inf/NaN reaches a gradient through the unused branch.
+    The denominator is replaced by 1 before dividing (the double-``where`` guard, in float
+    arithmetic), so no inf/NaN reaches a gradient through the unused branch; ``lerp`` with a
+    0/1 weight returns either end exactly.
     """
-    return torch.where(small, fallback, num / torch.where(small, 1.0, den))
+    return torch.lerp(num / torch.addcmul(den, small, 1 - den), fallback, small)
 
 
 # ------------------------------------------------------------------------ rules
@@ -89,7 +96,8 @@ class Rescale:
 
     Multiplier :math:`m = (f(x) - f(x')) / (x - x')`, the secant slope, so that
     :math:`m \Delta x = \Delta y` exactly; where :math:`|x - x'|` is below
-    ``tolerance`` the derivative at the midpoint :math:`f'((x + x')/2)` is used.
+    ``tolerance`` (relative :math:`\epsilon^{3/4}`) the derivative :math:`f'(x)`, the
+    secant's limit, is used (as Captum's fallback to the gradient).
     Shrikumar, Greenside, Kundaje (2017), Eq. (rescale rule), arXiv:1704.02685.
     """
 
@@ -104,13 +112,11 @@ class Rescale:
             # (dx + [dx=0]): the secant, or the derivative where the input did not move.
             still = is_zero(dx)
             return {node.args[0][1]: g * (torch.addcmul(dy, still, is_positive(x)) / (dx + still))}
-        small = dx.abs() <= tolerance(dx) * (1 + x.abs())
-        if node.packet in ("leaky_relu", "hardtanh", "relu6", "threshold", "clamp", "clamp_min", "clamp_max"):
-            fallback = _derivative(site, x)  # piecewise linear: derivative at x is the limit
-        else:
-            fallback = _derivative(site, (x + r) / 2)
-        m = safe_divide(dy, dx, small, fallback)
-        return {node.args[0][1]: g * m}
+        small = is_nonnegative(tolerance(dx) * (1 + x.abs()) - dx.abs())
+        # f'(x) differs from the secant by O(f'' dx) there, and it is a function of the input stream
+        # alone: DeepLiftShap computes it once for all baselines instead of f at every midpoint
+        fallback = _derivative(site, x)
+        return {node.args[0][1]: g * safe_divide(dy, dx, small, fallback)}
 
 
 def _derivative(site: Site, at: Tensor) -> Tensor:
@@ -167,8 +173,27 @@ def _cross_max(x: Tensor, r: Tensor, g: Tensor, params: tuple[Any, ...], nd: int
     to_r = unpool(g * (yx - top), r, params, ir, nd)  # dy when max x <  max x', at argmax x'
     dx = x - r
     # a receiving position has |dx| >= |dy| (see above), so the ratio is bounded: only dx == 0 needs a guard
-    zero = dx == 0
-    return safe_divide(to_x + to_r, dx, zero, unpool(g, x, params, ix, nd))
+    return safe_divide(to_x + to_r, dx, is_zero(dx), unpool(g, x, params, ix, nd))
+
+
+@dataclass(frozen=True)
+class DisjointCrossMax:
+    r""":class:`CrossMax` for pools whose windows do not overlap, computed at the pooled resolution.
+
+    Each input position belongs to one window, and a window sends :math:`\Delta y` to at most
+    two positions (the argmax of either stream), so the multipliers are formed on tensors of
+    the pooled size from the inputs gathered at those positions, and one scatter writes the
+    cotangent: no full-size difference, ratio or unpooling. The same values as
+    :class:`CrossMax` to rounding; chosen by the rewrite pass from the pool's static
+    arguments (stride ≥ dilated kernel).
+    """
+
+    def backward(self, site: Site, g: Tensor) -> dict[int, Any]:
+        node, s = site.node, site.streams
+        assert s.ref is not None
+        a = node.args[0][1]
+        ix, ir = _pool_indices(site)
+        return {a: _disjoint_windows(g, site.out("x"), site.out("ref"), ix, ir, s.x[a], s.ref[a], relu=False)}
 
 
 @dataclass(frozen=True)
@@ -176,69 +201,75 @@ class ReluMaxPool:
     r"""DeepLift for ``max_pool(relu(z))`` with non-overlapping windows, as one rule at the pool.
 
     The same values as :class:`CrossMax` at the pool followed by :class:`Rescale` at the ReLU,
-    computed at the pooled resolution. In each window the cross-max rule sends
-    :math:`\Delta y` to at most two positions (the argmax of either stream), and there the
-    two multipliers telescope, :math:`\frac{\Delta y}{\Delta a}\frac{\Delta a}{\Delta z} =
-    \frac{\Delta y}{\Delta z}`; every other position of the ReLU's input gets zero. So the
-    pre-activations are gathered at the argmax positions, the multipliers formed on tensors
-    of the pooled size, and one scatter writes the cotangent of :math:`z`: no full-size
-    difference, ratio or unpooling of the activation map is built. Chosen by the rewrite
-    pass only where the ReLU's sole consumer is a 2-d/3-d max pool whose windows do not
-    overlap (stride ≥ dilated kernel), so each input position belongs to one window.
+    computed at the pooled resolution like :class:`DisjointCrossMax`: at the (at most two)
+    positions per window that receive :math:`\Delta y` the two multipliers telescope,
+    :math:`\frac{\Delta y}{\Delta a}\frac{\Delta a}{\Delta z} = \frac{\Delta y}{\Delta z}`, and
+    every other position of the ReLU's input gets zero. So one scatter writes the cotangent of
+    :math:`z` directly: not even the ReLU's full-size multiplier is built. Chosen by the rewrite
+    pass where the ReLU's sole consumer is a 2-d/3-d max pool with disjoint windows.
     """
 
     def backward(self, site: Site, g: Tensor) -> dict[int, Any]:
         node, s = site.node, site.streams
         assert s.ref is not None
-        relu = s.program.nodes[node.args[0][1]]
-        zi = relu.args[0][1]
-        zx, zr = s.x[zi], s.ref[zi]
-        yx, yr = site.out("x"), site.out("ref")
-        ix, ir = s.aux_x.get(node.index), s.aux_ref.get(node.index)
-        if ix is None or ir is None:
-            nd = 2 if node.packet == "max_pool2d" else 3
-            pool = torch.ops.aten.max_pool2d_with_indices if nd == 2 else torch.ops.aten.max_pool3d_with_indices
-            params = pool_params(site.args("x"), nd)
-            (yx, ix), (yr, ir) = pool(s.x[relu.index], *params), pool(s.ref[relu.index], *params)
-        # Only two gathers: z at the argmax of its own stream is the pooled value wherever it matters
-        # (y > 0 means z = y there; y == 0 leaves nothing to send from that stream, see below).
-        ixf, irf = ix.flatten(2), ir.flatten(2)
-        zr_ix, zx_ir = torch.gather(zr.flatten(2), 2, ixf), torch.gather(zx.flatten(2), 2, irf)
-        g, yx, yr = g.flatten(2), yx.flatten(2), yr.flatten(2)
-        # The window's dy = yx - yr goes to argmax x when positive (to_x), to argmax x' when negative
-        # (to_r). to_x != 0 means yx > yr >= relu(zr_ix), so z moved there and dz = yx - zr_ix > 0;
-        # likewise to_r != 0 means dz_r = zx_ir - yr < 0. So the multiplier is dy/dz wherever dy is
-        # sent; the denominators are only guarded where nothing is sent. Where z did not move at argmax
-        # x (dz == 0) the ReLU's own limit, relu'(x), passes g. Where both argmaxes are one position
-        # the two terms add up to dy/dz there. yx == 0 makes to_x and relu'(x) zero, and yr == 0
-        # makes to_r zero, so z at the argmax of its own stream can be read off the pooled value.
-        dy = yx - yr
-        to_x = g * torch.relu(dy)
-        to_r = g * dy - to_x
-        dz = yx - zr_ix
-        still = is_zero(dz)
-        at_x = torch.addcmul(to_x, still * is_positive(yx), g) / (dz + still)
-        dz_r = zx_ir - yr
-        at_r = to_r / (dz_r + is_zero(dz_r))
-        # zeros made from at_x (batched under vmap whenever anything it holds is), filled in place:
-        # one write of the full-size map instead of a copy per out-of-place scatter
-        out = at_x.new_zeros(zr.flatten(2).shape)
-        out.scatter_add_(2, ixf, at_x)
-        out.scatter_add_(2, irf, at_r)
-        return {zi: out.reshape(s.ref[zi].shape)}
+        zi = s.program.nodes[node.args[0][1]].args[0][1]
+        ix, ir = _pool_indices(site)
+        return {zi: _disjoint_windows(g, site.out("x"), site.out("ref"), ix, ir, s.x[zi], s.ref[zi], relu=True)}
 
 
-def non_overlapping_relu_pool(program: Program, node: Node) -> bool:
-    """``node`` is ``max_pool{2,3}d(relu(z))`` with disjoint windows and that ReLU used nowhere else."""
+def _pool_indices(site: Site) -> tuple[Tensor, Tensor]:
+    """Argmax indices of both streams at a 2-d/3-d max-pool node (recorded by the forward, else recomputed)."""
+    node, s = site.node, site.streams
+    ix, ir = s.aux_x.get(node.index), s.aux_ref.get(node.index)
+    if ix is None or ir is None:
+        nd = 2 if node.packet == "max_pool2d" else 3
+        pool = torch.ops.aten.max_pool2d_with_indices if nd == 2 else torch.ops.aten.max_pool3d_with_indices
+        args_x, args_r = site.args("x"), site.args("ref")
+        ix, ir = pool(args_x[0], *pool_params(args_x, nd))[1], pool(args_r[0], *pool_params(args_r, nd))[1]
+    return ix, ir
+
+
+def _disjoint_windows(g: Tensor, yx: Tensor, yr: Tensor, ix: Tensor, ir: Tensor, x: Tensor, r: Tensor,
+                      relu: bool) -> Tensor:
+    r"""The cross-max cotangent of a disjoint-window max pool, per window, scattered to ``x``'s shape.
+
+    ``x``/``r`` are the pool's input streams, or with ``relu`` the input streams of the ReLU in front
+    of it. The window's :math:`\Delta y = y_x - y_r` goes to argmax x when positive (``to_x``) and
+    to argmax x' when negative (``to_r``). ``to_x != 0`` means :math:`y_x > y_r \ge r` there, so
+    the input moved and :math:`d = y_x - r > 0`; likewise ``to_r != 0`` means
+    :math:`d_r = x - y_r < 0` at argmax x'. So the multiplier is :math:`\Delta y / d` wherever
+    :math:`\Delta y` is sent, and the denominators are only guarded where nothing is. Where the
+    input did not move at argmax x (:math:`d = 0`) the gradient passes: ``g``, times
+    relu'(x) for a ReLU. If both argmaxes are one position the two terms add up to
+    :math:`\Delta y / d` there. The input at the argmax of its own stream is the pooled value
+    (for a ReLU where it matters: :math:`y > 0` means :math:`z = y`, and :math:`y = 0` leaves
+    nothing to send from that stream), so only the cross values are gathered.
+    """
+    ixf, irf = ix.flatten(2), ir.flatten(2)
+    r_ix, x_ir = torch.gather(r.flatten(2), 2, ixf), torch.gather(x.flatten(2), 2, irf)
+    g, yx, yr = g.flatten(2), yx.flatten(2), yr.flatten(2)
+    dy = yx - yr
+    to_x = g * torch.relu(dy)
+    to_r = g * dy - to_x
+    d = yx - r_ix
+    still = is_zero(d)
+    at_x = torch.addcmul(to_x, still * is_positive(yx) if relu else still, g) / (d + still)
+    d_r = x_ir - yr
+    at_r = to_r / (d_r + is_zero(d_r))
+    # zeros made from at_x (batched under vmap whenever anything it holds is), filled in place:
+    # one write of the full-size map instead of a copy per out-of-place scatter
+    out = at_x.new_zeros(r.flatten(2).shape)
+    out.scatter_add_(2, ixf, at_x)
+    out.scatter_add_(2, irf, at_r)
+    return out.reshape(r.shape)
+
+
+def disjoint_max_pool(program: Program, node: Node) -> bool:
+    """``node`` is a 2-d/3-d max pool of a node whose windows do not overlap (stride ≥ dilated kernel)."""
     if node.target not in ("aten.max_pool2d.default", "aten.max_pool3d.default") or node.kwargs:
         return False
     src = node.args[0] if node.args else None
     if not (isinstance(src, tuple) and src[0] == "n"):
-        return False
-    relu = program.nodes[src[1]]
-    if relu.op != "call" or relu.packet != "relu" or not is_elementwise(relu) or program.output == relu.index:
-        return False
-    if any(relu.index in n.refs for n in program.nodes if n.index != node.index):
         return False
     try:
         params = [decode(a, (), None, program.constants) for a in node.args[1:]]
@@ -247,6 +278,17 @@ def non_overlapping_relu_pool(program: Program, node: Node) -> bool:
     nd = 2 if node.packet == "max_pool2d" else 3
     k, stride, _, dilation, _ = pool_params([None, *params], nd)
     return all(st >= d * (kk - 1) + 1 for kk, st, d in zip(k, stride, dilation))
+
+
+def exclusive_relu_input(program: Program, node: Node) -> bool:
+    """``node``'s first argument is a ReLU whose output nothing else uses."""
+    src = node.args[0] if node.args else None
+    if not (isinstance(src, tuple) and src[0] == "n"):
+        return False
+    relu = program.nodes[src[1]]
+    if relu.op != "call" or relu.packet != "relu" or not is_elementwise(relu) or program.output == relu.index:
+        return False
+    return not any(relu.index in n.refs for n in program.nodes if n.index != node.index)
 
 
 @dataclass(frozen=True)
@@ -269,7 +311,7 @@ class SoftmaxRescale:
         c = torch.maximum(x.amax(dim, keepdim=True), r.amax(dim, keepdim=True)).detach()
         ex, er = torch.exp(x - c), torch.exp(r - c)
         dx = x - r
-        small = dx.abs() <= tolerance(dx) * (1 + x.abs())
+        small = is_nonnegative(tolerance(dx) * (1 + x.abs()) - dx.abs())
         m_exp = safe_divide(ex - er, dx, small, torch.exp((x + r) / 2 - c))
         sx, sr = ex.sum(dim, keepdim=True), er.sum(dim, keepdim=True)
         if node.packet in ("softmax", "_softmax"):
@@ -278,7 +320,7 @@ class SoftmaxRescale:
             g_e = a * g - (g * b).sum(dim, keepdim=True)
             return {node.args[0][1]: m_exp * g_e}
         ds = sx - sr
-        small_s = ds.abs() <= tolerance(ds) * sx
+        small_s = is_nonnegative(tolerance(ds) * sx - ds.abs())
         m_log = safe_divide(torch.log(sx) - torch.log(sr), ds, small_s, 2 / (sx + sr))
         return {node.args[0][1]: g - g.sum(dim, keepdim=True) * m_log * m_exp}
 
@@ -430,7 +472,7 @@ __all__ += ["AlphaBeta", "Epsilon", "Flat", "Gamma", "Norm", "Pass", "WSquare", 
 #: Built-in rule classes. Under torch.compile rules are dispatched through this tuple: a plan made at
 #: trace time holds rule objects that dynamo cannot guard on, and ``Class.backward(rule, ...)``
 #: through a module-level class is what it can trace. (Subclasses are dispatched to their base class there.)
-RULE_CLASSES = (Gradient, Rescale, CrossMax, ReluMaxPool, SoftmaxRescale, Bilinear, GuidedReLU, DeconvReLU, Epsilon, Gamma, ZPlus,
+RULE_CLASSES = (Gradient, Rescale, CrossMax, DisjointCrossMax, ReluMaxPool, SoftmaxRescale, Bilinear, GuidedReLU, DeconvReLU, Epsilon, Gamma, ZPlus,
                 AlphaBeta, Flat, WSquare, ZBox, Pass, Norm)
 
 
