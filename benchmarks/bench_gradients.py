@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import attrax as ax  # noqa: E402
-from _common import forward_backward, peak_memory, quiet_captum, timeit, write  # noqa: E402
+from _common import forward_backward, paired_ratios, peak_memory, quiet_captum, timeit, write  # noqa: E402
 from _models import randomize_bn, resnet50_like, small_cnn, vgg16_like  # noqa: E402
 
 
@@ -62,11 +62,11 @@ def run_model(name, module, x, rounds):
     base = forward_backward(module, x, t)
     rows = {}
     for mname, (ours, theirs) in methods(module, x, t).items():
-        times = timeit({"base": base, "attrax": ours, "captum": theirs}, device, rounds=rounds)
+        ratios = paired_ratios(base, {"attrax": ours, "captum": theirs}, device, rounds=rounds)
         rows[mname] = {
-            "attrax_x_fwd_bwd": times["attrax"] / times["base"],
-            "captum_x_fwd_bwd": times["captum"] / times["base"],
-            "attrax_over_captum": times["attrax"] / times["captum"],
+            "attrax_x_fwd_bwd": ratios["attrax"],
+            "captum_x_fwd_bwd": ratios["captum"],
+            "attrax_over_captum": ratios["attrax"] / ratios["captum"],
             "peak_mb_attrax": peak_memory(ours, device) / 2**20,
             "peak_mb_captum": peak_memory(theirs, device) / 2**20,
             "peak_mb_fwd_bwd": peak_memory(base, device) / 2**20,

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import attrax as ax  # noqa: E402
-from _common import forward_backward, peak_memory, quiet_captum, timeit, write  # noqa: E402
+from _common import forward_backward, paired_ratios, peak_memory, quiet_captum, write  # noqa: E402
 from _models import randomize_bn, resnet50_like, vgg16_like  # noqa: E402
 
 
@@ -111,13 +111,13 @@ def run_model(name, arch, module, x, rounds):
         fns["captum"] = lambda: captum_lrp.attribute(x.detach().requires_grad_(), target=t)
     except Exception as e:
         row["captum_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-    times = timeit(fns, device, rounds=rounds)
-    row["attrax_x_fwd_bwd"] = times["attrax"] / times["base"]
+    times = paired_ratios(fns.pop("base"), fns, device, rounds=rounds)  # ratios to the base
+    row["attrax_x_fwd_bwd"] = times["attrax"]
     row["peak_mb_attrax"] = peak_memory(ours, device) / 2**20
     row["peak_mb_fwd_bwd"] = peak_memory(base, device) / 2**20
     for peer in ("zennit", "captum"):
         if peer in times:
-            row[f"{peer}_x_fwd_bwd"] = times[peer] / times["base"]
+            row[f"{peer}_x_fwd_bwd"] = times[peer]
             row[f"attrax_over_{peer}"] = times["attrax"] / times[peer]
             row[f"peak_mb_{peer}"] = peak_memory(fns[peer], device) / 2**20
     if attributor is not None:
