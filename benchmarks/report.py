@@ -28,7 +28,7 @@ def gradients() -> list[str]:
     d = _load("gradients-cpu")
     if not d:
         return []
-    lines = [f"**Gradient family** vs Captum {d['machine'].get('captum', '')} ({_machine(d)}); ratio to one forward + input-gradient pass:", "",
+    lines = [f"**Gradient family** vs Captum {d['machine'].get('captum', '')} ({_machine(d)}); ratio to one forward + input-gradient pass, each timed interleaved with that pass alone:", "",
              "| model | method | attrax | Captum | attrax / Captum | peak MB attrax / Captum |", "|---|---|---:|---:|---:|---:|"]
     for model, r in d["models"].items():
         for name, v in r["methods"].items():
