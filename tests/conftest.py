@@ -51,6 +51,24 @@ def assert_unchanged(module: torch.nn.Module, before: dict) -> None:
         assert (g is None and a is None) or torch.equal(g, a), f"grad of {k} changed"
 
 
+def assert_grad_matches_finite_differences(loss, weights: dict, per_tensor: int = 3, rtol: float = 1e-5,
+                                           eps: float = 1e-6) -> None:
+    """``torch.func.grad(loss)`` at ``weights`` equals central differences at random entries (float64)."""
+    grads = torch.func.grad(loss)(weights)
+    gen = torch.Generator().manual_seed(0)
+    for name, w in weights.items():
+        for _ in range(per_tensor):
+            idx = tuple(int(torch.randint(s, (1,), generator=gen)) for s in w.shape)
+            plus = {k: v.detach().clone() for k, v in weights.items()}
+            minus = {k: v.detach().clone() for k, v in weights.items()}
+            plus[name][idx] += eps
+            minus[name][idx] -= eps
+            with torch.no_grad():
+                fd = float((loss(plus) - loss(minus)) / (2 * eps))
+            got = float(grads[name][idx].detach())
+            assert abs(got - fd) <= 1e-6 + rtol * abs(fd), (name, idx, got, fd)
+
+
 @pytest.fixture
 def snapshot():
     return module_snapshot

@@ -13,7 +13,7 @@ from torch import nn
 import attrax as ax
 from attrax.rewrite import program_for, substitute
 from attrax.testing import check_completeness, cnns, mlps, relu_cnns, resnets
-from conftest import assert_unchanged, module_snapshot
+from conftest import assert_grad_matches_finite_differences, assert_unchanged, module_snapshot
 
 D = torch.float64
 ACTS = ("relu", "leaky_relu", "elu", "tanh", "sigmoid", "softplus", "gelu", "silu")
@@ -244,20 +244,7 @@ def test_grad_wrt_params_through_deeplift_matches_finite_differences():
     def loss(w):
         return (ax.deeplift(f, {**p, **w}, x, 1, baseline=b) ** 2).sum()
 
-    grads = torch.func.grad(loss)(weights)
-    eps = 1e-6
-    gen = torch.Generator().manual_seed(0)
-    for name, w in weights.items():
-        for _ in range(3):
-            idx = tuple(int(torch.randint(s, (1,), generator=gen)) for s in w.shape)
-            plus = {k: v.detach().clone() for k, v in weights.items()}
-            minus = {k: v.detach().clone() for k, v in weights.items()}
-            plus[name][idx] += eps
-            minus[name][idx] -= eps
-            with torch.no_grad():
-                fd = float((loss(plus) - loss(minus)) / (2 * eps))
-            got = float(grads[name][idx].detach())
-            assert abs(got - fd) <= 1e-6 + 1e-5 * abs(fd), (name, idx, got, fd)
+    assert_grad_matches_finite_differences(loss, weights)
 
 
 def test_compiled_deeplift_equals_eager_and_does_not_recompile():
@@ -527,20 +514,7 @@ def test_fused_rule_composes_with_vmap_grad_and_shap_chunks():
     def loss(w):
         return (ax.deeplift(f, {**p, **w}, x, 1, baseline=b) ** 2).sum()
 
-    grads = torch.func.grad(loss)(weights)
-    eps = 1e-6
-    gen = torch.Generator().manual_seed(1)
-    for name, w in weights.items():
-        for _ in range(3):
-            idx = tuple(int(torch.randint(s, (1,), generator=gen)) for s in w.shape)
-            plus = {k: v.detach().clone() for k, v in weights.items()}
-            minus = {k: v.detach().clone() for k, v in weights.items()}
-            plus[name][idx] += eps
-            minus[name][idx] -= eps
-            with torch.no_grad():
-                fd = float((loss(plus) - loss(minus)) / (2 * eps))
-            got = float(grads[name][idx].detach())
-            assert abs(got - fd) <= 1e-6 + 1e-5 * abs(fd), (name, idx, got, fd)
+    assert_grad_matches_finite_differences(loss, weights)
     # plain autograd (value_and_attribution keeps history) gives the same gradient
     out, attr = ax.value_and_attribution(ax.deeplift, f, {**p, **weights}, x, 1)
     assert attr.requires_grad

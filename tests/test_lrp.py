@@ -10,7 +10,7 @@ from torch import nn
 import attrax as ax
 from attrax.composites import Kind
 from attrax.testing import cnns, relu_cnns, relu_mlps, resnets
-from conftest import assert_unchanged, module_snapshot
+from conftest import assert_grad_matches_finite_differences, assert_unchanged, module_snapshot
 from _peers import resnet_blocks, zennit, zennit_relevance
 
 D = torch.float64
@@ -433,20 +433,7 @@ def test_grad_wrt_params_through_lrp_matches_finite_differences():
     def loss(w):
         return (ax.lrp(f, {**p, **w}, x, 2, composite=comp) ** 2).sum()
 
-    grads = torch.func.grad(loss)(weights)
-    gen = torch.Generator().manual_seed(0)
-    eps = 1e-6
-    for name, w in weights.items():
-        for _ in range(2):
-            idx = tuple(int(torch.randint(s, (1,), generator=gen)) for s in w.shape)
-            plus = {k: v.detach().clone() for k, v in weights.items()}
-            minus = {k: v.detach().clone() for k, v in weights.items()}
-            plus[name][idx] += eps
-            minus[name][idx] -= eps
-            with torch.no_grad():
-                fd = float((loss(plus) - loss(minus)) / (2 * eps))
-            got = float(grads[name][idx].detach())
-            assert abs(got - fd) <= 1e-6 + 1e-4 * abs(fd), (name, idx, got, fd)
+    assert_grad_matches_finite_differences(loss, weights, per_tensor=2, rtol=1e-4)
 
 
 def test_vmap_over_targets_equals_loop():

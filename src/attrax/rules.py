@@ -53,11 +53,6 @@ def is_zero(t: Tensor) -> Tensor:
     return 1 - t.sign().abs()
 
 
-def is_nonzero(t: Tensor) -> Tensor:
-    """1.0 where ``t != 0``, else 0.0."""
-    return t.sign().abs()
-
-
 def is_nonnegative(t: Tensor) -> Tensor:
     """1.0 where ``t >= 0``, else 0.0."""
     return (t.sign() + 1).clamp(max=1)
@@ -472,8 +467,8 @@ __all__ += ["AlphaBeta", "Epsilon", "Flat", "Gamma", "Norm", "Pass", "WSquare", 
 #: Built-in rule classes. Under torch.compile rules are dispatched through this tuple: a plan made at
 #: trace time holds rule objects that dynamo cannot guard on, and ``Class.backward(rule, ...)``
 #: through a module-level class is what it can trace. (Subclasses are dispatched to their base class there.)
-RULE_CLASSES = (Gradient, Rescale, CrossMax, DisjointCrossMax, ReluMaxPool, SoftmaxRescale, Bilinear, GuidedReLU, DeconvReLU, Epsilon, Gamma, ZPlus,
-                AlphaBeta, Flat, WSquare, ZBox, Pass, Norm)
+RULE_CLASSES = (Gradient, Rescale, CrossMax, DisjointCrossMax, ReluMaxPool, SoftmaxRescale, Bilinear, GuidedReLU,
+                DeconvReLU, Epsilon, Gamma, ZPlus, AlphaBeta, Flat, WSquare, ZBox, Pass, Norm)
 
 
 def apply_rule(rule: Any, site: Site, g: Any) -> dict[int, Any]:
