@@ -47,20 +47,32 @@ def tolerance(t: Tensor) -> float:
 
 
 # Masks as float arithmetic: bool tensors (comparisons, where, masked_fill) cost 5-15x a float op on
-# the CPU builds measured (benchmarks/bench_rules.py); these are exact 0/1 values with zero derivative.
+# the CPU builds measured (benchmarks/bench_rules.py); these are exact 0/1 values. Their derivative
+# is zero, so they are built without autograd, in place on one fresh buffer: each full-size
+# temporary costs a page-faulting allocation here, more than the arithmetic on it.
 def is_zero(t: Tensor) -> Tensor:
     """1.0 where ``t == 0``, else 0.0."""
-    return 1 - t.sign().abs()
+    with torch.no_grad():
+        return t.sign().abs_().neg_().add_(1)
 
 
 def is_nonnegative(t: Tensor) -> Tensor:
     """1.0 where ``t >= 0``, else 0.0."""
-    return (t.sign() + 1).clamp(max=1)
+    with torch.no_grad():
+        return t.sign().add_(1).sign_()  # {-1, 0, 1} + 1 -> {0, 1, 1}
 
 
 def is_positive(t: Tensor) -> Tensor:
     """1.0 where ``t > 0``, else 0.0."""
-    return t.sign().clamp(min=0)
+    with torch.no_grad():
+        return t.sign().relu_()
+
+
+def is_small(dx: Tensor, x: Tensor) -> Tensor:
+    """1.0 where ``|dx| <= tolerance * (1 + |x|)`` (a secant would lose precision), else 0.0."""
+    with torch.no_grad():
+        # in-place ops that have vmap batching rules only (clamp_ has none)
+        return dx.abs().neg_().add_(tolerance(dx) * (1 + x.abs())).sign_().add_(1).sign_()
 
 
 def safe_divide(num: Tensor, den: Tensor, small: Tensor, fallback: Tensor) -> Tensor:
@@ -107,7 +119,7 @@ class Rescale:
             # (dx + [dx=0]): the secant, or the derivative where the input did not move.
             still = is_zero(dx)
             return {node.args[0][1]: g * (torch.addcmul(dy, still, is_positive(x)) / (dx + still))}
-        small = is_nonnegative(tolerance(dx) * (1 + x.abs()) - dx.abs())
+        small = is_small(dx, x)
         # f'(x) differs from the secant by O(f'' dx) there, and it is a function of the input stream
         # alone: DeepLiftShap computes it once for all baselines instead of f at every midpoint
         fallback = _derivative(site, x)
@@ -306,7 +318,7 @@ class SoftmaxRescale:
         c = torch.maximum(x.amax(dim, keepdim=True), r.amax(dim, keepdim=True)).detach()
         ex, er = torch.exp(x - c), torch.exp(r - c)
         dx = x - r
-        small = is_nonnegative(tolerance(dx) * (1 + x.abs()) - dx.abs())
+        small = is_small(dx, x)
         m_exp = safe_divide(ex - er, dx, small, torch.exp((x + r) / 2 - c))
         sx, sr = ex.sum(dim, keepdim=True), er.sum(dim, keepdim=True)
         if node.packet in ("softmax", "_softmax"):
