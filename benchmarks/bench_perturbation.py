@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import attrax as ax  # noqa: E402
-from _common import forward_backward, peak_memory, quiet_captum, timeit, write  # noqa: E402
+from _common import forward_backward, paired_ratios, peak_memory, quiet_captum, write  # noqa: E402
 from _models import small_cnn  # noqa: E402
 
 
@@ -36,17 +36,16 @@ def main() -> None:
     torch.manual_seed(0)
     device = torch.device("cpu")
     results = {"tabular_mlp": tabular(ca, args.rounds, device), "small_cnn": images(ca, args.rounds, device)}
-    write("perturbation", {"unit": "seconds per call, ratio to one forward+input-gradient, peak MB; speedup = Captum time / attrax time",
+    write("perturbation", {"unit": "ratio to one forward+input-gradient (each timed with it alone), peak MB; speedup = Captum ratio / attrax ratio",
                            "models": results})
 
 
 def report(name, fns, base, rounds, device, pairs):
-    times = timeit({"base": base, **fns}, device, rounds=rounds, warmup=1)
-    rows = {k: {"seconds": v, "x_fwd_bwd": v / times["base"], "peak_mb": peak_memory(fns[k], device) / 2**20}
-            for k, v in times.items() if k != "base"}
+    ratios = paired_ratios(base, fns, device, rounds=rounds, warmup=1)  # each timed with the base alone
+    rows = {k: {"x_fwd_bwd": v, "peak_mb": peak_memory(fns[k], device) / 2**20} for k, v in ratios.items()}
     for k, v in rows.items():
         print(f"{name:12s} {k:30s} {v['x_fwd_bwd']:8.1f}x fwd+bwd  peak {v['peak_mb']:7.1f} MB")
-    summary = {f"{ours}_speedup_vs_{theirs}": times[theirs] / times[ours] for ours, theirs in pairs}
+    summary = {f"{ours}_speedup_vs_{theirs}": ratios[theirs] / ratios[ours] for ours, theirs in pairs}
     print(name, {k: round(v, 2) for k, v in summary.items()})
     return {"methods": rows, "speedups": summary}
 

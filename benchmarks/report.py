@@ -95,7 +95,7 @@ def perturbation() -> list[str]:
     d = _load("perturbation-cpu")
     if not d:
         return []
-    lines = [f"**Perturbation methods** vs Captum, same number of model evaluations ({_machine(d)}); speedup = Captum time / attrax time:", "",
+    lines = [f"**Perturbation methods** vs Captum, same number of model evaluations ({_machine(d)}); speedup = Captum time / attrax time, each timed interleaved with one forward + input-gradient pass alone:", "",
              "| model | comparison | speedup |", "|---|---|---:|"]
     for model, r in d["models"].items():
         for k, v in r["speedups"].items():
