@@ -423,7 +423,7 @@ def _built(module, x):
     return module.double().eval()
 
 
-def test_fused_rule_is_chosen_only_where_windows_are_disjoint():
+def test_pooled_resolution_rules_are_chosen_only_where_windows_are_disjoint():
     x2, x3 = torch.randn(2, 2, 8, 8, dtype=D), torch.randn(2, 2, 8, 8, 8, dtype=D)
     assert pool_rules(_built(_Pools(nn.MaxPool2d(2)).double(), x2), x2) == ["ReluMaxPool"] * 2
     assert pool_rules(_built(_Pools(nn.MaxPool2d(2, stride=3)).double(), x2), x2) == ["ReluMaxPool"] * 2
@@ -516,5 +516,9 @@ def test_fused_rule_composes_with_vmap_grad_and_shap_chunks():
 
     assert_grad_matches_finite_differences(loss, weights)
     # plain autograd (value_and_attribution keeps history) gives the same gradient
-    out, attr = ax.value_and_attribution(ax.deeplift, f, {**p, **weights}, x, 1)
-    assert attr.requires_grad
+    w = {k: v.detach().clone().requires_grad_() for k, v in weights.items()}
+    _, attr = ax.value_and_attribution(ax.deeplift, f, {**p, **w}, x, 1, baseline=b)
+    by_autograd = torch.autograd.grad((attr**2).sum(), list(w.values()), allow_unused=True)
+    by_func = torch.func.grad(loss)(weights)
+    for name, g in zip(w, by_autograd):  # None: the output bias cancels in f(x) - f(x')
+        torch.testing.assert_close(torch.zeros_like(w[name]) if g is None else g, by_func[name], rtol=1e-10, atol=1e-12)
