@@ -69,12 +69,12 @@ def run_model(name, module, x, rounds, n_baselines=8, chunk=4):
         row = {}
         try:
             theirs_out = theirs()
-            fns = {"base": base, "attrax": ours, "captum": theirs}
+            fns = {"attrax": ours, "captum": theirs}
         except Exception as e:  # the peer fails on this model
             theirs_out = None
             row["captum_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-            fns = {"base": base, "attrax": ours}
-        ratios = paired_ratios(base, {k: v for k, v in fns.items() if k != "base"}, device, rounds=rounds)
+            fns = {"attrax": ours}
+        ratios = paired_ratios(base, fns, device, rounds=rounds)
         row["attrax_x_fwd_bwd"] = ratios["attrax"]
         row["peak_mb_attrax"] = peak_memory(ours, device) / 2**20
         row["peak_mb_fwd_bwd"] = peak_memory(base, device) / 2**20

@@ -56,23 +56,17 @@ def is_zero(t: Tensor) -> Tensor:
         return t.sign().abs_().neg_().add_(1)
 
 
-def is_nonnegative(t: Tensor) -> Tensor:
-    """1.0 where ``t >= 0``, else 0.0."""
-    with torch.no_grad():
-        return t.sign().add_(1).sign_()  # {-1, 0, 1} + 1 -> {0, 1, 1}
-
-
 def is_positive(t: Tensor) -> Tensor:
     """1.0 where ``t > 0``, else 0.0."""
     with torch.no_grad():
         return t.sign().relu_()
 
 
-def is_small(dx: Tensor, x: Tensor) -> Tensor:
-    """1.0 where ``|dx| <= tolerance * (1 + |x|)`` (a secant would lose precision), else 0.0."""
+def is_small(d: Tensor, scale: Tensor) -> Tensor:
+    """1.0 where ``|d| <= tolerance * scale`` (a secant over ``d`` would lose precision), else 0.0."""
     with torch.no_grad():
         # in-place ops that have vmap batching rules only (clamp_ has none)
-        return dx.abs().neg_().add_(tolerance(dx) * (1 + x.abs())).sign_().add_(1).sign_()
+        return d.abs().neg_().add_(tolerance(d) * scale).sign_().add_(1).sign_()
 
 
 def safe_divide(num: Tensor, den: Tensor, small: Tensor, fallback: Tensor) -> Tensor:
@@ -119,7 +113,7 @@ class Rescale:
             # (dx + [dx=0]): the secant, or the derivative where the input did not move.
             still = is_zero(dx)
             return {node.args[0][1]: g * (torch.addcmul(dy, still, is_positive(x)) / (dx + still))}
-        small = is_small(dx, x)
+        small = is_small(dx, 1 + x.abs())
         # f'(x) differs from the secant by O(f'' dx) there, and it is a function of the input stream
         # alone: DeepLiftShap computes it once for all baselines instead of f at every midpoint
         fallback = _derivative(site, x)
@@ -318,7 +312,7 @@ class SoftmaxRescale:
         c = torch.maximum(x.amax(dim, keepdim=True), r.amax(dim, keepdim=True)).detach()
         ex, er = torch.exp(x - c), torch.exp(r - c)
         dx = x - r
-        small = is_small(dx, x)
+        small = is_small(dx, 1 + x.abs())
         m_exp = safe_divide(ex - er, dx, small, torch.exp((x + r) / 2 - c))
         sx, sr = ex.sum(dim, keepdim=True), er.sum(dim, keepdim=True)
         if node.packet in ("softmax", "_softmax"):
@@ -327,7 +321,7 @@ class SoftmaxRescale:
             g_e = a * g - (g * b).sum(dim, keepdim=True)
             return {node.args[0][1]: m_exp * g_e}
         ds = sx - sr
-        small_s = is_nonnegative(tolerance(ds) * sx - ds.abs())
+        small_s = is_small(ds, sx)
         m_log = safe_divide(torch.log(sx) - torch.log(sr), ds, small_s, 2 / (sx + sr))
         return {node.args[0][1]: g - g.sum(dim, keepdim=True) * m_log * m_exp}
 
