@@ -180,6 +180,47 @@ def test_relevances_are_the_channel_sums_of_conditional_heatmaps():
     torch.testing.assert_close(rel, heat.flatten(2).sum(2).T, rtol=1e-8, atol=1e-12)
 
 
+def _bias_free_cnn():
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(6, 5, 3, bias=False), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(5 * 36, 4, bias=False)).double().eval()
+
+
+@pytest.mark.parametrize("g", [lambda o: o[:, 0] - 0.5 * o[:, 2], lambda o: 2 * o[:, 1], lambda o: 3 * o[:, 1] + o[:, 0]],
+                         ids=["difference", "scaled", "sum"])
+def test_callable_targets_seed_out_times_their_gradient(g):
+    # Issue 15.2: conditional attribution and concepts seed R_out = out * dg/dout (API.md section 2), so
+    # the heatmaps of a partition of a layer's channels sum to g(out) for a linear g (they summed to
+    # g(out) * sum(dg/dout): half of it for o0 - 0.5 o2, four times it for 3 o1 + o0)
+    m = _bias_free_cnn()
+    f, p = ax.functionalize(m)
+    comp = ax.composites.mapping(by_type={ax.composites.Kind("layer"): ax.rules.Epsilon(1e-12)})
+    with torch.no_grad():
+        want = g(m(X))
+    partition = [{"1": [0, 2, 4]}, {"1": [1, 3]}, {"1": [5]}]
+    heat = ax.conditional(f, p, X, g, partition, composite=comp)
+    torch.testing.assert_close(heat.sum(0), ax.lrp(f, p, X, g, composite=comp), rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(heat.sum(0).flatten(1).sum(1), want, rtol=1e-6, atol=1e-10)
+    for layer in ("1", "3"):  # channel relevances, also under a condition
+        rel = ax.concepts.relevances(f, p, X, g, layer, composite=comp)
+        torch.testing.assert_close(rel.sum(1), want, rtol=1e-6, atol=1e-10)
+    cond = ax.concepts.relevances(f, p, X, g, "1", composite=comp, condition={"3": [0, 1, 2, 3, 4]})
+    torch.testing.assert_close(cond.sum(1), want, rtol=1e-6, atol=1e-10)
+    tree = ax.concepts.graph(f, p, X, g, "3", 1, "1", top_k=6, composite=comp)
+    upper = ax.concepts.relevances(f, p, X, g, "3", composite=comp)[:, 1].sum()
+    assert tree["relevance"] == pytest.approx(float(upper))
+    assert sum(c["relevance"] for c in tree["children"]) == pytest.approx(float(upper), rel=1e-6)
+
+
+def test_callable_target_equal_to_an_index_target():
+    m = _bias_free_cnn()
+    f, p = ax.functionalize(m)
+    conds = [{"1": [c]} for c in range(6)]
+    comp = ax.composites.epsilon_plus()
+    torch.testing.assert_close(ax.conditional(f, p, X, lambda o: o.gather(1, T[:, None])[:, 0], conds, composite=comp),
+                               ax.conditional(f, p, X, T, conds, composite=comp), rtol=1e-6, atol=1e-12)
+
+
 def test_graph_ranks_lower_channels_by_conditional_relevance():
     m = make(Plain)
     f, p = ax.functionalize(m)

@@ -23,20 +23,9 @@ torch.manual_seed(0)
 W = torch.randn(4, 6, dtype=D)
 B = torch.randn(4, dtype=D) * 0.3
 A = torch.randn(2, 6, dtype=D)
-C = torch.randn(4, dtype=D)  # the relevance arriving at the layer's outputs (via a linear target)
+C = torch.randn(4, dtype=D)  # the callable target (out * C).sum(1) seeds the layer's outputs with z * C
 
-
-def single_layer(rule):
-    """attrax relevance of one linear layer z = W a + b with output relevance C, divided by the score."""
-    lin = nn.Linear(6, 4).double().eval()
-    with torch.no_grad():
-        lin.weight.copy_(W)
-        lin.bias.copy_(B)
-    f, p = ax.functionalize(lin)
-    target = lambda out: (out * C).sum(1)  # noqa: E731  seed = C, score = C . z
-    score = (lin(A) * C).sum(1).detach()
-    rel = ax.lrp(f, p, A, target, composite={nn.Linear: rule})
-    return rel / score[:, None]
+RULES = [R.Epsilon(0.1), R.ZPlus(), R.AlphaBeta(3.0, 2.0), R.Gamma(0.5), R.Flat(), R.WSquare(), R.ZBox(-2.0, 1.5)]
 
 
 def _stab(z, eps=1e-6):
@@ -50,55 +39,98 @@ def contrib(a, w, b=None):
     return c, z
 
 
-def test_epsilon_matrix_form():
-    c, z = contrib(A, W, B)
-    want = (c * (C / _stab(z, 0.1))[:, :, None]).sum(1)
-    torch.testing.assert_close(single_layer(R.Epsilon(0.1)), want)
+def matrix_form(rule, a, w, b, r, w_ones):
+    """The rule's relevance for the inputs of z = w a + b, from the definitions in relevance.py.
+
+    a: (B, in) inputs, w: (out, in) the layer's matrix, b: (out,) its bias, r: (B, out) the relevance
+    arriving at the outputs, w_ones: the layer's matrix with every weight replaced by one (flat).
+    """
+    pos, neg = (lambda t: t.clamp(min=0)), (lambda t: t.clamp(max=0))
+    if isinstance(rule, R.Epsilon):
+        c, z = contrib(a, w, b)
+        return (c * (r / _stab(z, rule.epsilon))[:, :, None]).sum(1)
+    if isinstance(rule, R.ZPlus):
+        cp, zp = contrib(pos(a), pos(w), pos(b))
+        cn, zn = contrib(neg(a), neg(w))
+        return ((cp + cn) * (r / _stab(zp + zn, rule.stabilizer))[:, :, None]).sum(1)
+    if isinstance(rule, R.AlphaBeta):
+        c1, z1 = contrib(pos(a), pos(w), pos(b))
+        c2, z2 = contrib(neg(a), neg(w))
+        c3, z3 = contrib(pos(a), neg(w), neg(b))
+        c4, z4 = contrib(neg(a), pos(w))
+        p_ = ((c1 + c2) * (r / _stab(z1 + z2, rule.stabilizer))[:, :, None]).sum(1)
+        n_ = ((c3 + c4) * (r / _stab(z3 + z4, rule.stabilizer))[:, :, None]).sum(1)
+        return rule.alpha * p_ - rule.beta * n_
+    if isinstance(rule, R.Gamma):
+        g = rule.gamma
+        wp, wn = w + g * pos(w), w + g * neg(w)
+        bp, bn = b + g * pos(b), b + g * neg(b)
+        _, z = contrib(a, w, b)
+        c1, z1 = contrib(pos(a), wp, bp)
+        c2, z2 = contrib(neg(a), wn)
+        c3, z3 = contrib(pos(a), wn, bn)
+        c4, z4 = contrib(neg(a), wp)
+        p_ = ((c1 + c2) * ((z > 0) * r / _stab(z1 + z2, rule.stabilizer))[:, :, None]).sum(1)
+        n_ = ((c3 + c4) * ((z < 0) * r / _stab(z3 + z4, rule.stabilizer))[:, :, None]).sum(1)
+        return p_ + n_
+    if isinstance(rule, R.Flat):  # inputs and weights ones, no bias: every input of a unit gets R_j / fan-in
+        return (w_ones[None] * (r / _stab(w_ones.sum(1), rule.stabilizer))[:, :, None]).sum(1)
+    if isinstance(rule, R.WSquare):  # inputs ignored, weights and bias squared
+        w2 = w * w
+        return (w2[None] * (r / _stab(w2.sum(1) + b * b, rule.stabilizer))[:, :, None]).sum(1)
+    if isinstance(rule, R.ZBox):
+        c1, z1 = contrib(a, w, b)
+        c2, z2 = contrib(torch.full_like(a, rule.low), pos(w), pos(b))
+        c3, z3 = contrib(torch.full_like(a, rule.high), neg(w), neg(b))
+        return ((c1 - c2 - c3) * (r / _stab(z1 - z2 - z3, rule.stabilizer))[:, :, None]).sum(1)
+    raise AssertionError(rule)
 
 
-def test_zplus_matrix_form():
-    cp, zp = contrib(A.clamp(min=0), W.clamp(min=0), B.clamp(min=0))
-    cn, zn = contrib(A.clamp(max=0), W.clamp(max=0))
-    want = ((cp + cn) * (C / _stab(zp + zn))[:, :, None]).sum(1)
-    torch.testing.assert_close(single_layer(R.ZPlus()), want)
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: type(r).__name__)
+def test_rules_match_their_matrix_form_on_a_linear_layer(rule):
+    lin = nn.Linear(6, 4).double().eval()
+    with torch.no_grad():
+        lin.weight.copy_(W)
+        lin.bias.copy_(B)
+    f, p = ax.functionalize(lin)
+    rel = ax.lrp(f, p, A, lambda out: (out * C).sum(1), composite={nn.Linear: rule})
+    r = (A @ W.T + B) * C  # the relevance entering the layer: out * dg/dout
+    torch.testing.assert_close(rel, matrix_form(rule, A, W, B, r, torch.ones_like(W)))
 
 
-def test_alpha_beta_matrix_form():
-    c1, z1 = contrib(A.clamp(min=0), W.clamp(min=0), B.clamp(min=0))
-    c2, z2 = contrib(A.clamp(max=0), W.clamp(max=0))
-    c3, z3 = contrib(A.clamp(min=0), W.clamp(max=0), B.clamp(max=0))
-    c4, z4 = contrib(A.clamp(max=0), W.clamp(min=0))
-    pos = ((c1 + c2) * (C / _stab(z1 + z2))[:, :, None]).sum(1)
-    neg = ((c3 + c4) * (C / _stab(z3 + z4))[:, :, None]).sum(1)
-    torch.testing.assert_close(single_layer(R.AlphaBeta(3.0, 2.0)), 3 * pos - 2 * neg)
+TRANSPOSED = {
+    "1d": lambda: nn.ConvTranspose1d(2, 3, 3, stride=2, padding=1, output_padding=1, dilation=2),
+    "2d": lambda: nn.ConvTranspose2d(2, 4, (3, 2), stride=(2, 1), padding=(1, 0), groups=2),
+}
 
 
-def test_gamma_matrix_form():
-    g = 0.5
-    wp, wn = W + g * W.clamp(min=0), W + g * W.clamp(max=0)
-    bp, bn = B + g * B.clamp(min=0), B + g * B.clamp(max=0)
-    _, z = contrib(A, W, B)
-    c1, z1 = contrib(A.clamp(min=0), wp, bp)
-    c2, z2 = contrib(A.clamp(max=0), wn)
-    c3, z3 = contrib(A.clamp(min=0), wn, bn)
-    c4, z4 = contrib(A.clamp(max=0), wp)
-    pos = ((c1 + c2) * ((z > 0) * C / _stab(z1 + z2))[:, :, None]).sum(1)
-    neg = ((c3 + c4) * ((z < 0) * C / _stab(z3 + z4))[:, :, None]).sum(1)
-    torch.testing.assert_close(single_layer(R.Gamma(g)), pos + neg)
+def dense(layer, weight, x_shape):
+    """The matrix (out, in) of ``layer`` with ``weight`` and no bias: the layer applied to the identity basis."""
+    n = int(torch.tensor(x_shape).prod())
+    basis = torch.eye(n, dtype=D).reshape(n, *x_shape)
+    cols = torch.func.functional_call(layer, {"weight": weight, "bias": torch.zeros_like(layer.bias)}, (basis,))
+    return cols.reshape(n, -1).T
 
 
-def test_flat_wsquare_zbox_matrix_forms():
-    # flat: every input of a dense unit gets R_j / n_in
-    torch.testing.assert_close(single_layer(R.Flat()), (C / _stab(torch.tensor(6.0, dtype=D))).sum().expand(2, 6))
-    w2 = W * W
-    want = (w2[None] * (C / _stab(w2.sum(1) + B * B))[None, :, None]).sum(1).expand(2, 6)
-    torch.testing.assert_close(single_layer(R.WSquare()), want)
-    lo, hi = -2.0, 1.5
-    c1, z1 = contrib(A, W, B)
-    c2, z2 = contrib(torch.full_like(A, lo), W.clamp(min=0), B.clamp(min=0))
-    c3, z3 = contrib(torch.full_like(A, hi), W.clamp(max=0), B.clamp(max=0))
-    want = ((c1 - c2 - c3) * (C / _stab(z1 - z2 - z3))[:, :, None]).sum(1)
-    torch.testing.assert_close(single_layer(R.ZBox(lo, hi)), want)
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: type(r).__name__)
+@pytest.mark.parametrize("kind", list(TRANSPOSED))
+def test_rules_match_their_matrix_form_on_a_transposed_convolution(kind, rule):
+    # Issue 15.11: transposed convolutions got the default Norm rule whatever the composite asked for
+    torch.manual_seed(1)
+    layer = TRANSPOSED[kind]().double().eval()
+    x_shape = (2, 5) if kind == "1d" else (2, 3, 4)
+    x = torch.randn(3, *x_shape, dtype=D)
+    f, p = ax.functionalize(layer)
+    with torch.no_grad():
+        out = layer(x)
+    c = torch.randn(out.shape[1:], dtype=D)
+    rel = ax.lrp(f, p, x, lambda o: (o * c).flatten(1).sum(1), composite={type(layer): rule})
+    w = dense(layer, layer.weight.detach(), x_shape)
+    b = layer.bias.detach().repeat_interleave(out[0, 0].numel())
+    a = x.flatten(1)
+    torch.testing.assert_close(w @ a.T + b[:, None], out.flatten(1).T)  # the matrix is the layer
+    want = matrix_form(rule, a, w, b, (out * c).flatten(1), dense(layer, torch.ones_like(layer.weight), x_shape))
+    torch.testing.assert_close(rel.flatten(1), want)
 
 
 def test_norm_and_pass_on_sums_and_activations():
@@ -138,6 +170,48 @@ def test_epsilon_to_zero_equals_input_x_gradient(case):
     rel = ax.lrp(case.model_fn, case.params, case.x, case.target, composite=comp)
     ixg = ax.input_x_gradient(case.model_fn, case.params, case.x, case.target)
     torch.testing.assert_close(rel, ixg, rtol=1e-5, atol=1e-7)
+
+
+LINEAR_TARGETS = {
+    "difference": lambda o: o[:, 0] - 0.5 * o[:, -1],
+    "scaled": lambda o: 2 * o[:, -1],
+    "sum": lambda o: 3 * o[:, -1] + o[:, 0],
+    "all": lambda o: (o * torch.linspace(-1, 2, o.shape[1], dtype=o.dtype)).sum(1),
+}
+
+
+@settings(max_examples=20)
+@given(case=st.one_of(relu_mlps(bias=False), relu_cnns(bias=False)), name=st.sampled_from(sorted(LINEAR_TARGETS)))
+def test_callable_linear_targets_are_conserved(case, name):
+    # Issue 15.2: the relevance entering the network is out * dg/dout (API.md section 2), so it sums to
+    # g(out) for every linear g; it was dg/dout * g(out): half the target for o0 - 0.5 o2, twice it for 2 o1.
+    g = LINEAR_TARGETS[name]
+    comp = ax.composites.mapping(by_type={Kind("layer"): R.Epsilon(1e-10), Kind("avgpool"): R.Norm(1e-10)})
+    rel = ax.lrp(case.model_fn, case.params, case.x, g, composite=comp)
+    with torch.no_grad():
+        want = g(case.model_fn(case.params, case.x))
+    torch.testing.assert_close(rel.flatten(1).sum(1), want, rtol=1e-6, atol=1e-9)
+    # ... and it is the same linear combination of the index targets' relevances
+    if name == "difference":
+        parts = ax.lrp(case.model_fn, case.params, case.x, 0, composite=comp) - 0.5 * ax.lrp(
+            case.model_fn, case.params, case.x, -1, composite=comp)
+        torch.testing.assert_close(rel, parts, rtol=1e-6, atol=1e-9)
+    # composite=None (Epsilon(1e-6)): conserved up to what the stabiliser absorbs
+    rel = ax.lrp(case.model_fn, case.params, case.x, g)
+    torch.testing.assert_close(rel.flatten(1).sum(1), want, rtol=1e-2, atol=1e-4)
+
+
+@settings(max_examples=10)
+@given(case=st.one_of(relu_mlps(bias=False), relu_cnns(bias=False)))
+def test_callable_equal_to_an_index_target_gives_the_same_relevance(case):
+    t = case.target
+    for comp in (None, ax.composites.epsilon_plus(), ax.composites.epsilon_gamma_box()):
+        by_int = ax.lrp(case.model_fn, case.params, case.x, 0, composite=comp)
+        by_fn = ax.lrp(case.model_fn, case.params, case.x, lambda o: o[:, 0], composite=comp)
+        torch.testing.assert_close(by_fn, by_int, rtol=1e-6, atol=1e-10)
+        by_tensor = ax.lrp(case.model_fn, case.params, case.x, t, composite=comp)
+        by_fn = ax.lrp(case.model_fn, case.params, case.x, lambda o: o.gather(1, t[:, None])[:, 0], composite=comp)
+        torch.testing.assert_close(by_fn, by_tensor, rtol=1e-6, atol=1e-10)
 
 
 SMALL = 1e-10
@@ -206,10 +280,11 @@ def test_zplus_loss_is_exactly_the_relevance_of_units_without_positive_contribut
     c = torch.randn(3, 5, 5, dtype=D)
     rel = ax.lrp(f, p, x, lambda out: (out * c).flatten(1).sum(1), composite={nn.Conv2d: R.ZPlus(stabilizer=1e-12)})
     with torch.no_grad():
-        score = (conv(x) * c).flatten(1).sum(1)
+        r_out = conv(x) * c  # the relevance entering the layer: out * dg/dout
         zp = F.conv2d(x.clamp(min=0), conv.weight.clamp(min=0), padding=1) + F.conv2d(x.clamp(max=0), conv.weight.clamp(max=0), padding=1)
-        kept = (c * (zp != 0)).flatten(1).sum(1)
-    torch.testing.assert_close(rel.flatten(1).sum(1), score * kept, rtol=1e-8, atol=1e-10)
+        kept = (r_out * (zp != 0)).flatten(1).sum(1)
+    assert (kept - r_out.flatten(1).sum(1)).abs().min() > 1e-3  # some relevance is lost
+    torch.testing.assert_close(rel.flatten(1).sum(1), kept, rtol=1e-8, atol=1e-10)
 
 
 # --------------------------------------------------------------------- zennit parity
@@ -395,6 +470,55 @@ def test_functional_model_composites_match_by_kind_and_type():
     a = ax.lrp(fn, p, x, 0, composite=ax.composites.epsilon_plus())
     b = ax.lrp(fn, p, x, 0, composite={nn.Conv2d: R.ZPlus(), nn.Linear: R.Epsilon()})
     torch.testing.assert_close(a, b)
+
+
+def decoder():
+    torch.manual_seed(6)
+    return nn.Sequential(
+        nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
+        nn.ConvTranspose2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1), nn.ReLU(), nn.Flatten(),
+        nn.Linear(2 * 8 * 8, 3),
+    ).double().eval()
+
+
+@pytest.mark.parametrize("name", ["epsilon_plus", "epsilon_plus_flat", "epsilon_gamma_box", "epsilon_alpha2_beta1_flat",
+                                  "user_dict"])
+def test_composites_reach_transposed_convolutions(name):
+    # Issue 15.11: ConvTranspose got the default Norm rule (a user dict naming its type raised instead)
+    m = decoder()
+    f, p = ax.functionalize(m)
+    x = torch.randn(2, 3, 4, 4, dtype=D)
+    first, convs = {
+        "epsilon_plus": (R.ZPlus(), R.ZPlus()),
+        "epsilon_plus_flat": (R.Flat(), R.ZPlus()),
+        "epsilon_gamma_box": (R.ZBox(-3.0, 3.0), R.Gamma(0.25)),
+        "epsilon_alpha2_beta1_flat": (R.Flat(), R.AlphaBeta(2.0, 1.0)),
+        "user_dict": (R.Gamma(0.25), R.Gamma(0.25)),
+    }[name]
+    comp = ({nn.ConvTranspose2d: R.Gamma(0.25)} if name == "user_dict" else getattr(ax.composites, name)())
+    by_name = {"0": first, "2": convs, "4": R.Epsilon() if name == "user_dict" else convs, "7": R.Epsilon()}
+    rel = ax.lrp(f, p, x, 1, composite=comp)
+    torch.testing.assert_close(rel, ax.lrp(f, p, x, 1, composite=by_name))
+    as_norm = ax.lrp(f, p, x, 1, composite={**by_name, "0": R.Norm(), "2": R.Norm()})
+    assert (rel - as_norm).abs().max() > 1e-3 * rel.abs().max()
+    if name != "user_dict":  # called with a module, the composite sees a convolution too
+        assert comp("2", m[2]) == convs
+
+
+def test_functional_transposed_convolutions_match_the_module():
+    m = decoder()
+    f, p = ax.functionalize(m)
+
+    def fn(p, x):  # the same model through F.conv_transpose2d and aten.convolution(transposed=True)
+        h = F.relu(F.conv_transpose2d(x, p["0.weight"], p["0.bias"], stride=2, padding=1, output_padding=1))
+        h = F.relu(torch.convolution(h, p["2.weight"], p["2.bias"], [1, 1], [1, 1], [1, 1], True, [0, 0], 1))
+        h = F.relu(F.conv2d(h, p["4.weight"], p["4.bias"], padding=1))
+        return F.linear(h.flatten(1), p["7.weight"], p["7.bias"])
+
+    x = torch.randn(2, 3, 4, 4, dtype=D)
+    for comp in (ax.composites.epsilon_gamma_box(), ax.composites.epsilon_alpha2_beta1_flat(),
+                 {nn.ConvTranspose2d: R.WSquare(), nn.Conv2d: R.ZPlus()}):
+        torch.testing.assert_close(ax.lrp(fn, p, x, 2, composite=comp), ax.lrp(f, p, x, 2, composite=comp))
 
 
 @pytest.mark.parametrize(

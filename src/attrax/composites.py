@@ -51,7 +51,7 @@ __all__ = [
 class Kind:
     """A kind of traced operation, matching modules and functional calls alike.
 
-    Kinds: ``"conv"``, ``"linear"`` (dense), ``"layer"`` (either), ``"activation"``,
+    Kinds: ``"conv"`` (convolutions, transposed ones too), ``"linear"`` (dense), ``"layer"`` (either), ``"activation"``,
     ``"relu"``, ``"avgpool"``, ``"maxpool"``, ``"add"`` (sums of two activations, e.g. residual
     connections), ``"batchnorm"``, ``"softmax"``, ``"reshape"`` (shape-only ops),
     ``"arithmetic"`` (other parameter-free linear ops), ``"*"`` (anything).

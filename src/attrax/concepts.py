@@ -22,11 +22,10 @@ from torch import Tensor
 from ._types import ModelFn, Params, Target
 from .conditional import _check_conditions, _masks, layer_nodes
 from .core import eager_no_grad
-from .deeplift import seed
-from .lrp import _prepare
+from .lrp import _prepare, apply_scale, initial_relevance
 from .rewrite import Node, Program, Site, Streams, exact_vjp, forward, program_spec
 from .rules import run_plan
-from .targets import check_target, prepare_call, select
+from .targets import check_target, prepare_call
 
 __all__ = ["Atlas", "TopK", "atlas", "graph", "receptive_fields", "relevances"]
 
@@ -57,12 +56,12 @@ def _lrp_pass(model_fn: ModelFn, params: Params, x: Tensor, target: Target, laye
                 return {r: (v * keep[(node.index, r)] if (node.index, r) in keep else v) for r, v in grads.items()}
 
         captured: dict[int, Any] = dict.fromkeys(nodes)
-        run_plan(program, plan, Streams(program, env, None, batch, aux), {program.output: seed(out, t)},
+        start, scale = initial_relevance(out, t)
+        run_plan(program, plan, Streams(program, env, None, batch, aux), {program.output: start},
                  arrive=arrive, captured=captured, leave=leave)
-        score = select(out, t)
         rel = sum(torch.zeros_like(env[n]) if captured[n] is None else captured[n] for n in nodes)
         act = env[nodes[-1]]
-        rel = rel * score.reshape(-1, *([1] * (rel.ndim - 1))).to(rel.dtype)
+        rel = apply_scale(rel, scale)
     return rel, act, program, nodes
 
 
@@ -189,7 +188,8 @@ def _footprint(site: Site, g: Any) -> dict[int, Any]:
     args, kwargs = s.args(node)
     if not any(node.dep_refs):
         return {}
-    if p in ("conv1d", "conv2d", "conv3d", "linear", "convolution"):
+    if p in ("conv1d", "conv2d", "conv3d", "linear", "convolution", "conv_transpose1d", "conv_transpose2d",
+             "conv_transpose3d"):
         ones = list(args)
         ones[1] = torch.ones_like(args[1])
         env = list(s.x)

@@ -24,11 +24,10 @@ from torch import Tensor
 
 from ._types import ModelFn, Params, Target, TensorOrTuple
 from .core import check_positive_int, chunks, eager_no_grad, publish_output
-from .deeplift import seed
-from .lrp import _prepare
+from .lrp import _prepare, apply_scale, initial_relevance
 from .rewrite import Node, Program, Streams, forward, program_spec
 from .rules import run_plan
-from .targets import prepare_call, select
+from .targets import prepare_call
 
 __all__ = ["conditional", "layer_nodes"]
 
@@ -182,16 +181,13 @@ def conditional(
         publish_output(xs, out)
         masks, keep = _masks(program, env, conds, bool(exclude_parallel))
         streams = Streams(program, env, None, batch, aux)
-        start = seed(out, t)
-        score = select(out, t)
+        start, scale = initial_relevance(out, t)
         results: list[list[Tensor]] = [[] for _ in xs]
         for lo, hi in chunks(len(conds), chunk_size):
             chunk = _propagate(program, plan, streams, start, masks, keep, lo, hi, xs)
             for i, r in enumerate(chunk):
                 results[i].append(r)
-        heat = tuple(
-            torch.cat(r, 0) * score.reshape(1, -1, *([1] * (xi.ndim - 1))).to(xi.dtype) for r, xi in zip(results, xs)
-        )
+        heat = tuple(apply_scale(torch.cat(r, 0), scale, batch_dim=1) for r in results)
     return heat if is_tuple else heat[0]
 
 

@@ -3,9 +3,10 @@ r"""Layer-wise relevance propagation on the rewrite engine.
 ``ax.lrp`` traces the model, canonizes the graph (BatchNorm folded into adjacent layers), asks
 the composite for a rule at every call site, evaluates the model once and propagates relevance
 from the selected output back to the input. The relevance entering the network is the selected
-output value, so with conservative rules and zero biases the attributions of a sample sum to
-its target score (API.md section 3). Functional ops, reused modules and in-place activations are
-separate call sites like any other, and the user's module is never touched.
+output value (for a callable target ``g``, ``out * dg/dout``), so with conservative rules and zero
+biases the attributions of a sample sum to its target score (API.md sections 2 and 3). Functional
+ops, reused modules and in-place activations are separate call sites like any other, and the
+user's module is never touched.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ._types import ModelFn, Params, Target, TensorOrTuple
 from .canonizers import merge_batchnorm
@@ -23,9 +24,9 @@ from .deeplift import seed
 from .relevance import POOLS, WEIGHTED, AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, WSquare, ZBox, ZPlus
 from .rewrite import Node, Program, Streams, forward, memoised, program_spec, substitute, trace_program
 from .rules import MAXPOOL, SOFTMAX, DeconvReLU, Gradient, GuidedReLU, is_elementwise, is_linear, n_dep, run_plan
-from .targets import prepare_call, select
+from .targets import ResolvedTarget, prepare_call, select
 
-__all__ = ["lrp", "node_kind"]
+__all__ = ["apply_scale", "initial_relevance", "lrp", "node_kind"]
 
 RESHAPE = frozenset(
     """view _unsafe_view reshape flatten unflatten permute transpose t squeeze unsqueeze select slice narrow cat concat
@@ -51,7 +52,8 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 _OP_TYPES: dict[str, type] = {
-    "conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d, "linear": nn.Linear, "relu": nn.ReLU,
+    "conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d, "conv_transpose1d": nn.ConvTranspose1d,
+    "conv_transpose2d": nn.ConvTranspose2d, "conv_transpose3d": nn.ConvTranspose3d, "linear": nn.Linear, "relu": nn.ReLU,
     "leaky_relu": nn.LeakyReLU, "elu": nn.ELU, "gelu": nn.GELU, "silu": nn.SiLU, "sigmoid": nn.Sigmoid,
     "tanh": nn.Tanh, "softplus": nn.Softplus, "avg_pool1d": nn.AvgPool1d, "avg_pool2d": nn.AvgPool2d,
     "avg_pool3d": nn.AvgPool3d, "adaptive_avg_pool1d": nn.AdaptiveAvgPool1d,
@@ -95,7 +97,7 @@ def _weights_constant(node: Node) -> bool:
 
 def module_kind(layer: Any) -> str:
     """The kind of a module, for calling a Composite directly with a module."""
-    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
         return "conv"
     if isinstance(layer, nn.Linear):
         return "linear"
@@ -128,7 +130,15 @@ def _describe(node: Node, kind: str, module: nn.Module | None) -> tuple[str, Any
         if sub is not None and not any(True for _ in sub.children()):
             return node.module, sub
     name = f"{node.module}.{node.name}" if node.module else node.name
-    return name, TracedOp(kind, node.target, node.name, node.module, _OP_TYPES.get(node.packet))
+    return name, TracedOp(kind, node.target, node.name, node.module, _op_type(node))
+
+
+def _op_type(node: Node) -> type | None:
+    """The ``nn`` class a traced op corresponds to; ``aten.convolution`` by its dims and ``transposed`` flag."""
+    if node.packet == "convolution" and node.shape is not None and 3 <= len(node.shape) <= 5 and len(node.args) > 6:
+        transposed = node.args[6] == ("c", True)
+        return _OP_TYPES.get(f"conv{'_transpose' if transposed else ''}{len(node.shape) - 2}d")
+    return _OP_TYPES.get(node.packet)
 
 
 def _first_layers(program: Program) -> frozenset[int]:
@@ -181,6 +191,39 @@ def plan_for(program: Program, composite: Any, module: nn.Module | None) -> tupl
     return substitute(program, rule_for, "lrp")
 
 
+def initial_relevance(out: Tensor, target: ResolvedTarget) -> tuple[Tensor, Tensor | None]:
+    r"""The relevance entering the network, as ``(seed, scale)``: :math:`R_{out}` = ``seed * scale``.
+
+    API.md section 2: :math:`R_{out} = out \odot \partial g / \partial out` for the target's selection
+    :math:`g`, so with conservative rules the relevance sums to :math:`g(out)` for every linear
+    :math:`g` (differences, weighted sums, ...).
+
+    * Index targets (``g = out[:, t]``): the one-hot unit seed and ``scale`` the selected score, shape
+      ``(B,)``, to multiply into the propagated relevance. Every LRP rule is linear in the relevance,
+      so this equals seeding ``score * e_t``; for the guided/deconv ReLU rules, which are not odd in
+      their input, it is Zennit's convention (its result times the score) also for negative scores.
+    * Callable targets: ``seed = out * dg/dout`` (``g`` differentiated at ``out``) and ``scale=None``.
+      For a callable ``out[:, t]`` this is ``score * e_t``: the same as the int target for every rule
+      that is linear in the relevance (all LRP rules; not guided/deconv at a negative score).
+
+    Used by ``ax.lrp``, ``ax.conditional`` and ``ax.concepts`` alike.
+    """
+    if target.kind == "callable":
+        value, pullback = torch.func.vjp(lambda o: select(o, target), out)
+        return out * pullback(torch.ones_like(value))[0], None
+    return seed(out, target), select(out, target)
+
+
+def apply_scale(relevance: Tensor, scale: Tensor | None, batch_dim: int = 0) -> Tensor:
+    """``relevance`` times the per-sample ``scale`` of :func:`initial_relevance` (broadcast over dim
+    ``batch_dim`` of ``relevance``); unchanged when ``scale`` is None."""
+    if scale is None:
+        return relevance
+    shape = [1] * relevance.ndim
+    shape[batch_dim] = -1
+    return relevance * scale.reshape(shape).to(relevance.dtype)
+
+
 @torch.compiler.assume_constant_result
 def _prepare(model_fn: Any, spec: tuple[Any, ...], batch: int | None, composite: Any, canonize: bool
              ) -> tuple[Program, tuple[Any, ...]]:
@@ -206,9 +249,11 @@ def lrp(
 
     The relevance entering the network is the selected output value :math:`f_t(x)`
     (Zennit seeds 1 instead: Zennit's result times the score equals this one; all rules are
-    linear in the relevance, so attrax propagates the unit seed and scales by the score). Relevance then
+    linear in the relevance, so attrax propagates the unit seed and scales by the score); for a
+    callable target :math:`g` it is :math:`out \odot \partial g/\partial out`, which sums to
+    :math:`g(out)` for every linear :math:`g` (a logit difference, a weighted sum). Relevance then
     flows back through every call site with its rule: ``composite=None`` means LRP-ε
-    (ε = 1e-6) on every convolution and linear layer, Norm on residual sums and average
+    (ε = 1e-6) on every (transposed) convolution and linear layer, Norm on residual sums and average
     pooling, Pass through activations and the exact gradient through max pooling and reshapes.
     With ε → 0 on a bias-free ReLU network this equals ``input_x_gradient``.
 
@@ -246,14 +291,8 @@ def lrp(
         env = forward(program, params, xs, aux=aux)
         out = env[program.output]
         publish_output(xs, out)
-        # Every LRP rule is linear in the incoming relevance, so propagating the unit seed and
-        # scaling by the score equals seeding the score; for the guided/deconv ReLU rules, which
-        # are not odd in their input, this is also Zennit's convention (its result x score).
-        grads = run_plan(program, plan, Streams(program, env, None, batch, aux), {program.output: seed(out, t)})
-        score = select(out, t)
-        result = tuple(
-            grads[i] * score.reshape(-1, *([1] * (xi.ndim - 1))).to(xi.dtype) if i in grads else torch.zeros_like(xi)
-            for i, xi in enumerate(xs)
-        )
+        start, scale = initial_relevance(out, t)
+        grads = run_plan(program, plan, Streams(program, env, None, batch, aux), {program.output: start})
+        result = tuple(apply_scale(grads[i], scale) if i in grads else torch.zeros_like(xi) for i, xi in enumerate(xs))
     return result if is_tuple else result[0]
 

@@ -1,7 +1,7 @@
 r"""LRP rules: frozen dataclasses parameterising one generic relevance backward.
 
-For a layer :math:`z = W a + b` (linear, convolution, average pooling) a rule is a
-list of *parts*, each a pair (input modifier, parameter modifier) giving
+For a layer :math:`z = W a + b` (linear, convolution, transposed convolution, average
+pooling) a rule is a list of *parts*, each a pair (input modifier, parameter modifier) giving
 :math:`z_k = W_k a_k + b_k`; the incoming relevance :math:`R` is divided by a
 stabilised sum of part outputs and sent back through each part's transpose
 :math:`c_k = W_k^\top (R / z^{stab})`, and the parts recombine as
@@ -31,8 +31,9 @@ from .rewrite import Site, _ntuple, aten_op, exact_vjp
 
 __all__ = ["AlphaBeta", "Epsilon", "Flat", "Gamma", "Norm", "Pass", "WSquare", "ZBox", "ZPlus", "stabilize"]
 
-#: ops whose second/third arguments are (weight, bias)
-WEIGHTED = frozenset(("conv1d", "conv2d", "conv3d", "convolution", "linear"))
+#: ops whose second/third arguments are (weight, bias): dense layers, convolutions and transposed convolutions
+WEIGHTED = frozenset(("conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
+                      "conv_transpose3d", "linear"))
 #: parameter-free linear layers that the layer rules also act on (implicit positive weights)
 POOLS = frozenset(("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
                    "adaptive_avg_pool3d"))
@@ -123,16 +124,40 @@ class _Layer:
         p = self.node.packet
         if p == "linear":
             return g.matmul(w)
-        if p in ("conv1d", "conv2d", "conv3d") and not self.kwargs and not (len(self.args) > 4 and isinstance(self.args[4], str)):
+        conv = _conv_arguments(p, self.args) if w is not None and not self.kwargs else None
+        if conv is not None:
             nd = w.ndim - 2
-            stride, padding, dilation, groups = (list(self.args[3:]) + [1, 0, 1, 1][len(self.args[3:]):])[:4]
+            stride, padding, dilation, transposed, output_padding, groups = conv
             return torch.ops.aten.convolution_backward(
-                g, a, w, None, _ntuple(stride, nd), _ntuple(padding, nd), _ntuple(dilation, nd), False, [0] * nd,
-                groups, [True, False, False],
+                g, a, w, None, _ntuple(stride, nd), _ntuple(padding, nd), _ntuple(dilation, nd), transposed,
+                _ntuple(output_padding, nd), groups, [True, False, False],
             )[0]
-        # anything else (pools, transposed or string-padded convolutions): differentiate the op
+        # anything else (pools, string-padded convolutions): differentiate the op
         _, pull = torch.func.vjp(lambda t: self.forward(t, w, None if self.bias is None else self.bias) * scale, a)
         return pull(g)[0]
+
+
+def _conv_arguments(packet: str, args: Sequence[Any]) -> tuple[Any, Any, Any, bool, Any, int] | None:
+    """``(stride, padding, dilation, transposed, output_padding, groups)`` of a convolution call, in the
+    order of ``aten.convolution_backward``; ``None`` for string padding ("same"/"valid") and non-convolutions.
+
+    ``conv{1,2,3}d(x, w, b, stride, padding, dilation, groups)``,
+    ``conv_transpose{1,2,3}d(x, w, b, stride, padding, output_padding, groups, dilation)`` and
+    ``convolution(x, w, b, stride, padding, dilation, transposed, output_padding, groups)``.
+    """
+    rest = list(args[3:])
+    if packet in ("conv1d", "conv2d", "conv3d"):
+        if len(rest) > 1 and isinstance(rest[1], str):
+            return None
+        stride, padding, dilation, groups = (rest + [1, 0, 1, 1][len(rest):])[:4]
+        return stride, padding, dilation, False, 0, groups
+    if packet in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
+        stride, padding, output_padding, groups, dilation = (rest + [1, 0, 0, 1, 1][len(rest):])[:5]
+        return stride, padding, dilation, True, output_padding, groups
+    if packet == "convolution" and len(rest) == 6:
+        stride, padding, dilation, transposed, output_padding, groups = rest
+        return stride, padding, dilation, bool(transposed), output_padding, groups
+    return None
 
 
 def _layer(site: Site) -> _Layer:
@@ -143,7 +168,8 @@ def _layer(site: Site) -> _Layer:
         return _Layer(node, args, kwargs, args[1], bias)
     if node.packet in POOLS:
         return _Layer(node, args, kwargs, None, None)
-    raise ValueError(f"LRP layer rules act on convolutions, linear and average-pooling layers, not {node.describe()}")
+    raise ValueError(f"LRP layer rules act on (transposed) convolutions, linear and average-pooling layers, not "
+                     f"{node.describe()}")
 
 
 @dataclass(frozen=True)
