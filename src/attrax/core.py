@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import numbers
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,28 +33,186 @@ class FunctionalModel:
 
     Calls the module with ``torch.func.functional_call``, so the tensors in
     ``params`` (not the module's own) are used and gradients with respect to
-    them are exact. The module itself is never changed: ``functional_call``
-    swaps tensors in for the duration of a call and puts the originals back;
-    a lock makes concurrent calls from several threads safe.
+    them are exact. The user's module is never changed, not even for the
+    duration of a call: ``functional_call`` swaps tensors into a private
+    *shadow* of the module tree (each submodule shallow-copied, sharing its
+    tensors, hooks and attributes), so another thread calling the module
+    itself never sees swapped tensors. A lock makes concurrent calls of the
+    shadow safe.
 
     The object also memoises the traced graphs that rule-based methods need
-    (see :mod:`attrax.rewrite`); the memo only saves time, it never changes a
-    result.
+    (see :mod:`attrax.rewrite`), keyed on :meth:`fingerprint`, which changes
+    whenever anything that can change a trace changes: the module tree and its
+    types, non-tensor attributes (flags, slopes, configs), plain tensor
+    attributes, hooks and training flags. A memo therefore never outlives the
+    model it was traced from; it holds at most ``memo_size`` entries.
     """
+
+    memo_size = 16
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self._lock = threading.RLock()
-        self._programs: dict[Any, Any] = {}
+        self._programs: _Memo = _Memo(self.memo_size)
+        self._shadow: tuple[Any, nn.Module] | None = None
+
+    def fingerprint(self) -> Any:
+        """A hashable summary of everything about the module that can change its traced graph."""
+        return module_fingerprint(self.module)
+
+    def shadow(self, fingerprint: Any = None) -> nn.Module:
+        """The private copy of the module tree that calls run on (rebuilt when the module changed)."""
+        fp = self.fingerprint() if fingerprint is None else fingerprint
+        with self._lock:
+            if self._shadow is None or self._shadow[0] != fp:
+                self._shadow = (fp, shadow_copy(self.module))
+            return self._shadow[1]
 
     def __call__(self, params: Params, *x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
             return torch.func.functional_call(self.module, dict(params), x, strict=False)
         with self._lock:
-            return torch.func.functional_call(self.module, dict(params), x, strict=False)
+            return torch.func.functional_call(self.shadow(), dict(params), x, strict=False)
 
     def __repr__(self) -> str:
         return f"FunctionalModel({type(self.module).__name__})"
+
+
+class _Memo(dict):  # type: ignore[type-arg]
+    """A dict that keeps only its ``size`` most recently inserted entries."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.pop(key, None)
+        super().__setitem__(key, value)
+        while len(self) > self.size:
+            del self[next(iter(self))]
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+
+_STRUCTURAL = frozenset(("_parameters", "_buffers", "_modules"))
+_SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.layout,
+            torch.memory_format)
+
+
+def _value_key(v: Any, depth: int, seen: dict[int, Any], refs: list[Any]) -> Any:
+    """What about attribute value ``v`` can change a trace: scalars by value, tensors by identity and
+    version, containers and plain objects (configs) by their items, other objects by identity.
+    Every object keyed by identity is appended to ``refs``, which the fingerprint keeps alive, so
+    an identity is never reused by another object while a memo entry holds the key."""
+    if isinstance(v, _SCALARS):
+        return v
+    refs.append(v)
+    if isinstance(v, Tensor):
+        return ("T", id(v), v._version)
+    if isinstance(v, nn.Module) or callable(v) or depth <= 0:
+        return ("O", id(v))
+    key = id(v)
+    if key in seen:
+        return seen[key]
+    seen[key] = ("O", key)  # cycles
+    if isinstance(v, (tuple, list)):
+        out: Any = (type(v).__name__, tuple(_value_key(e, depth - 1, seen, refs) for e in v))
+    elif isinstance(v, (set, frozenset)):
+        out = ("set", tuple(sorted(repr(_value_key(e, depth - 1, seen, refs)) for e in v)))
+    elif isinstance(v, Mapping):
+        out = ("map", tuple((repr(k), _value_key(e, depth - 1, seen, refs)) for k, e in v.items()))
+    elif hasattr(v, "__dict__"):
+        out = (type(v), key, tuple((k, _value_key(e, depth - 1, seen, refs)) for k, e in vars(v).items()))
+    else:
+        out = ("O", key)
+    seen[key] = out
+    return out
+
+
+class Fingerprint:
+    """A hashable key (``key``) plus the objects whose identities it uses (kept alive while it is)."""
+
+    __slots__ = ("key", "refs", "_hash")
+
+    def __init__(self, key: Any, refs: list[Any]) -> None:
+        self.key, self.refs, self._hash = key, refs, hash(key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Fingerprint) and self._hash == other._hash and self.key == other.key
+
+    def __hash__(self) -> int:
+        return self._hash
+
+
+def module_fingerprint(module: nn.Module) -> Fingerprint:
+    """Everything about ``module`` that can change what a trace of it records.
+
+    Per submodule, in tree order: its identity and type, the names and identities of its
+    parameters, buffers and children, and every other attribute (flags, slopes, hooks, configs,
+    plain tensor attributes) through :func:`_value_key`; plus the process-wide module hooks.
+    Computed on every call of a method (about 10 us per submodule here), so written for speed.
+    """
+    from torch.nn.modules import module as _m
+
+    seen: dict[int, Any] = {}
+    refs: list[Any] = []
+    parts: list[Any] = []
+    stack = [module]
+    scalars = _SCALAR_TYPES
+    while stack:
+        m = stack.pop()
+        refs.append(m)
+        parts.append(id(m))
+        parts.append(type(m))
+        for k, v in m.__dict__.items():
+            tv = type(v)
+            if tv in scalars:
+                parts.append(v)
+            elif k in _STRUCTURAL:
+                refs.append(tuple(v.values()))
+                parts.append(tuple((n, id(t)) for n, t in v.items()))
+                if k == "_modules":
+                    stack.extend(c for c in reversed(v.values()) if c is not None)
+            elif not v and (tv is dict or tv is OrderedDict or tv is set):
+                parts.append(0)
+            elif tv is tuple and all(type(e) in scalars for e in v):
+                parts.append(v)
+            else:
+                parts.append((k, _value_key(v, 2, seen, refs)))
+    for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks"):
+        hooks = tuple(getattr(_m, name, {}).values())
+        refs.append(hooks)
+        parts.append(tuple(map(id, hooks)))
+    return Fingerprint(tuple(parts), refs)
+
+
+_SCALAR_TYPES = frozenset((type(None), bool, int, float, str))
+
+
+def shadow_copy(module: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares every tensor, hook and attribute value with ``module``.
+
+    Each submodule is shallow-copied with its own parameter, buffer and child dicts, so
+    ``functional_call`` on the copy swaps tensors there and never in the user's module. A module
+    reached by several paths is copied once (sharing is kept).
+    """
+    memo: dict[int, nn.Module] = {}
+
+    def copy_tree(m: nn.Module) -> nn.Module:
+        if id(m) in memo:
+            return memo[id(m)]
+        c = copy.copy(m)
+        memo[id(m)] = c
+        c.__dict__["_parameters"] = dict(m._parameters)
+        c.__dict__["_buffers"] = dict(m._buffers)
+        c.__dict__["_modules"] = {k: None if v is None else copy_tree(v) for k, v in m._modules.items()}
+        return c
+
+    return copy_tree(module)
 
 
 def functionalize(module: nn.Module | Callable[..., Tensor]) -> tuple[FunctionalModel, dict[str, Tensor]]:
@@ -88,19 +248,64 @@ def functionalize(module: nn.Module | Callable[..., Tensor]) -> tuple[Functional
 
 
 class _FunctionModel(FunctionalModel):
-    """Wraps a plain ``f(params, *x)`` so traced graphs can be memoised on it."""
+    """Wraps a plain ``f(params, *x)`` so traced graphs can be memoised on it.
+
+    Its fingerprint covers what the function can read besides its arguments: its code, defaults,
+    closure cells and the globals it names (modules among them by their own fingerprint).
+    """
 
     def __init__(self, fn: Callable[..., Tensor]) -> None:
         self.fn = fn
         self.module = None  # type: ignore[assignment]
         self._lock = threading.RLock()
-        self._programs = {}
+        self._programs = _Memo(self.memo_size)
+        self._shadow = None
+
+    def fingerprint(self) -> Any:
+        return function_fingerprint(self.fn)
 
     def __call__(self, params: Params, *x: Tensor) -> Tensor:
         return self.fn(params, *x)
 
     def __repr__(self) -> str:
         return f"FunctionalModel({getattr(self.fn, '__name__', 'fn')})"
+
+
+def function_fingerprint(fn: Any) -> Any:
+    """What a plain function reads besides its arguments: code, defaults, closure and named globals."""
+    seen: dict[int, Any] = {}
+
+    refs: list[Any] = [fn]
+
+    def key(v: Any) -> Any:
+        if isinstance(v, FunctionalModel):
+            return v.fingerprint()
+        return module_fingerprint(v) if isinstance(v, nn.Module) else _value_key(v, 2, seen, refs)
+
+    target = getattr(fn, "__func__", fn)
+    code = getattr(target, "__code__", None)
+    if code is None:  # a callable object: its attributes
+        attrs = tuple((k, key(v)) for k, v in vars(fn).items()) if hasattr(fn, "__dict__") else ()
+        return Fingerprint((id(fn), attrs), refs)
+    cells = tuple(key(c.cell_contents) if _cell_full(c) else None for c in (target.__closure__ or ()))
+    globs = getattr(target, "__globals__", {})
+    named = tuple((n, key(globs[n])) for n in code.co_names if n in globs and not _is_module_object(globs[n]))
+    bound = key(fn.__self__) if hasattr(fn, "__self__") else None
+    return Fingerprint((id(code), key(target.__defaults__), key(target.__kwdefaults__), cells, named, bound), refs)
+
+
+def _cell_full(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
+def _is_module_object(v: Any) -> bool:
+    import types
+
+    return isinstance(v, types.ModuleType)
 
 
 # --------------------------------------------------------------------------- checks
@@ -224,6 +429,36 @@ def check_model(model_fn: Any, params: Any) -> None:
     for k, v in params.items():
         if not isinstance(k, str) or not isinstance(v, Tensor):
             raise TypeError(f"params must map str to Tensor, got entry {k!r}: {_describe(v)}")
+    check_param_names(model_fn, params)
+
+
+def check_param_names(model_fn: Any, params: Mapping[str, Tensor]) -> None:
+    """Every key of ``params`` must name a parameter or buffer of a functionalized module.
+
+    ``functional_call`` would silently ignore an unknown key (a typo such as
+    ``"0.weigth"``), so the model would run with its own tensor instead of the one
+    passed. Keys may be missing (the module's own tensors are used, e.g. buffers while
+    differentiating w.r.t. parameters only). Plain functions have no names to check.
+    """
+    module = model_fn.module if isinstance(model_fn, FunctionalModel) else None
+    if not isinstance(module, nn.Module) or torch.compiler.is_compiling():
+        return
+    known = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    known.update(name for name, _ in module.named_buffers(remove_duplicate=False))
+    unknown = [k for k in params if k not in known]
+    if unknown:
+        import difflib
+
+        hints = []
+        for k in unknown[:3]:
+            close = difflib.get_close_matches(k, known, n=1)
+            hints.append(f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k))
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        raise ValueError(
+            f"params has key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}{more} that name no parameter or "
+            f"buffer of the {type(module).__name__} module; params keys must be names from "
+            f"module.named_parameters() / named_buffers() (as returned by ax.functionalize)"
+        )
 
 
 def check_inputs(xs: tuple[Tensor, ...], name: str = "x", check_finite: bool = True) -> int:
@@ -239,11 +474,35 @@ def check_inputs(xs: tuple[Tensor, ...], name: str = "x", check_finite: bool = T
             batch = t.shape[0]
         elif t.shape[0] != batch:
             raise ValueError(f"all inputs must share the batch size: {label} has {t.shape[0]}, expected {batch}")
-        # one reduction is finite iff every element is (or the sum overflowed: then check exactly)
-        if check_finite and is_concrete(t) and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{label} must be finite; it contains NaN or inf (pass check_finite=False to allow)")
+        if check_finite:
+            check_finite_tensor(t, label)
     assert batch is not None
     return batch
+
+
+def check_finite_tensor(t: Tensor, label: str) -> None:
+    """``t`` must hold no NaN or inf (skipped when its values are symbolic)."""
+    # one reduction is finite iff every element is (or the sum overflowed: then check exactly)
+    if is_concrete(t) and t.is_floating_point() and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{label} must be finite; it contains NaN or inf (pass check_finite=False to allow)")
+
+
+def check_dtypes(params: Mapping[str, Tensor], xs: tuple[Tensor, ...]) -> str | None:
+    """Describe a floating dtype mismatch between ``x`` and ``params`` (``None`` when they agree).
+
+    A mismatch is not an error by itself (a model may cast); callers evaluate the model
+    to find out, and report this description when it fails.
+    """
+    x_dtypes = {t.dtype for t in xs}
+    odd = {k: v.dtype for k, v in params.items() if v.is_floating_point() and v.dtype not in x_dtypes}
+    if not odd:
+        return None
+    name, dtype = next(iter(odd.items()))
+    got = " and ".join(sorted(str(d) for d in x_dtypes))
+    return (
+        f"x has dtype {got} but params hold dtype {dtype} (e.g. {name!r}); convert one to match the other, "
+        f"e.g. x.to({dtype}) or {{k: v.to({next(iter(x_dtypes))}) for k, v in params.items()}}"
+    )
 
 
 def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> None:
@@ -271,14 +530,17 @@ def check_generator(generator: Any) -> None:
         raise TypeError(f"generator must be a torch.Generator or None, got {_describe(generator)}")
 
 
-def broadcast_baseline(baseline: Any, x: Tensor, name: str = "baseline") -> Tensor:
+def broadcast_baseline(baseline: Any, x: Tensor, name: str = "baseline", check_finite: bool = True) -> Tensor:
     """A reference input with the shape, dtype and device of ``x``.
 
-    ``None`` means zeros; a number fills; a tensor must broadcast to ``x``.
+    ``None`` means zeros; a number fills; a tensor must broadcast to ``x``. With
+    ``check_finite`` NaN/inf are rejected, as in ``x``.
     """
     if baseline is None:
         return torch.zeros_like(x)
     if isinstance(baseline, numbers.Real) and not isinstance(baseline, bool):
+        if check_finite and not _isfinite(baseline):
+            raise ValueError(f"{name} must be finite, got {baseline} (pass check_finite=False to allow)")
         return torch.full_like(x, float(baseline))
     if not isinstance(baseline, Tensor):
         raise TypeError(f"{name} must be None, a number or a Tensor broadcastable to x, got {_describe(baseline)}")
@@ -290,16 +552,22 @@ def broadcast_baseline(baseline: Any, x: Tensor, name: str = "baseline") -> Tens
         raise ValueError(
             f"{name} of shape {tuple(baseline.shape)} does not broadcast to x of shape {tuple(x.shape)}"
         )
+    if check_finite:
+        check_finite_tensor(baseline, name)
     return baseline.to(dtype=x.dtype, device=x.device).expand_as(x)
 
 
-def baselines_for(baseline: Any, xs: tuple[Tensor, ...], name: str = "baseline") -> tuple[Tensor, ...]:
-    """Per-input baselines for a tuple of inputs."""
+def baselines_for(
+    baseline: Any, xs: tuple[Tensor, ...], name: str = "baseline", check_finite: bool = True
+) -> tuple[Tensor, ...]:
+    """Per-input baselines for a tuple of inputs (finite unless ``check_finite=False``)."""
     if isinstance(baseline, (tuple, list)):
         if len(baseline) != len(xs):
             raise ValueError(f"{name} has {len(baseline)} entries but x has {len(xs)} inputs")
-        return tuple(broadcast_baseline(b, t, f"{name}[{i}]") for i, (b, t) in enumerate(zip(baseline, xs)))
-    return tuple(broadcast_baseline(baseline, t, name) for t in xs)
+        return tuple(
+            broadcast_baseline(b, t, f"{name}[{i}]", check_finite) for i, (b, t) in enumerate(zip(baseline, xs))
+        )
+    return tuple(broadcast_baseline(baseline, t, name, check_finite) for t in xs)
 
 
 def chunks(n: int, chunk_size: int | None) -> Iterator[tuple[int, int]]:
@@ -313,3 +581,27 @@ def _describe(value: Any) -> str:
     if isinstance(value, Tensor):
         return f"Tensor(shape={tuple(value.shape)}, dtype={value.dtype})"
     return f"{type(value).__name__} {value!r}" if isinstance(value, (int, float, str)) else type(value).__name__
+
+
+def _isfinite(value: numbers.Real) -> bool:
+    import math
+
+    return math.isfinite(value)
+
+
+def without_inference_tensors(params: Params, xs: tuple[Tensor, ...]) -> tuple[Params, tuple[Tensor, ...]]:
+    """Replace inference tensors (made under ``torch.inference_mode``) by normal clones.
+
+    Inference tensors can never be recorded by autograd ("cannot be saved for
+    backward"), so gradient methods could not use them even in a local
+    ``torch.inference_mode(False)`` block. Only inference tensors are copied;
+    everything else passes through unchanged (and keeps sharing storage).
+    """
+    if torch.compiler.is_compiling():
+        return params, xs
+    if not any(t.is_inference() for t in xs) and not any(v.is_inference() for v in params.values()):
+        return params, xs
+    with torch.inference_mode(False):
+        xs = tuple(t.clone() if t.is_inference() else t for t in xs)
+        params = {k: v.clone() if v.is_inference() else v for k, v in params.items()}
+    return params, xs

@@ -28,6 +28,7 @@ one place:
 from __future__ import annotations
 
 import operator
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -152,6 +153,7 @@ class Program:
 # ------------------------------------------------------------------------ tracing
 
 _TRACE_BATCH_FALLBACK = (2, 3)
+_UNSET = object()
 
 
 def program_spec(model_fn: Callable[..., Tensor], params: Any, xs: Sequence[Tensor]) -> tuple[tuple[Any, ...], int | None]:
@@ -192,57 +194,64 @@ def trace_program(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch:
     branches on ``x.shape[0]`` are always taken as in eager mode. A symbolic batch
     (``torch.compile(dynamic=True)``, export) gets a batch-generic program, traced
     at two sizes with the integer arguments that move with the batch stored as
-    affine functions of it.
+    affine functions of it. Memoised programs are keyed on the model's fingerprint
+    (``FunctionalModel.fingerprint``), so a changed model is traced again.
     """
-    cache = model_fn._programs if isinstance(model_fn, FunctionalModel) else None
-    key = (spec, batch)
-    if cache is not None:
-        with model_fn._lock:
-            hit = cache.get(key)
-        if hit is not None:
-            return hit
-    if batch is not None:
-        program = replace(_build(_trace(model_fn, spec, batch), spec), batch=batch)
-    else:
+    fingerprint = model_fn.fingerprint() if isinstance(model_fn, FunctionalModel) else None
+    return memoised(model_fn, (spec, batch), lambda: _trace_program(model_fn, spec, batch, fingerprint),
+                    fingerprint=fingerprint)
+
+
+def _trace_program(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int | None,
+                   fingerprint: Any) -> Program:
+    with _TRACE_LOCK:  # make_fx and the fake-tensor machinery are not safe to enter from two threads at once
+        if batch is not None:
+            return replace(_build(_trace(model_fn, spec, batch, fingerprint), spec), batch=batch)
         sizes = _TRACE_BATCH_FALLBACK
-        first = _build(_trace(model_fn, spec, sizes[0]), spec)
-        second = _build(_trace(model_fn, spec, sizes[1]), spec)
-        generic = _generalize(first, second, sizes)
-        if generic is None:
-            raise UnsupportedOperation(
-                "model_fn's graph changes with the batch size, so it cannot be traced for a symbolic batch; "
-                "call the method with a fixed batch size (torch.compile without dynamic=True)"
-            )
-        program = generic
-    if cache is not None:
-        with model_fn._lock:
-            cache[key] = program
-    return program
+        first = _build(_trace(model_fn, spec, sizes[0], fingerprint), spec)
+        second = _build(_trace(model_fn, spec, sizes[1], fingerprint), spec)
+    generic = _generalize(first, second, sizes)
+    if generic is None:
+        raise UnsupportedOperation(
+            "model_fn's graph changes with the batch size, so it cannot be traced for a symbolic batch; "
+            "call the method with a fixed batch size (torch.compile without dynamic=True)"
+        )
+    return generic
 
 
-def memoised(model_fn: Any, key: Any, compute: Callable[[], Any]) -> Any:
-    """``compute()`` memoised on a ``FunctionalModel`` under ``key`` (plain functions: not memoised)."""
+_TRACE_LOCK = threading.RLock()
+
+
+def memoised(model_fn: Any, key: Any, compute: Callable[[], Any], fingerprint: Any = _UNSET) -> Any:
+    """``compute()`` memoised on a ``FunctionalModel`` under ``key`` and the model's fingerprint
+    (plain functions: not memoised). A changed model has another fingerprint, so nothing computed
+    from an earlier state of it is ever returned."""
     cache = model_fn._programs if isinstance(model_fn, FunctionalModel) else None
     if cache is None:
         return compute()
+    full = (model_fn.fingerprint() if fingerprint is _UNSET else fingerprint, key)
     with model_fn._lock:
-        if key in cache:
-            return cache[key]
+        if full in cache:
+            return cache[full]
     value = compute()
     with model_fn._lock:
-        return cache.setdefault(key, value)
+        return cache.setdefault(full, value)
 
 
 #: marked constant so ``torch.compile`` runs tracing once, at trace time, outside the compiled region
 _program = torch.compiler.assume_constant_result(trace_program)
 
 
-def _trace(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int) -> torch.fx.GraphModule:
+def _trace(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int, fingerprint: Any = None
+           ) -> torch.fx.GraphModule:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
     param_spec, input_spec, _ = spec
-    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    # Tensors the model reads besides params and x (plain tensor attributes, buffers left out of
+    # params, tensors a plain function closes over) are real: they become constants of the program,
+    # read by reference, as torch.export lifts them.
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         params = {
             k: torch.empty_strided(shape, stride, dtype=_DTYPES[dt], device=torch.device(dev))
@@ -250,22 +259,71 @@ def _trace(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int) -
         }
         xs = [torch.empty((batch, *shape), dtype=_DTYPES[dt], device=torch.device(dev)) for shape, dt, dev in input_spec]
 
-    def fn(p: dict[str, Tensor], *x: Tensor) -> Tensor:
-        return model_fn(p, *x)
-
     module = getattr(model_fn, "module", None)
     if module is not None:
-        fn._orig_mod = module  # type: ignore[attr-defined]  # lets make_fx record module paths
+        # the private shadow of the module tree: the user's module never holds fake tensors, so
+        # other threads calling it meanwhile are undisturbed
+        shadow = model_fn.shadow(fingerprint)  # type: ignore[attr-defined]
+        _check_hooks(shadow)
+
+        def fn(p: dict[str, Tensor], *x: Tensor) -> Tensor:
+            return torch.func.functional_call(shadow, p, x, strict=False)
+
+        fn._orig_mod = shadow  # type: ignore[attr-defined]  # lets make_fx record module paths
+    else:
+        def fn(p: dict[str, Tensor], *x: Tensor) -> Tensor:
+            return model_fn(p, *x)
+
     try:
         with mode, torch.enable_grad():
             return make_fx(fn, tracing_mode="real", pre_dispatch=True, record_module_stack=module is not None)(params, *xs)
     except UnsupportedOperation:
         raise
-    except Exception as e:  # tracing failures surface as a clear argument error
+    except Exception as e:  # tracing failures surface as a clear argument error, with their cause
+        raise UnsupportedOperation(_trace_failure(e, batch, input_spec)) from e
+
+
+def _check_hooks(module: torch.nn.Module) -> None:
+    """Refuse user forward hooks: a trace would call them with placeholder (fake) tensors."""
+    from torch.nn.modules import module as _m
+
+    found = [(path, h) for path, m in module.named_modules()
+             for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values() if not _torch_internal(h)]
+    found += [("(every module)", h) for d in (_m._global_forward_hooks, _m._global_forward_pre_hooks)
+              for h in d.values() if not _torch_internal(h)]
+    if found:
+        path, h = found[0]
         raise UnsupportedOperation(
-            f"could not trace model_fn into a graph for rule-based attribution ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); models with data-dependent control flow are not supported"
-        ) from e
+            f"module '{path}' has a forward hook ({getattr(h, '__qualname__', type(h).__name__)}); rule-based methods "
+            f"trace the model on placeholder tensors and would call the hook with them. Remove the hook while "
+            f"attributing (handle.remove()), or use a gradient method, which calls the model on real tensors"
+        )
+
+
+def _torch_internal(hook: Any) -> bool:
+    """Hooks torch installs itself (weight_norm, spectral_norm, ...) are part of the model's computation."""
+    owner = getattr(hook, "__module__", None) or type(hook).__module__
+    return owner.startswith("torch.")
+
+
+def _trace_failure(e: Exception, batch: int, input_spec: Any) -> str:
+    """Say why tracing failed and what to do, from the exception."""
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    cause = f"{type(e).__name__}: {text}"
+    data_dependent = isinstance(e, GuardOnDataDependentSymNode) or any(
+        s in str(e) for s in ("data-dependent", "data dependent", "DataDependentOutputException",
+                              "aten._local_scalar_dense", ".item()", "Could not guard on data-dependent"))
+    if data_dependent:
+        why = ("model_fn branches on tensor values (Python control flow on .item(), bool(tensor) or nonzero); "
+               "rule-based methods need one graph for all inputs: use torch.where/masking instead of a branch")
+    else:
+        shapes = ", ".join(f"({batch}, {', '.join(map(str, s))})" for s, _, _ in input_spec)
+        why = (f"rule-based methods trace model_fn(params, x) on placeholder tensors of x's shape [{shapes}] and "
+               f"it failed there; check that model_fn runs on a batch of that shape (x needs its batch dimension "
+               f"first) and on these params")
+    return f"could not trace model_fn into a graph for rule-based attribution ({cause}); {why}"
 
 
 _DTYPES = {str(d): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.int32,
@@ -348,7 +406,7 @@ def _build(gm: torch.fx.GraphModule, spec: tuple[Any, ...]) -> Program:
         )
         index[fx_node] = i
         first = fx_node.args[0] if fx_node.args else None
-        if name.split(".")[1] in _VIEW_OPS and isinstance(first, torch.fx.Node) and first in index:
+        if (packet in _VIEW_OPS or packet == "getitem") and isinstance(first, torch.fx.Node) and first in index:
             alias_root[i] = alias_root[index[first]]
         else:
             alias_root[i] = i
