@@ -63,7 +63,7 @@ def feature_groups(feature_mask: Any, xs: tuple[Tensor, ...]) -> tuple[tuple[Ten
     if feature_mask is None:
         masks, offset = [], 0
         for x in xs:
-            n = x[0].numel()
+            n = math.prod(x.shape[1:])  # not x[0].numel(): x may be an empty batch
             masks.append((torch.arange(n, device=x.device) + offset).reshape(1, *x.shape[1:]))
             offset += n
         return tuple(masks), offset
@@ -108,6 +108,11 @@ def _spread(values: Tensor, groups: tuple[Tensor, ...], xs: tuple[Tensor, ...]) 
 def _check_common(chunk_size: Any, generator: Any = None) -> None:
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
     check_generator(generator)
+
+
+def _empty(xs: tuple[Tensor, ...], is_tuple: bool) -> TensorOrTuple:
+    """The attributions of an empty batch: empty tensors shaped like ``x`` (the model is not called)."""
+    return _pack(tuple(torch.zeros_like(x_i) for x_i in xs), is_tuple)
 
 
 # ------------------------------------------------------------------------ occlusion
@@ -179,6 +184,8 @@ def occlusion(
                 raise ValueError(f"window {w} is larger than x{'' if len(xs) == 1 else f'[{i}]'} of shape {tuple(x_i.shape)}")
             if sd > wd and n != wd:
                 raise ValueError(f"stride {s} must not exceed window {w} (features would be skipped)")
+    if batch == 0:
+        return _empty(xs, is_tuple)
     with eager_no_grad():
         full = _score(model_fn, params, xs, t)
         attrs = []
@@ -260,6 +267,8 @@ def feature_ablation(
     _check_common(chunk_size)
     groups, n_groups = feature_groups(feature_mask, xs)
     bs = baselines_for(baseline, xs)
+    if batch == 0:
+        return _empty(xs, is_tuple)
     with eager_no_grad():
         full = _score(model_fn, params, xs, t)
 
@@ -312,6 +321,8 @@ def shapley_sampling(
     _check_common(chunk_size, generator)
     check_positive_int(n_samples, "n_samples")
     groups, k = feature_groups(feature_mask, xs)
+    if batch == 0:
+        return _empty(xs, is_tuple)
     bs = baselines_for(0.0, xs)
     device = generator.device if generator is not None else xs[0].device
     perms = []
@@ -361,21 +372,24 @@ def _coalition_inputs(groups: tuple[Tensor, ...], xs: tuple[Tensor, ...], bs: tu
     return make
 
 
-def _weighted_least_squares(z: Tensor, y: Tensor, w: Tensor, ridge: float) -> Tensor:
-    """Per sample ``min sum_i w_i (y_i - c - z_i.phi)^2 + ridge |phi|^2``; returns ``phi`` ``(B, K)``."""
-    n, k = z.shape
-    design = torch.cat([torch.ones(n, 1, dtype=y.dtype, device=y.device), z.to(y.dtype)], 1)  # (n, K+1)
-    sw = w.sqrt().unsqueeze(-1)  # (B?, n, 1)
-    a = sw * design  # (B, n, K+1)
-    b = sw.squeeze(-1) * y.T  # (B, n)
-    gram = a.transpose(1, 2) @ a
-    if ridge > 0:
-        reg = torch.eye(k + 1, dtype=y.dtype, device=y.device) * ridge
-        reg[0, 0] = 0
-        gram = gram + reg
-    rhs = (a.transpose(1, 2) @ b.unsqueeze(-1))
-    coef = torch.linalg.lstsq(gram, rhs).solution.squeeze(-1)
-    return coef[:, 1:]
+def _weighted_ridge(z: Tensor, y: Tensor, w: Tensor, ridge: float) -> Tensor:
+    """Per sample ``min sum_i w_i (y_i - c - z_i.phi)^2 + ridge |phi|^2`` (``c`` free); ``phi`` ``(B, K)``.
+
+    Solved in float64 on the CPU without normal equations: centring by the weighted means removes
+    ``c``, and the stacked system ``[sqrt(w) Zc; sqrt(ridge) I] phi = [sqrt(w) yc; 0]`` goes to
+    LAPACK ``gelsd`` (deterministic; minimum-norm when rank-deficient).
+    """
+    k = z.shape[1]
+    zf = z.cpu().to(torch.float64)
+    yt = y.detach().cpu().to(torch.float64).T  # (B, n)
+    w = w.detach().cpu().to(torch.float64)  # (B, n)
+    wn = w / w.sum(1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
+    zc = zf.unsqueeze(0) - (wn @ zf).unsqueeze(1)  # (B, n, K)
+    yc = yt - (wn * yt).sum(1, keepdim=True)  # (B, n)
+    sw = w.sqrt()
+    a = torch.cat([sw.unsqueeze(2) * zc, math.sqrt(ridge) * torch.eye(k, dtype=torch.float64).expand(w.shape[0], k, k)], 1)
+    b = torch.cat([sw * yc, torch.zeros(w.shape[0], k, dtype=torch.float64)], 1)
+    return torch.linalg.lstsq(a, b.unsqueeze(2), driver="gelsd").solution.squeeze(2)
 
 
 def kernel_shap(
@@ -392,12 +406,32 @@ def kernel_shap(
 ) -> TensorOrTuple:
     r"""KernelSHAP [1]: Shapley values from a weighted linear fit over random coalitions.
 
-    Coalitions :math:`z \in \{0,1\}^M` of the feature groups are drawn from the Shapley kernel
-    (size :math:`s` with probability :math:`\propto (M-1)/(s(M-s))`, then a uniform subset), the
-    model is evaluated on :math:`h(z)` (``x`` on the coalition, 0 elsewhere), and
-    :math:`f_t(h(z)) \approx \phi_0 + z\cdot\phi` is fitted by least squares with
-    ``torch.linalg``; the empty and full coalitions are added with large weight so that
-    :math:`\sum\phi = f_t(x) - f_t(0)` holds. Exact on linear models.
+    ``n_samples`` coalitions :math:`z \in \{0,1\}^M` of the :math:`M` feature groups are drawn
+    from the Shapley kernel (size :math:`0 < s < M` with probability :math:`\propto (M-1)/(s(M-s))`,
+    then a uniform subset), all before the first model call, so ``chunk_size`` does not change
+    them. The model is evaluated on :math:`h(z)` (``x`` on the coalition, 0 elsewhere) and on the
+    empty and full coalitions, and
+
+    .. math:: \min_\phi \sum_i \big(f_t(h(z_i)) - f_t(0) - z_i\cdot\phi\big)^2
+              \quad\text{s.t.}\quad \sum_j \phi_j = f_t(x) - f_t(0)
+
+    is solved per sample: the empty and full coalitions are exact constraints (the infinite
+    kernel weight of [1], eq. 8, which Captum approximates with weight :math:`10^6` and a free
+    intercept). The constraint is eliminated with an orthonormal basis of
+    :math:`\{v : \sum_j v_j = 0\}` and the remaining least-squares problem is solved in float64
+    on the CPU by LAPACK ``gelsd`` (SVD: minimum-norm when fewer than :math:`M-1` independent
+    coalitions were drawn, and bit-identical from call to call for a generator seeded alike).
+    A model linear in the coalition indicators (e.g. :math:`w\cdot x + b`) is fitted exactly as
+    soon as the draws determine :math:`\phi` (:math:`M-1` of them independent modulo the
+    constraint); with fewer, the constraint still holds exactly.
+
+    Args:
+        feature_mask: Integer group ids broadcastable to ``x``; ``None``: every scalar alone.
+        n_samples: Coalitions drawn (besides the empty and full ones).
+        generator: Source of the draws; ``None`` uses torch's default generator.
+        chunk_size: Coalitions per sample evaluated in one model call (the result does not change).
+    Returns:
+        Attributions with the shape, dtype and device of ``x`` (empty for an empty batch).
 
     References:
         [1] Lundberg, Lee. A Unified Approach to Interpreting Model Predictions. NeurIPS 2017.
@@ -414,21 +448,59 @@ def kernel_shap(
     _check_common(chunk_size, generator)
     check_positive_int(n_samples, "n_samples")
     groups, k = feature_groups(feature_mask, xs)
+    if batch == 0:
+        return _empty(xs, is_tuple)
     bs = baselines_for(0.0, xs)
-    z = _shapley_coalitions(k, n_samples, generator).to(xs[0].device)
-    z = torch.cat([z, torch.zeros(1, k, dtype=torch.bool, device=z.device), torch.ones(1, k, dtype=torch.bool, device=z.device)])
-    w = torch.ones(z.shape[0], dtype=xs[0].dtype, device=xs[0].device)
-    w[-2:] = 1e6
+    z = _shapley_coalitions(k, n_samples, generator).to(xs[0].device)  # every draw before any model call
+    ends = torch.stack([torch.zeros(k, dtype=torch.bool, device=z.device), torch.ones(k, dtype=torch.bool, device=z.device)])
+    z = torch.cat([z, ends])
     with eager_no_grad():
-        y = _evaluate(model_fn, params, t, z.shape[0], chunk_size, _coalition_inputs(groups, xs, bs, z))  # (n, B)
-        phi = _weighted_least_squares(z, y, w.expand(batch, -1), 0.0)
-        attrs = _spread(phi, groups, xs)
+        y = _evaluate(model_fn, params, t, z.shape[0], chunk_size, _coalition_inputs(groups, xs, bs, z))  # (n + 2, B)
+        phi = _constrained_shapley_fit(z[:-2], y[:-2], y[-2], y[-1])  # (B, K) float64 on the CPU
+        attrs = _spread(phi.to(dtype=_common_dtype(xs)).to(xs[0].device), groups, xs)
     return _pack(attrs, is_tuple)
 
 
+def _common_dtype(xs: tuple[Tensor, ...]) -> torch.dtype:
+    dtype = xs[0].dtype
+    for x_i in xs[1:]:
+        dtype = torch.promote_types(dtype, x_i.dtype)
+    return dtype
+
+
+def _constrained_shapley_fit(z: Tensor, y: Tensor, empty: Tensor, full: Tensor) -> Tensor:
+    r"""Per sample :math:`\min_\phi |y - e - Z\phi|^2` s.t. :math:`1\cdot\phi = f - e`, in float64.
+
+    ``z``: ``(n, M)`` coalitions, ``y``: ``(n, B)`` their scores, ``empty``/``full``: ``(B,)`` the
+    scores :math:`e` and :math:`f` of the empty and full coalitions; returns ``(B, M)`` on the CPU.
+    With :math:`\delta = f - e`, :math:`\phi = \frac{\delta}{M}1 + Qu` where the columns of
+    :math:`Q` (the columns 2..M of the Householder reflection :math:`H` that swaps :math:`e_1` and
+    :math:`1/\sqrt M`) are an orthonormal basis of :math:`1^\perp`, so :math:`Z Q` is no worse
+    conditioned than :math:`Z` and :math:`u` is the minimum-norm solution of
+    :math:`ZQu = y - e - \frac{\delta}{M} Z 1` (LAPACK ``gelsd``, deterministic). One
+    factorisation serves the whole batch (the draws are shared).
+    """
+    f64 = torch.float64
+    n, m = z.shape
+    y, empty, full = (v.detach().cpu().to(f64) for v in (y, empty, full))
+    base = (full - empty) / max(m, 1)  # (B,)
+    if m <= 1 or n == 0:
+        return base.unsqueeze(1).expand(-1, m).clone()
+    zf = z.cpu().to(f64)
+    v = torch.full((m,), -1 / math.sqrt(m), dtype=f64)
+    v[0] += 1
+    scale = 2 / (v @ v)
+    design = (zf - scale * (zf @ v).unsqueeze(1) * v)[:, 1:]  # Z H without its first column: Z Q, (n, M-1)
+    rhs = y - empty - base * zf.sum(1, keepdim=True)  # (n, B)
+    u = torch.linalg.lstsq(design, rhs, driver="gelsd").solution  # (M-1, B)
+    qu = torch.cat([torch.zeros(1, u.shape[1], dtype=f64), u]) - scale * v.unsqueeze(1) * (v[1:] @ u)  # H [0; u]
+    return (qu + base).T
+
+
 def _shapley_coalitions(k: int, n: int, generator: torch.Generator | None) -> Tensor:
-    if k == 1:
-        return torch.ones(n, 1, dtype=torch.bool)
+    """``(n, k)`` coalitions of size ``0 < s < k`` from the Shapley kernel (none when ``k <= 1``)."""
+    if k <= 1:
+        return torch.zeros(0, k, dtype=torch.bool)
     sizes = torch.arange(1, k, dtype=torch.float64)
     p = (k - 1) / (sizes * (k - sizes))
     device = generator.device if generator is not None else torch.device("cpu")
@@ -457,11 +529,17 @@ def lime(
 ) -> TensorOrTuple:
     r"""LIME [1]: a sparse local linear surrogate fitted on random on/off feature patterns.
 
-    Coalitions :math:`z \sim \text{Bernoulli}(1/2)^M` switch groups between ``x`` and 0;
-    samples are weighted by the exponential kernel :math:`\exp(-d^2/w^2)` of the ``cosine`` or
-    ``euclidean`` distance between the perturbed and the original input (Captum's defaults), and
-    :math:`f_t \approx c + z\cdot\phi` is fitted in torch with ``lasso`` (weighted, by proximal
-    gradient, penalty ``alpha``: Captum's default surrogate) or ``ridge`` (closed form).
+    Coalitions :math:`z \sim \text{Bernoulli}(1/2)^M` switch groups between ``x`` and 0, all
+    drawn before the first model call (``chunk_size`` does not change them); samples are weighted
+    by the exponential kernel :math:`\exp(-d^2/w^2)`, :math:`w` = ``kernel_width``, of the
+    ``cosine`` (default, as Captum) or ``euclidean`` distance :math:`d` between the perturbed and
+    the original input, and :math:`f_t \approx c + z\cdot\phi` is fitted with ``lasso``
+    (weighted, by proximal gradient in the model output's dtype, penalty ``alpha``: Captum's
+    default surrogate) or ``ridge`` (penalty ``alpha``, solved in float64).
+
+    Deviation: Captum's default similarity (like the ``lime`` package) is
+    :math:`\exp(-d^2/(2w^2))`, a kernel :math:`\sqrt2` times wider at the same ``kernel_width``;
+    pass ``kernel_width=math.sqrt(2) * w`` to weight samples as Captum does with width ``w``.
 
     References:
         [1] Ribeiro, Singh, Guestrin. "Why Should I Trust You?" KDD 2016.
@@ -487,6 +565,8 @@ def lime(
     if not (isinstance(alpha, numbers.Real) and alpha >= 0):
         raise ValueError(f"alpha must be >= 0, got {_describe(alpha)}")
     groups, k = feature_groups(feature_mask, xs)
+    if batch == 0:
+        return _empty(xs, is_tuple)
     bs = baselines_for(0.0, xs)
     device = generator.device if generator is not None else xs[0].device
     z = (torch.rand(n_samples, k, generator=generator, device=device) < 0.5).to(xs[0].device)
@@ -496,7 +576,7 @@ def lime(
         dist = _distances(make, xs, n_samples, chunk_size, distance)  # (n, B)
         w = torch.exp(-(dist**2) / kernel_width**2).T  # (B, n)
         if regularization == "ridge":
-            phi = _weighted_least_squares(z, y, w, float(alpha))
+            phi = _weighted_ridge(z, y, w, float(alpha)).to(dtype=y.dtype, device=y.device)
         else:
             phi = _weighted_lasso(z.to(y.dtype), y, w, float(alpha))
         attrs = _spread(phi, groups, xs)
