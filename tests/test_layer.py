@@ -69,6 +69,68 @@ def test_grad_cam_matches_captum_without_relu():
     torch.testing.assert_close(ax.layer.grad_cam(f, p, X, T, "conv2", relu=False), theirs, rtol=1e-6, atol=1e-10)
 
 
+class Tokens(nn.Module):
+    """(B, T, D) -> Linear inside a residual block -> mean over tokens: a transformer-shaped model."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp, self.head = nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = x + torch.relu(self.mlp(x))
+        return self.head(h.mean(1))
+
+
+def test_grad_cam_needs_a_channel_dim_on_token_layers():
+    # issue 15 #7: on a (B, T, D) Linear output the old grad_cam took the T tokens for channels and returned
+    # (B, 1, D); now it refuses, and channel_dim=-1 weights the D features and gives one value per token
+    torch.manual_seed(1)
+    m = Tokens().double().eval()
+    f, p = ax.functionalize(m)
+    x = torch.randn(2, 4, 5, dtype=D)
+    for fn in (ax.layer.grad_cam, ax.layer.guided_grad_cam):
+        with pytest.raises(ValueError, match=r"grad_cam needs a channel dim: layer 'mlp' has output shape \(2, 4, 5\)"):
+            fn(f, p, x, 1, "mlp")
+    a = m.mlp(x).detach().requires_grad_()
+    (g,) = torch.autograd.grad(m.head((x + torch.relu(a)).mean(1))[:, 1].sum(), a)
+    want = (g.mean(1, keepdim=True) * a.detach()).sum(2, keepdim=True)  # (B, T, 1)
+    for cd in (-1, 2):
+        torch.testing.assert_close(ax.layer.grad_cam(f, p, x, 1, "mlp", channel_dim=cd, relu=False), want)
+    cam = ax.layer.grad_cam(f, p, x, 1, "mlp", channel_dim=-1)
+    torch.testing.assert_close(cam, want.clamp(min=0))
+    guided = ax.layer.guided_grad_cam(f, p, x, 1, "mlp", channel_dim=-1)  # the (B, T, 1) map broadcasts to x
+    torch.testing.assert_close(guided, ax.guided_backprop(f, p, x, 1) * cam)
+    for cd in (0, 3, -3):
+        with pytest.raises(ValueError, match=f"channel_dim {cd} is out of range"):
+            ax.layer.grad_cam(f, p, x, 1, "mlp", channel_dim=cd)
+
+
+def test_grad_cam_accepts_conv_layouts_through_residuals_pooling_and_cat():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.conv, self.side = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv1d(4, 2, 1)
+            self.bn, self.pool, self.fc = nn.BatchNorm2d(4), nn.MaxPool2d(2), nn.Linear(6 * 9, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.bn(self.conv(self.stem(x))) + self.stem(x))  # a residual block's output ...
+            h = self.pool(h).flatten(2)  # ... pooled, then (B, C, L)
+            return self.fc(torch.cat([h, self.side(h)], 1).flatten(1))
+
+    torch.manual_seed(2)
+    m = Net().double().eval()
+    f, p = ax.functionalize(m)
+    x = torch.randn(2, 2, 6, 6, dtype=D)
+    from attrax.rewrite import program_for
+
+    nodes = {n.packet: n.name for n in program_for(f, p, (x,)).nodes}
+    for layer, shape in (("bn", (2, 1, 6, 6)), (nodes["relu"], (2, 1, 6, 6)), ("pool", (2, 1, 3, 3)),
+                         ("side", (2, 1, 9)), (nodes["cat"], (2, 1, 9))):
+        cam = ax.layer.grad_cam(f, p, x, 0, layer)
+        assert cam.shape == shape, layer
+        torch.testing.assert_close(ax.layer.grad_cam(f, p, x, 0, layer, channel_dim=1), cam)
+
+
 def test_layer_ig_is_complete_at_the_layer_and_conductance_sums_to_it():
     m = tiny()
     f, p = ax.functionalize(m)

@@ -56,11 +56,12 @@ class _Split:
         return grad_of_selected(lambda _, act: self.top(act), {}, (a,), target, weights)[0]
 
 
-def _prepare(model_fn: ModelFn, params: Params, x: Any, target: Target, layer: Any, check_finite: bool
-             ) -> tuple[tuple[Tensor, ...], Params, int, ResolvedTarget]:
+def _prepare(model_fn: ModelFn, params: Params, x: Any, target: Target, layer: Any, check_finite: bool,
+             check_output: bool = True) -> tuple[tuple[Tensor, ...], Params, int, ResolvedTarget]:
     if not isinstance(layer, str):
         raise TypeError(f"layer must be a dotted module path or a graph node name (str), got {type(layer).__name__}")
-    xs, params, _, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
+    xs, params, _, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite,
+                                           check_output=check_output)
     return xs, params, batch, t
 
 
@@ -75,7 +76,7 @@ def activation(model_fn: ModelFn, params: Params, x: Any, layer: str, *, check_f
         >>> torch.equal(ax.layer.activation(model_fn, params, x, "1"), net[1](net[0](x)))
         True
     """
-    xs, params, _, _ = _prepare(model_fn, params, x, None, layer, check_finite)
+    xs, params, _, _ = _prepare(model_fn, params, x, None, layer, check_finite, check_output=False)  # no target
     with eager_no_grad():
         return _Split(model_fn, params, xs, layer).value
 
@@ -89,13 +90,68 @@ def gradient_x_activation(model_fn: ModelFn, params: Params, x: Any, target: Tar
         return split.value * split.grad(split.value, t)
 
 
-def grad_cam(model_fn: ModelFn, params: Params, x: Any, target: Target, layer: str, *, relu: bool = True,
-             check_finite: bool = True) -> Tensor:
-    r"""Grad-CAM [1] at ``layer``: :math:`\mathrm{ReLU}(\sum_c \alpha_c A_c)` with
-    :math:`\alpha_c` the spatial mean of :math:`\partial f_t / \partial A_c`.
+#: ops whose output is laid out (B, C, *spatial)
+_CHANNEL_FIRST_OPS = frozenset(
+    """conv1d conv2d conv3d convolution _convolution conv_transpose1d conv_transpose2d conv_transpose3d max_pool1d
+    max_pool2d max_pool3d max_pool2d_with_indices max_pool3d_with_indices avg_pool1d avg_pool2d avg_pool3d
+    adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d
+    adaptive_max_pool3d batch_norm native_batch_norm _native_batch_norm_legit_no_training instance_norm group_norm
+    upsample_nearest1d upsample_nearest2d upsample_nearest3d upsample_linear1d upsample_bilinear2d upsample_bicubic2d
+    upsample_trilinear3d pixel_shuffle pixel_unshuffle""".split()
+)
+#: ops whose output keeps the layout of their same-rank inputs (elementwise, residual adds, cat, pad)
+_SAME_LAYOUT_OPS = frozenset(
+    """relu relu6 leaky_relu elu selu celu gelu silu mish sigmoid tanh softplus hardtanh hardswish hardsigmoid prelu
+    dropout feature_dropout clone contiguous alias detach _to_copy lift_fresh_copy add sub mul div neg abs clamp
+    clamp_min clamp_max maximum minimum where pow square sqrt exp log constant_pad_nd pad getitem cat concat""".split()
+)
 
-    Returns ``(B, 1, *spatial)`` at the layer's resolution. ``relu=False`` keeps negative values
-    (Captum's ``LayerGradCam`` default).
+
+def _channel_first(program: Program, node: int) -> bool:
+    """Whether ``node``'s value is (B, C, *spatial): it comes from a conv/pool/norm op through ops that keep layout."""
+    rank = len(program.nodes[node].shape or ())
+    stack, seen = [node], set[int]()
+    while stack:
+        n = program.nodes[stack.pop()]
+        if n.index in seen or n.op != "call":
+            continue
+        seen.add(n.index)
+        if n.packet in _CHANNEL_FIRST_OPS:
+            return True
+        if n.packet in _SAME_LAYOUT_OPS:
+            stack.extend(r for r in n.refs if program.nodes[r].dep
+                         and (program.nodes[r].shape is None or len(program.nodes[r].shape or ()) == rank))
+    return False
+
+
+def grad_cam(model_fn: ModelFn, params: Params, x: Any, target: Target, layer: str, *, channel_dim: int | None = None,
+             relu: bool = True, check_finite: bool = True) -> Tensor:
+    r"""Grad-CAM [1] at ``layer``: :math:`\mathrm{ReLU}(\sum_c \alpha_c A_c)` with
+    :math:`\alpha_c` the mean of :math:`\partial f_t / \partial A_c` over the layer's other
+    (spatial or token) dims ([1], eqs. 1-2).
+
+    Grad-CAM needs a channel dim. By default (``channel_dim=None``) it is dim 1 and the layer's
+    output must be laid out ``(B, C, *spatial)``: produced by a conv, pooling or batch/group/instance
+    norm op, possibly followed by elementwise ops, residual adds or ``cat``. Any other layer, e.g.
+    the ``(B, T, D)`` output of a ``Linear`` inside a transformer, raises a ``ValueError`` rather
+    than treating tokens as channels; name its channel dim explicitly (``channel_dim=-1`` for
+    ``(B, T, D)``: the ``D`` features are weighted and summed, one value per token). An explicit
+    ``channel_dim`` is trusted without the layout check.
+
+    Args:
+        layer: Dotted module path or graph node name.
+        channel_dim: The dim of the layer's output holding the channels (negative counts from the
+            end, never 0, the batch); ``None``: 1, checked as above.
+        relu: Apply the ReLU of [1]. attrax applies it by default; Captum's ``LayerGradCam``
+            defaults to ``relu_attributions=False``: pass ``relu=False`` to match it (Captum's
+            ``GuidedGradCam`` applies it, as ``guided_grad_cam`` does).
+    Returns:
+        The layer's output shape with the channel dim reduced to size 1, at the layer's
+        resolution: ``(B, 1, *spatial)`` for ``(B, C, *spatial)``; ``(B, T, 1)`` for a
+        ``(B, T, D)`` layer with ``channel_dim=-1``.
+    Raises:
+        ValueError: If the layer's output has fewer than 3 dims, ``channel_dim`` is out of range or
+            the batch dim, or ``channel_dim=None`` and the output is not ``(B, C, *spatial)``.
 
     References:
         [1] Selvaraju et al. Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
@@ -108,31 +164,67 @@ def grad_cam(model_fn: ModelFn, params: Params, x: Any, target: Target, layer: s
         >>> ax.layer.grad_cam(model_fn, params, torch.randn(2, 1, 4, 4), 0, "1").shape
         torch.Size([2, 1, 2, 2])
     """
+    if channel_dim is not None and (not isinstance(channel_dim, int) or isinstance(channel_dim, bool)):
+        raise TypeError(f"channel_dim must be an int or None, got {type(channel_dim).__name__}")
     xs, params, _, t = _prepare(model_fn, params, x, target, layer, check_finite)
     with eager_no_grad():
         split = _Split(model_fn, params, xs, layer)
         a = split.value
         if a.ndim < 3:
-            raise ValueError(f"grad_cam needs a layer with spatial dims, {layer!r} has output shape {tuple(a.shape)}")
+            raise ValueError(f"grad_cam needs a layer with channels and spatial (or token) dims, {layer!r} has output "
+                             f"shape {tuple(a.shape)}")
+        if channel_dim is None:
+            if not _channel_first(split.program, split.node):
+                raise ValueError(
+                    f"grad_cam needs a channel dim: layer {layer!r} has output shape {tuple(a.shape)} from "
+                    f"{split.program.nodes[split.node].describe()}, which is not laid out (B, C, *spatial) like a "
+                    f"conv/pooling layer; pass channel_dim= to name the channel dim (e.g. channel_dim=-1 for the "
+                    f"(B, T, D) output of a Linear in a transformer, giving a (B, T, 1) map)"
+                )
+            c = 1
+        else:
+            c = channel_dim + a.ndim if channel_dim < 0 else channel_dim
+            if not 1 <= c < a.ndim:
+                raise ValueError(f"channel_dim {channel_dim} is out of range (or the batch dim) for layer {layer!r} "
+                                 f"with output shape {tuple(a.shape)}: expected 1 <= channel_dim < {a.ndim} or "
+                                 f"-{a.ndim - 1} <= channel_dim <= -1")
         g = split.grad(a, t)
-        weights = g.mean(dim=tuple(range(2, a.ndim)), keepdim=True)
-        cam = (weights * a).sum(1, keepdim=True)
+        weights = g.mean(dim=tuple(d for d in range(1, a.ndim) if d != c), keepdim=True)
+        cam = (weights * a).sum(c, keepdim=True)
         return cam.clamp(min=0) if relu else cam
 
 
 def guided_grad_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target, layer: str, *,
-                    interpolate_mode: str = "nearest", check_finite: bool = True) -> Tensor:
-    """Guided Grad-CAM [1]: guided backprop times Grad-CAM upsampled to the input (nearest, as Captum).
+                    channel_dim: int | None = None, interpolate_mode: str = "nearest",
+                    check_finite: bool = True) -> Tensor:
+    """Guided Grad-CAM [1]: guided backprop times the (ReLU'd) Grad-CAM map of ``layer``.
 
+    With channels at dim 1 (``channel_dim`` ``None`` or 1) the ``(B, 1, *spatial)`` map is
+    resized to ``x``'s spatial dims (``interpolate_mode``, nearest as Captum); with another
+    ``channel_dim`` (see ``grad_cam``) the map must broadcast to ``x``, e.g. the ``(B, T, 1)`` map
+    of a transformer layer against ``(B, T, D)`` embeddings.
+
+    Returns:
+        Attributions with the shape of ``x``.
+    Raises:
+        ValueError: As ``grad_cam``, or if the map neither resizes nor broadcasts to ``x``.
     References:
         [1] Selvaraju et al. Grad-CAM. ICCV 2017.
     """
     from .deeplift import guided_backprop
 
-    cam = grad_cam(model_fn, params, x, target, layer, check_finite=check_finite)
+    cam = grad_cam(model_fn, params, x, target, layer, channel_dim=channel_dim, check_finite=check_finite)
     guided = guided_backprop(model_fn, params, x, target, check_finite=check_finite)
-    up = torch.nn.functional.interpolate(cam, size=guided.shape[2:], mode=interpolate_mode)
-    return guided * up
+    if (channel_dim is None or channel_dim % cam.ndim == 1) and cam.ndim == guided.ndim:
+        return guided * torch.nn.functional.interpolate(cam, size=guided.shape[2:], mode=interpolate_mode)
+    try:
+        fits = torch.broadcast_shapes(cam.shape, guided.shape) == guided.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"the Grad-CAM map of layer {layer!r} has shape {tuple(cam.shape)}, which neither resizes "
+                         f"(channels at dim 1, as many dims as x) nor broadcasts to x of shape {tuple(guided.shape)}")
+    return guided * cam
 
 
 def integrated_gradients(
