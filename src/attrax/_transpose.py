@@ -186,7 +186,8 @@ def _t_neg(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor)
 def _t_cat(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
     dim = args[1] if len(args) > 1 else kw.get("dim", 0)
     tensors = args[0]
-    sizes = [t.shape[dim] if t.ndim else 0 for t in tensors]
+    # legacy: a 1-d empty tensor is skipped by cat whatever the dim (HF's empty KV-cache start)
+    sizes = [0 if t.ndim == 1 and t.numel() == 0 else t.shape[dim] for t in tensors]
     pieces = g.split(sizes, dim=dim)
     res: dict[int, Any] = {}
     for e, piece in zip(node.args[0][1], pieces):

@@ -73,7 +73,8 @@ def merge_batchnorm(program: Program) -> Program:
         return program
     merged_bn = set(after.values()) | set(before.values())
     b = ProgramBuilder(program)
-    for node in program.nodes:
+    # leaves first: a constant (a buffer left out of params) may be traced after the layer it is merged into
+    for node in sorted(program.nodes, key=lambda n: n.op == "call"):
         if node.index in merged_bn:
             continue  # aliased when its layer is emitted
         if node.index in after:

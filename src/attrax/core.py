@@ -15,6 +15,7 @@ import contextvars
 import copy
 import numbers
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -62,17 +63,30 @@ class FunctionalModel:
 
     def shadow(self, fingerprint: Any = None) -> nn.Module:
         """The private copy of the module tree that calls run on (rebuilt when the module changed)."""
+        return self._shadow_state(fingerprint)[1]
+
+    def _shadow_state(self, fingerprint: Any = None) -> tuple[Any, nn.Module, dict[str, Tensor]]:
+        """``(fingerprint, shadow, buffers of modules in training mode)``, rebuilt when the module changed."""
         fp = self.fingerprint() if fingerprint is None else fingerprint
         with self._lock:
             if self._shadow is None or self._shadow[0] != fp:
-                self._shadow = (fp, shadow_copy(self.module))
-            return self._shadow[1]
+                shadow = shadow_copy(self.module)
+                training = {f"{path}.{k}" if path else k: b for path, m in shadow.named_modules() if m.training
+                            for k, b in m._buffers.items() if b is not None}
+                self._shadow = (fp, shadow, training)
+            return self._shadow
 
     def __call__(self, params: Params, *x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
             return torch.func.functional_call(self.module, dict(params), x, strict=False)
         with self._lock:
-            return torch.func.functional_call(self.shadow(), dict(params), x, strict=False)
+            _, shadow, training = self._shadow_state()
+            params = dict(params)
+            if training and not keeps_graph():
+                # modules in training mode write their buffers (BatchNorm running stats): give them copies,
+                # so attribution never changes the model (value_and_attribution, for training, keeps the writes)
+                params.update({k: params.get(k, b).clone() for k, b in training.items()})
+            return torch.func.functional_call(shadow, params, x, strict=False)
 
     def __repr__(self) -> str:
         return f"FunctionalModel({type(self.module).__name__})"
@@ -176,7 +190,7 @@ def module_fingerprint(module: nn.Module) -> Fingerprint:
                 parts.append(tuple((n, id(t)) for n, t in v.items()))
                 if k == "_modules":
                     stack.extend(c for c in reversed(v.values()) if c is not None)
-            elif not v and (tv is dict or tv is OrderedDict or tv is set):
+            elif (tv is dict or tv is OrderedDict or tv is set) and not v:
                 parts.append(0)
             elif tv is tuple and all(type(e) in scalars for e in v):
                 parts.append(v)
@@ -308,6 +322,41 @@ def _is_module_object(v: Any) -> bool:
     return isinstance(v, types.ModuleType)
 
 
+#: set while a wrapper (noise_tunnel, metrics) calls an inner method: the wrapper has warned already
+_TRAINING_WARNED: contextvars.ContextVar[bool] = contextvars.ContextVar("attrax_training_warned", default=False)
+
+
+@contextlib.contextmanager
+def training_warned() -> Iterator[None]:
+    """Within: inner method calls do not repeat the training-mode warning of the call around them."""
+    token = _TRAINING_WARNED.set(True)
+    try:
+        yield
+    finally:
+        _TRAINING_WARNED.reset(token)
+
+
+def warn_training(model_fn: Any) -> None:
+    """One ``UserWarning`` naming the layers of ``model_fn``'s module that are in training mode and make
+    attributions random or batch-dependent (dropout, BatchNorm); silent in ``value_and_attribution``."""
+    module = getattr(model_fn, "module", None)
+    if not isinstance(module, nn.Module) or not module.training and not any(m.training for m in module.modules()):
+        return
+    if keeps_graph() or torch.compiler.is_compiling() or _TRAINING_WARNED.get():
+        return
+    kinds = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+    layers = [f"'{path}' ({type(m).__name__})" for path, m in module.named_modules() if m.training and isinstance(m, kinds)]
+    if layers:
+        shown = ", ".join(layers[:5]) + (f" and {len(layers) - 5} more" if len(layers) > 5 else "")
+        warnings.warn(
+            f"the model is in training mode in {shown}: dropout makes attributions random and BatchNorm uses "
+            f"batch statistics (its running statistics are not updated); call module.eval() first for "
+            f"deterministic attributions",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 # --------------------------------------------------------------------------- checks
 
 
@@ -393,7 +442,21 @@ def detach_outside_transforms(params: Params, xs: tuple[Tensor, ...]) -> tuple[P
         return params, xs
     if not torch.is_grad_enabled() or keeps_graph():
         return params, xs
-    return {k: v.detach() for k, v in params.items()}, tuple(t.detach() for t in xs)
+    return map_tensors(params, Tensor.detach), tuple(t.detach() for t in xs)
+
+
+def map_tensors(params: Params, fn: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+    """``{k: fn(v)}``, applying ``fn`` once per distinct tensor so tied entries stay one tensor.
+
+    (``functional_call`` rejects two different tensors for the names of one tied parameter.)
+    """
+    done: dict[int, Tensor] = {}
+    out = {}
+    for k, v in params.items():
+        if id(v) not in done:
+            done[id(v)] = fn(v)
+        out[k] = done[id(v)]
+    return out
 
 
 @contextlib.contextmanager
@@ -603,5 +666,5 @@ def without_inference_tensors(params: Params, xs: tuple[Tensor, ...]) -> tuple[P
         return params, xs
     with torch.inference_mode(False):
         xs = tuple(t.clone() if t.is_inference() else t for t in xs)
-        params = {k: v.clone() if v.is_inference() else v for k, v in params.items()}
+        params = map_tensors(params, lambda v: v.clone() if v.is_inference() else v)
     return params, xs

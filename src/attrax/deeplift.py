@@ -31,14 +31,17 @@ from .rules import (
     DisjointCrossMax,
     Gradient,
     GuidedReLU,
+    ReduceCrossMax,
     ReluMaxPool,
     Rescale,
     SoftmaxRescale,
     disjoint_max_pool,
+    upcast,
     exclusive_relu_input,
     is_elementwise,
     is_linear,
     n_dep,
+    reduces_max,
     selected_by_input,
 )
 from .targets import ResolvedTarget, prepare_call, repeat_target, select
@@ -47,6 +50,7 @@ __all__ = ["deconvnet", "deeplift", "deeplift_shap", "guided_backprop"]
 
 _GRADIENT, _RESCALE, _CROSSMAX, _SOFTMAX, _BILINEAR = Gradient(), Rescale(), CrossMax(), SoftmaxRescale(), Bilinear()
 _GUIDED, _DECONV, _RELU_MAXPOOL, _DISJOINT_CROSSMAX = GuidedReLU(), DeconvReLU(), ReluMaxPool(), DisjointCrossMax()
+_REDUCE_MAX = ReduceCrossMax()
 
 
 def deeplift_rule(program: Program, node: Node) -> Any:
@@ -61,6 +65,8 @@ def deeplift_rule(program: Program, node: Node) -> Any:
         if not disjoint_max_pool(program, node):
             return _CROSSMAX
         return _RELU_MAXPOOL if exclusive_relu_input(program, node) else _DISJOINT_CROSSMAX
+    if reduces_max(node):
+        return _REDUCE_MAX
     if node.packet in SOFTMAX and n_dep(node) == 1:
         return _SOFTMAX
     if node.packet in BILINEAR and n_dep(node) == 2:
@@ -153,8 +159,13 @@ def deeplift(
         env_x = forward(program, params, xs, aux=aux_x)
         publish_output(xs, env_x[program.output])
         mult = _multipliers(program, plan, params, env_x, aux_x, bs, t, batch, len(xs))
-        attrs = tuple((xi - b) * m for xi, b, m in zip(xs, bs, mult)) if multiply_by_inputs else mult
+        attrs = tuple(_times_delta(xi, b, m) if multiply_by_inputs else m.to(xi.dtype) for xi, b, m in zip(xs, bs, mult))
     return attrs if is_tuple else attrs[0]
+
+
+def _times_delta(x: Tensor, ref: Tensor, m: Tensor) -> Tensor:
+    """``(x - ref) * m`` in the multipliers' precision (float32 for float16/bfloat16 inputs), in ``x``'s dtype."""
+    return ((upcast(x) - upcast(ref)) * m).to(x.dtype)
 
 
 def _multipliers(program: Program, plan: Any, params: Any, env_x: list[Any], aux_x: dict[int, Any],
@@ -162,8 +173,10 @@ def _multipliers(program: Program, plan: Any, params: Any, env_x: list[Any], aux
     aux_r: dict[int, Any] = {}
     env_r = forward(program, params, refs, shared=env_x, aux=aux_r)
     streams = Streams(program, env_x, env_r, batch, aux_x, aux_r)
-    grads = run_plan(program, plan, streams, {program.output: seed(env_x[program.output], target)})
-    return tuple(grads[i] if i in grads else torch.zeros_like(refs[i]) for i in range(n_inputs))
+    # float16/bfloat16 models: the reverse pass carries float32 cotangents (the rules compute in
+    # float32 from the streams' values); the multipliers are float32 and cast once at the end
+    grads = run_plan(program, plan, streams, {program.output: seed(upcast(env_x[program.output]), target)})
+    return tuple(grads[i] if i in grads else torch.zeros_like(upcast(refs[i])) for i in range(n_inputs))
 
 
 def deeplift_shap(
@@ -219,9 +232,9 @@ def deeplift_shap(
         def one(*refs: Tensor) -> tuple[Tensor, ...]:
             expanded = tuple(r.unsqueeze(0).expand_as(xi) for r, xi in zip(refs, xs))
             mult = _multipliers(program, plan, params, env_x, aux_x, expanded, t, batch, len(xs))
-            return tuple((xi - r) * m for xi, r, m in zip(xs, expanded, mult))
+            return tuple((upcast(xi) - upcast(r)) * m for xi, r, m in zip(xs, expanded, mult))
 
-        total = [torch.zeros_like(xi) for xi in xs]
+        total = [torch.zeros_like(upcast(xi)) for xi in xs]
         for start, stop in chunks(n, chunk_size):
             if isinstance(batch, torch.SymInt) or torch.compiler.is_compiling():
                 # symbolic batch (export, torch.compile): vmap's conv batching rule would pin the
@@ -230,7 +243,7 @@ def deeplift_shap(
             else:
                 attrs = torch.func.vmap(one)(*(b[start:stop] for b in bls))
             total = [s + a.sum(0) for s, a in zip(total, attrs)]
-    result = tuple(s / n for s in total)
+    result = tuple((s / n).to(xi.dtype) for s, xi in zip(total, xs))
     return result if is_tuple else result[0]
 
 
@@ -243,7 +256,7 @@ def _folded(program: Program, plan: Any, params: Any, xs: tuple[Tensor, ...], re
     aux_x: dict[int, Any] = {}
     env_x = forward(program, params, x_rep, aux=aux_x)
     mult = _multipliers(program, plan, params, env_x, aux_x, r_rep, repeat_target(t, k), k * batch, len(xs))
-    return tuple(((xr - rr) * m).reshape(k, *xi.shape) for xr, rr, m, xi in zip(x_rep, r_rep, mult, xs))
+    return tuple(((upcast(xr) - upcast(rr)) * m).reshape(k, *xi.shape) for xr, rr, m, xi in zip(x_rep, r_rep, mult, xs))
 
 
 def _relu_method(rule_for: Any, method: str, model_fn: ModelFn, params: Params, x: TensorOrTuple, target: Target,
@@ -256,8 +269,8 @@ def _relu_method(rule_for: Any, method: str, model_fn: ModelFn, params: Params, 
         env = forward(program, params, xs, aux=aux)
         publish_output(xs, env[program.output])
         streams = Streams(program, env, None, batch, aux)
-        grads = run_plan(program, plan, streams, {program.output: seed(env[program.output], t)})
-        out = tuple(grads[i] if i in grads else torch.zeros_like(xi) for i, xi in enumerate(xs))
+        grads = run_plan(program, plan, streams, {program.output: seed(upcast(env[program.output]), t)})
+        out = tuple(grads[i].to(xi.dtype) if i in grads else torch.zeros_like(xi) for i, xi in enumerate(xs))
     return out if is_tuple else out[0]
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -23,13 +23,16 @@ from torch import Tensor
 from ._types import AttributionFn, ModelFn, Params, Target, TensorOrTuple
 from .core import (
     as_tuple,
+    training_warned,
     baselines_for,
+    check_finite_tensor,
     check_generator,
     check_nonnegative,
     check_positive_int,
     chunks,
     inside_transform,
     keeps_graph,
+    map_tensors,
     publish_output,
 )
 from .targets import ResolvedTarget, prepare_call, repeat_target, select
@@ -67,7 +70,24 @@ def grad_of_selected(
     Samples do not interact, so this is the per-sample gradient of the selected
     output, scaled by ``w``. With ``publish`` the model output at ``xs`` is offered to
     an enclosing ``value_and_attribution`` (see ``core.publish_output``).
+
+    Under ``torch.inference_mode`` the gradient is taken in a local
+    ``inference_mode(False)`` block: gradients need autograd only locally, and the
+    inference tensors made meanwhile (the method's steps, weights, targets) are
+    copied first, since autograd cannot record them.
     """
+    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+        with torch.inference_mode(False):
+            if target.kind == "tensor":
+                target = replace(target, value=_normal(target.value))
+            return grad_of_selected(
+                model_fn,
+                map_tensors(params, _normal),
+                tuple(_normal(x) for x in xs),
+                target,
+                None if weights is None else _normal(weights),
+                publish,
+            )
 
     def weighted_sum(*inputs: Tensor) -> tuple[Tensor, Tensor]:
         out = model_fn(params, *inputs)
@@ -97,6 +117,11 @@ def grad_of_selected(
     return tuple(grads)
 
 
+def _normal(t: Tensor) -> Tensor:
+    """``t``, or a normal copy of it when it is an inference tensor (call outside inference mode)."""
+    return t.clone() if t.is_inference() else t
+
+
 def gradient(
     model_fn: ModelFn, params: Params, x: TensorOrTuple, target: Target, *, check_finite: bool = True
 ) -> TensorOrTuple:
@@ -122,7 +147,7 @@ def gradient(
         >>> torch.allclose(g[0], params["weight"][0])
         True
     """
-    xs, params, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
+    xs, params, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite, check_output=False)
     return _pack(grad_of_selected(model_fn, params, xs, t, publish=True), is_tuple)
 
 
@@ -151,7 +176,7 @@ def saliency(
         >>> bool((ax.saliency(model_fn, params, torch.ones(2, 3), 1) >= 0).all())
         True
     """
-    xs, params, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
+    xs, params, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite, check_output=False)
     grads = grad_of_selected(model_fn, params, xs, t, publish=True)
     return _pack(tuple(g.abs() for g in grads) if abs else grads, is_tuple)
 
@@ -172,7 +197,7 @@ def input_x_gradient(
         >>> torch.allclose(a.sum(1), model_fn(params, x)[:, 0])
         True
     """
-    xs, params, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
+    xs, params, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite, check_output=False)
     grads = grad_of_selected(model_fn, params, xs, t, publish=True)
     return _pack(tuple(xi * g for xi, g in zip(xs, grads)), is_tuple)
 
@@ -312,7 +337,7 @@ def integrated_gradients(
     xs, params, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
     check_quadrature(method, n_steps)
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
-    bs = baselines_for(baseline, xs)
+    bs = baselines_for(baseline, xs, check_finite=check_finite)
     alphas, weights = quadrature(method, n_steps)
     sums = path_gradient_sum(model_fn, params, xs, bs, t, alphas, weights, chunk_size)
     return _pack(tuple(s * (xi - b) for s, xi, b in zip(sums, xs, bs)), is_tuple)
@@ -400,7 +425,7 @@ def adaptive_integrated_gradients(
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
     tol = check_nonnegative(rtol, "rtol")
-    bs = baselines_for(baseline, xs)
+    bs = baselines_for(baseline, xs, check_finite=check_finite)
     with torch.no_grad():
         f_x, f_b = select(model_fn(params, *xs), t), select(model_fn(params, *bs), t)
     span = f_x - f_b
@@ -574,7 +599,7 @@ def _bcast(v: Tensor, like: Tensor) -> Tensor:
 
 def _subset_target(t: ResolvedTarget, rows: Tensor) -> ResolvedTarget:
     if t.kind == "tensor" and t.value.ndim == 1:
-        return ResolvedTarget("tensor", t.value.to(rows.device)[rows])
+        return replace(t, value=t.value.to(rows.device)[rows])
     return t
 
 
@@ -604,13 +629,13 @@ def noise_tunnel(
     :math:`\frac1n\sum_k A(x+\epsilon_k)^2` and ``vargrad`` is the population variance
     :math:`\frac1n\sum_k A^2 - (\frac1n\sum_k A)^2` [2].
 
-    The wrapped method is called with the standard signature and the unchanged
-    ``method_kwargs``. When no keyword argument is a tensor, ``chunk_size`` noisy
+    The wrapped method is called with the standard signature: ``chunk_size`` noisy
     copies are stacked into one batch of ``chunk_size * B`` rows and the method is
     called once per chunk (as Captum does; exact for models whose samples do not
-    interact); otherwise the method is vectorised over the draws with
-    ``torch.func.vmap``, so per-sample tensor options such as a baseline keep
-    their meaning.
+    interact). Per-sample arguments are repeated alongside the copies: the target,
+    and keyword arguments with one entry per sample, such as a baseline or
+    feature mask of shape ``(B, ...)`` or a tuple of them for tuple inputs (see
+    ``_repeat_per_sample``); other keyword arguments are passed unchanged.
 
     Args:
         attribute: Any attrax method, e.g. ``ax.saliency``.
@@ -622,7 +647,8 @@ def noise_tunnel(
         noise: Pre-drawn noise of shape ``(n_samples, *x.shape)`` (a tuple for
             tuple inputs), used instead of drawing; ``stdev`` and ``generator``
             are then ignored.
-        **method_kwargs: Passed unchanged to ``attribute``.
+        **method_kwargs: Passed to ``attribute``; per-sample tensors (first dim ``B``) repeated
+            alongside the noisy copies, elementwise in tuples.
     Returns:
         Attributions with the shape, dtype and device of ``x``.
     References:
@@ -677,25 +703,54 @@ def attribute_copies(
 ) -> tuple[Tensor, ...]:
     """``attribute`` on ``k`` modified copies of the batch (``(k, B, ...)`` per input) -> ``(k, B, ...)``.
 
-    When no keyword argument is a tensor the copies are stacked into one batch of ``k * B`` rows
-    and the method is called once (exact for models whose samples do not interact); otherwise it
-    is vectorised over the copies with ``torch.func.vmap``, so per-sample tensor options keep
-    their meaning.
+    The copies are stacked into one batch of ``k * B`` rows and the method is called once (exact
+    for models whose samples do not interact), with the per-sample arguments repeated alongside:
+    the target and the per-sample keyword arguments (``_repeat_per_sample``).
     """
     k = copies[0].shape[0]
-    if not any(isinstance(v, Tensor) for v in method_kwargs.values()):
-        flat = tuple(_fold(c) for c in copies)
+    flat = tuple(_fold(c) for c in copies)
+    like = tuple(c[0] for c in copies)  # one copy: shaped like the user's inputs
+    kwargs = {name: _repeat_per_sample(value, name, like, k) for name, value in method_kwargs.items()}
+    with training_warned():
         out, _ = as_tuple(
-            attribute(model_fn, params, _pack(flat, is_tuple), _repeat_raw(target, resolved, k), **method_kwargs),
+            attribute(model_fn, params, _pack(flat, is_tuple), _repeat_raw(target, resolved, k), **kwargs),
             "attribute(...)",
         )
-        return tuple(a.reshape(c.shape) for a, c in zip(out, copies))
+    return tuple(a.reshape(c.shape) for a, c in zip(out, copies))
 
-    def one(*c: Tensor) -> tuple[Tensor, ...]:
-        out, _ = as_tuple(attribute(model_fn, params, _pack(c, is_tuple), target, **method_kwargs), "attribute(...)")
-        return out
 
-    return torch.func.vmap(one)(*copies)
+#: Keyword arguments that hold a distribution or draws, never one entry per sample.
+_NOT_PER_SAMPLE = frozenset(("baselines", "noise", "perturbations"))
+
+
+def _repeat_per_sample(value: Any, name: str, xs: tuple[Tensor, ...], k: int) -> Any:
+    """A keyword argument for a batch of ``k`` stacked copies of the batch ``xs``.
+
+    A tensor holds one entry per sample when its first dim is the batch size ``B`` and it has at
+    least the dims of the input it goes with (a ``baseline`` or ``feature_mask`` of shape
+    ``(B, ...)``; one with fewer dims broadcasts against ``x`` from the trailing dims, so it is
+    shared by all samples). Such tensors are repeated ``k`` times along dim 0, in the order of
+    the copies; tuples and lists elementwise, entry ``i`` going with input ``i`` when there is
+    one entry per input. ``additional_forward_args`` follow API.md section 9: every tensor whose
+    first dim is ``B``. Distributions (``baselines``) and draws pass unchanged.
+    """
+    if name in _NOT_PER_SAMPLE:
+        return value
+    batch = xs[0].shape[0]
+    any_dims = name == "additional_forward_args"
+
+    def rep(v: Any, dims: int) -> Any:
+        if isinstance(v, Tensor):
+            if v.ndim >= 1 and v.shape[0] == batch and (any_dims or v.ndim >= dims):
+                return v.repeat(k, *([1] * (v.ndim - 1)))
+            return v
+        if isinstance(v, (tuple, list)):
+            per_input = not any_dims and len(v) == len(xs)
+            items = [rep(e, xs[i].ndim if per_input else dims) for i, e in enumerate(v)]
+            return items if isinstance(v, list) else tuple(items)
+        return v
+
+    return rep(value, min(x.ndim for x in xs))
 
 
 def _repeat_raw(target: Target, resolved: ResolvedTarget, times: int) -> Target:
@@ -817,7 +872,7 @@ def gradient_shap(
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
     sd = check_nonnegative(stdev, "stdev")
     check_generator(generator)
-    bls = _check_distribution(baselines, xs, "baselines")
+    bls = _check_distribution(baselines, xs, "baselines", check_finite=check_finite)
     n_ref = bls[0].shape[0]
     device = generator.device if generator is not None else xs[0].device
     idx = torch.randint(n_ref, (n_samples, batch), generator=generator, device=device).to(xs[0].device)
@@ -827,17 +882,22 @@ def gradient_shap(
     return _pack(gradient_shap_from_draws(model_fn, params, xs, t, chosen, alpha, noise, chunk_size), is_tuple)
 
 
-def _check_distribution(baselines: Any, xs: tuple[Tensor, ...], name: str) -> tuple[Tensor, ...]:
+def _check_distribution(
+    baselines: Any, xs: tuple[Tensor, ...], name: str, check_finite: bool = True
+) -> tuple[Tensor, ...]:
+    """A reference distribution ``(N, *x.shape[1:])`` per input, finite unless ``check_finite=False``."""
     bls, _ = as_tuple(baselines, name)
     if len(bls) != len(xs):
         raise ValueError(f"{name} has {len(bls)} entries but x has {len(xs)} inputs")
     out = []
     for i, (b, xi) in enumerate(zip(bls, xs)):
+        label = f"{name}{'' if len(xs) == 1 else f'[{i}]'}"
         if b.ndim != xi.ndim or tuple(b.shape[1:]) != tuple(xi.shape[1:]) or b.shape[0] < 1:
             raise ValueError(
-                f"{name}{'' if len(xs) == 1 else f'[{i}]'} must have shape (N, {', '.join(map(str, xi.shape[1:]))}) "
-                f"with N >= 1, got {tuple(b.shape)}"
+                f"{label} must have shape (N, {', '.join(map(str, xi.shape[1:]))}) with N >= 1, got {tuple(b.shape)}"
             )
+        if check_finite:
+            check_finite_tensor(b, label)
         out.append(b.to(dtype=xi.dtype, device=xi.device))
     return tuple(out)
 

@@ -23,7 +23,8 @@ from .core import eager_no_grad, publish_output
 from .deeplift import seed
 from .relevance import POOLS, WEIGHTED, AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, WSquare, ZBox, ZPlus
 from .rewrite import Node, Program, Streams, forward, memoised, program_spec, substitute, trace_program
-from .rules import MAXPOOL, SOFTMAX, DeconvReLU, Gradient, GuidedReLU, is_elementwise, is_linear, n_dep, run_plan
+from .rules import (MAXPOOL, SOFTMAX, DeconvReLU, Gradient, GuidedReLU, is_elementwise, is_linear, n_dep, reduces_max,
+                    run_plan)
 from .targets import ResolvedTarget, prepare_call, select
 
 __all__ = ["apply_scale", "initial_relevance", "lrp", "node_kind"]
@@ -71,7 +72,7 @@ def node_kind(program: Program, node: Node) -> str:
         return "conv" if p.startswith("conv") else "linear"
     if p in POOLS:
         return "avgpool"
-    if p in MAXPOOL:
+    if p in MAXPOOL or reduces_max(node):
         return "maxpool"
     if p == "relu":
         return "relu"

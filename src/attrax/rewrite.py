@@ -334,6 +334,16 @@ _VIEW_OPS = frozenset(
     "view _unsafe_view reshape select slice narrow transpose t permute expand expand_as unsqueeze squeeze as_strided "
     "diagonal unfold alias split split_with_sizes chunk unbind flatten unflatten view_as detach real imag".split()
 )
+#: ops whose value does not depend on their tensor arguments' values (only shapes, dtypes): never input-dependent
+_VALUE_FREE = frozenset("detach new_zeros new_ones new_empty new_full zeros_like ones_like empty_like full_like "
+                        "sym_size sym_numel sym_stride".split())
+
+
+def packet_of(name: str) -> str:
+    """``"conv2d"`` for ``"aten.conv2d.default"``; other names unchanged."""
+    return name.split(".")[1] if name.startswith("aten.") else name
+
+
 _SKIP_TARGETS = ("_assert_tensor_metadata", "_assert_async", "sym_constrain_range", "_assert_scalar")
 
 
@@ -392,9 +402,24 @@ def _build(gm: torch.fx.GraphModule, spec: tuple[Any, ...]) -> Program:
                 _check_inplace(fx_node, index[src], alias_root, gm, index)
         args = tuple(enc(a) for a in fx_node.args)
         kwargs = tuple((k, enc(v)) for k, v in fx_node.kwargs.items())
+        if name == "aten.batch_norm.default" and len(args) > 5 and args[5] == ("c", True):
+            # training mode: batch statistics, and no write into the running-stat buffers (API §1)
+            args = (*args[:3], ("c", None), ("c", None), *args[5:])
+        if name == "aten.dropout.default" and len(args) > 2 and args[2] == ("c", True) and args[0][0] == "n":
+            # training mode: the random mask as a node of its own that does not depend on x's values,
+            # drawn once per forward and shared by every stream and backward rule, then x * mask
+            # (linear): a rule never redraws it
+            src = args[0]
+            ones = len(nodes)
+            nodes.append(Node(ones, "call", "aten.ones_like.default", (src,), (), f"{fx_node.name}_ones",
+                              refs=(src[1],), dep_refs=(False,), packet="ones_like"))
+            nodes.append(Node(ones + 1, "call", name, (("n", ones), *args[1:]), (), f"{fx_node.name}_mask",
+                              refs=(ones,), dep_refs=(False,), packet="dropout", nonneg=True))
+            i = len(nodes)
+            name, args, kwargs = "aten.mul.Tensor", (src, ("n", ones + 1)), ()
         refs = tuple(dict.fromkeys(_refs(args) + _refs(tuple(v for _, v in kwargs))))
         float_out = _is_float(fx_node)
-        dep = grad_enabled and any(nodes[r].dep for r in refs) and name not in ("aten.detach.default",)
+        dep = grad_enabled and any(nodes[r].dep for r in refs) and packet_of(name) not in _VALUE_FREE
         dep_refs = tuple(nodes[r].dep and nodes[r].float_out for r in refs)
         module, module_type = _module_of(fx_node)
         layer = _layer_of(args, nodes) or module
@@ -868,6 +893,13 @@ def substitute(program: Program, rule_for: Callable[[Program, Node], Any], metho
     for node in program.nodes:
         if node.op != "call" or not node.dep or node.target == "getitem" or not any(node.dep_refs):
             continue
+        if not node.float_out and node.packet in _CASTS:
+            raise UnsupportedOperation(
+                f"{method} cannot attribute through {node.describe()}: it casts a value computed from the input to "
+                f"an integer dtype, which has no derivative and no rule (the attribution through it would be "
+                f"silently zero). Keep the computation in floating point (e.g. torch.round instead of .to(torch.uint8) "
+                f"where a straight-through value is meant), or cast outside model_fn"
+            )
         rule = rule_for(program, node)
         if rule is None:
             raise UnsupportedOperation(
@@ -876,6 +908,10 @@ def substitute(program: Program, rule_for: Callable[[Program, Node], Any], metho
             )
         plan[node.index] = rule
     return tuple(plan)
+
+
+#: ops that convert dtype; to an integer or bool dtype they cut every derivative
+_CASTS = frozenset(("_to_copy", "to", "_to_dtype", "type_as", "_autocast_to_reduced_precision", "view_as_real"))
 
 
 class ProgramBuilder:

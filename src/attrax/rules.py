@@ -79,6 +79,42 @@ def safe_divide(num: Tensor, den: Tensor, small: Tensor, fallback: Tensor) -> Te
     return torch.lerp(num / torch.addcmul(den, small, 1 - den), fallback, small)
 
 
+# Low-precision streams. The forward streams stay in the model's dtype (the model is what the user
+# runs); the reverse pass carries float32 cotangents for them, and the rules read the stream values
+# upcast (exact) so secants, divisions and transposes are float32 arithmetic. float32/float64 streams
+# take none of this: every check below is one dtype comparison.
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def upcast(t: Any) -> Any:
+    """``t`` as float32 if it is a float16/bfloat16 tensor (exact), otherwise ``t`` itself."""
+    return t.float() if isinstance(t, Tensor) and t.dtype in LOW_PRECISION else t
+
+
+def _is_low(v: Any) -> bool:
+    if isinstance(v, (tuple, list)):
+        return any(_is_low(e) for e in v)
+    return isinstance(v, Tensor) and v.dtype in LOW_PRECISION
+
+
+def _upcast_all(v: Any) -> Any:
+    return type(v)(_upcast_all(e) for e in v) if isinstance(v, (tuple, list)) else upcast(v)
+
+
+def compute_env(node: Node, env: list[Any], g: Any) -> list[Any]:
+    """``env`` with the values ``node`` reads (and its output) in float32, where ``g`` is a float32
+    cotangent and some of them are float16/bfloat16; otherwise ``env`` itself.
+
+    A cotangent in the stream's own low precision (LRP's relevance) leaves the node as it was.
+    """
+    if _is_low(g) or not any(_is_low(env[r]) for r in node.refs):
+        return env
+    env = list(env)
+    for i in (*node.refs, node.index):
+        env[i] = _upcast_all(env[i])
+    return env
+
+
 # ------------------------------------------------------------------------ rules
 
 
@@ -88,7 +124,7 @@ class Gradient:
 
     def backward(self, site: Site, g: Any) -> dict[int, Any]:
         s = site.streams
-        return exact_vjp(s.program, site.node, s.x, s.batch, g, s.aux_x)
+        return exact_vjp(s.program, site.node, compute_env(site.node, s.x, g), s.batch, g, s.aux_x)
 
 
 @dataclass(frozen=True)
@@ -104,8 +140,14 @@ class Rescale:
 
     def backward(self, site: Site, g: Any) -> dict[int, Any]:
         node = site.node
-        x, r = site.args("x")[0], site.args("ref")[0]
-        dy = site.out("x") - site.out("ref")
+        x_in = site.args("x")[0]
+        x, r = upcast(x_in), upcast(site.args("ref")[0])
+        if _is_low(x_in) and node.packet != "relu":
+            # float16/bfloat16 streams: f in float32 at the streams' points, so the secant is not the
+            # quotient of two rounded differences (relu needs none: it is exact in any precision)
+            dy = _apply(site, x) - _apply(site, r)
+        else:
+            dy = upcast(site.out("x")) - upcast(site.out("ref"))
         dx = x - r
         if node.packet == "relu":
             # relu's secant has no cancellation (dy == dx exactly where both are active), so only
@@ -120,17 +162,18 @@ class Rescale:
         return {node.args[0][1]: g * safe_divide(dy, dx, small, fallback)}
 
 
+def _apply(site: Site, t: Tensor) -> Tensor:
+    """The elementwise node's op at ``t`` (its other arguments from the input stream, in ``t``'s precision)."""
+    node, streams = site.node, site.streams
+    env = list(compute_env(node, streams.x, t))
+    env[node.args[0][1]] = t
+    return run_node(streams.program, node, env, streams.batch)
+
+
 def _derivative(site: Site, at: Tensor) -> Tensor:
     """f'(at) for an elementwise node, by differentiating the op itself."""
-    node, streams = site.node, site.streams
-
-    def f(t: Tensor) -> Tensor:
-        env = list(streams.x)
-        env[node.args[0][1]] = t
-        return run_node(streams.program, node, env, streams.batch)
-
     # elementwise, so the vjp with ones is the derivative (jvp would load TorchScript decompositions)
-    _, pullback = torch.func.vjp(f, at)
+    _, pullback = torch.func.vjp(lambda t: _apply(site, t), at)
     return pullback(torch.ones_like(at))[0]
 
 
@@ -150,14 +193,14 @@ class CrossMax:
     def backward(self, site: Site, g: Tensor) -> dict[int, Any]:
         node, s = site.node, site.streams
         args_x, args_r = site.args("x"), site.args("ref")
-        x, r = args_x[0], args_r[0]
+        x, r = upcast(args_x[0]), upcast(args_r[0])
         nd = {"max_pool1d": 1, "max_pool2d": 2, "max_pool3d": 3}[node.packet]
         if nd == 1:  # run as 2-d with a unit height
             k, st, pad, dil, ceil = pool_params(args_x, 1)
             p2 = ([1] + k, [1] + st, [0] + pad, [1] + dil, ceil)
             return {node.args[0][1]: _cross_max(x.unsqueeze(-2), r.unsqueeze(-2), g.unsqueeze(-2), p2, 2).squeeze(-2)}
         indices = (s.aux_x.get(node.index), s.aux_ref.get(node.index))
-        outs = (site.out("x"), site.out("ref"))
+        outs = (upcast(site.out("x")), upcast(site.out("ref")))
         return {node.args[0][1]: _cross_max(x, r, g, pool_params(args_x, nd), nd, outs, indices)}
 
 
@@ -247,8 +290,9 @@ def _disjoint_windows(g: Tensor, yx: Tensor, yr: Tensor, ix: Tensor, ir: Tensor,
     nothing to send from that stream), so only the cross values are gathered.
     """
     ixf, irf = ix.flatten(2), ir.flatten(2)
-    r_ix, x_ir = torch.gather(r.flatten(2), 2, ixf), torch.gather(x.flatten(2), 2, irf)
-    g, yx, yr = g.flatten(2), yx.flatten(2), yr.flatten(2)
+    # gathered and pooled values only are upcast for low-precision streams (pooled size, exact)
+    r_ix, x_ir = upcast(torch.gather(r.flatten(2), 2, ixf)), upcast(torch.gather(x.flatten(2), 2, irf))
+    g, yx, yr = g.flatten(2), upcast(yx).flatten(2), upcast(yr).flatten(2)
     dy = yx - yr
     to_x = g * torch.relu(dy)
     to_r = g * dy - to_x
@@ -294,36 +338,69 @@ def exclusive_relu_input(program: Program, node: Node) -> bool:
 
 @dataclass(frozen=True)
 class SoftmaxRescale:
-    r"""DeepLift for softmax / log-softmax along one dim, exact per row.
+    r"""DeepLift for softmax / log-softmax along one dim, exact per row, in each stream's own shift.
 
-    Softmax is split into primitives with exact rules: :math:`e = \exp(x - c)`
-    (rescale), :math:`s = \sum e` (linear) and :math:`y = e / s`, whose difference
-    splits exactly and symmetrically (the two-player Shapley split of a ratio):
-    :math:`\Delta y = \tfrac12(1/s + 1/s')\,\Delta e - \tfrac12(e + e')/(s s')\,\Delta s`.
-    For log-softmax, :math:`\Delta y = \Delta x - \Delta \log s` with the secant of
-    :math:`\log`. :math:`c` is a per-row constant shared by both streams; the
-    multipliers do not depend on it. Normalisation never mixes rows or samples.
+    Log-softmax is :math:`z = x - L` with :math:`L = \log\sum_k e^{x_k}`; DeepLift's rescale
+    rule through :math:`\exp`, the sum and :math:`\log` splits :math:`\Delta L` exactly as
+    :math:`\Delta L = \sum_k \mu_k \Delta x_k` with
+
+    .. math:: \mu_k = \frac{(e^{x_k} - e^{x'_k})/\Delta x_k}{(e^{L} - e^{L'})/\Delta L}
+              = y'_k\,\frac{\Phi(\Delta x_k)}{\Phi(\Delta L)}, \qquad \Phi(a) = \frac{e^a - 1}{a},
+
+    evaluated as :math:`e^{\epsilon_k}\,\varphi(|\Delta x_k|)/\varphi(|\Delta L|)` with
+    :math:`\varphi(d) = -\mathrm{expm1}(-d)/d` and an exponent :math:`\epsilon_k \le 0` taken from
+    the per-stream log-softmax values (:math:`z_k + \min(\Delta L, 0)` where :math:`\Delta x_k \ge 0`,
+    else :math:`z'_k - \max(\Delta L, 0)`): no shared shift, nothing overflows, and nothing that
+    is summed underflows. :math:`0 < \mu_k \le 1` and :math:`\sum_k \mu_k \le 1`.
+
+    The cotangent :math:`g - \mu \sum g` is written as
+    :math:`\nu_k g_k - \mu_k \sum_{j \ne k} g_j` with :math:`\nu_k \Delta x_k = \Delta z_k +
+    \sum_{j \ne k} \mu_j \Delta x_j` (:math:`= (1 - \mu_k)\Delta x_k`), so
+    :math:`\sum_k \Delta x_k\,\partial_k = \sum_k g_k \Delta z_k` holds identically, whatever the
+    rounding of :math:`\mu`, against the streams' own :math:`\Delta z`, and the dominant class's
+    :math:`1 - \mu_k \approx 0` is never formed by subtraction. The sums over :math:`j \ne k`
+    are the row sum less the own term, except at the row's largest term, which is summed over
+    the others. Softmax is :math:`y = \exp(z)` after this, with the secant
+    :math:`(y - y')/\Delta z` (rescale). Where :math:`\Delta x_k` or :math:`\Delta z_k` is below
+    ``tolerance``, :math:`\nu_k = 1 - \mu_k` and the exact secant of :math:`\exp`,
+    :math:`e^{\max(z, z')}\varphi(|\Delta z|)`. Everything is per row, O(row length); rows and
+    samples never mix.
     """
 
     def backward(self, site: Site, g: Tensor) -> dict[int, Any]:
         node = site.node
         args_x = site.args("x")
-        x, r, dim = args_x[0], site.args("ref")[0], args_x[1]
-        c = torch.maximum(x.amax(dim, keepdim=True), r.amax(dim, keepdim=True)).detach()
-        ex, er = torch.exp(x - c), torch.exp(r - c)
-        dx = x - r
-        small = is_small(dx, 1 + x.abs())
-        m_exp = safe_divide(ex - er, dx, small, torch.exp((x + r) / 2 - c))
-        sx, sr = ex.sum(dim, keepdim=True), er.sum(dim, keepdim=True)
-        if node.packet in ("softmax", "_softmax"):
-            a = 0.5 * (1 / sx + 1 / sr)
-            b = 0.5 * (ex + er) / (sx * sr)
-            g_e = a * g - (g * b).sum(dim, keepdim=True)
-            return {node.args[0][1]: m_exp * g_e}
-        ds = sx - sr
-        small_s = is_small(ds, sx)
-        m_log = safe_divide(torch.log(sx) - torch.log(sr), ds, small_s, 2 / (sx + sr))
-        return {node.args[0][1]: g - g.sum(dim, keepdim=True) * m_log * m_exp}
+        x, r, dim = upcast(args_x[0]), upcast(site.args("ref")[0]), args_x[1]
+        log = node.packet in ("log_softmax", "_log_softmax")
+        # float16/bfloat16 streams: the op in float32 at the streams' points (as Rescale does)
+        low = _is_low(args_x[0])
+        if log and not low:
+            z, zr = site.out("x"), site.out("ref")
+        else:
+            z, zr = torch.log_softmax(x, dim), torch.log_softmax(r, dim)
+        dx, dz = x - r, z - zr
+        # dL = dx_k - dz_k for every k; averaged with weights y + y', where z and z' are accurate
+        w = torch.exp(z) + torch.exp(zr)
+        dl = ((dx - dz) * w).sum(dim, keepdim=True) / w.sum(dim, keepdim=True)
+        expo = torch.lerp(zr - torch.relu(dl), z - torch.relu(-dl), is_positive(dx))
+        mu = torch.exp(expo) * _phi(dx.abs()) / _phi(dl.abs())
+        p = mu * dx
+        with torch.no_grad():  # the row's largest term (one per row: argmax, not a comparison)
+            top = torch.zeros_like(p).scatter_(dim, p.abs().argmax(dim, keepdim=True), 1.0)
+        total = p.sum(dim, keepdim=True)
+        others = torch.lerp(total - p, (p - top * p).sum(dim, keepdim=True), top)
+        nu = safe_divide(dz + others, dx, is_small(dx, 1 + x.abs()), 1 - mu)
+        if not log:
+            y, yr = (torch.exp(z), torch.exp(zr)) if low else (site.out("x"), site.out("ref"))
+            exact = torch.exp(torch.maximum(z, zr)) * _phi(dz.abs())
+            g = g * safe_divide(y - yr, dz, is_small(dz, 1 + z.abs()), exact)
+        return {node.args[0][1]: nu * g - mu * (g.sum(dim, keepdim=True) - g)}
+
+
+def _phi(d: Tensor) -> Tensor:
+    r""":math:`(1 - e^{-d})/d` for :math:`d \ge 0` (1 at 0): the secant of exp over a gap ``d``, over its upper end."""
+    zero = is_zero(d)
+    return (zero - torch.expm1(-d)) / (d + zero)
 
 
 @dataclass(frozen=True)
@@ -340,7 +417,7 @@ class Bilinear:
     def backward(self, site: Site, g: Tensor) -> dict[int, Any]:
         node, s = site.node, site.streams
         if node.packet == "div":
-            (ax, bx), (ar, br) = site.args("x")[:2], site.args("ref")[:2]
+            (ax, bx), (ar, br) = map(upcast, site.args("x")[:2]), map(upcast, site.args("ref")[:2])
             res: dict[int, Any] = {}
             ea, eb = node.args[0], node.args[1]
             ga = (g * 0.5 * (1 / bx + 1 / br)).sum_to_size(ax.shape)
@@ -349,10 +426,10 @@ class Bilinear:
             res[eb[1]] = res[eb[1]] + gb if eb[1] in res else gb
             return res
         assert s.ref is not None
-        mid = list(s.x)
+        mid = list(compute_env(node, s.x, g))
         for r, d in zip(node.refs, node.dep_refs):
-            if d:
-                mid[r] = (s.x[r] + s.ref[r]) / 2
+            if d:  # in float32 for low-precision streams: their midpoint is not a bf16/f16 number
+                mid[r] = (upcast(s.x[r]) + upcast(s.ref[r])) / 2
         return generic_vjp(s.program, node, mid, s.batch, g)
 
 
@@ -378,6 +455,42 @@ class DeconvReLU:
         return {site.node.args[0][1]: g.clamp(min=0)}
 
 
+@dataclass(frozen=True)
+class ReduceCrossMax:
+    r"""DeepLift for a max or min over one dim (``torch.max(x, dim)``, ``x.min(dim)``) and for
+    adaptive max pooling: :class:`CrossMax` with the windows given by the op's own indices.
+
+    Per output, :math:`\Delta y = y_x - y_{x'}` goes to the argmax (argmin) of the stream whose
+    extremum is larger (smaller), where :math:`|\Delta x| \ge |\Delta y|`; overlapping adaptive
+    windows add their shares. Summation-to-delta holds exactly. Both streams' indices come from
+    the forward pass (the op returns them).
+    """
+
+    def backward(self, site: Site, g: Any) -> dict[int, Any]:
+        node = site.node
+        g0 = g[0] if isinstance(g, tuple) else g
+        if g0 is None:
+            return {}
+        (vx, ix), (vr, ir) = site.out("x"), site.out("ref")
+        x, r = site.args("x")[0], site.args("ref")[0]
+        if node.packet in ("max", "min"):
+            dim = site.args("x")[1] % x.ndim
+            if not (len(site.args("x")) > 2 and site.args("x")[2]):
+                vx, ix, vr, ir, g0 = (t.unsqueeze(dim) for t in (vx, ix, vr, ir, g0))
+            flat_x, flat_r = x, r
+        else:  # adaptive_max_poolNd: indices are flat over the pooled (trailing) dims
+            nd = int(node.packet[-2])
+            dim = x.ndim - nd
+            flat_x, flat_r = x.flatten(dim), r.flatten(dim)
+            vx, ix, vr, ir, g0 = (t.flatten(dim) for t in (vx, ix, vr, ir, g0))
+        extreme = torch.minimum(vx, vr) if node.packet == "min" else torch.maximum(vx, vr)
+        zeros = torch.zeros_like(flat_x)
+        sent = zeros.scatter_add(dim, ix, g0 * (extreme - vr)).scatter_add(dim, ir, g0 * (vx - extreme))
+        dx = flat_x - flat_r
+        out = safe_divide(sent, dx, is_zero(dx), zeros.scatter_add(dim, ix, g0))
+        return {node.args[0][1]: out.reshape(x.shape)}
+
+
 # ------------------------------------------------------------------ op families
 
 #: ops that are affine in their input-dependent float arguments (given the rest)
@@ -390,7 +503,8 @@ LINEAR = frozenset(
     roll flip index_select gather upsample_nearest1d upsample_nearest2d upsample_nearest3d upsample_bilinear2d
     upsample_linear1d upsample_trilinear3d _upsample_nearest_exact1d _upsample_nearest_exact2d pixel_shuffle
     pixel_unshuffle _to_copy to lift_fresh_copy cumsum tril triu movedim swapaxes diagonal unfold view_as einsum
-    zeros_like ones_like full_like empty_like masked_fill""".split()
+    zeros_like ones_like full_like empty_like masked_fill reflection_pad1d reflection_pad2d reflection_pad3d
+    replication_pad1d replication_pad2d replication_pad3d _pad_circular""".split()
 )
 #: elementwise nonlinearities y = f(x) (other arguments constant)
 ELEMENTWISE = frozenset(
@@ -399,6 +513,8 @@ ELEMENTWISE = frozenset(
     threshold prelu""".split()
 )
 MAXPOOL = frozenset(("max_pool1d", "max_pool2d", "max_pool3d"))
+#: max/min over one dim and adaptive max pooling: tuple-valued (values, indices)
+REDUCE_MAX = frozenset(("max", "min", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d"))
 SOFTMAX = frozenset(("softmax", "_softmax", "log_softmax", "_log_softmax"))
 BILINEAR = frozenset(("mul", "div", "mm", "bmm", "matmul", "einsum"))
 RELU = frozenset(("relu",))
@@ -443,9 +559,14 @@ def is_linear(program: Program, node: Node) -> bool:
         return not _const_arg(node, 5, True)
     if p == "dropout":
         return not _const_arg(node, 2, True)
-    if p == "pad":
-        return len(args) < 3 or _const_arg(node, 2, "constant")
     return True
+
+
+def reduces_max(node: Node) -> bool:
+    """``node`` is a max/min over one dim (values and indices) or an adaptive max pool of one input tensor."""
+    if node.packet not in REDUCE_MAX or n_dep(node) != 1 or not _first_is(node):
+        return False
+    return node.target.endswith(".dim") or node.packet.startswith("adaptive")
 
 
 def _const_arg(node: Node, pos: int, value: Any) -> bool:
@@ -461,7 +582,7 @@ def _first_is(node: Node) -> bool:
     return isinstance(a, tuple) and a[0] == "n" and a[1] == node.refs[0]
 
 
-__all__ += ["BILINEAR", "ELEMENTWISE", "LINEAR", "MAXPOOL", "RELU", "SOFTMAX", "Site", "call_args", "is_elementwise",
+__all__ += ["BILINEAR", "ELEMENTWISE", "LINEAR", "MAXPOOL", "REDUCE_MAX", "ReduceCrossMax", "reduces_max", "RELU", "SOFTMAX", "Site", "call_args", "is_elementwise",
             "is_linear", "selected_by_input"]
 
 
@@ -474,7 +595,7 @@ __all__ += ["AlphaBeta", "Epsilon", "Flat", "Gamma", "Norm", "Pass", "WSquare", 
 #: trace time holds rule objects that dynamo cannot guard on, and ``Class.backward(rule, ...)``
 #: through a module-level class is what it can trace. (Subclasses are dispatched to their base class there.)
 RULE_CLASSES = (Gradient, Rescale, CrossMax, DisjointCrossMax, ReluMaxPool, SoftmaxRescale, Bilinear, GuidedReLU,
-                DeconvReLU, Epsilon, Gamma, ZPlus, AlphaBeta, Flat, WSquare, ZBox, Pass, Norm)
+                DeconvReLU, ReduceCrossMax, Epsilon, Gamma, ZPlus, AlphaBeta, Flat, WSquare, ZBox, Pass, Norm)
 
 
 def apply_rule(rule: Any, site: Site, g: Any) -> dict[int, Any]:

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ._types import ModelFn, Params, Target, TensorOrTuple
-from .core import as_tuple, check_positive_int, training_call
+from .core import FunctionalModel, as_tuple, check_positive_int, training_call
 from .targets import prepare_call, select
 
 __all__ = ["Explainer", "compile", "export", "seeded_normal", "value_and_attribution"]
@@ -73,10 +73,21 @@ class Explainer:
     ``explain.fn`` is the compiled callable; ``explain.batch_size`` the piece size.
     """
 
-    def __init__(self, fn: Callable[..., TensorOrTuple], batch_size: int | None, description: str) -> None:
+    def __init__(self, fn: Callable[..., TensorOrTuple], batch_size: int | None, description: str,
+                 model_fn: Any = None, rebuild: Callable[[], Callable[..., TensorOrTuple]] | None = None) -> None:
         self.fn = fn
         self.batch_size = batch_size
         self._description = description
+        # a compiled graph is a cache of the model's trace: rebuilt when the model changes (fingerprint)
+        self._model_fn, self._rebuild = model_fn, rebuild
+        self._fingerprint = model_fn.fingerprint() if isinstance(model_fn, FunctionalModel) else None
+
+    def _current(self) -> Callable[..., TensorOrTuple]:
+        if self._fingerprint is not None and self._rebuild is not None:
+            now = self._model_fn.fingerprint()
+            if now != self._fingerprint:
+                self.fn, self._fingerprint = self._rebuild(), now
+        return self.fn
 
     def __repr__(self) -> str:
         return f"Explainer({self._description}, batch_size={self.batch_size})"
@@ -85,9 +96,10 @@ class Explainer:
         xs, is_tuple = as_tuple(x)
         batch = xs[0].shape[0]
         t = _target_input(target, batch, xs[0].device)
+        fn = self._current()
         size = self.batch_size
         if size is None or batch == size:
-            return self.fn(x, t)
+            return fn(x, t)
         per_sample = isinstance(t, Tensor) and t.ndim >= 1 and t.shape[0] == batch
         pieces: list[tuple[Tensor, ...]] = []
         for start in range(0, batch, size):
@@ -99,7 +111,7 @@ class Explainer:
                 part = tuple(torch.cat([p, p[-1:].expand(short, *p.shape[1:])]) for p in part)
                 if per_sample:
                     part_t = torch.cat([part_t, part_t[-1:].expand(short, *part_t.shape[1:])])
-            out, _ = as_tuple(self.fn(part if is_tuple else part[0], part_t), "attribute(...)")
+            out, _ = as_tuple(fn(part if is_tuple else part[0], part_t), "attribute(...)")
             pieces.append(tuple(o[: stop - start] for o in out))
         result = tuple(torch.cat(col) for col in zip(*pieces))
         return result if is_tuple else result[0]
@@ -150,8 +162,10 @@ def compile(  # noqa: A001 - the API name
     def run(x: TensorOrTuple, target: Target) -> TensorOrTuple:
         return attribute(model_fn, params, x, target, **method_kwargs)
 
-    compiled = torch.compile(run, backend=backend, mode=mode, dynamic=dynamic, options=options, fullgraph=fullgraph)
-    return Explainer(compiled, batch_size, getattr(attribute, "__name__", repr(attribute)))
+    def build() -> Callable[..., TensorOrTuple]:
+        return torch.compile(run, backend=backend, mode=mode, dynamic=dynamic, options=options, fullgraph=fullgraph)
+
+    return Explainer(build(), batch_size, getattr(attribute, "__name__", repr(attribute)), model_fn, build)
 
 
 def n_steps_auto(kwargs: dict[str, Any]) -> bool:

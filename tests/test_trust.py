@@ -1,0 +1,490 @@
+"""Trust: no stale programs, no crashes on everyday ops, nothing of the user's changed (issue 15).
+
+The zoo below spells small models the ways real code does (tuple-returning ops, casts, padding
+modes, shared weights, hooks, modules edited after ``functionalize``). Every rule method must give
+either a result that is right (completeness where the method has it, and always the result of a
+fresh trace of the model as it is now) or a ``ValueError`` naming the op or module: never a crash,
+never a stale or silently wrong number.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import attrax as ax
+from conftest import assert_unchanged, module_snapshot
+
+D = torch.float64
+
+
+# ------------------------------------------------------------------------------ the zoo
+
+
+class SplitGate(nn.Module):  # GLU-style gate from split
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.out = nn.Linear(5, 8), nn.Linear(4, 3)
+
+    def forward(self, x):
+        a, b = self.up(x).split(4, dim=1)
+        return self.out(a * torch.sigmoid(b))
+
+
+class ChunkSwiGLU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.out = nn.Linear(5, 8), nn.Linear(4, 3)
+
+    def forward(self, x):
+        a, b = self.up(x).chunk(2, dim=-1)
+        return self.out(F.silu(a) * b)
+
+
+class Unbind(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.out = nn.Linear(5, 8), nn.Linear(4, 3)
+
+    def forward(self, x):
+        a, b = self.up(x).view(-1, 2, 4).unbind(1)
+        return self.out(torch.relu(a) + b)
+
+
+class MaxOverDim(nn.Module):
+    def __init__(self, op: str = "max") -> None:
+        super().__init__()
+        self.up, self.out, self.op = nn.Linear(5, 12), nn.Linear(4, 3), op
+
+    def forward(self, x):
+        h = self.up(x).view(-1, 3, 4)
+        v = h.max(dim=1).values if self.op == "max" else torch.min(h, 1, keepdim=True)[0].squeeze(1)
+        return self.out(torch.tanh(v))
+
+
+class AdaptiveMax(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.pool, self.out = nn.Conv2d(2, 3, 3), nn.AdaptiveMaxPool2d((3, 2)), nn.Linear(18, 3)
+
+    def forward(self, x):
+        return self.out(self.pool(F.relu(self.conv(x))).flatten(1))
+
+
+class Quantised(nn.Module):  # an integer cast on the input's path: no derivative, no rule
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out((x * 255).clamp(0, 255).to(torch.uint8).to(x.dtype) / 255)
+
+
+class Padded(nn.Module):
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.conv, self.out, self.mode = nn.Conv2d(2, 3, 3), nn.Linear(3 * 7 * 7, 3), mode
+
+    def forward(self, x):
+        return self.out(F.relu(self.conv(F.pad(x, (1, 1, 1, 1), mode=self.mode))).flatten(1))
+
+
+class Tied(nn.Module):  # one Linear called twice, and a weight shared by two layers
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.out(F.relu(self.a(F.relu(self.a(x)))) + self.b(x))
+
+
+class Flagged(nn.Module):  # a Python flag selects a branch
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.out, self.use_tanh = nn.Linear(5, 6), nn.Linear(6, 3), False
+
+    def forward(self, x):
+        h = self.up(x)
+        return self.out(torch.tanh(h) if self.use_tanh else F.relu(h))
+
+
+class Scaled(nn.Module):  # a plain tensor attribute (not a buffer), 1-d and 0-d
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.out = nn.Linear(5, 6), nn.Linear(6, 3)
+        self.scale = torch.linspace(0.5, 2.0, 6, dtype=D)
+        self.shift = torch.tensor(0.25, dtype=D)
+
+    def forward(self, x):
+        return self.out(F.relu(self.up(x) * self.scale + self.shift))
+
+
+class EmptyCat(nn.Module):  # HF's empty KV-cache start: cat with a legacy 1-d empty tensor
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.cat([torch.empty(0, dtype=x.dtype), F.softplus(x), x.new_zeros(x.shape[0], 0)], dim=1)
+        return self.out(h)
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 6), nn.LeakyReLU(0.1), nn.Linear(6, 3))
+
+
+def swap_activation(m: nn.Module) -> None:
+    m[1] = nn.Softplus(beta=5)
+
+
+def change_slope(m: nn.Module) -> None:
+    m[3].negative_slope = 0.7
+
+
+def flip_flag(m: nn.Module) -> None:
+    m.use_tanh = True
+
+
+def add_hook(m: nn.Module) -> None:
+    m[2].register_forward_hook(lambda mod, inp, out: out * 2)
+
+
+def rescale_in_place(m: nn.Module) -> None:
+    m.scale.mul_(3)  # the same tensor object, a new version
+
+
+def reassign_attribute(m: nn.Module) -> None:
+    m.shift = torch.tensor(-1.0, dtype=D)
+
+
+@dataclass
+class Spelling:
+    name: str
+    make: Callable[[], nn.Module]
+    shape: tuple[int, ...]
+    change: Callable[[nn.Module], None] | None = None
+    refused: str | None = None  # a ValueError matching this is the right answer for every rule method
+    lrp_refused: str | None = None  # LRP has no rule for products of two activations (yet)
+
+
+ZOO = [
+    Spelling("split_gate", SplitGate, (3, 5), lrp_refused="mul"),
+    Spelling("chunk_swiglu", ChunkSwiGLU, (3, 5), lrp_refused="mul"),
+    Spelling("unbind", Unbind, (3, 5)),
+    Spelling("max_dim", MaxOverDim, (3, 5)),
+    Spelling("min_dim_keepdim", lambda: MaxOverDim("min"), (3, 5)),
+    Spelling("adaptive_max_pool", AdaptiveMax, (2, 2, 7, 9)),
+    Spelling("integer_cast", Quantised, (3, 5), refused="integer dtype"),
+    Spelling("reflect_pad", lambda: Padded("reflect"), (2, 2, 7, 7)),
+    Spelling("replicate_pad", lambda: Padded("replicate"), (2, 2, 7, 7)),
+    Spelling("circular_pad", lambda: Padded("circular"), (2, 2, 7, 7)),
+    Spelling("tied_weights", Tied, (3, 5)),
+    Spelling("empty_cat", EmptyCat, (3, 5)),
+    Spelling("module_swapped", mlp, (3, 5), change=swap_activation),
+    Spelling("slope_changed", mlp, (3, 5), change=change_slope),
+    Spelling("flag_flipped", Flagged, (3, 5), change=flip_flag),
+    Spelling("hook_added", mlp, (3, 5), change=add_hook, refused="forward hook"),
+    Spelling("tensor_attribute_in_place", Scaled, (3, 5), change=rescale_in_place),
+    Spelling("tensor_attribute_reassigned", Scaled, (3, 5), change=reassign_attribute),
+]
+
+RULE_METHODS: dict[str, Callable[..., Any]] = {
+    "deeplift": lambda f, p, x, b: ax.deeplift(f, p, x, 1, baseline=b),
+    "deeplift_shap": lambda f, p, x, b: ax.deeplift_shap(f, p, x, 1, torch.stack([b[0], 0.5 * b[1]]), chunk_size=1),
+    "lrp": lambda f, p, x, b: ax.lrp(f, p, x, 1),
+    "guided_backprop": lambda f, p, x, b: ax.guided_backprop(f, p, x, 1),
+    "deconvnet": lambda f, p, x, b: ax.deconvnet(f, p, x, 1),
+    # every channel of the output layer: equal to plain LRP
+    "conditional": lambda f, p, x, b: ax.conditional(f, p, x, 1, [{_output_layer(f.module): [0, 1, 2]}]),
+}
+
+
+def _output_layer(model: nn.Module) -> str:
+    return "out" if hasattr(model, "out") else "4"
+
+
+def _inputs(spelling: Spelling) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(spelling.shape, generator=g, dtype=D), torch.randn(spelling.shape, generator=g, dtype=D)
+
+
+def _run(method: str, model: nn.Module, f: Any, p: dict, x: torch.Tensor, b: torch.Tensor) -> Any:
+    try:
+        return RULE_METHODS[method](f, p, x, b)
+    except ValueError as e:
+        return e
+
+
+def _expected_delta(method: str, f: Any, p: dict, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        fx = f(p, x)[:, 1]
+        if method == "deeplift":
+            return fx - f(p, b)[:, 1]
+        refs = torch.stack([b[0], 0.5 * b[1]])
+        return fx - f(p, refs)[:, 1].mean()
+
+
+@pytest.mark.parametrize("method", list(RULE_METHODS))
+@pytest.mark.parametrize("spelling", ZOO, ids=[s.name for s in ZOO])
+def test_every_rule_method_on_every_spelling(spelling: Spelling, method: str) -> None:
+    torch.manual_seed(0)
+    model = spelling.make().double().eval()
+    x, b = _inputs(spelling)
+    f, p = ax.functionalize(model)
+    first = _run(method, model, f, p, x, b)  # fills the memo with the model as it was
+    if spelling.change is not None:
+        spelling.change(model)
+        p = dict(model.named_parameters()) | dict(model.named_buffers())
+        result = _run(method, model, f, p, x, b)
+        fresh_f, fresh_p = ax.functionalize(copy.deepcopy(model))
+        fresh = _run(method, model, fresh_f, fresh_p, x, b)
+        if isinstance(fresh, Exception):
+            assert isinstance(result, ValueError) and str(result) == str(fresh)
+        else:
+            assert not isinstance(result, Exception), result
+            torch.testing.assert_close(result, fresh, rtol=0, atol=0)  # never the old model's program
+    else:
+        result = first
+    refused = spelling.refused or (spelling.lrp_refused if method in ("lrp", "conditional") else None)
+    if refused is not None:
+        assert isinstance(result, ValueError), f"{method} on {spelling.name} should refuse, got a result"
+        assert refused in str(result)
+        return
+    assert not isinstance(result, Exception), f"{method} on {spelling.name}: {result}"
+    if method == "conditional":
+        result = result[0]
+    assert result.shape == x.shape and result.dtype == x.dtype and torch.isfinite(result).all()
+    if method in ("deeplift", "deeplift_shap"):
+        delta = _expected_delta(method, f, p, x, b)
+        torch.testing.assert_close(result.flatten(1).sum(1), delta, rtol=1e-9, atol=1e-9)
+    if method == "conditional":
+        torch.testing.assert_close(result, ax.lrp(f, p, x, 1), rtol=1e-12, atol=1e-12)
+
+
+def test_errors_name_the_op() -> None:
+    f, p = ax.functionalize(Quantised().double().eval())
+    with pytest.raises(ValueError, match=r"aten\.to\.dtype at node .* integer dtype"):
+        ax.deeplift(f, p, torch.rand(2, 5, dtype=D), 0)
+    model = mlp().double().eval()
+    add_hook(model)
+    f, p = ax.functionalize(model)
+    with pytest.raises(ValueError, match=r"module '2' has a forward hook"):
+        ax.lrp(f, p, torch.rand(2, 5, dtype=D), 0)
+
+
+# ------------------------------------------------------------------------ stale programs
+
+
+def test_changed_model_is_retraced_for_every_rule_method() -> None:
+    # the issue's first case: the memo returned the old model's result with completeness gaps 0.04-0.48
+    model = mlp().double().eval()
+    f, p = ax.functionalize(model)
+    x, b = torch.randn(4, 5, dtype=D), torch.zeros(4, 5, dtype=D)
+    ax.deeplift(f, p, x, 1)
+    model[1] = nn.Softplus(beta=5)
+    attr = ax.deeplift(f, p, x, 1)
+    gap = ax.metrics.completeness_delta(f, p, x, 1, attr, baseline=b)
+    assert gap.abs().max() < 1e-10
+
+
+def test_memo_is_bounded() -> None:
+    model = mlp().double().eval()
+    f, p = ax.functionalize(model)
+    for batch in range(1, 30):
+        ax.guided_backprop(f, p, torch.randn(batch, 5, dtype=D), 0)
+    assert len(f._programs) <= f.memo_size
+
+
+def test_plain_function_memo_sees_its_closure_change() -> None:
+    state = {"slope": 0.1}
+
+    def fn(p, x):
+        return F.leaky_relu(x @ p["w"], state["slope"])
+
+    f, _ = ax.functionalize(fn)
+    p = {"w": torch.randn(5, 3, dtype=D)}
+    x = torch.randn(4, 5, dtype=D)
+    ax.deeplift(f, p, x, 1)
+    state["slope"] = 0.9
+    attr = ax.deeplift(f, p, x, 1)
+    torch.testing.assert_close(attr.sum(1), fn(p, x)[:, 1] - fn(p, torch.zeros_like(x))[:, 1])
+
+
+def test_compiled_explainer_follows_a_changed_model() -> None:
+    model = mlp().double().eval()
+    f, p = ax.functionalize(model)
+    explain = ax.compile(ax.deeplift, f, p, backend="eager")
+    x = torch.randn(4, 5, dtype=D)
+    explain(x, 1)
+    model[1] = nn.Softplus(beta=5)
+    torch.testing.assert_close(explain(x, 1), ax.deeplift(f, p, x, 1))
+
+
+# --------------------------------------------------------------------------- tracing
+
+
+def test_plain_tensor_attributes_and_closures_trace() -> None:
+    model = Scaled().double().eval()
+    f, p = ax.functionalize(model)
+    x = torch.randn(3, 5, dtype=D)
+    attr = ax.deeplift(f, p, x, 2)
+    assert ax.metrics.completeness_delta(f, p, x, 2, attr).abs().max() < 1e-10
+    w = torch.randn(5, 3, dtype=D)  # a plain function closing over a tensor (API §1)
+
+    def fn(p, x):
+        return torch.tanh(x @ w)
+
+    attr = ax.deeplift(fn, {}, x, 0)
+    assert ax.metrics.completeness_delta(fn, {}, x, 0, attr).abs().max() < 1e-10
+
+
+def test_params_without_buffers_trace() -> None:
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3)).double().eval()
+    model[1].running_mean.normal_()
+    f, p = ax.functionalize(model)
+    x = torch.randn(3, 5, dtype=D)
+    weights = dict(model.named_parameters())
+    torch.testing.assert_close(ax.deeplift(f, weights, x, 0), ax.deeplift(f, p, x, 0))
+    torch.testing.assert_close(ax.lrp(f, weights, x, 0), ax.lrp(f, p, x, 0))
+
+
+def test_trace_failure_says_why() -> None:
+    def branchy(p, x):
+        return x if x.sum() > 0 else -x
+
+    with pytest.raises(ValueError, match="branches on tensor values"):
+        ax.deeplift(branchy, {}, torch.randn(2, 3), 0)
+    model = nn.Linear(5, 3).double().eval()
+    f, p = ax.functionalize(model)
+    with pytest.raises(ValueError, match=r"placeholder tensors of x's shape \[\(2, 4\)\].*batch dimension"):
+        ax.deeplift(f, p, torch.randn(2, 4, dtype=D), 0)
+
+
+def test_hooks_are_never_called_with_fake_tensors() -> None:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    seen: list[type] = []
+    model = mlp().double().eval()
+    f, p = ax.functionalize(model)
+    model[0].register_forward_hook(lambda mod, inp, out: seen.append(type(out)))
+    with pytest.raises(ValueError, match="forward hook"):
+        ax.deeplift(f, p, torch.randn(2, 5, dtype=D), 0)
+    ax.gradient(f, p, torch.randn(2, 5, dtype=D), 0)  # gradient methods call the model for real
+    assert seen and not any(issubclass(t, FakeTensor) for t in seen)
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def test_first_calls_from_two_threads() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 7 * 7, 4))
+    model = model.double().eval()
+    x = torch.randn(2, 3, 16, 16, dtype=D)
+    expected = ax.deeplift(*ax.functionalize(copy.deepcopy(model)), x, 1)
+    for _ in range(3):
+        f, p = ax.functionalize(model)
+        results: list[Any] = [None] * 4
+        barrier = threading.Barrier(4)
+
+        def work(i: int) -> None:
+            barrier.wait()
+            try:
+                results[i] = (ax.deeplift if i % 2 else ax.lrp)(f, p, x, 1)
+            except Exception as e:  # noqa: BLE001 - reported below
+                results[i] = e
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, r in enumerate(results):
+            assert not isinstance(r, Exception), r
+            if i % 2:
+                torch.testing.assert_close(r, expected)
+
+
+def test_tracing_leaves_the_module_alone_for_other_threads() -> None:
+    # the issue: a concurrent plain net(x) failed 120/383 times while another thread traced
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)).double().eval()
+    x = torch.randn(4, 5, dtype=D)
+    want = model(x)
+    stop = threading.Event()
+    failures: list[BaseException] = []
+    calls = [0]
+
+    def plain_calls() -> None:
+        while not stop.is_set():
+            try:
+                with torch.no_grad():
+                    out = model(x)
+                assert type(out) is torch.Tensor and torch.equal(out, want.detach())
+            except BaseException as e:  # noqa: BLE001
+                failures.append(e)
+            calls[0] += 1
+
+    worker = threading.Thread(target=plain_calls)
+    worker.start()
+    try:
+        for _ in range(8):
+            f, p = ax.functionalize(model)  # a fresh memo: every call traces
+            ax.deeplift(f, p, x, 0)
+            ax.gradient(f, p, x, 0)
+    finally:
+        stop.set()
+        worker.join()
+    assert calls[0] > 0 and not failures, failures[:1]
+
+
+# ----------------------------------------------------------------------- training mode
+
+
+def _training_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.3), nn.Linear(6, 3)).double()
+
+
+@pytest.mark.parametrize("method", ["gradient", "integrated_gradients", "deeplift", "lrp", "guided_backprop",
+                                    "conditional", "smoothgrad"])
+def test_training_mode_warns_once_and_writes_no_buffer(method: str) -> None:
+    model = _training_model().train()
+    before = module_snapshot(model)
+    f, p = ax.functionalize(model)
+    x = torch.randn(4, 5, dtype=D)
+    call = {
+        "gradient": lambda: ax.gradient(f, p, x, 0),
+        "integrated_gradients": lambda: ax.integrated_gradients(f, p, x, 0, n_steps=4),
+        "deeplift": lambda: ax.deeplift(f, p, x, 0),
+        "lrp": lambda: ax.lrp(f, p, x, 0),
+        "guided_backprop": lambda: ax.guided_backprop(f, p, x, 0),
+        "conditional": lambda: ax.conditional(f, p, x, 0, [{"4": [0, 1, 2]}]),
+        "smoothgrad": lambda: ax.smoothgrad(f, p, x, 0, n_samples=3, generator=torch.Generator().manual_seed(0)),
+    }[method]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            call()
+        except ValueError as e:  # DeepLift has no rule for batch-statistics BatchNorm: a clear refusal is fine
+            assert method == "deeplift" and "batch_norm" in str(e)
+    mine = [w for w in caught if "training mode" in str(w.message)]
+    assert len(mine) == 1, [str(w.message) for w in caught]
+    assert "'1' (BatchNorm1d)" in str(mine[0].message) and "'3' (Dropout)" in str(mine[0].message)
+    assert_unchanged(model, before)
+
+
+def test_value_and_attribution_keeps_training_behaviour() -> None:
+    model = _training_model().train()
+    f, p = ax.functionalize(model)
+    before = model[1].running_mean.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ax.value_and_attribution(ax.gradient, f, p, torch.randn(4, 5, dtype=D), 0)
+    assert not torch.equal(model[1].running_mean, before)  # BatchNorm learns, as in a training step
