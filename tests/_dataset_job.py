@@ -1,6 +1,8 @@
 """A dataset attribution job for tests/test_distributed.py, run as ``python`` or under ``torchrun``.
 
-usage: _dataset_job.py OUT [--delay SECONDS] [--pid-dir DIR] [--method ig|smoothgrad]
+usage: _dataset_job.py OUT [--delay SECONDS] [--pid-dir DIR] [--method ig|smoothgrad] [--perturb-rank R]
+
+``--perturb-rank R``: rank R changes one weight (as if it had not loaded the checkpoint).
 """
 
 import argparse
@@ -32,11 +34,15 @@ def main() -> None:
     ap.add_argument("--delay", type=float, default=0.0)
     ap.add_argument("--pid-dir")
     ap.add_argument("--method", default="ig")
+    ap.add_argument("--perturb-rank", type=int)
     args = ap.parse_args()
     if args.pid_dir:
         with open(os.path.join(args.pid_dir, f"rank-{os.environ.get('RANK', '0')}.pid"), "w") as f:
             f.write(str(os.getpid()))
     net, ds = model_and_data()
+    if args.perturb_rank == int(os.environ.get("RANK", "0")):
+        with torch.no_grad():
+            net[0].bias[0] += 1e-3
     model_fn, params = ax.functionalize(net)
     if args.method == "ig":
         method, kw = ax.integrated_gradients, {"n_steps": 16}

@@ -110,6 +110,15 @@ def test_sigkill_one_rank_then_resume_equals_uninterrupted(reference, tmp_path):
     assert not list(out.glob("*.tmp-*"))
 
 
+def test_torchrun_ranks_with_different_weights_are_refused(tmp_path):
+    # issue 15.4: rank 1 without the checkpoint would have mixed its attributions into the store
+    p = run_job(tmp_path / "store", "--perturb-rank", "1", procs=2, wait=False)
+    output, _ = p.communicate(timeout=300)
+    assert p.returncode != 0
+    assert "the ranks disagree: different model" in output and "on rank 0 vs" in output and "on rank 1" in output
+    assert not list((tmp_path / "store").glob("shard-*"))
+
+
 # ------------------------------------------------------------------------- in process
 
 
@@ -188,6 +197,143 @@ def test_other_options_refuse_to_mix_into_a_store(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_resume_with_other_weights_or_data_is_refused_naming_both_values(tmp_path):
+    # issue 15.4: these resumes used to go on silently and mix two models or datasets in one store
+    f, p, ds = small_job()
+    kw = dict(out=tmp_path, batch_size=8, shard_size=16, progress=False)
+    store = ax.distributed.attribute_dataset(ax.saliency, f, p, ds, **kw)
+    (tmp_path / "shard-00001.json").unlink()  # half done
+    before = sorted(q.name for q in tmp_path.iterdir())
+    other = {k: v.clone() for k, v in p.items()}
+    with torch.no_grad():
+        other["0.bias"][0] += 1e-3
+    theirs = ax.distributed.attribute_dataset  # same call, other weights
+    with pytest.raises(ValueError, match="different model: model") as e:
+        theirs(ax.saliency, f, other, ds, **kw)
+    old_sha = store.manifest["model"]["sha256"]
+    new_sha = ax.distributed._model_fingerprint(other)["sha256"]
+    assert old_sha in str(e.value) and new_sha in str(e.value) and old_sha != new_sha
+    x, t = ds.tensors
+    edited = x.clone()
+    edited[0, 0, 0, 0] += 1.0
+    with pytest.raises(ValueError, match=r"different dataset: dataset \{.*in the store vs \{.*in this call"):
+        theirs(ax.saliency, f, p, torch.utils.data.TensorDataset(edited, t), **kw)
+    with pytest.raises(ValueError, match="different dataset, n: .*n 60 in the store vs 59 in this call"):
+        theirs(ax.saliency, f, p, torch.utils.data.TensorDataset(x[:59], t[:59]), **kw)
+    with pytest.raises(ValueError, match="different method: method \"attrax.gradients.saliency\" in the store vs "
+                                         "\"attrax.gradients.input_x_gradient\" in this call"):
+        theirs(ax.input_x_gradient, f, p, ds, **kw)
+    with pytest.raises(ValueError, match="different options: options \\{\\} in the store vs \\{\"abs\": false\\}"):
+        theirs(ax.saliency, f, p, ds, abs=False, **kw)
+    assert sorted(q.name for q in tmp_path.iterdir()) == before  # nothing written by the refused calls
+    # equal weights in other tensors resume
+    resumed = theirs(ax.saliency, f, {k: v.clone() for k, v in p.items()}, ds, **kw)
+    assert resumed.complete
+    # caller-given ids replace the fingerprints
+    ids = dict(kw, out=tmp_path / "ids", model_id="net-v1", dataset_id="digits-60")
+    assert theirs(ax.saliency, f, p, ds, **ids).manifest["model"] == {"id": "net-v1"}
+    with pytest.raises(ValueError, match='different model: model {"id": "net-v1"} in the store vs {"id": "net-v2"}'):
+        theirs(ax.saliency, f, p, ds, **dict(ids, model_id="net-v2"))
+    with pytest.raises(TypeError, match="model_id must be a non-empty str"):
+        theirs(ax.saliency, f, p, ds, **dict(ids, model_id=3))
+
+
+def test_model_fingerprint_covers_buffers_and_names():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).eval()
+    _, p = ax.functionalize(net)
+    base = ax.distributed._model_fingerprint(p)
+    assert base["tensors"] == len(p) == 7  # weight, bias, weight, bias, running_mean, running_var, num_batches_tracked
+    moved = dict(p, **{"1.running_mean": p["1.running_mean"] + 1})
+    renamed = {("x" + k if k == "0.bias" else k): v for k, v in p.items()}
+    assert ax.distributed._model_fingerprint(moved) != base
+    assert ax.distributed._model_fingerprint(renamed) != base
+    assert ax.distributed._model_fingerprint({k: v.clone() for k, v in p.items()}) == base
+
+
+def test_bad_shards_are_named_by_open_store_and_recomputed_on_resume(tmp_path):
+    # issue 15.4: a truncated, corrupted or swapped shard used to be read back (or crash numpy) unnoticed
+    f, p, ds = small_job()
+    calls = []
+
+    def counted(*a, **k):
+        calls.append(len(a[2]))
+        return ax.saliency(*a, **k)
+
+    counted.__qualname__, counted.__module__ = "saliency", "attrax.gradients"
+    kw = dict(out=tmp_path, batch_size=10, shard_size=10, progress=False)
+    reference = np.asarray(ax.distributed.attribute_dataset(counted, f, p, ds, **kw).attributions).copy()
+    shard = lambda k, ext: tmp_path / f"shard-{k:05d}.{ext}"  # noqa: E731
+    # corrupt from the last shard back, so open_store (which names the first bad shard) names each in turn
+    shard(5, "json").write_text('{"shard": 5, "fi')
+    with pytest.raises(ValueError, match=r"shard-00005.json is corrupt \(not JSON\).*rerun attribute_dataset"):
+        ax.distributed.open_store(tmp_path)
+    a3, a4 = shard(3, "npy").read_bytes(), shard(4, "npy").read_bytes()
+    shard(3, "npy").write_bytes(a4)
+    shard(4, "npy").write_bytes(a3)
+    with pytest.raises(ValueError, match="shard-00003.npy fails its checksum"):
+        ax.distributed.open_store(tmp_path)
+    data = bytearray(shard(2, "npy").read_bytes())
+    data[-3] ^= 0x40  # one bit of one attribution
+    shard(2, "npy").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="shard-00002.npy fails its checksum"):
+        ax.distributed.open_store(tmp_path)
+    shard(1, "npy").write_bytes(shard(1, "npy").read_bytes()[:-40])
+    for verify in (True, False):  # truncation is found without reading the data
+        with pytest.raises(ValueError, match="shard-00001.npy is truncated or corrupt"):
+            ax.distributed.open_store(tmp_path, verify=verify)
+    calls.clear()
+    with pytest.warns(RuntimeWarning) as caught:
+        again = ax.distributed.attribute_dataset(counted, f, p, ds, **kw)
+    named = sorted(str(w.message).split(": ")[1].split(" ")[0] for w in caught)
+    assert named == ["shard-00001.npy", "shard-00002.npy", "shard-00003.npy", "shard-00004.npy", "shard-00005.json"]
+    assert calls == [1, 10, 10, 10, 10, 10]  # the probe, then exactly the five bad shards
+    assert again.complete and np.array_equal(np.asarray(again.attributions), reference)
+
+
+def test_a_second_writer_is_refused_while_the_first_runs(tmp_path):
+    # issue 15.4: a second job on the folder used to delete the first one's files in flight
+    out = tmp_path / "store"
+    job = run_job(out, "--delay", "0.5", wait=False)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "manifest.json").exists() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert job.poll() is None, job.communicate()[0]
+        net, ds = model_and_data()
+        f, p = ax.functionalize(net)
+        with pytest.raises(ValueError, match=rf"is being written by another attribute_dataset \(pid {job.pid} on "):
+            ax.distributed.attribute_dataset(ax.integrated_gradients, f, p, ds, out=out, batch_size=10, shard_size=20,
+                                             n_steps=16, progress=False)
+    finally:
+        job.kill()
+        job.communicate(timeout=60)
+    # the lock dies with its holder: the resume goes on
+    done = ax.distributed.attribute_dataset(ax.integrated_gradients, f, p, ds, out=out, batch_size=10, shard_size=20,
+                                            n_steps=16, progress=False)
+    assert done.complete
+
+
+def test_leftover_temporary_files_are_removed_only_when_their_writer_is_gone(tmp_path):
+    # issue 15.4: cleanup used to delete every *.tmp-* file, a live writer's included
+    f, p, ds = small_job()
+    kw = dict(out=tmp_path, batch_size=30, progress=False)
+    ax.distributed.attribute_dataset(ax.saliency, f, p, ds, **kw)
+    host = ax.distributed._host()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = tmp_path / f"shard-00001.npy.tmp-{host}-{os.getppid()}"
+    gone = tmp_path / f"shard-00001.npy.tmp-{host}-{dead.pid}"
+    fresh_elsewhere = tmp_path / "shard-00000.json.tmp-otherhost-12"
+    old_elsewhere = tmp_path / "shard-00000.npy.tmp-otherhost-13"
+    for q in (live, gone, fresh_elsewhere, old_elsewhere):
+        q.write_bytes(b"in flight")
+    hours_ago = time.time() - 7200
+    os.utime(old_elsewhere, (hours_ago, hours_ago))
+    ax.distributed.attribute_dataset(ax.saliency, f, p, ds, **kw)
+    assert live.exists() and fresh_elsewhere.exists()
+    assert not gone.exists() and not old_elsewhere.exists()
+
+
 class Pairs(torch.utils.data.Dataset):
     def __init__(self, items):
         self.items = items
@@ -228,4 +374,7 @@ def test_open_store_errors(tmp_path):
         ax.distributed.open_store(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ValueError, match="not an attrax-store"):
+        ax.distributed.open_store(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "attrax-store/1"}))
+    with pytest.raises(ValueError, match="attrax-store/1 store from another attrax version"):
         ax.distributed.open_store(tmp_path)

@@ -8,13 +8,21 @@ The dataset (indices ``0..N-1``) is cut into fixed shards of ``shard_size`` cons
 Shard ``k`` is one unit of work and of storage:
 
 * ``shard-k.npy`` — the attributions of the shard's samples (numpy, memory-mappable);
-* ``shard-k.json`` — its sample ids, targets and completeness gaps. Written last, so a shard is
-  *in the index* exactly when its json file exists, and then its ``.npy`` is complete.
+* ``shard-k.json`` — its sample ids, targets, completeness gaps and the CRC-32 of the ``.npy``
+  data. Written last, so a shard is *in the index* exactly when its json file exists.
 
-Both files are written to a temporary name and renamed (``os.replace`` is atomic on POSIX), so a
-reader or a killed run never sees a partial file under a final name. ``manifest.json`` (written
-first by rank 0) records the method, its options, the dataset length and the shard size; a rerun
-on the same ``out`` must match it and then computes only the shards without a json file. Shards are
+Both files are written to a temporary name (``<name>.tmp-<host>-<pid>``) and renamed
+(``os.replace`` is atomic on POSIX), so a reader or a killed run never sees a partial file under a
+final name. ``manifest.json`` (written first by rank 0) fingerprints the model (a SHA-256 of every
+parameter and buffer, or the caller's ``model_id``), the dataset (its length and a SHA-256 of a few
+evenly spaced items, or the caller's ``dataset_id``), the method and its options, and the shard
+size; a rerun on the same ``out`` must match it (else a ``ValueError`` names what differs, with
+both values) and then computes only the shards that are missing or fail their checks: a
+truncated, corrupted, edited or swapped shard file is found by :func:`open_store` (which refuses
+it, naming the file) and recomputed by a resume (with a warning naming it). Rank 0 holds an
+exclusive ``flock`` on ``writer.lock`` for the whole run, so a second job on the same folder is
+refused instead of racing the first; leftover temporary files are removed only when their writer
+is dead (same host) or they are over an hour old. Shards are
 dealt round-robin among the ranks (``torchrun`` sets ``RANK``/``WORLD_SIZE``); unlike
 ``DistributedSampler`` nothing is padded, so every sample is computed exactly once. A shard's
 contents depend only on its indices (batches never cross shards and random methods get a
@@ -28,7 +36,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import socket
 import time
+import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +52,16 @@ from torch import Tensor
 
 from .core import ModelFn, Params, check_positive_int
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no writer lock, temporary files are still per writer
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = ["Store", "attribute_dataset", "open_store"]
 
-FORMAT = "attrax-store/1"
+FORMAT = "attrax-store/2"  # /2: model and dataset fingerprints in the manifest, shard checksums
+_STALE_TMP_S = 3600.0  # a temporary file this old is left over, whoever wrote it
+_DATASET_PROBES = 8  # items hashed for the dataset fingerprint
 
 
 # ----------------------------------------------------------------------------- the store
@@ -123,14 +142,18 @@ class Store:
         return len(self.ids)
 
 
-def open_store(out: str | os.PathLike[str]) -> Store:
+def open_store(out: str | os.PathLike[str], *, verify: bool = True) -> Store:
     """Open the store that :func:`attribute_dataset` wrote (or is writing) at ``out``.
 
     Only shards whose index file exists are read, so a store being written or left by a killed
-    run shows exactly its finished shards.
+    run shows exactly its finished shards. Each of them is checked against its index entry: ids,
+    file name, shape and dtype always, and with ``verify`` the CRC-32 of its data (one read of
+    every shard, about 2 GB/s; ``verify=False`` opens without touching the data).
 
     Raises:
-        ValueError: If ``out`` holds no attrax store.
+        ValueError: If ``out`` holds no attrax store, or a shard file is missing, truncated,
+            corrupted or swapped (the message names the file; rerunning
+            :func:`attribute_dataset` on ``out`` recomputes it).
     """
     path = Path(out)
     manifest = _read_manifest(path)
@@ -139,13 +162,12 @@ def open_store(out: str | os.PathLike[str]) -> Store:
     n, size = manifest["n"], manifest["shard_size"]
     ids, targets, delta, parts = [], [], [], []
     for k in range(_n_shards(n, size)):
-        meta = path / _meta_name(k)
-        if not meta.exists():
+        if not (path / _meta_name(k)).exists():
             continue
-        info = json.loads(meta.read_text())
-        rows = np.load(path / info["file"], mmap_mode="r", allow_pickle=False)
-        if len(rows) != len(info["ids"]):
-            raise ValueError(f"store {str(out)!r}: shard {k} has {len(rows)} rows for {len(info['ids'])} ids")
+        try:
+            info, rows = _load_shard(path, k, manifest, verify)
+        except ValueError as e:
+            raise ValueError(f"store {str(out)!r}: {e}; rerun attribute_dataset on it to recompute the shard") from None
         parts.append(rows)
         ids.append(np.asarray(info["ids"], dtype=np.int64))
         targets.append(np.asarray(info["targets"], dtype=np.int64))
@@ -173,6 +195,8 @@ def attribute_dataset(
     seed: int | None = None,
     completeness: bool = True,
     progress: bool = True,
+    model_id: str | None = None,
+    dataset_id: str | None = None,
     **method_kwargs: Any,
 ) -> Store:
     """Attribute every sample of a map-style dataset and store the results on disk.
@@ -196,13 +220,20 @@ def attribute_dataset(
         completeness: Also record :math:`\\sum a - (f(x) - f(x'))` per sample (``x'`` from
             ``baseline=`` or the mean over ``baselines=``), one extra batched forward each.
         progress: Rank 0 shows a tqdm bar (all ranks' finished samples, samples/s) if tqdm is installed.
+        model_id: Names the model in the manifest instead of a SHA-256 of every tensor in
+            ``params`` (which costs one read of the weights, about 1 GB/s).
+        dataset_id: Names the dataset in the manifest instead of a SHA-256 of
+            ``min(8, len(dataset))`` evenly spaced items (pass one for datasets whose items are
+            random or costly to load; the fingerprint cannot see edits to items it does not read).
         **method_kwargs: Passed to ``attribute`` unchanged (and recorded in the manifest).
 
     Returns:
         :func:`open_store` of ``out`` once every rank is done.
     Raises:
-        ValueError/TypeError: Bad arguments, a dataset item that is not ``(tensor, int)``, or an
-            ``out`` that holds a store made with other options.
+        ValueError/TypeError: Bad arguments, a dataset item that is not ``(tensor, int)``, ranks
+            with different models or data, an ``out`` that holds a store made with another model,
+            dataset, method or options (the message names them, with both values), or an ``out``
+            that another job is writing.
     """
     if not callable(attribute):
         raise TypeError(f"attribute must be an attrax method (callable), got {type(attribute).__name__}")
@@ -216,6 +247,9 @@ def attribute_dataset(
         raise ValueError("pass seed=<int> instead of generator=: each shard needs its own reproducible generator")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    for name, value in (("model_id", model_id), ("dataset_id", dataset_id)):
+        if value is not None and not (isinstance(value, str) and value):
+            raise TypeError(f"{name} must be a non-empty str or None, got {value!r}")
     n = len(dataset)
     if n == 0:
         raise ValueError("dataset is empty")
@@ -230,6 +264,8 @@ def attribute_dataset(
     path = Path(out)
     manifest = {
         "format": FORMAT,
+        "model": {"id": model_id} if model_id is not None else _model_fingerprint(params),
+        "dataset": {"id": dataset_id} if dataset_id is not None else _dataset_fingerprint(dataset, n),
         "method": f"{getattr(attribute, '__module__', '?')}.{getattr(attribute, '__qualname__', repr(attribute))}",
         "options": {k: _describe_option(v) for k, v in sorted(method_kwargs.items())},
         "seed": seed,
@@ -240,8 +276,14 @@ def attribute_dataset(
         "dtype": str(_np_dtype(x0.dtype)),
     }
     rank, world, group_made = _join_group(params)
+    lock = None
     try:
-        todo: list[int] | str = _prepare_store(path, manifest) if rank == 0 else []
+        _check_ranks_agree(manifest, world)
+        todo: list[int] | str = []
+        if rank == 0:
+            path.mkdir(parents=True, exist_ok=True)
+            lock, refusal = _lock(path)
+            todo = refusal or _prepare_store(path, manifest)
         todo = _broadcast(todo, world)
         if isinstance(todo, str):  # rank 0 refused the folder: every rank stops with its message
             raise ValueError(todo)
@@ -255,6 +297,8 @@ def attribute_dataset(
                 bar.close()
         _barrier(world)
     finally:
+        if lock is not None:
+            lock.close()  # releases the flock
         if group_made:
             torch.distributed.destroy_process_group()
     return open_store(path)
@@ -262,7 +306,6 @@ def attribute_dataset(
 
 def _prepare_store(path: Path, manifest: dict[str, Any]) -> list[int] | str:
     """Rank 0: create or check the store; the unfinished shards, or why the folder cannot be used."""
-    path.mkdir(parents=True, exist_ok=True)
     try:
         old = _read_manifest(path)
     except ValueError as e:
@@ -270,13 +313,45 @@ def _prepare_store(path: Path, manifest: dict[str, Any]) -> list[int] | str:
     if old is None:
         _atomic_write_text(path / "manifest.json", json.dumps(manifest, indent=1))
     elif old != manifest:
-        diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
-        return (f"out={str(path)!r} holds a store made with different {', '.join(diff)}; "
-                "use a new folder, or the same method and options to resume")
-    for stale in path.glob("*.tmp-*"):  # left by a killed run; never part of the index
-        stale.unlink(missing_ok=True)
-    n, size = manifest["n"], manifest["shard_size"]
-    return [k for k in range(_n_shards(n, size)) if not (path / _meta_name(k)).exists()]
+        diff = _differences(old, manifest, "in the store", "in this call")
+        return (f"out={str(path)!r} holds a store made with different {diff}; use a new folder, or the same "
+                "model, dataset, method and options to resume")
+    _remove_leftovers(path)
+    todo = []
+    for k in range(_n_shards(manifest["n"], manifest["shard_size"])):
+        if not (path / _meta_name(k)).exists():
+            todo.append(k)
+            continue
+        try:
+            _load_shard(path, k, manifest, verify=True)
+        except ValueError as e:
+            warnings.warn(f"store {str(path)!r}: {e}; recomputing shard {k}", RuntimeWarning, stacklevel=3)
+            (path / _meta_name(k)).unlink(missing_ok=True)  # out of the index first
+            (path / _array_name(k)).unlink(missing_ok=True)
+            todo.append(k)
+    return todo
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any], a_is: str, b_is: str) -> str:
+    """``"model, options: model {...} <a_is> vs {...} <b_is>; options ..."`` over the keys where ``a`` and ``b`` differ."""
+    keys = [k for k in {**b, **a} if a.get(k) != b.get(k)]
+
+    def show(value: Any) -> str:
+        text = json.dumps(value, sort_keys=True)
+        return text if len(text) <= 160 else text[:157] + "..."
+
+    return ", ".join(keys) + ": " + "; ".join(f"{k} {show(a.get(k))} {a_is} vs {show(b.get(k))} {b_is}" for k in keys)
+
+
+def _check_ranks_agree(manifest: dict[str, Any], world: int) -> None:
+    """Every rank must attribute the same model, data and method (e.g. weights loaded on rank 0 only)."""
+    if world <= 1:
+        return
+    everyone: list[Any] = [None] * world
+    torch.distributed.all_gather_object(everyone, manifest)
+    for r, other in enumerate(everyone):
+        if other != everyone[0]:
+            raise ValueError(f"the ranks disagree: different {_differences(everyone[0], other, 'on rank 0', f'on rank {r}')}")
 
 
 def _run_shard(attribute: Callable[..., Tensor], model_fn: ModelFn, params: Params, dataset: Any, path: Path, k: int,
@@ -302,9 +377,10 @@ def _run_shard(attribute: Callable[..., Tensor], model_fn: ModelFn, params: Para
         if bar is not None:
             bar.advance(len(items))
     data = np.concatenate(rows).astype(_np_dtype(rows[0].dtype), copy=False)
-    array_name = f"shard-{k:05d}.npy"
+    array_name = _array_name(k)
     _atomic_write(path / array_name, lambda f: np.save(f, data, allow_pickle=False))
-    meta = {"shard": k, "file": array_name, "ids": list(range(lo, hi)), "targets": targets, "delta": deltas}
+    meta = {"shard": k, "file": array_name, "ids": list(range(lo, hi)), "targets": targets, "delta": deltas,
+            "crc32": _crc32(data)}
     _atomic_write_text(path / _meta_name(k), json.dumps(meta))  # the commit point of the shard
     if bar is not None:
         bar.shard_done()
@@ -390,27 +466,169 @@ def _meta_name(k: int) -> str:
     return f"shard-{k:05d}.json"
 
 
+def _array_name(k: int) -> str:
+    return f"shard-{k:05d}.npy"
+
+
+def _crc32(rows: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(rows).reshape(-1).view(np.uint8))
+
+
+def _load_shard(path: Path, k: int, manifest: dict[str, Any], verify: bool) -> tuple[dict[str, Any], np.ndarray]:
+    """Shard ``k``'s index entry and memory-mapped rows; ValueError naming the file if they are not shard ``k``'s."""
+    meta, array = _meta_name(k), _array_name(k)
+    n, size = manifest["n"], manifest["shard_size"]
+    lo, hi = k * size, min((k + 1) * size, n)
+    try:
+        info = json.loads((path / meta).read_text())
+    except ValueError:
+        raise ValueError(f"{meta} is corrupt (not JSON)") from None
+    keys = ("shard", "file", "ids", "targets", "delta", "crc32")
+    if not isinstance(info, dict) or any(key not in info for key in keys):
+        raise ValueError(f"{meta} is corrupt (it lacks one of {', '.join(keys)})")
+    if info["shard"] != k or info["file"] != array or info["ids"] != list(range(lo, hi)) \
+            or len(info["targets"]) != hi - lo or len(info["delta"]) != hi - lo:
+        raise ValueError(f"{meta} does not describe shard {k} (ids {lo}..{hi - 1} in {array}): swapped or edited")
+    try:
+        rows = np.load(path / array, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise ValueError(f"{array} is missing") from None
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{array} is truncated or corrupt ({e})") from None
+    expect = (hi - lo, *manifest["shape"])
+    if rows.shape != expect or str(rows.dtype) != manifest["dtype"]:
+        raise ValueError(f"{array} holds {rows.dtype} {rows.shape}, expected {manifest['dtype']} {expect}: swapped or corrupt")
+    crc = _crc32(rows) if verify else info["crc32"]
+    if crc != info["crc32"]:
+        raise ValueError(f"{array} fails its checksum (crc32 {crc}, index says {info['crc32']}): corrupted or swapped")
+    return info, rows
+
+
 def _read_manifest(path: Path) -> dict[str, Any] | None:
     try:
         manifest = json.loads((path / "manifest.json").read_text())
     except FileNotFoundError:
         return None
     if manifest.get("format") != FORMAT:
+        if str(manifest.get("format", "")).startswith("attrax-store/"):
+            raise ValueError(f"{str(path)!r} holds an {manifest['format']} store from another attrax version, "
+                             f"not an {FORMAT} store; use a new folder")
         raise ValueError(f"{str(path)!r} holds manifest.json that is not an {FORMAT} store")
     return manifest
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
 def _atomic_write(target: Path, write: Callable[[Any], None]) -> None:
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    tmp = target.with_name(f"{target.name}.tmp-{_host()}-{os.getpid()}")  # per writer: see _remove_leftovers
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _atomic_write_text(target: Path, text: str) -> None:
     _atomic_write(target, lambda f: f.write(text.encode()))
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Delete temporary files of dead writers: same host and no such pid, or untouched for an hour.
+
+    A live writer's files are left alone even when no lock protects the folder (a filesystem
+    without ``flock``), so two writers never delete each other's files in flight.
+    """
+    host, now = _host(), time.time()
+    for tmp in path.glob("*.tmp-*"):
+        owner, _, pid = tmp.name.rpartition(".tmp-")[2].rpartition("-")
+        try:
+            stale = now - tmp.stat().st_mtime > _STALE_TMP_S
+        except FileNotFoundError:  # its writer just renamed it
+            continue
+        if stale or (owner in (host, "") and pid.isdigit() and not _alive(int(pid))):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # PermissionError: someone else's live process
+    return True
+
+
+def _lock(path: Path) -> tuple[Any, str]:
+    """Rank 0's exclusive ``flock`` on ``out/writer.lock``: (the open file holding it, or None; why the folder is refused, or "").
+
+    The kernel drops the lock when its holder dies, so a killed run never leaves a stale lock.
+    Without ``fcntl`` or on a filesystem that refuses ``flock`` the run goes on unlocked.
+    """
+    if fcntl is None:
+        return None, ""
+    f = open(path / "writer.lock", "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        owner = f.read().strip() or "another process"
+        f.close()
+        return None, (f"out={str(path)!r} is being written by another attribute_dataset ({owner}); "
+                      "wait for it to finish, or use another folder")
+    except OSError:  # e.g. ENOLCK/ENOSYS on some network filesystems
+        f.close()
+        return None, ""
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f, ""
+
+
+def _model_fingerprint(params: Params) -> dict[str, Any]:
+    """SHA-256 over the names, dtypes, shapes and bytes of every tensor in ``params`` (parameters and buffers)."""
+    h = hashlib.sha256()
+    count = 0
+    for name, value in sorted(_leaves(params, ""), key=lambda kv: kv[0]):
+        if isinstance(value, Tensor):
+            h.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+            h.update(_tensor_bytes(value))
+            count += 1
+        else:
+            h.update(f"{name}={value!r};".encode())
+    return {"sha256": h.hexdigest()[:32], "tensors": count}
+
+
+def _dataset_fingerprint(dataset: Any, n: int) -> dict[str, Any]:
+    """SHA-256 of ``min(8, n)`` evenly spaced items (sample bytes, dtype, shape and target); ``n`` is recorded beside it."""
+    picks = sorted({int(i) for i in np.linspace(0, n - 1, num=min(n, _DATASET_PROBES)).round()})
+    h = hashlib.sha256()
+    for i in picks:
+        x, t = _item(dataset, i)
+        h.update(f"{i}:{x.dtype}:{tuple(x.shape)}:{t};".encode())
+        h.update(_tensor_bytes(x))
+    return {"sha256": h.hexdigest()[:32], "items": len(picks)}
+
+
+def _leaves(value: Any, prefix: str) -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        return [leaf for k, v in value.items() for leaf in _leaves(v, f"{prefix}{k}.")]
+    if isinstance(value, (list, tuple)):
+        return [leaf for i, v in enumerate(value) for leaf in _leaves(v, f"{prefix}{i}.")]
+    return [(prefix.rstrip("."), value)]
+
+
+def _tensor_bytes(t: Tensor) -> np.ndarray:
+    t = t.detach().resolve_conj().resolve_neg()
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    return t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _join_group(params: Params) -> tuple[int, int, bool]:
