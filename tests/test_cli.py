@@ -118,6 +118,51 @@ def test_bad_arguments_exit_2_with_one_line(workdir, args, message):
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, r.stderr
 
 
+def test_negative_target_and_layer_path_option(workdir):
+    # issue 15.21: `--target -1,0` was refused (argparse, then the range check) and `--opt layer=0` became int 0
+    import torch
+
+    import attrax as ax
+    from attrax.cli import _load_tensor
+
+    r = run(["explain", "--model", "mymodels:tiny", "--input", "a.png", "b.png", "--method", "grad_cam",
+             "--opt", "layer=0", "--target", "-1,0", "--out", "neg"], workdir)
+    assert r.returncode == 0, r.stderr
+    sys.path.insert(0, str(workdir))
+    try:
+        import mymodels
+    finally:
+        sys.path.remove(str(workdir))
+    f, p = ax.functionalize(mymodels.tiny().eval())
+    x = torch.stack([_load_tensor(workdir / "a.png"), _load_tensor(workdir / "b.png")])
+    expect = ax.layer.grad_cam(f, p, x, torch.tensor([2, 0]), "0")  # -1 is the last of 3 classes
+    for i, stem in enumerate("ab"):
+        np.testing.assert_allclose(np.load(workdir / "neg" / f"{stem}_grad_cam.npy"), expect[i].numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--normalize", "abc"], "--normalize expects 'mean,std' or 'm1,m2,m3;s1,s2,s3' (finite numbers, std > 0), got 'abc'"),
+        (["--normalize", "0.5;0.2;1"], "--normalize expects 'mean,std' or 'm1,m2,m3;s1,s2,s3'"),
+        (["--normalize", "0.5,0.2,0.1;0.1"], "--normalize expects 'mean,std' or 'm1,m2,m3;s1,s2,s3'"),
+        (["--normalize", "0.5,0"], "--normalize expects 'mean,std' or 'm1,m2,m3;s1,s2,s3'"),
+        (["--normalize", "0.5,0.5;0.2,0.2"], "--normalize gives 2 means and stds for inputs with 3 channels"),
+        (["--target", "-4"], "--target [-4] out of range for model output of shape (1, 3) (expected -3..2"),
+    ],
+)
+def test_bad_normalize_and_target_exit_2_naming_the_option(workdir, monkeypatch, capsys, args, message):
+    # issue 15.21: a bad --normalize ended in "ValueError: could not convert string to float", or was half ignored
+    from attrax.cli import main
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the CLI makes the working directory importable
+    with pytest.raises(SystemExit) as e:
+        main(["explain", "--model", "mymodels:tiny", "--input", "a.png", "--method", "saliency", "--out", "o", *args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+
+
 def test_explain_dataset_single_and_torchrun(workdir):
     import torch
 

@@ -18,7 +18,9 @@ import argparse
 import ast
 import importlib
 import inspect
+import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -71,7 +73,11 @@ def _methods() -> dict[str, Any]:
 
 
 def parse_value(text: str) -> Any:
-    """``--opt`` values: Python literals (ints, floats, tuples, True/False/None), ``3,4,4`` as a tuple, else a string."""
+    """``--opt`` values: Python literals (ints, floats, tuples, True/False/None), ``3,4,4`` as a tuple, else a string.
+
+    Options the method annotates as ``str`` (a ``layer`` path such as ``0`` or ``features.3``, a
+    mode name) bypass this and get the text as written, see :func:`_options`.
+    """
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -100,7 +106,8 @@ def _options(opts: list[str], method: Any, name: str) -> dict[str, Any]:
                 or key in ("model_fn", "params", "x", "target"):
             allowed = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY or p in ("layer", "baselines")]
             raise UsageError(f"method {name} has no option {key!r}; options: {', '.join(allowed)}")
-        value = parse_value(text)
+        # a str option keeps its text: `layer=0` is the module path "0", not the int 0
+        value = text.strip() if params[key].annotation in (str, "str") else parse_value(text)
         if key == "composite" and isinstance(value, str):
             factory = getattr(ax.composites, value, None)
             if factory is None or not callable(factory) or value.startswith("_"):
@@ -217,6 +224,7 @@ def explain(args: argparse.Namespace) -> int:
     resize = _pair(args.resize, "--resize")
     if resize is not None and len(resize) != 2:
         raise UsageError(f"--resize expects H,W, got {args.resize!r}")
+    normalize = None if args.normalize is None else _normalization(args.normalize)
     model = _load_model(args.model, args.weights)
     paths = [Path(p) for p in args.input]
     samples = [_load_tensor(p, resize=resize, gray=args.gray) for p in paths]
@@ -224,20 +232,14 @@ def explain(args: argparse.Namespace) -> int:
     if len(shapes) > 1:
         raise UsageError(f"inputs have different shapes {sorted(shapes)}; pass --resize H,W")
     x = torch.stack(samples)
-    if args.normalize is not None:
-        parts = args.normalize.split(";") if ";" in args.normalize else None
-        mean_std = [float(v) for v in args.normalize.replace(";", ",").split(",")] if parts is None else None
-        try:
-            if parts is not None:
-                mean = torch.tensor([float(v) for v in parts[0].split(",")])
-                std = torch.tensor([float(v) for v in parts[1].split(",")])
-            else:
-                assert mean_std is not None and len(mean_std) == 2
-                mean, std = torch.tensor([mean_std[0]]), torch.tensor([mean_std[1]])
-        except (ValueError, AssertionError, IndexError):
-            raise UsageError(f"--normalize expects 'mean,std' or 'm1,m2,m3;s1,s2,s3', got {args.normalize!r}") from None
+    if normalize is not None:
+        mean, std = normalize
+        channels = x.shape[1] if x.ndim > 1 else 1
+        if len(mean) not in (1, channels):
+            raise UsageError(f"--normalize gives {len(mean)} means and stds for inputs with {channels} channels "
+                             f"(shape {tuple(x.shape[1:])}); expected 'mean,std' or one mean and std per channel")
         shape = (1, -1) + (1,) * (x.ndim - 2)
-        x = (x - mean.reshape(shape)) / std.reshape(shape)
+        x = (x - torch.tensor(mean).reshape(shape)) / torch.tensor(std).reshape(shape)
     model_fn, params = ax.functionalize(model)
     try:
         with torch.no_grad():
@@ -262,6 +264,24 @@ def explain(args: argparse.Namespace) -> int:
             ax.viz.save(out_dir / f"{stem}_overlay.png", ax.viz.overlay(samples[i], heat, alpha=args.alpha))
     print(f"wrote {len(paths)} heatmaps to {out_dir}")
     return 0
+
+
+def _normalization(text: str) -> tuple[list[float], list[float]]:
+    """``--normalize``: ``'mean,std'`` or ``'m1,m2,m3;s1,s2,s3'`` -> (means, stds), checked before any loading."""
+    expected = f"--normalize expects 'mean,std' or 'm1,m2,m3;s1,s2,s3' (finite numbers, std > 0), got {text!r}"
+    try:
+        if ";" in text:
+            mean_text, std_text = text.split(";")
+            mean = [float(v) for v in mean_text.split(",")]
+            std = [float(v) for v in std_text.split(",")]
+        else:
+            mean, std = [[float(v)] for v in text.split(",")]  # exactly two numbers
+    except ValueError:  # not numbers, or the wrong number of parts
+        raise UsageError(expected) from None
+    values = mean + std
+    if len(mean) != len(std) or not all(math.isfinite(v) for v in values) or not all(s > 0 for s in std):
+        raise UsageError(expected)
+    return mean, std
 
 
 def _load_dataset(spec: str) -> Any:
@@ -297,7 +317,8 @@ def explain_dataset(args: argparse.Namespace) -> int:
     try:
         store = ax.distributed.attribute_dataset(
             method, model_fn, params, dataset, out=args.out, batch_size=args.batch_size, chunk_size=args.chunk_size,
-            shard_size=args.shard_size, seed=args.seed, progress=not args.no_progress, **options,
+            shard_size=args.shard_size, seed=args.seed, progress=not args.no_progress, model_id=args.model_id,
+            dataset_id=args.dataset_id, **options,
         )
     except (TypeError, ValueError) as e:
         raise UsageError(str(e).splitlines()[0]) from e
@@ -316,17 +337,15 @@ def _target(text: str, out: Any, n: int) -> Any:
         values = [int(v) for v in text.split(",")]
     except ValueError:
         raise UsageError(f"--target expects an int, 'top1' or one int per input, got {text!r}") from None
-    if len(values) == 1:
-        target = values[0]
-    elif len(values) == n:
-        target = torch.tensor(values)
-    else:
+    if len(values) not in (1, n):
         raise UsageError(f"--target has {len(values)} values for {n} inputs")
     n_classes = out.shape[1] if out.ndim > 1 else 1
-    bad = [v for v in values if not 0 <= v < n_classes]
+    bad = [v for v in values if not -n_classes <= v < n_classes]
     if bad:
-        raise UsageError(f"--target {bad} out of range for model output of shape {tuple(out.shape)}")
-    return target
+        raise UsageError(f"--target {bad} out of range for model output of shape {tuple(out.shape)} "
+                         f"(expected {-n_classes}..{n_classes - 1}; negative counts from the last class)")
+    values = [v % n_classes for v in values]  # Python indexing: -1 is the last class
+    return values[0] if len(values) == 1 else torch.tensor(values)
 
 
 # --------------------------------------------------------------------------------- main
@@ -344,7 +363,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--input", nargs="+", required=True, help="image files, .npy or .pt (one sample each)")
     ex.add_argument("--method", required=True, help="attribution method, e.g. integrated_gradients, lrp, occlusion")
     ex.add_argument("--opt", action="append", default=[], help="method option key=value (repeatable)")
-    ex.add_argument("--target", default="top1", help="class index, 'top1', or one index per input (comma-separated)")
+    ex.add_argument("--target", default="top1", help="class index (-1: the last), 'top1', or one index per input (comma-separated)")
     ex.add_argument("--resize", help="H,W for image inputs")
     ex.add_argument("--gray", action="store_true", help="load images with one channel")
     ex.add_argument("--normalize", help="'mean,std' or 'm1,m2,m3;s1,s2,s3' applied after scaling images to [0, 1]")
@@ -362,8 +381,22 @@ def _parser() -> argparse.ArgumentParser:
     ds.add_argument("--chunk-size", type=int, help="passed to the method as chunk_size")
     ds.add_argument("--shard-size", type=int, help="samples per shard file (default 8 x batch size)")
     ds.add_argument("--seed", type=int, help="seed for methods that draw noise (per shard)")
+    ds.add_argument("--model-id", help="name the model in the store's manifest instead of a checksum of its weights")
+    ds.add_argument("--dataset-id", help="name the dataset in the store's manifest instead of a checksum of a few items")
     ds.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
+
+
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """``--target -1,0`` -> ``--target=-1,0``: argparse takes a value that starts with '-' for an option
+    unless it is one plain negative number."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in ("--target", "--normalize") and re.match(r"-[\d.]", arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -373,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_main(argv[1:])
     ap = _parser()
-    args = ap.parse_args(argv)
+    args = ap.parse_args(_attach_negative_values(argv))
     if args.command is None:
         ap.print_help()
         return 2
