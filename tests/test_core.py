@@ -92,3 +92,73 @@ def test_concurrent_calls_from_threads_are_safe():
     for i, r in enumerate(results):
         for k in r:
             torch.testing.assert_close(r[k], expected[i % 3][k])
+
+
+# ------------------------------------------------- issue 15 ("Trust"), items 12 and 21: checks
+
+
+def test_unknown_params_key_is_an_error_naming_it_with_a_suggestion():
+    m = net()
+    model_fn, params = ax.functionalize(m)
+    x = torch.randn(3, 4)
+    bad = {**params, "0.weigth": params["0.weight"] * 2}  # used to be silently ignored
+    with pytest.raises(ValueError, match=r"params has key '0.weigth' \(did you mean '0.weight'\?\) that name"):
+        ax.gradient(model_fn, bad, x, 0)
+    with pytest.raises(ValueError, match="'0.weigth'"):
+        ax.integrated_gradients(model_fn, bad, x, 0, n_steps=4)
+    with pytest.raises(ValueError, match=r"'zzz'.*and 1 more"):
+        ax.gradient(model_fn, {**params, "zzz": x, "a": x, "b": x, "c": x}, x, 0)
+
+
+def test_params_missing_buffers_or_holding_tied_names_still_work():
+    m = net()
+    model_fn, params = ax.functionalize(m)
+    x = torch.randn(3, 4)
+    weights = dict(m.named_parameters())  # no BatchNorm buffers: the module's own are used
+    torch.testing.assert_close(ax.gradient(model_fn, weights, x, 0), ax.gradient(model_fn, params, x, 0))
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)).eval()
+    tied[1].weight = tied[0].weight
+    f, _ = ax.functionalize(tied)
+    full = dict(tied.named_parameters(remove_duplicate=False))  # both names of the shared weight
+    assert ax.gradient(f, full, torch.randn(2, 3), 0).shape == (2, 3)
+
+
+def test_plain_functions_skip_the_key_check():
+    fn = lambda p, x: x * p["w"]  # noqa: E731
+    out = ax.gradient(fn, {"w": torch.ones(3), "unused": torch.ones(1)}, torch.randn(2, 3), 0)
+    assert out.shape == (2, 3)
+
+
+def test_dtype_mismatch_names_both_dtypes():
+    model_fn, params = ax.functionalize(net())  # float32
+    x = torch.randn(3, 4, dtype=torch.float64)  # used to fail deep inside with a raw matmul dtype error
+    for call in (
+        lambda: ax.gradient(model_fn, params, x, 0),
+        lambda: ax.integrated_gradients(model_fn, params, x, 0, n_steps=4),
+        lambda: ax.smoothgrad(model_fn, params, x, 0, n_samples=2),
+    ):
+        with pytest.raises(TypeError, match=r"x has dtype torch.float64 but params hold dtype torch.float32"):
+            call()
+
+
+def test_dtype_mix_the_model_handles_is_fine():
+    fn = lambda p, x: (x.double() * p["w"]).sum(1)  # noqa: E731 - float32 x, float64 params, cast inside
+    g = ax.gradient(fn, {"w": torch.tensor([1.0, 2.0], dtype=torch.float64)}, torch.ones(2, 2), None)
+    torch.testing.assert_close(g, torch.tensor([[1.0, 2.0], [1.0, 2.0]]))
+
+
+@pytest.mark.parametrize(
+    "baseline, match",
+    [
+        (torch.tensor([[0.0, float("nan"), 0.0, 0.0]]), "baseline must be finite"),
+        (float("inf"), "baseline must be finite, got inf"),
+        ((torch.zeros(1, 4), torch.full((1, 2), float("-inf"))), r"baseline\[1\] must be finite"),
+    ],
+)
+def test_baselines_must_be_finite_like_x(baseline, match):
+    from attrax.core import baselines_for
+
+    xs = (torch.zeros(3, 4),) if not isinstance(baseline, tuple) else (torch.zeros(3, 4), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match=match):
+        baselines_for(baseline, xs)
+    assert all(b.shape == x.shape for b, x in zip(baselines_for(baseline, xs, check_finite=False), xs))

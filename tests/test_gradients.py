@@ -611,3 +611,110 @@ def test_module_unchanged_after_every_method(call):
     call(f, p, x)
     assert_unchanged(m, before)
     assert torch.equal(x, x_before)
+
+
+# ------------------------------------------------------ issue 15 ("Trust"): items 12, 15 and 17
+
+
+def test_nonfinite_baselines_rejected_like_x():
+    f, p = ax.functionalize(small_mlp())
+    x = torch.randn(3, 5, dtype=D)
+    nan = torch.zeros(3, 5, dtype=D)
+    nan[1, 2] = float("nan")
+    calls = [
+        lambda **k: ax.integrated_gradients(f, p, x, 0, baseline=nan, n_steps=4, **k),
+        lambda **k: ax.integrated_gradients(f, p, x, 0, baseline=float("nan"), n_steps=4, **k),
+        lambda **k: ax.integrated_gradients(f, p, (x,), 0, baseline=(nan,), n_steps=4, **k),
+        lambda **k: ax.gradient_shap(f, p, x, 0, nan, n_samples=2, **k),
+        lambda **k: ax.noise_tunnel(ax.integrated_gradients, f, p, x, 0, n_samples=2, baseline=nan, n_steps=4, **k),
+        lambda **k: ax.deeplift(f, p, x, 0, baseline=nan, **k),
+        lambda **k: ax.deeplift_shap(f, p, x, 0, nan, **k),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"baselines?(\[0\])? must be finite"):
+            call()  # used to return NaN attributions
+    for call in calls[:4]:
+        out = call(check_finite=False)  # allowed when asked, as for x
+        assert (out[0] if isinstance(out, tuple) else out).isnan().any()
+
+
+def _inference_cases():
+    bl = torch.zeros(2, 5, dtype=D)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    return {
+        "gradient": lambda f, p, x, t: ax.gradient(f, p, x, t),
+        "saliency": lambda f, p, x, t: ax.saliency(f, p, x, t),
+        "input_x_gradient": lambda f, p, x, t: ax.input_x_gradient(f, p, x, t),
+        "integrated_gradients": lambda f, p, x, t: ax.integrated_gradients(f, p, x, t, n_steps=4, chunk_size=3),
+        "smoothgrad": lambda f, p, x, t: ax.smoothgrad(f, p, x, t, n_samples=3, stdev=0.1, generator=g()),
+        "noise_tunnel_ig": lambda f, p, x, t: ax.noise_tunnel(
+            ax.integrated_gradients, f, p, x, t, n_samples=2, stdev=0.1, generator=g(), n_steps=3),
+        "gradient_shap": lambda f, p, x, t: ax.gradient_shap(f, p, x, t, bl, n_samples=3, generator=g()),
+        "deeplift": lambda f, p, x, t: ax.deeplift(f, p, x, t),
+        "deeplift_shap": lambda f, p, x, t: ax.deeplift_shap(f, p, x, t, bl),
+        "lrp": lambda f, p, x, t: ax.lrp(f, p, x, t),
+        "guided_backprop": lambda f, p, x, t: ax.guided_backprop(f, p, x, t),
+    }
+
+
+@pytest.mark.parametrize("name", list(_inference_cases()))
+def test_methods_work_under_inference_mode(name):
+    # gradient methods failed with "element 0 of tensors does not require grad" under
+    # torch.inference_mode(); they need autograd only locally. Inputs, targets and even the
+    # model's parameters may be inference tensors.
+    call = _inference_cases()[name]
+    m = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)).double().eval()
+    f, p = ax.functionalize(m)
+    x = torch.randn(4, 5, dtype=D)
+    want = call(f, p, x, torch.tensor([0, 1, 2, 1]))
+    with torch.inference_mode():
+        xi, ti = x.clone(), torch.tensor([0, 1, 2, 1])
+        got = call(f, p, xi, ti)
+        with_inference_params = call(f, {k: v.clone() for k, v in p.items()}, xi, ti)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(with_inference_params, want)
+    # an inference tensor used after leaving inference mode
+    torch.testing.assert_close(call(f, p, xi, ti), want)
+
+
+def _two_inputs():
+    torch.manual_seed(0)
+    m = TwoInputs().double().eval()
+    f, p = ax.functionalize(m)
+    u, v = torch.randn(3, 3, dtype=D), torch.randn(3, 2, dtype=D)
+    noise = (torch.randn(4, 3, 3, dtype=D) * 0.1, torch.randn(4, 3, 2, dtype=D) * 0.1)
+    return f, p, u, v, noise
+
+
+def _noisy_loop(method, f, p, u, v, noise, **kw):
+    runs = [method(f, p, (u + noise[0][k], v + noise[1][k]), 1, **kw) for k in range(noise[0].shape[0])]
+    return tuple(torch.stack([r[i] for r in runs]).mean(0) for i in range(2))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_noise_tunnel_repeats_per_sample_tuple_arguments(chunk_size):
+    # a tuple of per-sample baselines (or feature masks) used to be stacked with the noisy copies:
+    # "baseline[0] of shape (3, 3) does not broadcast to x of shape (12, 3)"
+    f, p, u, v, noise = _two_inputs()
+    bl = (torch.randn(3, 3, dtype=D), torch.randn(3, 2, dtype=D))
+    got = ax.noise_tunnel(ax.integrated_gradients, f, p, (u, v), 1, noise=noise, chunk_size=chunk_size, baseline=bl, n_steps=5)
+    want = _noisy_loop(ax.integrated_gradients, f, p, u, v, noise, baseline=bl, n_steps=5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    masks = (torch.tensor([[0, 0, 1], [0, 1, 1], [1, 1, 1]]), torch.tensor([[2, 2], [2, 3], [3, 3]]))  # per sample
+    got = ax.noise_tunnel(ax.feature_ablation, f, p, (u, v), 1, noise=noise, chunk_size=chunk_size, feature_mask=masks)
+    want = _noisy_loop(ax.feature_ablation, f, p, u, v, noise, feature_mask=masks)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_noise_tunnel_shared_arguments_pass_unchanged():
+    # a baseline of shape (F,) broadcasts from the trailing dim (shared by all samples) even when
+    # F equals the batch size; a (1, F) one too; both are passed unchanged, not repeated
+    f, p = ax.functionalize(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double().eval())
+    x = torch.randn(3, 3, dtype=D)
+    noise = torch.randn(4, 3, 3, dtype=D) * 0.1
+    for bl in (torch.tensor([0.1, 0.2, 0.3], dtype=D), torch.tensor([[0.1, 0.2, 0.3]], dtype=D), torch.randn(3, 3, dtype=D)):
+        got = ax.noise_tunnel(ax.integrated_gradients, f, p, x, 1, noise=noise, baseline=bl, n_steps=4)
+        want = torch.stack([ax.integrated_gradients(f, p, x + e, 1, baseline=bl, n_steps=4) for e in noise]).mean(0)
+        torch.testing.assert_close(got, want)

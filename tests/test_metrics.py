@@ -105,3 +105,34 @@ def test_bad_arguments(call, exc, match):
     _, f, p = model()
     with pytest.raises(exc, match=match):
         call(f, p)
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(3, 4), nn.Linear(2, 4), nn.Linear(4, 3)
+
+    def forward(self, u, v):
+        return self.out(torch.tanh(self.a(u) + self.b(v)))
+
+
+def test_sensitivity_max_repeats_per_sample_tuple_arguments():
+    # issue 15 item 17: a tuple of per-sample baselines was stacked with the perturbed copies
+    # ("baseline[0] of shape (4, 3) does not broadcast to x of shape (24, 3)")
+    torch.manual_seed(0)
+    f, p = ax.functionalize(_TwoInputs().double().eval())
+    g = torch.Generator().manual_seed(4)
+    u, v = torch.randn(4, 3, dtype=D, generator=g), torch.randn(4, 2, dtype=D, generator=g)
+    bl = (torch.randn(4, 3, dtype=D, generator=g), torch.randn(4, 2, dtype=D, generator=g))
+    deltas = tuple((torch.rand(6, *t.shape, dtype=D, generator=g) * 2 - 1) * 0.05 for t in (u, v))
+    got = ax.metrics.sensitivity_max(ax.integrated_gradients, f, p, (u, v), T, perturbations=deltas, baseline=bl, n_steps=6)
+
+    def flat(a):
+        return torch.cat([t.reshape(4, -1) for t in a], 1)
+
+    base = flat(ax.integrated_gradients(f, p, (u, v), T, baseline=bl, n_steps=6))
+    sens = [
+        (flat(ax.integrated_gradients(f, p, (u + du, v + dv), T, baseline=bl, n_steps=6)) - base).norm(dim=1) / base.norm(dim=1)
+        for du, dv in zip(*deltas)
+    ]
+    torch.testing.assert_close(got, torch.stack(sens).amax(0))

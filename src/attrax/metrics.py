@@ -45,9 +45,10 @@ def completeness_delta(
         >>> bool(ax.metrics.completeness_delta(model_fn, params, x, None, a).abs().max() < 1e-6)
         True
     """
-    xs, params, _, batch, t = prepare_call(model_fn, params, x, target, check_finite=False)
+    # evaluates the model at x first: that checks the target before anything else is computed
+    xs, params, _, batch, t = prepare_call(model_fn, params, x, target, check_finite=False, check_output=False)
     attrs = _matching(attributions, xs)
-    bs = baselines_for(baseline, xs)
+    bs = baselines_for(baseline, xs, check_finite=False)
     with torch.no_grad():
         fx = select(model_fn(params, *xs), t)
         fb = select(model_fn(params, *bs), t)
@@ -88,12 +89,14 @@ def infidelity(
     from .gradients import _check_distribution, _noise_for
     from .perturbation import _evaluate
 
-    xs, params, _, batch, t = prepare_call(model_fn, params, x, target, check_finite=False)
+    # evaluates the model at x before the perturbations: that checks the target first
+    xs, params, _, batch, t = prepare_call(model_fn, params, x, target, check_finite=False, check_output=False)
     attrs = _matching(attributions, xs)
     check_positive_int(n_samples, "n_samples")
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
     if perturbations is not None:
-        _check_distribution(tuple(p[:, 0] for p in as_tuple(perturbations, "perturbations")[0]), xs, "perturbations[:, 0]")
+        first = tuple(p[:, 0] for p in as_tuple(perturbations, "perturbations")[0])
+        _check_distribution(first, xs, "perturbations[:, 0]", check_finite=False)
     eps = _noise_for(xs, perturbations, n_samples, stdev, generator)
     n = eps[0].shape[0]
     with eager_no_grad():
@@ -135,7 +138,8 @@ def sensitivity_max(
     from .core import as_tuple, check_nonnegative, check_positive_int, chunks
     from .gradients import _rand, attribute_copies
 
-    xs, params, is_tuple, batch, t = prepare_call(model_fn, params, x, target, check_finite=False)
+    # the first attribute call, on x itself, checks the target in the user's terms
+    xs, params, is_tuple, batch, t = prepare_call(model_fn, params, x, target, check_finite=False, check_output=False)
     check_positive_int(n_samples, "n_samples")
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
     r = check_nonnegative(radius, "radius")
@@ -223,7 +227,7 @@ def _flip_curve(model_fn: ModelFn, params: Params, x: Any, target: Target, attri
     attrs = _matching(attributions, xs)
     check_positive_int(steps, "steps")
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
-    bs = baselines_for(baseline, xs)
+    bs = baselines_for(baseline, xs, check_finite=False)
     sizes = [xi[0].numel() for xi in xs]
     total = sum(sizes)
     flat_attr = torch.cat([a.reshape(batch, -1) for a in attrs], 1)
