@@ -129,7 +129,7 @@ def test_rule_error_is_raised_before_any_model_evaluation():
 def test_training_mode_batchnorm_is_rejected_for_deeplift():
     m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).train()
     f, p = ax.functionalize(m)
-    with pytest.raises(ValueError, match="batch_norm"):
+    with pytest.raises(ValueError, match="batch_norm"), pytest.warns(UserWarning, match="training mode"):
         ax.deeplift(f, p, torch.randn(5, 3), 0)
 
 

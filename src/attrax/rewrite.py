@@ -28,6 +28,7 @@ one place:
 from __future__ import annotations
 
 import operator
+import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -274,13 +275,54 @@ def _trace(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int, f
         def fn(p: dict[str, Tensor], *x: Tensor) -> Tensor:
             return model_fn(p, *x)
 
+    # The fake mode is not entered around the trace: only params and x are fake. Tensors the model
+    # makes itself from constants (HF's attention masks, rotary tables) are real, so Python branches on
+    # *their* values (`if torch.all(mask == 1)`) are taken as in eager mode, while a branch on a value
+    # computed from x or params still fails (a fake tensor has no value) and is reported.
+    def folded(p: dict[str, Tensor], *x: Tensor) -> Tensor:
+        with _FoldConstants():
+            return fn(p, *x)
+
+    if module is not None:
+        folded._orig_mod = fn._orig_mod  # type: ignore[attr-defined]
+
     try:
-        with mode, torch.enable_grad():
-            return make_fx(fn, tracing_mode="real", pre_dispatch=True, record_module_stack=module is not None)(params, *xs)
+        with torch.enable_grad():
+            return make_fx(folded, tracing_mode="real", pre_dispatch=True, record_module_stack=module is not None)(params, *xs)
     except UnsupportedOperation:
         raise
     except Exception as e:  # tracing failures surface as a clear argument error, with their cause
         raise UnsupportedOperation(_trace_failure(e, batch, input_spec)) from e
+
+
+class _FoldConstants(torch.overrides.TorchFunctionMode):
+    """During a trace, compute what depends on neither x nor params eagerly, as constants.
+
+    Models build tensors of their own from constants (HF's all-ones attention mask and the
+    ``if torch.all(mask == 1)`` check on it, position ids, rotary tables). A torch call none of whose
+    tensor arguments is fake (x and params are) runs for real, untraced; its result enters the
+    program as a constant. So Python control flow on such values works as in eager mode, while any
+    value computed from x or params stays traced (and branching on it is an error). Random
+    functions are never folded: a constant would freeze their draw.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if _RANDOM.search(getattr(func, "__name__", "")) is None and not _touches_fake((args, kwargs)):
+            from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+            with torch._C.DisableTorchFunction(), disable_proxy_modes_tracing():
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+_RANDOM = re.compile(r"rand|bernoulli|normal|dropout|multinomial|poisson|exponential|geometric|cauchy|uniform")
+
+
+def _touches_fake(tree: Any) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return any(isinstance(t, FakeTensor) for t in torch.utils._pytree.tree_leaves(tree))
 
 
 def _check_hooks(module: torch.nn.Module) -> None:
@@ -344,6 +386,7 @@ def packet_of(name: str) -> str:
     return name.split(".")[1] if name.startswith("aten.") else name
 
 
+_AUTOCAST = (torch.amp.autocast_mode._enter_autocast, torch.amp.autocast_mode._exit_autocast)
 _SKIP_TARGETS = ("_assert_tensor_metadata", "_assert_async", "sym_constrain_range", "_assert_scalar")
 
 
@@ -392,6 +435,12 @@ def _build(gm: torch.fx.GraphModule, spec: tuple[Any, ...]) -> Program:
         if target is torch._C._set_grad_enabled:
             grad_enabled = bool(fx_node.args[0])
             continue
+        if target in _AUTOCAST:
+            if target is torch.amp.autocast_mode._enter_autocast and len(fx_node.args) > 2 and fx_node.args[2]:
+                raise UnsupportedOperation(
+                    f"model_fn enters torch.autocast (node '{fx_node.name}'); rule-based methods run the model in "
+                    f"its own dtypes: call it without autocast, in the dtype you want explained")
+            continue  # autocast(enabled=False) regions (HF's rotary embeddings) change nothing
         name = _target_name(target)
         if any(s in name for s in _SKIP_TARGETS):
             continue
