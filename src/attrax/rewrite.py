@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._decompose import DECOMPOSITIONS
 from .core import FunctionalModel
 
 __all__ = [
@@ -288,7 +289,8 @@ def _trace(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int, f
 
     try:
         with torch.enable_grad():
-            return make_fx(folded, tracing_mode="real", pre_dispatch=True, record_module_stack=module is not None)(params, *xs)
+            return make_fx(folded, tracing_mode="real", pre_dispatch=True, record_module_stack=module is not None,
+                           decomposition_table=DECOMPOSITIONS)(params, *xs)
     except UnsupportedOperation:
         raise
     except Exception as e:  # tracing failures surface as a clear argument error, with their cause

@@ -386,7 +386,8 @@ class SoftmaxRescale:
         mu = torch.exp(expo) * _phi(dx.abs()) / _phi(dl.abs())
         p = mu * dx
         with torch.no_grad():  # the row's largest term (one per row: argmax, not a comparison)
-            top = torch.zeros_like(p).scatter_(dim, p.abs().argmax(dim, keepdim=True), 1.0)
+            at = p.abs().argmax(dim, keepdim=True)  # scatter_add_: scatter_ has no vmap batching rule
+            top = torch.zeros_like(p).scatter_add_(dim, at, torch.ones_like(at, dtype=p.dtype))
         total = p.sum(dim, keepdim=True)
         others = torch.lerp(total - p, (p - top * p).sum(dim, keepdim=True), top)
         nu = safe_divide(dz + others, dx, is_small(dx, 1 + x.abs()), 1 - mu)
@@ -504,7 +505,7 @@ LINEAR = frozenset(
     upsample_linear1d upsample_trilinear3d _upsample_nearest_exact1d _upsample_nearest_exact2d pixel_shuffle
     pixel_unshuffle _to_copy to lift_fresh_copy cumsum tril triu movedim swapaxes diagonal unfold view_as einsum
     zeros_like ones_like full_like empty_like masked_fill reflection_pad1d reflection_pad2d reflection_pad3d
-    replication_pad1d replication_pad2d replication_pad3d _pad_circular""".split()
+    replication_pad1d replication_pad2d replication_pad3d _pad_circular repeat_interleave""".split()
 )
 #: elementwise nonlinearities y = f(x) (other arguments constant)
 ELEMENTWISE = frozenset(
