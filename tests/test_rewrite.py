@@ -96,18 +96,22 @@ def test_generic_program_for_symbolic_batch():
 
 
 def test_unsupported_op_names_op_node_and_module():
-    class LN(nn.Module):
+    class Sorted(nn.Module):
+        def forward(self, x):
+            return x.sort(-1).values
+
+    class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.fc = nn.Linear(4, 4)
-            self.norm = nn.LayerNorm(4)
+            self.norm = Sorted()
             self.out = nn.Linear(4, 2)
 
         def forward(self, x):
             return self.out(self.norm(self.fc(x)))
 
-    f, p = ax.functionalize(LN().eval())
-    with pytest.raises(ValueError, match=r"deeplift has no rule for aten\.layer_norm\.default at node '.*' in module 'norm'"):
+    f, p = ax.functionalize(Net().eval())
+    with pytest.raises(ValueError, match=r"deeplift has no rule for aten\.sort\.default at node '.*' in module 'norm'"):
         ax.deeplift(f, p, torch.randn(2, 4), 0)
 
 
