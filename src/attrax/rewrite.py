@@ -322,9 +322,12 @@ _RANDOM = re.compile(r"rand|bernoulli|normal|dropout|multinomial|poisson|exponen
 
 
 def _touches_fake(tree: Any) -> bool:
+    """Any tensor argument that is not a plain real tensor (fake, or wrapped by a torch.func transform)."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    return any(isinstance(t, FakeTensor) for t in torch.utils._pytree.tree_leaves(tree))
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(isinstance(t, Tensor) and (isinstance(t, FakeTensor) or wrapped(t) or type(t) not in (Tensor, torch.nn.Parameter))
+               for t in torch.utils._pytree.tree_leaves(tree))
 
 
 def _check_hooks(module: torch.nn.Module) -> None:
