@@ -162,3 +162,16 @@ def test_baselines_must_be_finite_like_x(baseline, match):
     with pytest.raises(ValueError, match=match):
         baselines_for(baseline, xs)
     assert all(b.shape == x.shape for b, x in zip(baselines_for(baseline, xs, check_finite=False), xs))
+
+
+def test_value_checks_skip_captured_constants_while_tracing():
+    # a real baseline tensor captured by make_fx/export tracing is not concrete: checking it for
+    # NaN would guard on a data-dependent value (ax.export of deeplift_shap failed that way)
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    model_fn, params = ax.functionalize(net())
+    const = torch.zeros(1, 4)
+    gm = make_fx(lambda x: ax.integrated_gradients(model_fn, params, x, 0, baseline=const, n_steps=2),
+                 tracing_mode="symbolic", _allow_non_fake_inputs=True)(torch.randn(2, 4))
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(gm(x), ax.integrated_gradients(model_fn, params, x, 0, baseline=const, n_steps=2))

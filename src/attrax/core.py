@@ -364,8 +364,13 @@ def is_concrete(*tensors: Any) -> bool:
     """True when tensor values can be inspected in Python (no transform, no tracing)."""
     if torch.compiler.is_compiling():
         return False
-    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
+    # make_fx / export tracing: even real tensors (captured constants) only give symbolic results
+    if any(isinstance(m, (ProxyTorchDispatchMode, FakeTensorMode)) for m in _get_current_dispatch_mode_stack()):
+        return False
     for t in tensors:
         if not isinstance(t, Tensor):
             continue
