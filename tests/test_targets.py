@@ -158,7 +158,7 @@ def test_target_checked_once_up_front_is_not_rechecked_per_chunk():
     # per-call value check (a device sync on accelerators)
     from attrax.targets import prepare_call
 
-    *_, t = prepare_call(plain_linear, PLAIN, X4, torch.tensor([0, 1, 2, -1]))
+    *_, t = prepare_call(plain_linear, PLAIN, X4, torch.tensor([0, 1, 2, -1]), check_output=True)
     assert t.checked and t.batch == 4
-    *_, t = prepare_call(plain_linear, PLAIN, X4, torch.tensor([0, 1, 2, -1]), check_output=False)
+    *_, t = prepare_call(plain_linear, PLAIN, X4, torch.tensor([0, 1, 2, -1]))  # no probe unless asked
     assert not t.checked

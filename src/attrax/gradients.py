@@ -334,7 +334,7 @@ def integrated_gradients(
             model_fn, params, x, target, baseline=baseline, rtol=rtol, max_steps=max_steps, chunk_size=chunk_size,
             check_finite=check_finite,
         ).attributions
-    xs, params, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
+    xs, params, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite, check_output=True)
     check_quadrature(method, n_steps)
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
     bs = baselines_for(baseline, xs, check_finite=check_finite)
@@ -666,7 +666,7 @@ def noise_tunnel(
     """
     if not callable(attribute):
         raise TypeError(f"attribute must be an attrax method such as ax.saliency, got {type(attribute).__name__}")
-    xs, params, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
+    xs, params, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite, check_output=True)
     if kind not in NOISE_KINDS:
         raise ValueError(f"kind must be one of {', '.join(NOISE_KINDS)}; got {kind!r}")
     check_positive_int(n_samples, "n_samples")
@@ -867,7 +867,7 @@ def gradient_shap(
         >>> torch.allclose(a, x * params["weight"][0])
         True
     """
-    xs, params, is_tuple, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
+    xs, params, is_tuple, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite, check_output=True)
     check_positive_int(n_samples, "n_samples")
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
     sd = check_nonnegative(stdev, "stdev")

@@ -223,7 +223,7 @@ def _flip_curve(model_fn: ModelFn, params: Params, x: Any, target: Target, attri
     from .core import check_positive_int, eager_no_grad
     from .perturbation import _evaluate
 
-    xs, params, _, batch, t = prepare_call(model_fn, params, x, target, check_finite=False)
+    xs, params, _, batch, t = prepare_call(model_fn, params, x, target, check_finite=False, check_output=True)
     attrs = _matching(attributions, xs)
     check_positive_int(steps, "steps")
     check_positive_int(chunk_size, "chunk_size", allow_none=True)

@@ -222,18 +222,21 @@ def prepare_call(
     *,
     check_finite: bool = True,
     detach: bool = True,
-    check_output: bool = True,
+    check_output: bool = False,
 ) -> tuple[tuple[Tensor, ...], Any, bool, int, ResolvedTarget]:
     """The boundary checks every method starts with.
 
-    Checks ``model_fn``, ``params`` (keys, dtypes), ``x`` and ``target``. With
-    ``check_output`` the target is validated against the output shape of the
-    user's call before returning, so a bad target fails before a method
-    evaluates many points per sample: the model runs once on the first row of
-    ``x`` under ``torch.no_grad`` (1/B of a forward; measured far cheaper than
-    fake-tensor shape inference, see ``_Probe``). Methods that evaluate the model
-    once at ``x`` pass ``check_output=False``: their ``select`` checks the target
-    before any backward pass anyway.
+    Checks ``model_fn``, ``params`` (keys, dtypes), ``x`` and ``target``. Methods
+    whose first model call evaluates many points per sample (steps, samples,
+    baselines, perturbations folded into the batch) pass ``check_output=True``: the
+    target is then validated against the output shape of the user's call before
+    returning, so a bad target fails before the heavy work. The model runs once on
+    the first row of ``x`` under ``torch.no_grad`` (1/B of a forward; measured far
+    cheaper than fake-tensor shape inference, see ``_Probe``). Methods that
+    evaluate the model at ``x`` first need no probe: ``select`` checks the target
+    there, before any backward pass, and names the user's output shape even when
+    it sees folded copies. (Not the default: callers also pass a placeholder
+    target, e.g. ``None`` just to check ``x``.)
 
     Inference tensors (made under ``torch.inference_mode``) in ``x`` and ``params``
     are replaced by normal copies, so gradient methods can record them.
