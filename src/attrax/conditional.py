@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ._types import ModelFn, Params, Target, TensorOrTuple
-from .core import check_positive_int, chunks, eager_no_grad, publish_output
+from .core import check_positive_int, chunks, eager_no_grad, publish_output, forward_args
 from .lrp import _prepare, apply_scale, initial_relevance
 from .rewrite import Node, Program, Streams, forward, program_spec
 from .rules import run_plan
@@ -122,6 +122,7 @@ def _masks(program: Program, env: list[Any], conditions: list[dict[str, list[int
     return masks, keep
 
 
+@forward_args
 def conditional(
     model_fn: ModelFn,
     params: Params,

@@ -229,6 +229,89 @@ def shadow_copy(module: nn.Module) -> nn.Module:
     return copy_tree(module)
 
 
+class BoundModel(FunctionalModel):
+    """``model_fn`` with ``additional_forward_args`` bound after ``x`` (API §9).
+
+    Calls ``model_fn(params, *x, *args)``. Tensor arguments whose first dim is the user's batch are
+    per-sample: where a method folds ``k`` steps, samples or perturbations into the batch
+    (``k * B`` rows, copies outermost, as every method folds), they are repeated ``k`` times; a call
+    on the first ``n < B`` rows (the target probe) gets their first ``n`` rows. Other values pass
+    unchanged. Traced programs are memoised on the wrapped model's memo, keyed on its fingerprint
+    and on the arguments (tensors by identity and version), so masks are baked into a program only
+    for the tensors they were traced with.
+    """
+
+    def __init__(self, model_fn: Any, args: tuple[Any, ...], batch: int) -> None:
+        self.inner, self.args, self.batch = model_fn, args, batch
+        self.module = getattr(model_fn, "module", None)
+        inner_memo = isinstance(model_fn, FunctionalModel)
+        self._lock = model_fn._lock if inner_memo else threading.RLock()
+        self._programs = model_fn._programs if inner_memo else _Memo(self.memo_size)
+        self._shadow = None
+
+    def fingerprint(self) -> Any:
+        inner = self.inner.fingerprint() if isinstance(self.inner, FunctionalModel) else function_fingerprint(self.inner)
+        refs: list[Any] = []
+        args = _value_key(self.args, 3, {}, refs)
+        return Fingerprint(("bound", inner, args), refs)
+
+    def shadow(self, fingerprint: Any = None) -> nn.Module:
+        return self.inner.shadow()
+
+    def extra(self, n: Any) -> tuple[Any, ...]:
+        """The bound arguments for a call on ``n`` rows."""
+        return tuple(_fit_rows(a, n, self.batch) for a in self.args)
+
+    def __call__(self, params: Params, *x: Tensor) -> Tensor:
+        return self.inner(params, *x, *self.extra(x[0].shape[0]))
+
+    def __repr__(self) -> str:
+        return f"BoundModel({self.inner!r}, {len(self.args)} additional_forward_args)"
+
+
+def _fit_rows(a: Any, n: Any, batch: int) -> Any:
+    if not isinstance(a, Tensor) or a.ndim == 0 or a.shape[0] != batch or n == batch:
+        return a
+    if isinstance(n, int) and n < batch:
+        return a[:n]
+    reps = n // batch
+    return a.repeat(reps, *([1] * (a.ndim - 1)))
+
+
+def bind_forward_args(model_fn: Any, args: Any, x: Any) -> BoundModel:
+    """``model_fn`` calling with ``additional_forward_args`` after ``x``; validated here."""
+    if not isinstance(args, tuple):
+        args = tuple(args) if isinstance(args, list) else (args,)
+    first = x[0] if isinstance(x, (tuple, list)) and x else x
+    if not isinstance(first, Tensor) or first.ndim < 1:
+        raise TypeError("additional_forward_args needs x to be a batched Tensor or a tuple of them")
+    return BoundModel(model_fn, args, int(first.shape[0]))
+
+
+def forward_args(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a method the ``additional_forward_args=`` keyword (API §9): extra model arguments after
+    ``x``, never attributed, repeated alongside ``x`` wherever the method folds copies into the batch."""
+    import functools
+    import inspect
+
+    names = list(inspect.signature(method).parameters)
+    x_at = names.index("x")
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, additional_forward_args: Any = None, **kwargs: Any) -> Any:
+        if additional_forward_args is not None:
+            args = list(args)
+            m_at = names.index("model_fn")
+            x = args[x_at] if len(args) > x_at else kwargs.get("x")
+            if len(args) > m_at:
+                args[m_at] = bind_forward_args(args[m_at], additional_forward_args, x)
+            else:
+                kwargs["model_fn"] = bind_forward_args(kwargs["model_fn"], additional_forward_args, x)
+        return method(*args, **kwargs)
+
+    return wrapper
+
+
 def functionalize(module: nn.Module | Callable[..., Tensor]) -> tuple[FunctionalModel, dict[str, Tensor]]:
     r"""Turn a module into a pure function and its parameters.
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ._types import ModelFn, Params, Target, TensorOrTuple
-from .core import baselines_for, check_positive_int, chunks, eager_no_grad, publish_output
+from .core import baselines_for, check_positive_int, chunks, eager_no_grad, publish_output, forward_args
 from .rewrite import Node, Program, Streams, forward, program_for, substitute
 from .rules import (
     run_plan,
@@ -103,6 +103,7 @@ def seed(out: Tensor, target: ResolvedTarget) -> Tensor:
     return g
 
 
+@forward_args
 def deeplift(
     model_fn: ModelFn,
     params: Params,
@@ -179,6 +180,7 @@ def _multipliers(program: Program, plan: Any, params: Any, env_x: list[Any], aux
     return tuple(grads[i] if i in grads else torch.zeros_like(upcast(refs[i])) for i in range(n_inputs))
 
 
+@forward_args
 def deeplift_shap(
     model_fn: ModelFn,
     params: Params,
@@ -274,6 +276,7 @@ def _relu_method(rule_for: Any, method: str, model_fn: ModelFn, params: Params, 
     return out if is_tuple else out[0]
 
 
+@forward_args
 def guided_backprop(
     model_fn: ModelFn, params: Params, x: TensorOrTuple, target: Target, *, check_finite: bool = True
 ) -> TensorOrTuple:
@@ -298,6 +301,7 @@ def guided_backprop(
     return _relu_method(_guided_rule, "guided_backprop", model_fn, params, x, target, check_finite)
 
 
+@forward_args
 def deconvnet(
     model_fn: ModelFn, params: Params, x: TensorOrTuple, target: Target, *, check_finite: bool = True
 ) -> TensorOrTuple:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ._types import AttributionFn, ModelFn, Params, Target, TensorOrTuple
 from .core import (
+    forward_args,
     as_tuple,
     training_warned,
     baselines_for,
@@ -122,6 +123,7 @@ def _normal(t: Tensor) -> Tensor:
     return t.clone() if t.is_inference() else t
 
 
+@forward_args
 def gradient(
     model_fn: ModelFn, params: Params, x: TensorOrTuple, target: Target, *, check_finite: bool = True
 ) -> TensorOrTuple:
@@ -151,6 +153,7 @@ def gradient(
     return _pack(grad_of_selected(model_fn, params, xs, t, publish=True), is_tuple)
 
 
+@forward_args
 def saliency(
     model_fn: ModelFn,
     params: Params,
@@ -181,6 +184,7 @@ def saliency(
     return _pack(tuple(g.abs() for g in grads) if abs else grads, is_tuple)
 
 
+@forward_args
 def input_x_gradient(
     model_fn: ModelFn, params: Params, x: TensorOrTuple, target: Target, *, check_finite: bool = True
 ) -> TensorOrTuple:
@@ -272,6 +276,7 @@ def path_gradient_sum(
     return tuple(totals)
 
 
+@forward_args
 def integrated_gradients(
     model_fn: ModelFn,
     params: Params,
@@ -606,6 +611,7 @@ def _subset_target(t: ResolvedTarget, rows: Tensor) -> ResolvedTarget:
 # ------------------------------------------------------------------------ noise tunnel
 
 
+@forward_args
 def noise_tunnel(
     attribute: AttributionFn | Callable[..., TensorOrTuple],
     model_fn: ModelFn,
@@ -790,6 +796,7 @@ def _rand(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | Non
     return torch.rand(shape, generator=generator, dtype=like.dtype, device=device).to(like.device)
 
 
+@forward_args
 def smoothgrad(
     model_fn: ModelFn,
     params: Params,
@@ -827,6 +834,7 @@ def smoothgrad(
 # ----------------------------------------------------------------------- gradient shap
 
 
+@forward_args
 def gradient_shap(
     model_fn: ModelFn,
     params: Params,

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ._types import ModelFn, Params, Target
 from .conditional import layer_nodes
-from .core import baselines_for, check_positive_int, chunks, eager_no_grad
+from .core import baselines_for, check_positive_int, chunks, eager_no_grad, forward_args
 from .gradients import check_quadrature, grad_of_selected, quadrature
 from .rewrite import Program, forward, program_for, run_node
 from .targets import ResolvedTarget, prepare_call, select
@@ -65,6 +65,7 @@ def _prepare(model_fn: ModelFn, params: Params, x: Any, target: Target, layer: A
     return xs, params, batch, t
 
 
+@forward_args
 def activation(model_fn: ModelFn, params: Params, x: Any, layer: str, *, check_finite: bool = True) -> Tensor:
     """The output of ``layer`` for input ``x``, shape as the layer's output.
 
@@ -81,6 +82,7 @@ def activation(model_fn: ModelFn, params: Params, x: Any, layer: str, *, check_f
         return _Split(model_fn, params, xs, layer).value
 
 
+@forward_args
 def gradient_x_activation(model_fn: ModelFn, params: Params, x: Any, target: Target, layer: str, *,
                           check_finite: bool = True) -> Tensor:
     r"""Layer activation times the gradient of the target with respect to it: :math:`a \odot \partial f_t/\partial a`."""
@@ -124,6 +126,7 @@ def _channel_first(program: Program, node: int) -> bool:
     return False
 
 
+@forward_args
 def grad_cam(model_fn: ModelFn, params: Params, x: Any, target: Target, layer: str, *, channel_dim: int | None = None,
              relu: bool = True, check_finite: bool = True) -> Tensor:
     r"""Grad-CAM [1] at ``layer``: :math:`\mathrm{ReLU}(\sum_c \alpha_c A_c)` with
@@ -194,6 +197,7 @@ def grad_cam(model_fn: ModelFn, params: Params, x: Any, target: Target, layer: s
         return cam.clamp(min=0) if relu else cam
 
 
+@forward_args
 def guided_grad_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target, layer: str, *,
                     channel_dim: int | None = None, interpolate_mode: str = "nearest",
                     check_finite: bool = True) -> Tensor:
@@ -227,6 +231,7 @@ def guided_grad_cam(model_fn: ModelFn, params: Params, x: Tensor, target: Target
     return guided * cam
 
 
+@forward_args
 def integrated_gradients(
     model_fn: ModelFn,
     params: Params,
@@ -276,6 +281,7 @@ def integrated_gradients(
         return total * diff
 
 
+@forward_args
 def conductance(
     model_fn: ModelFn,
     params: Params,

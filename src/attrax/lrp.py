@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ._types import ModelFn, Params, Target, TensorOrTuple
 from .canonizers import merge_batchnorm
 from .composites import Composite, TracedOp, as_composite
-from .core import eager_no_grad, publish_output
+from .core import eager_no_grad, publish_output, forward_args
 from .deeplift import seed
 from .relevance import POOLS, WEIGHTED, AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, WSquare, ZBox, ZPlus
 from .rewrite import Node, Program, Streams, forward, memoised, program_spec, substitute, trace_program
@@ -236,6 +236,7 @@ def _prepare(model_fn: Any, spec: tuple[Any, ...], batch: int | None, composite:
     return program, plan_for(program, as_composite(composite), getattr(model_fn, "module", None))
 
 
+@forward_args
 def lrp(
     model_fn: ModelFn,
     params: Params,

@@ -9,12 +9,13 @@ import torch
 from torch import Tensor
 
 from ._types import ModelFn, Params, Target, TensorOrTuple
-from .core import baselines_for
+from .core import baselines_for, forward_args
 from .targets import prepare_call, select
 
 __all__ = ["Curve", "completeness_delta", "deletion_curve", "infidelity", "insertion_curve", "sensitivity_max"]
 
 
+@forward_args
 def completeness_delta(
     model_fn: ModelFn,
     params: Params,
@@ -59,6 +60,7 @@ def completeness_delta(
 # ------------------------------------------------------------------------ faithfulness
 
 
+@forward_args
 def infidelity(
     model_fn: ModelFn,
     params: Params,
@@ -110,6 +112,7 @@ def infidelity(
         return ((dot - diff) ** 2).mean(0)
 
 
+@forward_args
 def sensitivity_max(
     attribute: Any,
     model_fn: ModelFn,
@@ -173,6 +176,7 @@ class Curve:
     auc: Tensor
 
 
+@forward_args
 def deletion_curve(
     model_fn: ModelFn,
     params: Params,
@@ -197,6 +201,7 @@ def deletion_curve(
     return _flip_curve(model_fn, params, x, target, attributions, steps, baseline, chunk_size, insert=False)
 
 
+@forward_args
 def insertion_curve(
     model_fn: ModelFn,
     params: Params,

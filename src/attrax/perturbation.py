@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ._types import ModelFn, Params, Target, TensorOrTuple
 from .core import (
+    forward_args,
     _describe,
     as_tuple,
     baselines_for,
@@ -138,6 +139,7 @@ def _per_input(arg: Any, xs: tuple[Tensor, ...], name: str) -> list[tuple[int, .
     return out
 
 
+@forward_args
 def occlusion(
     model_fn: ModelFn,
     params: Params,
@@ -232,6 +234,7 @@ def occlusion(
 # ------------------------------------------------------------------- feature ablation
 
 
+@forward_args
 def feature_ablation(
     model_fn: ModelFn,
     params: Params,
@@ -284,6 +287,7 @@ def feature_ablation(
 # --------------------------------------------------------------------- shapley values
 
 
+@forward_args
 def shapley_sampling(
     model_fn: ModelFn,
     params: Params,
@@ -392,6 +396,7 @@ def _weighted_ridge(z: Tensor, y: Tensor, w: Tensor, ridge: float) -> Tensor:
     return torch.linalg.lstsq(a, b.unsqueeze(2), driver="gelsd").solution.squeeze(2)
 
 
+@forward_args
 def kernel_shap(
     model_fn: ModelFn,
     params: Params,
@@ -511,6 +516,7 @@ def _shapley_coalitions(k: int, n: int, generator: torch.Generator | None) -> Te
     return ranks < size.unsqueeze(1)
 
 
+@forward_args
 def lime(
     model_fn: ModelFn,
     params: Params,

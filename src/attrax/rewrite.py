@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ._decompose import DECOMPOSITIONS
-from .core import FunctionalModel
+from .core import BoundModel, FunctionalModel
 
 __all__ = [
     "Node",
@@ -267,9 +267,10 @@ def _trace(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int, f
         # other threads calling it meanwhile are undisturbed
         shadow = model_fn.shadow(fingerprint)  # type: ignore[attr-defined]
         _check_hooks(shadow)
+        extra = model_fn.extra(batch) if isinstance(model_fn, BoundModel) else ()
 
         def fn(p: dict[str, Tensor], *x: Tensor) -> Tensor:
-            return torch.func.functional_call(shadow, p, x, strict=False)
+            return torch.func.functional_call(shadow, p, (*x, *extra), strict=False)
 
         fn._orig_mod = shadow  # type: ignore[attr-defined]  # lets make_fx record module paths
     else:
@@ -322,12 +323,22 @@ _RANDOM = re.compile(r"rand|bernoulli|normal|dropout|multinomial|poisson|exponen
 
 
 def _touches_fake(tree: Any) -> bool:
-    """Any tensor argument that is not a plain real tensor (fake, or wrapped by a torch.func transform)."""
+    """Any tensor argument that is not real: fake, or a torch.func wrapper around a fake tensor.
+
+    Real tensors wrapped by a transform the model runs itself (HF builds masks under ``torch.vmap``)
+    count as real: their values do not depend on x or params.
+    """
     from torch._subclasses.fake_tensor import FakeTensor
 
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(isinstance(t, Tensor) and (isinstance(t, FakeTensor) or wrapped(t) or type(t) not in (Tensor, torch.nn.Parameter))
-               for t in torch.utils._pytree.tree_leaves(tree))
+    functorch = torch._C._functorch
+    for t in torch.utils._pytree.tree_leaves(tree):
+        if not isinstance(t, Tensor):
+            continue
+        while functorch.is_functorch_wrapped_tensor(t):
+            t = functorch.get_unwrapped(t)
+        if isinstance(t, FakeTensor) or type(t) not in (Tensor, torch.nn.Parameter):
+            return True
+    return False
 
 
 def _check_hooks(module: torch.nn.Module) -> None:
@@ -423,7 +434,15 @@ def _build(gm: torch.fx.GraphModule, spec: tuple[Any, ...]) -> Program:
             alias_root[i] = i
             continue
         if fx_node.op == "get_attr":
-            constants.append(getattr(gm, fx_node.target))
+            value = getattr(gm, fx_node.target)
+            if isinstance(value, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(value):
+                raise UnsupportedOperation(
+                    "model_fn builds a tensor under its own torch.vmap from values that do not depend on x (HF "
+                    "transformers does this to turn a 2-D attention mask into a 4-D one), and the tracer cannot keep it; "
+                    "pass the 4-D mask instead (additive, shape (B, 1, T, T), 0 where attended and the dtype's lowest "
+                    "value elsewhere), or attribute with a gradient method"
+                )
+            constants.append(value)
             nodes.append(Node(i, "const", str(len(constants) - 1), name=fx_node.name))
             index[fx_node] = i
             alias_root[i] = i

@@ -1,0 +1,142 @@
+"""``additional_forward_args`` (API §9): masks and ids passed after x, never attributed; a padded batch
+equals each sequence alone, and padded positions get exactly zero."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import attrax as ax
+
+D = torch.float64
+T = 7
+
+
+class Encoder(nn.Module):
+    """nn.TransformerEncoder with a key padding mask, pooled over real tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, dropout=0.0)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x, keep):
+        h = self.enc(x, src_key_padding_mask=keep == 0)
+        return self.head((h * keep[..., None]).sum(1) / keep.sum(1, keepdim=True))
+
+
+class LM(nn.Module):
+    """An HF causal LM from embeddings, with a 4-D additive mask and position ids; next-token logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, e, mask4, positions):
+        return self.model(inputs_embeds=e, attention_mask=mask4, position_ids=positions).logits[:, -1]
+
+
+def mask4d(keep: torch.Tensor) -> torch.Tensor:
+    b, t = keep.shape
+    allowed = torch.ones(t, t, dtype=torch.bool).tril()[None, None] & keep.bool()[:, None, None, :]
+    allowed |= torch.eye(t, dtype=torch.bool)  # a pad attends to itself: no fully masked row
+    return torch.zeros(b, 1, t, t, dtype=D).masked_fill(~allowed, torch.finfo(D).min)
+
+
+def lm(name: str) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if name == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=4, vocab_size=30, n_positions=16)
+        return LM(transformers.GPT2LMHeadModel(cfg))
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=24, vocab_size=30, max_position_embeddings=16)
+    return LM(transformers.LlamaForCausalLM(cfg))
+
+
+METHODS = {
+    "deeplift": lambda f, p, x, t, args, n: ax.deeplift(f, p, x, t, additional_forward_args=args),
+    "integrated_gradients": lambda f, p, x, t, args, n: ax.integrated_gradients(
+        f, p, x, t, n_steps=6, chunk_size=4, additional_forward_args=args),
+    "input_x_gradient": lambda f, p, x, t, args, n: ax.input_x_gradient(f, p, x, t, additional_forward_args=args),
+    "feature_ablation": lambda f, p, x, t, args, n: ax.feature_ablation(
+        f, p, x, t, feature_mask=torch.arange(n).view(1, n, 1).expand(x.shape), chunk_size=3,
+        additional_forward_args=args),
+    # stdev 0: n_samples copies folded into the batch, each must see its own sequence's mask
+    "smoothgrad": lambda f, p, x, t, args, n: ax.smoothgrad(f, p, x, t, n_samples=3, stdev=0.0,
+                                                            additional_forward_args=args),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_left_padded_batch_equals_each_sequence_alone(name: str, method: str) -> None:
+    f, p = ax.functionalize(lm(name).double().eval())
+    g = torch.Generator().manual_seed(2)
+    e = torch.randn(2, T, 16, generator=g, dtype=D)
+    keep = torch.ones(2, T, dtype=torch.long)
+    keep[1, :3] = 0  # the second sequence has 4 tokens, left-padded
+    positions = (keep.cumsum(-1) - 1).clamp(min=0)
+    together = METHODS[method](f, p, e, 5, (mask4d(keep), positions), T)
+    alone = METHODS[method](f, p, e[1:, 3:], 5, (mask4d(keep[1:, 3:]), positions[1:, 3:]), T - 3)
+    if method == "smoothgrad":
+        plain = ax.gradient(f, p, e, 5, additional_forward_args=(mask4d(keep), positions))
+        torch.testing.assert_close(together, plain, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(together[1:, 3:], alone, rtol=1e-6, atol=1e-9)
+    if method != "feature_ablation":
+        assert torch.equal(together[1, :3], torch.zeros_like(together[1, :3]))  # pads: exactly zero
+    else:
+        assert together[1, :3].abs().max() < 1e-12
+
+
+def test_key_padding_mask_on_a_torch_encoder() -> None:
+    torch.manual_seed(1)
+    f, p = ax.functionalize(Encoder().double().eval())
+    g = torch.Generator().manual_seed(3)
+    x, b = torch.randn(3, T, 16, generator=g, dtype=D), torch.randn(3, T, 16, generator=g, dtype=D)
+    keep = torch.ones(3, T, dtype=D)
+    keep[0, 5:], keep[2, 2:] = 0, 0  # right padding
+    attr = ax.deeplift(f, p, x, 1, baseline=b, additional_forward_args=(keep,))
+    with torch.no_grad():
+        delta = f(p, x, keep)[:, 1] - f(p, b, keep)[:, 1]
+    torch.testing.assert_close(attr.flatten(1).sum(1), delta, rtol=1e-9, atol=1e-12)
+    assert torch.equal(attr[0, 5:], torch.zeros_like(attr[0, 5:])) and torch.equal(attr[2, 2:], torch.zeros_like(attr[2, 2:]))
+    alone = ax.deeplift(f, p, x[2:, :2], 1, baseline=b[2:, :2], additional_forward_args=(keep[2:, :2],))
+    torch.testing.assert_close(attr[2:, :2], alone, rtol=1e-9, atol=1e-12)
+    lrp = ax.guided_backprop(f, p, x, 1, additional_forward_args=(keep,))
+    assert torch.equal(lrp[0, 5:], torch.zeros_like(lrp[0, 5:]))
+
+
+def test_forward_args_are_never_attributed_and_user_tensors_unchanged() -> None:
+    f, p = ax.functionalize(Encoder().double().eval())
+    x = torch.randn(2, T, 16, dtype=D)
+    keep = torch.ones(2, T, dtype=D)
+    before = keep.clone()
+    out = ax.integrated_gradients(f, p, x, 0, n_steps=4, additional_forward_args=(keep,))
+    assert isinstance(out, torch.Tensor) and out.shape == x.shape
+    assert torch.equal(keep, before)
+
+
+def test_a_2d_hf_mask_is_refused_with_the_fix_in_the_message() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=4, vocab_size=30, n_positions=16)
+    model = transformers.GPT2LMHeadModel(cfg).double().eval()
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, e, mask):
+            return self.model(inputs_embeds=e, attention_mask=mask).logits[:, -1]
+
+    f, p = ax.functionalize(Wrapped())
+    keep = torch.ones(2, T, dtype=torch.long)
+    keep[1, :2] = 0
+    with pytest.raises(ValueError, match="pass the 4-D mask instead"):
+        ax.deeplift(f, p, torch.randn(2, T, 16, dtype=D), 0, additional_forward_args=(keep,))
+    # gradient methods call the model for real: a 2-D mask works there
+    ax.gradient(f, p, torch.randn(2, T, 16, dtype=D), 0, additional_forward_args=(keep,))
