@@ -612,7 +612,7 @@ def check_param_names(model_fn: Any, params: Mapping[str, Tensor]) -> None:
             hints.append(f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k))
         more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
         raise ValueError(
-            f"params has key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}{more} that name no parameter or "
+            f"params has key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}{more} that name{'' if len(unknown) > 1 else 's'} no parameter or "
             f"buffer of the {type(module).__name__} module; params keys must be names from "
             f"module.named_parameters() / named_buffers() (as returned by ax.functionalize)"
         )
