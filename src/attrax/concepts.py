@@ -45,12 +45,16 @@ def _lrp_pass(model_fn: ModelFn, params: Params, x: Tensor, target: Target, laye
         arrive = leave = None
         if condition is not None:
             masks, keep = _masks(program, env, _check_conditions([condition]), exclude_parallel)
-            masks = {k: v[0] for k, v in masks.items()}
+            masks = {k: (m[0], d) for k, (m, d) in masks.items()}
             keep = {k: v[0] for k, v in keep.items()}
 
             def arrive(node: Node, g: Any) -> Any:
-                m = masks.get(node.index)
-                return g if m is None else g * m.reshape(1, -1, *([1] * (g.ndim - 2)))
+                if node.index not in masks:
+                    return g
+                m, d = masks[node.index]
+                shape = [1] * g.ndim
+                shape[d] = -1
+                return g * m.reshape(shape)
 
             def leave(node: Node, grads: dict[int, Any]) -> dict[int, Any]:
                 return {r: (v * keep[(node.index, r)] if (node.index, r) in keep else v) for r, v in grads.items()}

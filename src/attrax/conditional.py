@@ -90,12 +90,14 @@ def _masks(program: Program, env: list[Any], conditions: list[dict[str, list[int
     layers = sorted({layer for cond in conditions for layer in cond})
     nodes = {layer: layer_nodes(program, layer) for layer in layers}
     masks: dict[int, Tensor] = {}
+    dims: dict[int, int] = {}
     for layer in layers:
         for n in nodes[layer]:
             value = env[n]
             if not isinstance(value, Tensor) or value.ndim < 2:
                 raise ValueError(f"layer {layer!r} has no channel dimension (output shape {getattr(value, 'shape', None)})")
-            channels = value.shape[1]
+            dims[n] = channel_dim(program, n, value.ndim)
+            channels = value.shape[dims[n]]
             m = torch.ones(k, channels, dtype=value.dtype, device=value.device)
             for i, cond in enumerate(conditions):
                 if layer in cond:
@@ -119,7 +121,15 @@ def _masks(program: Program, env: list[Any], conditions: list[dict[str, list[int
                         for i, cond in enumerate(conditions):
                             if layer in cond:
                                 factor[i] = 0
-    return masks, keep
+    return {n: (m, dims[n]) for n, m in masks.items()}, keep
+
+
+def channel_dim(program: Program, node: int, ndim: int) -> int:
+    """Where a layer's channels are: dim 1 for (B, C) and conv-style (B, C, *spatial) outputs, the last
+    dim for token layouts (B, T, D) (transformer linear layers, attention, embeddings)."""
+    from .layer import _channel_first
+
+    return 1 if ndim <= 2 or _channel_first(program, node) else ndim - 1
 
 
 @forward_args
@@ -195,6 +205,7 @@ def conditional(
 def _propagate(program: Program, plan: Any, streams: Streams, start: Tensor, masks: dict[int, Tensor],
                keep: dict[tuple[int, int], Tensor], lo: int, hi: int, xs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     mask_keys, keep_keys = list(masks), list(keep)
+    mask_dims = {k: d for k, (_, d) in masks.items()}
 
     def one(mask_vals: tuple[Tensor, ...], keep_vals: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         node_mask = dict(zip(mask_keys, mask_vals))
@@ -204,7 +215,9 @@ def _propagate(program: Program, plan: Any, streams: Streams, start: Tensor, mas
             m = node_mask.get(node.index)
             if m is None:
                 return g
-            return g * m.reshape(1, -1, *([1] * (g.ndim - 2)))
+            shape = [1] * g.ndim
+            shape[mask_dims[node.index]] = -1
+            return g * m.reshape(shape)
 
         def leave(node: Node, grads: dict[int, Any]) -> dict[int, Any]:
             if not edge_keep:
@@ -214,7 +227,7 @@ def _propagate(program: Program, plan: Any, streams: Streams, start: Tensor, mas
         grads = run_plan(program, plan, streams, {program.output: start}, arrive=arrive, leave=leave)
         return tuple(grads[i] if i in grads else torch.zeros_like(xi) for i, xi in enumerate(xs))
 
-    mask_vals = tuple(masks[k][lo:hi] for k in mask_keys)
+    mask_vals = tuple(masks[k][0][lo:hi] for k in mask_keys)
     keep_vals = tuple(keep[k][lo:hi] for k in keep_keys)
     return torch.func.vmap(one)(mask_vals, keep_vals)
 

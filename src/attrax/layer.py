@@ -9,6 +9,8 @@ Gradients with respect to the layer are gradients of :math:`f_{\text{top}}`.
 
 from __future__ import annotations
 
+import re
+
 from typing import Any
 
 import torch
@@ -101,6 +103,8 @@ _CHANNEL_FIRST_OPS = frozenset(
     upsample_nearest1d upsample_nearest2d upsample_nearest3d upsample_linear1d upsample_bilinear2d upsample_bicubic2d
     upsample_trilinear3d pixel_shuffle pixel_unshuffle""".split()
 )
+#: module types whose outputs are (B, C, *spatial) whatever ops they trace into (GroupNorm is decomposed)
+_CHANNEL_FIRST_MODULES = re.compile(r"\.(Conv\w*|GroupNorm|BatchNorm\w*|InstanceNorm\w*|\w*Pool\w*)$")
 #: ops whose output keeps the layout of their same-rank inputs (elementwise, residual adds, cat, pad)
 _SAME_LAYOUT_OPS = frozenset(
     """relu relu6 leaky_relu elu selu celu gelu silu mish sigmoid tanh softplus hardtanh hardswish hardsigmoid prelu
@@ -118,8 +122,8 @@ def _channel_first(program: Program, node: int) -> bool:
         if n.index in seen or n.op != "call":
             continue
         seen.add(n.index)
-        if n.packet in _CHANNEL_FIRST_OPS:
-            return True
+        if n.packet in _CHANNEL_FIRST_OPS or _CHANNEL_FIRST_MODULES.search(n.module_type or "") is not None:
+            return True  # (decomposed normalisation ops keep their module: GroupNorm, LayerNorm2d-style BatchNorm)
         if n.packet in _SAME_LAYOUT_OPS:
             stack.extend(r for r in n.refs if program.nodes[r].dep
                          and (program.nodes[r].shape is None or len(program.nodes[r].shape or ()) == rank))
