@@ -203,3 +203,42 @@ def test_decomposed_forward_equals_the_fused_ops() -> None:
     m1, m2, bias = torch.randn(3, 4, dtype=D), torch.randn(4, 5, dtype=D), torch.randn(5, dtype=D)
     torch.testing.assert_close(dec.addmm(bias, m1, m2), torch.addmm(bias, m1, m2))
     torch.testing.assert_close(dec.addmm(bias, m1, m2, beta=0.5, alpha=2), torch.addmm(bias, m1, m2, beta=0.5, alpha=2))
+
+
+LOADER = r"""
+import sys
+sys.modules["attrax"] = None  # the exported program must not need attrax
+import torch
+prog = torch.export.load(sys.argv[1]).module()
+calls = torch.load(sys.argv[2], weights_only=True)
+print(max(float((prog(*args) - ref).abs().max()) for args, ref in calls))
+"""
+
+
+def test_deeplift_on_gpt2_under_vmap_compile_and_export(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    model, shape = build("gpt2")
+    f, p = ax.functionalize(model.eval())
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=g)
+    targets = torch.tensor([1, 4, 9])
+    per_target = torch.func.vmap(lambda t: ax.deeplift(f, p, x, t))(targets)
+    for k, t in enumerate(targets.tolist()):
+        torch.testing.assert_close(per_target[k], ax.deeplift(f, p, x, t), rtol=1e-5, atol=1e-6)
+    explain = ax.compile(ax.deeplift, f, p, backend="eager")
+    torch.testing.assert_close(explain(x, 4), ax.deeplift(f, p, x, 4), rtol=1e-5, atol=1e-6)
+    prog = ax.export(ax.deeplift, f, p, x, torch.full((shape[0],), 4))
+    torch.export.save(prog, tmp_path / "gpt2.pt2")
+    calls = []
+    for batch in (2, 5):
+        xb = torch.randn(batch, *shape[1:], generator=g)
+        tb = torch.randint(0, 40, (batch,), generator=g)
+        calls.append(((xb, tb), ax.deeplift(f, p, xb, tb)))
+    torch.save(calls, tmp_path / "calls.pt")
+    (tmp_path / "load.py").write_text(LOADER)
+    r = subprocess.run([sys.executable, str(tmp_path / "load.py"), str(tmp_path / "gpt2.pt2"), str(tmp_path / "calls.pt")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout.strip().splitlines()[-1]) < 1e-5

@@ -652,10 +652,36 @@ def _generalize(a: Program, b: Program, sizes: tuple[int, int]) -> Program | Non
         if na.shape is not None and nb.shape is not None and len(na.shape) == len(nb.shape):
             shape = tuple(-1 if sa != sb else sa for sa, sb in zip(na.shape, nb.shape))
         nodes.append(replace(na, args=args, kwargs=kwargs, shape=shape))
-    for ca, cb in zip(a.constants, b.constants):
-        if ca.shape != cb.shape or not torch.equal(ca, cb):
-            return None
-    return replace(a, nodes=tuple(nodes), batch=None)
+    constants = list(a.constants)
+    per_batch: set[int] = set()
+    for i, (ca, cb) in enumerate(zip(a.constants, b.constants)):
+        if ca.shape == cb.shape and torch.equal(ca, cb):
+            continue
+        # a constant with one row per sample, every row alike (a mask the model expands to the batch):
+        # keep one row, expanded to the batch where it is used
+        if (ca.ndim and ca.shape[0] == sizes[0] and cb.shape[0] == sizes[1] and ca.shape[1:] == cb.shape[1:]
+                and torch.equal(ca, ca[:1].expand_as(ca)) and torch.equal(cb, ca[:1].expand_as(cb))):
+            constants[i] = ca[:1]
+            per_batch.add(i)
+            continue
+        return None
+    if per_batch:
+        nodes = [replace(n, args=_batch_constants(n.args, per_batch),
+                         kwargs=tuple((k, _batch_constants((v,), per_batch)[0]) for k, v in n.kwargs)) for n in nodes]
+    return replace(a, nodes=tuple(nodes), constants=tuple(constants), batch=None)
+
+
+def _batch_constants(encoded: tuple[Any, ...], which: set[int]) -> tuple[Any, ...]:
+    """Re-tag references to the constants in ``which`` as expanded to the batch (``("kb", i)``)."""
+
+    def one(e: Any) -> Any:
+        if e[0] == "k" and e[1] in which:
+            return ("kb", e[1])
+        if e[0] in ("l", "t"):
+            return (e[0], tuple(one(v) for v in e[1]))
+        return e
+
+    return tuple(one(e) for e in encoded)
 
 
 _FAIL = object()
@@ -679,7 +705,7 @@ def _merge(ea: Any, eb: Any, sizes: tuple[int, int]) -> Any:
     return _FAIL if any(i is _FAIL for i in items) else tuple(items)
 
 
-_TAGS = frozenset(("n", "c", "l", "t", "b", "dt", "dev", "lay", "mf", "k"))
+_TAGS = frozenset(("n", "c", "l", "t", "b", "dt", "dev", "lay", "mf", "k", "kb"))
 
 
 def _merge_one(ea: Any, eb: Any, sizes: tuple[int, int]) -> Any:
@@ -728,6 +754,9 @@ def decode(e: Any, env: Sequence[Any], batch: Any, constants: tuple[Tensor, ...]
         return getattr(torch, e[1])
     if tag == "k":
         return constants[e[1]]
+    if tag == "kb":
+        c = constants[e[1]]
+        return c.expand(batch, *c.shape[1:])
     raise AssertionError(f"bad encoding {e!r}")
 
 
