@@ -51,15 +51,41 @@ class FunctionalModel:
 
     memo_size = 16
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, output: Any = None, embedding: str | None = None) -> None:
         self.module = module
+        self.output = output
+        self.embedding = embedding
         self._lock = threading.RLock()
         self._programs: _Memo = _Memo(self.memo_size)
-        self._shadow: tuple[Any, nn.Module] | None = None
+        self._shadow: tuple[Any, nn.Module, dict[str, Tensor]] | None = None
+        self._injected = _Injected()
 
     def fingerprint(self) -> Any:
         """A hashable summary of everything about the module that can change its traced graph."""
         return module_fingerprint(self.module)
+
+    def embed(self, params: Params, ids: Tensor) -> Tensor:
+        """The output of the ``embedding`` layer for token ``ids`` (what ``model_fn`` takes as x)."""
+        if self.embedding is None:
+            raise ValueError("model_fn.embed needs functionalize(module, embedding='<layer path>')")
+        layer = self.module.get_submodule(self.embedding)
+        prefix = self.embedding + "."
+        sub = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+        with self._lock:
+            copy_ = shadow_copy(layer)  # never swap tensors in the user's module
+            return torch.func.functional_call(copy_, sub, (ids,), strict=False)
+
+    def run(self, module: nn.Module, params: Params, x: tuple[Any, ...]) -> Tensor:
+        """``functional_call`` of ``module`` (the shadow) on ``x``: with ``embedding``, x[0] is the embedding
+        layer's output, injected in place of the layer's forward while dummy ids of its shape enter the
+        model; with ``output``, the selected tensor of the result."""
+        if self.embedding is not None:
+            e = x[0]
+            self._injected.value = e
+            ids = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)
+            x = (ids, *x[1:])
+        out = torch.func.functional_call(module, dict(params), x, strict=False)
+        return out if self.output is None else select_output(out, self.output)
 
     def shadow(self, fingerprint: Any = None) -> nn.Module:
         """The private copy of the module tree that calls run on (rebuilt when the module changed)."""
@@ -71,6 +97,10 @@ class FunctionalModel:
         with self._lock:
             if self._shadow is None or self._shadow[0] != fp:
                 shadow = shadow_copy(self.module)
+                if self.embedding is not None:
+                    # the shadow's embedding layer returns the tensor the call injects (a private copy: the
+                    # user's layer is untouched); its parameters stay where they are (tied weights work)
+                    shadow.get_submodule(self.embedding).forward = self._injected.read
                 training = {f"{path}.{k}" if path else k: b for path, m in shadow.named_modules() if m.training
                             for k, b in m._buffers.items() if b is not None}
                 self._shadow = (fp, shadow, training)
@@ -78,7 +108,9 @@ class FunctionalModel:
 
     def __call__(self, params: Params, *x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
-            return torch.func.functional_call(self.module, dict(params), x, strict=False)
+            if self.embedding is None and self.output is None:
+                return torch.func.functional_call(self.module, dict(params), x, strict=False)
+            return self.run(self.shadow(), params, x)
         with self._lock:
             _, shadow, training = self._shadow_state()
             params = dict(params)
@@ -86,10 +118,38 @@ class FunctionalModel:
                 # modules in training mode write their buffers (BatchNorm running stats): give them copies,
                 # so attribution never changes the model (value_and_attribution, for training, keeps the writes)
                 params.update({k: params.get(k, b).clone() for k, b in training.items()})
-            return torch.func.functional_call(shadow, params, x, strict=False)
+            return self.run(shadow, params, x)
 
     def __repr__(self) -> str:
         return f"FunctionalModel({type(self.module).__name__})"
+
+
+class _Injected:
+    """Holds the tensor a shadow's embedding layer returns during one call."""
+
+    value: Any = None
+
+    def read(self, *args: Any, **kwargs: Any) -> Any:
+        return self.value
+
+
+def select_output(out: Any, output: Any) -> Tensor:
+    """The tensor ``output`` names in a model's result: a key or attribute (``"logits"``), an index, or a callable."""
+    if callable(output):
+        return output(out)
+    if isinstance(output, str):
+        if isinstance(out, Mapping) and output in out:
+            return out[output]
+        if hasattr(out, output):
+            return getattr(out, output)
+        keys = list(out.keys()) if isinstance(out, Mapping) else [k for k in vars(out)] if hasattr(out, "__dict__") else []
+        raise ValueError(f"output={output!r} is not in the model's result ({type(out).__name__} with {keys})")
+    if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple"):
+        items = out.to_tuple() if hasattr(out, "to_tuple") else out
+        if not -len(items) <= output < len(items):
+            raise ValueError(f"output={output} is out of range for a result with {len(items)} entries")
+        return items[output]
+    raise TypeError(f"output={output!r} needs a tuple-like result, got {type(out).__name__}")
 
 
 class _Memo(dict):  # type: ignore[type-arg]
@@ -312,7 +372,8 @@ def forward_args(method: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def functionalize(module: nn.Module | Callable[..., Tensor]) -> tuple[FunctionalModel, dict[str, Tensor]]:
+def functionalize(module: nn.Module | Callable[..., Tensor], *, output: Any = None,
+                  embedding: str | None = None) -> tuple[FunctionalModel, dict[str, Tensor]]:
     r"""Turn a module into a pure function and its parameters.
 
     Args:
@@ -320,6 +381,15 @@ def functionalize(module: nn.Module | Callable[..., Tensor]) -> tuple[Functional
             ``f(params, *x)`` is accepted too and wrapped so that rule-based
             methods can reuse its traced graph between calls (``params`` is then
             empty).
+        output: Which tensor of a structured result the model function returns: a key or
+            attribute name of a ModelOutput / dict (``"logits"``), an int index into a tuple, or a
+            callable ``out -> Tensor``. ``None``: the result itself (a tensor).
+        embedding: The dotted path of an embedding layer (``"transformer.wte"``): ``model_fn`` then
+            takes that layer's output (B, T, D) as x in place of the token ids, and
+            ``model_fn.embed(params, ids)`` computes it, so that
+            ``model_fn(params, model_fn.embed(params, ids), *rest)`` equals ``module(ids, *rest)``
+            (selected by ``output``) and every method works on token models; relevance per token is
+            ``attr.sum(-1)``.
     Returns:
         ``(model_fn, params)`` where ``model_fn(params, *x)`` equals
         ``module(*x)`` and ``params`` maps the dotted names of the module's
@@ -336,9 +406,21 @@ def functionalize(module: nn.Module | Callable[..., Tensor]) -> tuple[Functional
         True
     """
     if isinstance(module, nn.Module):
+        if embedding is not None:
+            if not isinstance(embedding, str):
+                raise TypeError(f"embedding must be a dotted layer path (str), got {_describe(embedding)}")
+            try:
+                module.get_submodule(embedding)
+            except AttributeError:
+                names = [n for n, m in module.named_modules() if isinstance(m, nn.Embedding)]
+                raise ValueError(f"embedding={embedding!r} is not a submodule of the model; embedding layers: {names}") from None
+        if output is not None and not (callable(output) or isinstance(output, (str, int))) or isinstance(output, bool):
+            raise TypeError(f"output must be a key/attribute name, an int index or a callable, got {_describe(output)}")
         params = dict(module.named_parameters())
         params.update(dict(module.named_buffers()))
-        return FunctionalModel(module), params
+        return FunctionalModel(module, output=output, embedding=embedding), params
+    if output is not None or embedding is not None:
+        raise TypeError("output= and embedding= need an nn.Module (a plain function already returns its tensor)")
     if callable(module):
         return _FunctionModel(module), {}
     raise TypeError(f"module must be a torch.nn.Module or a callable f(params, *x), got {type(module).__name__}")

@@ -269,8 +269,10 @@ def _trace(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int, f
         _check_hooks(shadow)
         extra = model_fn.extra(batch) if isinstance(model_fn, BoundModel) else ()
 
+        runner = model_fn.inner if isinstance(model_fn, BoundModel) else model_fn
+
         def fn(p: dict[str, Tensor], *x: Tensor) -> Tensor:
-            return torch.func.functional_call(shadow, p, (*x, *extra), strict=False)
+            return runner.run(shadow, p, (*x, *extra))  # type: ignore[union-attr]
 
         fn._orig_mod = shadow  # type: ignore[attr-defined]  # lets make_fx record module paths
     else:
