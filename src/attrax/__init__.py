@@ -5,13 +5,21 @@
     >>> attr = ax.integrated_gradients(model_fn, params, x, target)  # doctest: +SKIP
 """
 
-from . import composites, concepts, distributed, layer, metrics, rules, serving
+from . import composites, concepts, distributed, layer, lm, metrics, rules, serving, targets
 from .conditional import conditional
 from .core import FunctionalModel, functionalize
 from .deeplift import deconvnet, deeplift, deeplift_shap, guided_backprop
 from .lrp import lrp
 from .serving import compile, export, value_and_attribution
-from .perturbation import feature_ablation, kernel_shap, lime, occlusion, shapley_sampling
+from .perturbation import (
+    feature_ablation,
+    feature_permutation,
+    kernel_shap,
+    lime,
+    occlusion,
+    shapley_sampling,
+    shapley_values,
+)
 from .gradients import (
     gradient,
     gradient_shap,
@@ -50,12 +58,16 @@ __all__ = [
     "gradient_shap",
     "input_x_gradient",
     "feature_ablation",
+    "feature_permutation",
     "integrated_gradients",
     "kernel_shap",
     "layer",
+    "lm",
+    "targets",
     "lime",
     "occlusion",
     "shapley_sampling",
+    "shapley_values",
     "lrp",
     "metrics",
     "composites",

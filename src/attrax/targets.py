@@ -13,6 +13,12 @@ they cannot be made. Every message names the output shape of the user's call,
 
 One indexing rule for every spelling (int, sequence, tensor): Python's,
 ``-C <= t < C`` for ``C`` classes, negative values counting from the end.
+
+Three spellings are resolved as selection callables (``kind="callable"``), so every method,
+rule methods' seeds included, handles them without a case of its own: a list of index tuples
+(one per sample, :class:`PerSampleIndex`), ``"sum"`` (:class:`SumOutputs`, the sum over all
+outputs, only when asked) and, internally, neuron selectors. ``repeat_target`` tiles a
+:class:`PerSampleIndex` for folded copies like a per-sample tensor.
 """
 
 from __future__ import annotations
@@ -28,7 +34,60 @@ from torch import Tensor
 
 from .core import _describe, inside_transform, is_concrete, keeps_graph
 
-__all__ = ["ResolvedTarget", "check_target", "prepare_call", "repeat_target", "select"]
+__all__ = ["PerSampleIndex", "ResolvedTarget", "SumOutputs", "check_target", "prepare_call", "repeat_target", "select"]
+
+
+class PerSampleIndex:
+    """Selects ``out[i, *index[i]]``: one index tuple into the non-batch dims per sample.
+
+    ``index`` is a ``(B, k)`` LongTensor (Python indexing, negative values count from the end).
+    Resolved from a target given as a list of tuples; a callable so that every method handles it.
+    """
+
+    def __init__(self, index: Tensor) -> None:
+        self.index = index
+
+    def __call__(self, out: Tensor) -> Tensor:
+        idx = self.index.to(out.device)
+        if out.shape[0] != idx.shape[0]:
+            raise ValueError(f"target has {idx.shape[0]} index tuples but the output of shape {tuple(out.shape)} has "
+                             f"{out.shape[0]} rows")
+        rows = torch.arange(out.shape[0], device=out.device)
+        return out[(rows, *idx.unbind(1))]
+
+    def repeat(self, times: int) -> PerSampleIndex:
+        """The selector for ``times`` stacked copies of the batch."""
+        return PerSampleIndex(self.index.repeat(times, 1))
+
+    def subset(self, rows: Tensor) -> PerSampleIndex:
+        return PerSampleIndex(self.index[rows.to(self.index.device)])
+
+    def check(self, dims: tuple[int, ...], shape: Callable[[], tuple[int, ...]], values: bool) -> None:
+        """Raise naming ``target`` and the output shape if the tuples do not index ``dims``."""
+        k = self.index.shape[1]
+        if k != len(dims):
+            raise ValueError(f"target index tuples have {k} indices but the output of shape {shape()} has "
+                             f"{len(dims)} non-batch dims")
+        if values and is_concrete(self.index):
+            for j, n in enumerate(dims):
+                col = self.index[:, j]
+                if bool(((col < -n) | (col >= n)).any()):
+                    i = int(((col < -n) | (col >= n)).nonzero()[0, 0])
+                    raise ValueError(f"target index tuple {tuple(self.index[i].tolist())} of sample {i} is out of "
+                                     f"range at position {j} for output of shape {shape()} (expected {-n} <= index < {n})")
+
+    def __repr__(self) -> str:
+        return f"PerSampleIndex({self.index.tolist()})"
+
+
+class SumOutputs:
+    """Selects the sum of all outputs of each sample (``target="sum"``): never implied, only when asked."""
+
+    def __call__(self, out: Tensor) -> Tensor:
+        return out.reshape(out.shape[0], -1).sum(1)
+
+    def __repr__(self) -> str:
+        return 'SumOutputs("sum")'
 
 
 @dataclass(frozen=True)
@@ -64,6 +123,11 @@ def check_target(target: Any, batch_size: int, out_shape: tuple[int, ...] | None
         raise TypeError(
             f"target must be an int, a sequence of ints, a tuple, a callable or None, got bool {target}{note}"
         )
+    elif isinstance(target, str):
+        if target != "sum":
+            raise TypeError(f'target must be an int, a sequence of ints, a tuple, a callable, "sum" or None, got '
+                            f"str {target!r}{note}")
+        resolved = ResolvedTarget("callable", SumOutputs(), batch_size)
     elif isinstance(target, numbers.Integral):
         resolved = ResolvedTarget("int", int(target), batch_size)
     elif isinstance(target, tuple):
@@ -78,9 +142,13 @@ def check_target(target: Any, batch_size: int, out_shape: tuple[int, ...] | None
         if target.ndim > 1:
             raise ValueError(f"target tensor must be 0-d or of shape (B,) = ({batch_size},), got shape "
                              f"{tuple(target.shape)}{note}")
+        if target.ndim == 1 and target.shape[0] == 1 and batch_size != 1:
+            target = target.reshape(())  # one class for every sample, as Captum
         if target.ndim == 1 and target.shape[0] != batch_size:
             raise ValueError(f"target has {target.shape[0]} entries but the batch has {batch_size} samples{note}")
         resolved = ResolvedTarget("tensor", target.long(), batch_size)
+    elif isinstance(target, list) and target and all(isinstance(t, tuple) for t in target):
+        resolved = ResolvedTarget("callable", _per_sample_index(target, batch_size, note), batch_size)
     elif isinstance(target, np.ndarray) or (isinstance(target, Sequence) and not isinstance(target, str)):
         arr = np.asarray(target)
         if arr.dtype.kind not in "iu" or arr.ndim != 1:
@@ -95,10 +163,22 @@ def check_target(target: Any, batch_size: int, out_shape: tuple[int, ...] | None
             f"target must be an int, a sequence of ints, a LongTensor, a tuple of ints, a callable or None, "
             f"got {_describe(target)}{note}"
         )
-    if out_shape is not None and resolved.kind != "callable":
+    if out_shape is not None and (resolved.kind != "callable" or isinstance(resolved.value, PerSampleIndex)):
         _check_against(resolved, tuple(out_shape)[1:], lambda: tuple(out_shape), values=True)
         resolved = replace(resolved, checked=True)
     return resolved
+
+
+def _per_sample_index(target: Sequence[tuple[Any, ...]], batch_size: int, note: str) -> PerSampleIndex:
+    """A list of index tuples, one per sample, as a :class:`PerSampleIndex`."""
+    if len(target) != batch_size:
+        raise ValueError(f"target has {len(target)} index tuples but the batch has {batch_size} samples{note}")
+    lengths = {len(t) for t in target}
+    ok = all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for t in target for i in t)
+    if len(lengths) != 1 or 0 in lengths or not ok:
+        raise TypeError(f"a per-sample target must be a list of index tuples of ints, all of one length (one per "
+                        f"sample, indexing the non-batch dims), got {list(target)!r}{note}")
+    return PerSampleIndex(torch.tensor([tuple(int(i) for i in t) for t in target], dtype=torch.long))
 
 
 def select(out: Tensor, target: ResolvedTarget) -> Tensor:
@@ -170,7 +250,8 @@ def _check_against(
         if not (len(dims) == 0 or dims == (1,)):
             raise ValueError(
                 f"target is None but the output has shape {shape()}; None is allowed only for outputs of "
-                f"shape (B,) or (B, 1): pass a class index, a per-sample sequence, a tuple index or a callable"
+                f"shape (B,) or (B, 1): pass a class index, a per-sample sequence, a tuple index, a callable, or "
+                f'"sum" for the sum of all outputs'
             )
     elif kind == "int":
         _need_2d(dims, shape, "an int")
@@ -189,6 +270,8 @@ def _check_against(
                     f"target tuple {t} is out of range at position {i} for output of shape {shape()} "
                     f"(expected {-n} <= index < {n})"
                 )
+    elif kind == "callable" and isinstance(t, PerSampleIndex):
+        t.check(dims, shape, values)
     elif kind == "tensor":
         _need_2d(dims, shape, "a tensor")
         n = dims[0]
@@ -202,6 +285,8 @@ def _check_against(
 def repeat_target(target: ResolvedTarget, times: int) -> ResolvedTarget:
     """The target for a batch made of ``times`` stacked copies of the original batch."""
     if target.kind == "tensor" and target.value.ndim == 1:
+        return replace(target, value=target.value.repeat(times))
+    if isinstance(target.value, PerSampleIndex):
         return replace(target, value=target.value.repeat(times))
     return target
 
@@ -223,8 +308,12 @@ def prepare_call(
     check_finite: bool = True,
     detach: bool = True,
     check_output: bool = False,
+    integer_inputs: bool = False,
 ) -> tuple[tuple[Tensor, ...], Any, bool, int, ResolvedTarget]:
     """The boundary checks every method starts with.
+
+    With ``integer_inputs`` (layer methods, whose paths run between layer values) inputs may be
+    integer tensors, e.g. token ids; floating point inputs are checked as usual.
 
     Checks ``model_fn``, ``params`` (keys, dtypes), ``x`` and ``target``. Methods
     whose first model call evaluates many points per sample (steps, samples,
@@ -258,7 +347,7 @@ def prepare_call(
     check_model(model_fn, params)
     warn_training(model_fn)
     xs, is_tuple = as_tuple(x)
-    batch = check_inputs(xs, check_finite=check_finite)
+    batch = _check_integer_inputs(xs, check_finite) if integer_inputs else check_inputs(xs, check_finite=check_finite)
     params, xs = without_inference_tensors(params, xs)
     probe = _Probe(model_fn, params, xs)
     mismatch = check_dtypes(params, xs)
@@ -277,6 +366,24 @@ def prepare_call(
     if detach:
         params, xs = detach_outside_transforms(params, xs)
     return xs, params, is_tuple, batch, resolved
+
+
+def _check_integer_inputs(xs: tuple[Tensor, ...], check_finite: bool) -> int:
+    """``check_inputs`` that also admits integer tensors (token ids); returns the batch size."""
+    from .core import check_inputs
+
+    for i, t in enumerate(xs):
+        label = "x" if len(xs) == 1 else f"x[{i}]"
+        if not t.is_floating_point() and (t.is_complex() or t.dtype == torch.bool):
+            raise TypeError(f"{label} must be a floating point or integer tensor, got dtype {t.dtype}")
+        if t.ndim < 1:
+            raise ValueError(f"{label} must have a batch dimension, got a 0-d tensor")
+        if t.shape[0] != xs[0].shape[0]:
+            raise ValueError(f"all inputs must share the batch size: {label} has {t.shape[0]}, expected {xs[0].shape[0]}")
+    floats = tuple(t for t in xs if t.is_floating_point())
+    if floats:
+        check_inputs(floats, check_finite=check_finite)
+    return xs[0].shape[0]
 
 
 class _Probe:
@@ -333,7 +440,7 @@ class _Probe:
         if out is None:
             return resolved
         shape = (resolved.batch if resolved.batch is not None else out.shape[0], *out.shape[1:])
-        if resolved.kind == "callable":
+        if resolved.kind == "callable" and not isinstance(resolved.value, PerSampleIndex):
             try:
                 with torch.no_grad():
                     value = resolved.value(out)
@@ -354,3 +461,7 @@ class _Probe:
         except Exception:
             return  # fails for another reason too: let the method report it
         raise TypeError(f"{mismatch} (the model fails on the mix: {self.error})") from self.error
+
+
+# language-model targets (API §9): ax.targets.next_token(...), contrast(...), continuation(...)
+from .lm import continuation, contrast, next_token  # noqa: E402

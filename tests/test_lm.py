@@ -1,0 +1,69 @@
+"""Language-model targets and generation attribution (issue 17.3, 17.4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attrax as ax
+
+transformers = pytest.importorskip("transformers")
+D = torch.float64
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=4, vocab_size=30, n_positions=32)
+    model = transformers.GPT2LMHeadModel(cfg).double().eval()
+    f, p = ax.functionalize(model, output="logits", embedding="transformer.wte")
+    ids = torch.randint(0, 30, (2, 10), generator=torch.Generator().manual_seed(1))
+    return model, f, p, ids, f.embed(p, ids)
+
+
+def test_targets_select_what_they_say(gpt2) -> None:
+    model, f, p, ids, e = gpt2
+    with torch.no_grad():
+        out = f(p, e)
+    logp = torch.log_softmax(out, -1)
+    tok = torch.tensor([3, 7])
+    torch.testing.assert_close(ax.targets.next_token(5)(out), out[:, -1, 5])
+    torch.testing.assert_close(ax.targets.next_token(tok, 4)(out), out[torch.arange(2), 4, tok])
+    torch.testing.assert_close(ax.targets.next_token(tok, torch.tensor([2, 6]), log_prob=True)(out),
+                               logp[torch.arange(2), torch.tensor([2, 6]), tok])
+    torch.testing.assert_close(ax.targets.contrast(3, 9, -2)(out), out[:, -2, 3] - out[:, -2, 9])
+    cont = ids[:, 6:9]
+    want = sum(logp[torch.arange(2), 5 + k, cont[:, k]] for k in range(3))
+    torch.testing.assert_close(ax.targets.continuation(cont, 6)(out), want)
+    with pytest.raises(ValueError, match=r"logits of shape \(B, T, V\)"):
+        ax.targets.next_token(1)(out[:, -1])
+
+
+def test_contrast_target_conserves_lrp_relevance_and_matches_ig_completeness(gpt2) -> None:
+    model, f, p, ids, e = gpt2
+    target = ax.targets.contrast(3, 9)
+    ig = ax.integrated_gradients(f, p, e, target, n_steps=64)
+    with torch.no_grad():
+        span = target(f(p, e)) - target(f(p, torch.zeros_like(e)))
+    torch.testing.assert_close(ig.flatten(1).sum(1), span, rtol=2e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("method, kw", [(ax.integrated_gradients, {"n_steps": 8}), (ax.deeplift, {}),
+                                        (ax.input_x_gradient, {})])
+def test_generation_rows_equal_separate_calls(gpt2, method, kw) -> None:
+    model, f, p, ids, e = gpt2
+    start = 4
+    matrix = ax.lm.generation(method, f, p, e, ids[:, start:], start=start, chunk_size=3, **kw)
+    assert matrix.shape == (2, 6, 10)
+    for k in range(6):
+        row = method(f, p, e, ax.targets.next_token(ids[:, start + k], start + k - 1), **kw).sum(-1)
+        torch.testing.assert_close(matrix[:, k], row, rtol=1e-6, atol=1e-10)
+        assert torch.equal(matrix[:, k, start + k:], torch.zeros_like(matrix[:, k, start + k:]))  # causal
+
+
+def test_generation_checks_its_arguments(gpt2) -> None:
+    model, f, p, ids, e = gpt2
+    with pytest.raises(ValueError, match="does not fit"):
+        ax.lm.generation(ax.gradient, f, p, e, ids, start=4)
+    with pytest.raises(ValueError, match="start must be"):
+        ax.lm.generation(ax.gradient, f, p, e, ids[:, :2], start=0)
