@@ -297,3 +297,294 @@ def test_bad_arguments(call, exc, match):
     f, p = ax.functionalize(small())
     with pytest.raises(exc, match=match):
         call(f, p, torch.randn(2, 2, 6, 4, dtype=D))
+
+
+# ------------------------------------------------------- issue 18: baselines for every method
+
+SAMPLED = {
+    "feature_ablation": lambda f, p, x, t, **kw: ax.feature_ablation(f, p, x, t, **kw),
+    "shapley_sampling": lambda f, p, x, t, **kw: ax.shapley_sampling(f, p, x, t, n_samples=2, generator=G(), **kw),
+    "kernel_shap": lambda f, p, x, t, **kw: ax.kernel_shap(f, p, x, t, n_samples=30, generator=G(), **kw),
+    "lime": lambda f, p, x, t, **kw: ax.lime(f, p, x, t, n_samples=30, generator=G(), **kw),
+    "shapley_values": lambda f, p, x, t, **kw: ax.shapley_values(f, p, x, t, **kw),
+}
+
+
+@pytest.mark.parametrize("name", SAMPLED)
+def test_baseline_spellings_agree(name):
+    # a scalar, a broadcast tensor, a per-group mapping (scalar or per-sample values; unnamed groups take 0) and a
+    # callable baseline(x) are one baseline written four ways
+    torch.manual_seed(4)
+    m = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2)).double().eval()
+    f, p = ax.functionalize(m)
+    x = torch.randn(3, 6, dtype=D)
+    fm = torch.tensor([[0, 0, 1, 2, 3, 3]])
+    call = lambda b: SAMPLED[name](f, p, x, 1, feature_mask=fm, baseline=b)  # noqa: E731
+    torch.testing.assert_close(call({0: 0.5, 1: 0.5, 2: 0.5, 3: 0.5}), call(0.5), rtol=0, atol=0)
+    b = torch.tensor([[-1.0, -1.0, 2.0, 0.0, 0.3, 0.3]], dtype=D)
+    torch.testing.assert_close(call({3: 0.3, 0: -1.0, 1: torch.tensor(2.0)}), call(b), rtol=0, atol=0)
+    per_sample = torch.tensor([[0.1, 0.1, 0.0, 0.0, 0.0, 0.0], [0.2, 0.2, 0, 0, 0, 0], [0.3, 0.3, 0, 0, 0, 0]], dtype=D)
+    torch.testing.assert_close(call({0: torch.tensor([0.1, 0.2, 0.3], dtype=D)}), call(per_sample), rtol=0, atol=0)
+    seen = []
+    mean = lambda x: seen.append(x) or x.mean(0, keepdim=True)  # noqa: E731
+    torch.testing.assert_close(call(mean), call(x.mean(0, keepdim=True)), rtol=0, atol=0)
+    assert len(seen) == 1 and torch.equal(seen[0], x)
+
+
+def test_callable_baselines_in_occlusion_and_tuple_inputs():
+    m, f, p = linear()
+    x = torch.randn(4, 6, dtype=D)
+    w = m.weight[2].detach()
+    torch.testing.assert_close(ax.occlusion(f, p, x, 2, window=1, baseline=lambda x: x.flip(0)), (x - x.flip(0)) * w)
+
+    def two(p, u, v):
+        return (u * p["a"]).sum(1, keepdim=True) + (v * p["b"]).sum(1, keepdim=True)
+
+    pt = {"a": torch.tensor([1.0, -2.0, 3.0], dtype=D), "b": torch.tensor([0.5, 4.0], dtype=D)}
+    u, v = torch.randn(2, 3, dtype=D), torch.randn(2, 2, dtype=D)
+    seen = []
+    half = lambda xs: seen.append(xs) or (xs[0] / 2, 1.0)  # noqa: E731 - called with the tuple, returns one per input
+    for method in (ax.feature_ablation, ax.shapley_values):
+        au, av = method(two, pt, (u, v), None, baseline=half)
+        torch.testing.assert_close(au, u / 2 * pt["a"])
+        torch.testing.assert_close(av, (v - 1) * pt["b"])
+    assert all(isinstance(s, tuple) and s[0] is not None for s in seen)
+
+
+def test_sampling_baselines_match_captum():
+    # Shapley sampling with the same permutations as Captum (their randperm stream replaced by ours) on a nonlinear
+    # model; KernelSHAP and LIME on a linear model, where both are exact for any draws: (x - b) * w
+    ca = pytest.importorskip("captum.attr")
+    pytest.importorskip("sklearn")
+    import captum.attr._core.shapley_value as sv
+    from captum._utils.models.linear_model.model import SkLearnLinearRegression
+
+    torch.manual_seed(2)
+    m = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double().eval()
+    f, p = ax.functionalize(m)
+    x, b = torch.randn(4, 6, dtype=D), torch.randn(1, 6, dtype=D)
+    t, fm = torch.tensor([0, 2, 1, 1]), torch.tensor([[0, 0, 1, 2, 3, 3]])
+
+    def shared(k, n):
+        g = G(7)
+        for _ in range(n):
+            yield torch.randperm(k, generator=g).tolist()
+
+    orig, sv._perm_generator = sv._perm_generator, shared
+    try:
+        theirs = ca.ShapleyValueSampling(m).attribute(x, baselines=b, target=t, feature_mask=fm, n_samples=5)
+    finally:
+        sv._perm_generator = orig
+    ours = ax.shapley_sampling(f, p, x, t, feature_mask=fm, baseline=b, n_samples=5, generator=G(7))
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6, check_dtype=False)  # Captum sums in float32
+
+    lin, fl, pl = linear(6, 2, seed=3)
+    want = (x - b) * lin.weight[1].detach()
+    ks = ax.kernel_shap(fl, pl, x, 1, baseline=b, n_samples=40, generator=G())
+    li = ax.lime(fl, pl, x, 1, baseline=b, n_samples=200, regularization="ridge", alpha=1e-9, generator=G())
+    torch.testing.assert_close(ks, want, rtol=0, atol=1e-10)
+    torch.testing.assert_close(li, want, rtol=0, atol=1e-6)
+    ks_c = torch.cat([ca.KernelShap(lin).attribute(x[i : i + 1], baselines=b, target=1, n_samples=40) for i in range(4)])
+    lime_c = torch.cat([ca.Lime(lin, interpretable_model=SkLearnLinearRegression()).attribute(
+        x[i : i + 1], baselines=b, target=1, n_samples=200) for i in range(4)])
+    torch.testing.assert_close(ks_c, want, rtol=0, atol=1e-5, check_dtype=False)
+    torch.testing.assert_close(lime_c, want, rtol=0, atol=1e-5, check_dtype=False)
+
+
+# ------------------------------------------------- issue 18: integer and boolean inputs (token ids)
+
+
+class Bag(nn.Module):
+    """Token ids (B, 7) -> 3 logits through an embedding: needs integer inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(20, 5), nn.Linear(5 * 7, 3)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.emb(ids)).flatten(1))
+
+
+PAD = 0
+
+
+def test_token_ids_match_captum():
+    # the baseline is a pad id (same dtype, nothing interpolated); attributions come back in the output's dtype
+    ca = pytest.importorskip("captum.attr")
+    import captum.attr._core.shapley_value as sv
+
+    torch.manual_seed(0)
+    bag = Bag().eval()
+    f, p = ax.functionalize(bag)
+    ids, t = torch.randint(1, 20, (3, 7), generator=G(1)), torch.tensor([0, 1, 2])
+    fm = torch.tensor([[0, 0, 1, 2, 3, 3, 3]])
+    pairs = [
+        (ax.feature_ablation(f, p, ids, t, baseline=PAD), ca.FeatureAblation(bag).attribute(ids, target=t, baselines=PAD)),
+        (ax.occlusion(f, p, ids, t, window=2, baseline=PAD),
+         ca.Occlusion(bag).attribute(ids, target=t, sliding_window_shapes=(2,), baselines=PAD)),
+        (ax.shapley_values(f, p, ids, t, feature_mask=fm, baseline=PAD),
+         ca.ShapleyValues(bag).attribute(ids, target=t, baselines=PAD, feature_mask=fm)),
+    ]
+
+    def shared(k, n):
+        g = G(5)
+        for _ in range(n):
+            yield torch.randperm(k, generator=g).tolist()
+
+    orig, sv._perm_generator = sv._perm_generator, shared
+    try:
+        pairs.append((ax.shapley_sampling(f, p, ids, t, baseline=PAD, n_samples=3, generator=G(5)),
+                      ca.ShapleyValueSampling(bag).attribute(ids, target=t, baselines=PAD, n_samples=3)))
+    finally:
+        sv._perm_generator = orig
+    for ours, theirs in pairs:
+        assert ours.dtype == torch.float32 and ours.shape == ids.shape
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_every_method_is_exact_on_an_additive_token_model():
+    # f(ids) = sum_t w[ids_t]: every position's Shapley value (and ablation drop) is w[id] - w[pad]
+    w = torch.randn(20, 1, dtype=D, generator=G(2))
+
+    def f(p, ids):
+        return p["w"][ids].sum(1)
+
+    ids = torch.randint(1, 20, (4, 6), generator=G(3))
+    want = (w[ids] - w[PAD]).squeeze(2)
+    calls = [
+        ax.occlusion(f, {"w": w}, ids, None, window=1, baseline=PAD),
+        ax.feature_ablation(f, {"w": w}, ids, None, baseline=PAD),
+        ax.shapley_sampling(f, {"w": w}, ids, None, baseline=PAD, n_samples=2, generator=G()),
+        ax.kernel_shap(f, {"w": w}, ids, None, baseline=PAD, n_samples=40, generator=G()),
+        ax.lime(f, {"w": w}, ids, None, baseline=PAD, n_samples=100, regularization="ridge", alpha=1e-10, generator=G()),
+        ax.shapley_values(f, {"w": w}, ids, None, baseline=torch.tensor(PAD)),
+    ]
+    for got in calls:
+        assert got.dtype == D
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-8)
+    # feature permutation: position t of sample i takes sample sigma_t(i)'s token
+    perm = ax.perturbation._batch_permutations(6, 4, G(1), torch.device("cpu"))
+    shuffled = torch.stack([ids[perm[j], j] for j in range(6)], 1)
+    torch.testing.assert_close(ax.feature_permutation(f, {"w": w}, ids, None, generator=G(1)),
+                               (w[ids] - w[shuffled]).squeeze(2))
+
+
+def test_boolean_and_mixed_tuple_inputs():
+    # boolean features with a True/False baseline; a (float, int) tuple keeps x's dtype for the float part
+    wt = torch.tensor([1.5, -2.0, 0.25], dtype=D)
+
+    def f(p, flags, ids):
+        return (flags.to(D) @ wt + p["e"][ids].sum(1)).unsqueeze(1)
+
+    e = torch.randn(10, dtype=D, generator=G())
+    flags = torch.tensor([[True, False, True], [False, True, True]])
+    ids = torch.tensor([[3, 4], [5, 9]])
+    a_flags, a_ids = ax.feature_ablation(f, {"e": e}, (flags, ids), None, baseline=(False, 1))
+    torch.testing.assert_close(a_flags, flags.to(D) * wt)
+    torch.testing.assert_close(a_ids, e[ids] - e[1])
+    ones = ax.shapley_values(f, {"e": e}, (flags, ids), None, baseline=(True, 0))[0]
+    torch.testing.assert_close(ones, (flags.to(D) - 1) * wt)
+    u = torch.randn(2, 3)
+    au, ai = ax.feature_ablation(lambda p, u, ids: (u.double() @ wt + e[ids].sum(1)).unsqueeze(1), {}, (u, ids), None)
+    assert (au.dtype, ai.dtype) == (torch.float32, D)
+
+
+# ---------------------------------------------- issue 18: feature permutation, exact Shapley values
+
+
+def test_feature_permutation_matches_captum_with_a_shared_permutation():
+    ca = pytest.importorskip("captum.attr")
+    torch.manual_seed(2)
+    m = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double().eval()
+    f, p = ax.functionalize(m)
+    x, t = torch.randn(5, 6, dtype=D), torch.tensor([0, 2, 1, 1, 0])
+    fm = torch.tensor([[0, 0, 1, 2, 3, 3]])
+    perm = ax.perturbation._batch_permutations(4, 5, G(3), torch.device("cpu"))
+    assert not (perm == torch.arange(5)).all(1).any()
+
+    def ours_perm(xx, mask):  # Captum's perm_func, given our permutation of the group it is asked to shuffle
+        return torch.where(mask, xx[perm[int(fm[mask][0])]], xx)
+
+    theirs = ca.FeaturePermutation(m, perm_func=ours_perm).attribute(x, target=t, feature_mask=fm)
+    torch.testing.assert_close(ax.feature_permutation(f, p, x, t, feature_mask=fm, generator=G(3)), theirs)
+    for cs in (1, 3):  # every draw precedes the model calls
+        torch.testing.assert_close(ax.feature_permutation(f, p, x, t, feature_mask=fm.expand(5, 6), generator=G(3),
+                                                          chunk_size=cs), theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_shapley_values_match_captum_and_are_efficient():
+    ca = pytest.importorskip("captum.attr")
+    torch.manual_seed(5)
+    m = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 4)).double().eval()
+    f, p = ax.functionalize(m)
+    x, t = torch.randn(2, 10, dtype=D), torch.tensor([1, 3])
+    fm = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]])
+    ours = ax.shapley_values(f, p, x, t, feature_mask=fm, baseline=0.1)
+    theirs = ca.ShapleyValues(m).attribute(x, target=t, feature_mask=fm, baselines=0.1)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6, check_dtype=False)  # Captum sums in float32
+    assert ours.dtype == D
+    torch.testing.assert_close(ax.shapley_values(f, p, x, t, feature_mask=fm, baseline=0.1, chunk_size=7), ours,
+                               rtol=1e-12, atol=1e-12)
+    # efficiency: the 5 group values sum to f(x) - f(baseline)
+    per_group = ours[:, :5]
+    with torch.no_grad():
+        span = (m(x) - m(torch.full_like(x, 0.1)))[torch.arange(2), t]
+    torch.testing.assert_close(per_group.sum(1), span, rtol=1e-12, atol=1e-12)
+
+
+def test_new_methods_on_empty_batches_and_with_forward_args():
+    f, p = ax.functionalize(small())
+    x = torch.randn(0, 2, 6, 4, dtype=D)
+    fm = torch.arange(6).reshape(1, 1, 6, 1).expand(1, 2, 6, 4)
+    for got in (ax.feature_permutation(f, p, x, 1, feature_mask=fm, generator=G()),
+                ax.shapley_values(f, p, x, 1, feature_mask=fm, baseline=lambda x: x[:1])):
+        assert got.shape == x.shape and got.dtype == D
+    fb, pb = ax.functionalize(Bag().double().eval())
+    ids = torch.zeros(0, 7, dtype=torch.long)
+    for method in (ax.feature_ablation, ax.kernel_shap, ax.lime, ax.feature_permutation, ax.occlusion):
+        got = method(fb, pb, ids, 0, **({"window": 2} if method is ax.occlusion else {}))
+        assert got.shape == ids.shape and got.dtype == D  # discrete x: the parameters' dtype (no output to see)
+    # a float model given integers (e.g. uint8 pixels) is told to convert them, before any perturbation
+    with pytest.raises(TypeError, match=r"x has dtype torch.uint8 but params hold dtype torch.float64.*x.to\(torch.float64\)"):
+        ax.feature_ablation(f, p, torch.zeros(2, 2, 6, 4, dtype=torch.uint8), 0)
+
+    def scaled(p, x, s):
+        return x.sum(1, keepdim=True) * s
+
+    x, s = torch.randn(3, 4, dtype=D), torch.tensor([[1.0], [2.0], [3.0]], dtype=D)
+    torch.testing.assert_close(ax.shapley_values(scaled, {}, x, None, additional_forward_args=(s,)), x * s)
+    fp = ax.feature_permutation(scaled, {}, x, None, generator=G(), additional_forward_args=(s,))
+    perm = ax.perturbation._batch_permutations(4, 3, G(), torch.device("cpu"))
+    torch.testing.assert_close(fp, (x - torch.stack([x[perm[j], j] for j in range(4)], 1)) * s)
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda f, p, x, ids: ax.feature_ablation(f, p, ids, 0, baseline=0.5), ValueError, "pad or mask id; got 0.5"),
+        (lambda f, p, x, ids: ax.occlusion(f, p, ids, 0, window=1, baseline=torch.tensor([2.5])), ValueError, "x has dtype torch.int64"),
+        (lambda f, p, x, ids: ax.occlusion(f, p, x, 0, window=1, baseline={0: 1.0}), TypeError, "occlusion has none"),
+        (lambda f, p, x, ids: ax.kernel_shap(f, p, x, 0, baseline={6: 1.0}), ValueError, "names group 6 but the feature groups are 0..5"),
+        (lambda f, p, x, ids: ax.lime(f, p, x, 0, baseline={"a": 1.0}), TypeError, "keys must be feature group ids"),
+        (lambda f, p, x, ids: ax.shapley_values(f, p, x, 0, baseline={1: torch.ones(3)}), ValueError, r"shape \(\) or \(B,\) = \(2,\)"),
+        (lambda f, p, x, ids: ax.shapley_sampling(f, p, x, 0, baseline=lambda x: (lambda: 0)), TypeError, "must return a baseline"),
+        (lambda f, p, x, ids: ax.shapley_sampling(f, p, x, 0, baseline=torch.ones(5)), ValueError, "does not broadcast"),
+        (lambda f, p, x, ids: ax.feature_ablation(f, p, x, 0, baseline=float("nan")), ValueError, "finite"),
+        (lambda f, p, x, ids: ax.shapley_values(f, p, torch.randn(2, 13), 0), ValueError, "at most 12 feature groups, got 13"),
+        (lambda f, p, x, ids: ax.feature_permutation(f, p, x[:1], 0), ValueError, "at least 2 samples"),
+        (lambda f, p, x, ids: ax.feature_permutation(f, p, x, 0, feature_mask=torch.tensor([[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]])),
+         ValueError, "same for every sample"),
+        (lambda f, p, x, ids: ax.feature_ablation(f, p, ids.to(torch.int32), 0, baseline=2**40), ValueError, "does not fit|torch.int32"),
+        (lambda f, p, x, ids: ax.feature_ablation(f, p, (x, ids.to(torch.complex64)), 0), TypeError, r"x\[1\] must be a real tensor"),
+        (lambda f, p, x, ids: ax.feature_ablation(f, p, ids.bool(), 0, baseline=2), ValueError, "torch.bool"),
+        (lambda f, p, x, ids: ax.feature_ablation(f, p, ids, 7), ValueError, r"target 7 is out of range for output of shape \(2, 2\)"),
+    ],
+)
+def test_issue_18_bad_arguments(call, exc, match):
+    emb = torch.randn(10, 2, dtype=D, generator=G())
+
+    def f(p, x, *rest):
+        return x @ torch.ones(6, 2, dtype=D) if x.is_floating_point() else emb[x].sum(1)
+
+    with pytest.raises(exc, match=match):
+        call(f, {}, torch.randn(2, 6, dtype=D), torch.randint(0, 10, (2, 6), generator=G()))
