@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ._types import ModelFn, Params, Target
-from .conditional import _check_conditions, _masks, layer_nodes
+from .conditional import channel_dim, _check_conditions, _masks, layer_nodes
 from .core import eager_no_grad
 from .lrp import _prepare, apply_scale, initial_relevance
 from .rewrite import Node, Program, Site, Streams, exact_vjp, forward, program_spec
@@ -66,6 +66,10 @@ def _lrp_pass(model_fn: ModelFn, params: Params, x: Tensor, target: Target, laye
         rel = sum(torch.zeros_like(env[n]) if captured[n] is None else captured[n] for n in nodes)
         act = env[nodes[-1]]
         rel = apply_scale(rel, scale)
+        # channels at dim 1 for every caller: token layers (B, T, D) hold theirs last
+        cdim = 1 if layer.endswith(":heads") else channel_dim(program, nodes[-1], act.ndim)
+        if cdim != 1:
+            rel, act = rel.movedim(cdim, 1), act.movedim(cdim, 1)
     return rel, act, program, nodes
 
 

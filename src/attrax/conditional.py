@@ -34,7 +34,11 @@ __all__ = ["conditional", "layer_nodes"]
 
 def layer_nodes(program: Program, layer: str) -> tuple[int, ...]:
     """The nodes whose value is the output of ``layer``: a dotted module path (the last node of every
-    call of the module, e.g. both calls of a reused ReLU) or a graph node name."""
+    call of the module, e.g. both calls of a reused ReLU), a graph node name, or
+    ``"<attention module>:heads"``: the per-head attention output ``softmax(q k^T) v`` of shape
+    (B, heads, T, head_dim) inside that module (channels = heads)."""
+    if layer.endswith(":heads"):
+        return _head_nodes(program, layer[: -len(":heads")])
     for node in program.nodes:
         if node.name == layer and node.op == "call":
             return (node.index,)
@@ -54,6 +58,28 @@ def layer_nodes(program: Program, layer: str) -> tuple[int, ...]:
             f"canonization: pass canonize=False); module paths include {modules[:12]}{' ...' if len(modules) > 12 else ''}"
         )
     return tuple(sorted(set(calls.values())))
+
+
+def _head_nodes(program: Program, module: str) -> tuple[int, ...]:
+    """The attention products ``weights @ v`` (weights from a softmax) inside ``module``'s calls."""
+    def from_softmax(i: int) -> bool:
+        while True:
+            n = program.nodes[i]
+            if n.packet in ("softmax", "_softmax"):
+                return True
+            if n.op != "call" or n.packet not in ("dropout", "_to_copy", "to", "view", "reshape", "clone", "contiguous",
+                                                  "expand", "mul", "alias") or not n.refs:
+                return False
+            i = n.args[0][1] if n.args and n.args[0][0] == "n" else n.refs[0]
+
+    found = tuple(n.index for n in program.nodes
+                  if n.op == "call" and n.dep and n.packet in ("matmul", "bmm") and len(n.shape or ()) == 4
+                  and any(path == module for _, path in n.stack) and n.args and n.args[0][0] == "n"
+                  and from_softmax(n.args[0][1]))
+    if not found:
+        raise ValueError(f"layer {module + ':heads'!r}: no attention (softmax(q k^T) v with a head dim) inside module "
+                         f"{module!r}")
+    return found
 
 
 def _descendants(program: Program, starts: Sequence[int]) -> set[int]:
@@ -96,7 +122,7 @@ def _masks(program: Program, env: list[Any], conditions: list[dict[str, list[int
             value = env[n]
             if not isinstance(value, Tensor) or value.ndim < 2:
                 raise ValueError(f"layer {layer!r} has no channel dimension (output shape {getattr(value, 'shape', None)})")
-            dims[n] = channel_dim(program, n, value.ndim)
+            dims[n] = 1 if layer.endswith(":heads") else channel_dim(program, n, value.ndim)
             channels = value.shape[dims[n]]
             m = torch.ones(k, channels, dtype=value.dtype, device=value.device)
             for i, cond in enumerate(conditions):

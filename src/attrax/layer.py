@@ -9,8 +9,10 @@ Gradients with respect to the layer are gradients of :math:`f_{\text{top}}`.
 
 from __future__ import annotations
 
+import numbers
 import re
-
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,57 +21,194 @@ from torch import Tensor
 from ._types import ModelFn, Params, Target
 from .conditional import layer_nodes
 from .core import baselines_for, check_positive_int, chunks, eager_no_grad, forward_args
-from .gradients import check_quadrature, grad_of_selected, quadrature
+from .gradients import (
+    call_baseline,
+    check_flag,
+    check_quadrature,
+    convergence_delta,
+    grad_of_selected,
+    progress_bar,
+    quadrature,
+)
 from .rewrite import Program, forward, program_for, run_node
 from .targets import ResolvedTarget, prepare_call, select
 
 __all__ = ["activation", "conductance", "grad_cam", "gradient_x_activation", "guided_grad_cam", "integrated_gradients"]
 
 
-class _Split:
-    """A program split at one node: the forward at ``x`` and ``f_top`` from that node's value."""
+@dataclass(frozen=True)
+class _Site:
+    """Where a layer is cut: ``node``'s value is replaced, for every consumer (the layer's output)
+    or, when ``readers`` is given, only for the nodes of the layer's call (its input: a
+    skip connection around the layer keeps the value at ``x``, as Captum's pre-hook)."""
 
-    def __init__(self, model_fn: ModelFn, params: Params, xs: tuple[Tensor, ...], layer: str) -> None:
+    node: int
+    readers: frozenset[int] | None = None
+
+
+def layer_site(program: Program, layer: str, to_input: bool = False) -> _Site:
+    """The cut for ``layer``'s output, or with ``to_input`` for its input (one input tensor)."""
+    nodes = layer_nodes(program, layer)
+    if len(nodes) > 1:
+        names = [program.nodes[n].name for n in nodes]
+        raise ValueError(f"layer {layer!r} is called {len(nodes)} times; name one call site by its node: {names}")
+    node = nodes[0]
+    if not to_input:
+        return _Site(node)
+    call = _call_nodes(program, layer, node)
+    inputs = sorted({r for i in call for r, d in zip(program.nodes[i].refs, program.nodes[i].dep_refs)
+                     if d and r not in call})
+    if len(inputs) != 1:
+        raise ValueError(f"attribute_to_layer_input needs a layer with one input computed from x; layer {layer!r} has "
+                         f"{len(inputs)} ({[program.nodes[r].name for r in inputs]})")
+    return _Site(inputs[0], frozenset(call))
+
+
+def _call_nodes(program: Program, layer: str, node: int) -> set[int]:
+    """The nodes of the call of ``layer`` whose last node is ``node`` (just ``node`` for a node name)."""
+    last = program.nodes[node]
+    keys = [key for key, path in last.stack if path == layer]
+    if not keys:
+        return {node}
+    return {n.index for n in program.nodes if (keys[-1], layer) in n.stack}
+
+
+class _Split:
+    """A program split at the sites of one or more layers: the forward at ``x``, and ``f_top``
+    recomputing from given values at the sites only the nodes downstream of them."""
+
+    def __init__(self, model_fn: ModelFn, params: Params, xs: tuple[Tensor, ...], layers: str | Sequence[str],
+                 to_input: bool = False, attribute: bool = True) -> None:
         self.program: Program = program_for(model_fn, params, xs)
-        nodes = layer_nodes(self.program, layer)
-        if len(nodes) > 1:
-            names = [self.program.nodes[n].name for n in nodes]
-            raise ValueError(f"layer {layer!r} is called {len(nodes)} times; name one call site by its node: {names}")
-        self.node = nodes[0]
+        names = [layers] if isinstance(layers, str) else list(layers)
+        self.sites = [layer_site(self.program, layer, to_input) for layer in names]
+        self.node = self.sites[0].node
         self.params = params
         self.batch = xs[0].shape[0]
         self.env = forward(self.program, params, xs)
-        self.downstream = _downstream(self.program, self.node)
+        self.downstream = _downstream_of(self.program, self.sites)
+        if len(self.sites) > 1:
+            _check_reach(self.program, names, self.sites)
+        for name, site in zip(names, self.sites):
+            value = self.env[site.node]
+            if attribute and not (isinstance(value, Tensor) and value.is_floating_point()):
+                what = "input" if to_input else "output"
+                got = f"dtype {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"layer {name!r} has a {what} of {got}, not a floating point tensor (e.g. token ids), "
+                                 f"so nothing can be attributed to it" + ("; attribute to its output instead "
+                                 "(attribute_to_layer_input=False)" if to_input else ""))
 
     @property
     def value(self) -> Tensor:
         return self.env[self.node]
 
-    def top(self, a: Tensor) -> Tensor:
+    @property
+    def values(self) -> tuple[Tensor, ...]:
+        return tuple(self.env[s.node] for s in self.sites)
+
+    @property
+    def output(self) -> Tensor:
+        return self.env[self.program.output]
+
+    def top(self, *values: Tensor) -> Tensor:
         env = list(self.env)
-        env[self.node] = a
-        batch = a.shape[0]
+        for s, a in zip(self.sites, values):
+            if s.readers is None:
+                env[s.node] = a
+        cut = [(s, a) for s, a in zip(self.sites, values) if s.readers is not None]
+        base = {s.node: env[s.node] for s, _ in cut}
+        batch = values[0].shape[0]
         for n in self.downstream:
+            for s, a in cut:
+                env[s.node] = a if n.index in s.readers else base[s.node]
             env[n.index] = run_node(self.program, n, env, batch)
+            if n.index in base:
+                base[n.index] = env[n.index]
         return env[self.program.output]
 
+    def grads(self, values: tuple[Tensor, ...], target: ResolvedTarget, weights: Tensor | None = None
+              ) -> tuple[Tensor, ...]:
+        """``d/da_j sum_i w_i f_top(a)_{t_i}`` for every site ``j``."""
+        return grad_of_selected(lambda _, *acts: self.top(*acts), {}, values, target, weights)
+
     def grad(self, a: Tensor, target: ResolvedTarget, weights: Tensor | None = None) -> Tensor:
-        """``d/da sum_i w_i f_top(a)_{t_i}``."""
-        return grad_of_selected(lambda _, act: self.top(act), {}, (a,), target, weights)[0]
+        """``d/da sum_i w_i f_top(a)_{t_i}`` (one site)."""
+        return self.grads((a,), target, weights)[0]
+
+
+def _downstream_of(program: Program, sites: Sequence[_Site]) -> list[Any]:
+    """The nodes to recompute from values at ``sites``: everything below a replaced output, or below
+    the layer's own readers of a replaced input; never a replaced output itself."""
+    starts = {s.node for s in sites if s.readers is None}
+    for s in sites:
+        if s.readers is not None:
+            starts |= {r for r in s.readers if s.node in program.nodes[r].refs}
+    below = set(starts)
+    for n in program.nodes:
+        if n.index not in below and any(r in below for r in n.refs):
+            below.add(n.index)
+    replaced = {s.node for s in sites if s.readers is None}
+    return [n for n in program.nodes if n.index in below and n.index not in replaced]
+
+
+def _check_reach(program: Program, names: Sequence[str], sites: Sequence[_Site]) -> None:
+    """With several layers replaced at once, each must still reach the output around the others
+    (Captum fails there with "appears to not have been used in the graph")."""
+    for name, site in zip(names, sites):
+        others = [s for s in sites if s is not site]
+        blocked = {s.node for s in others if s.readers is None}
+        if site.node in blocked or any(s.node == site.node and s.readers == site.readers for s in others):
+            raise ValueError(f"layer {name!r} is listed twice (or shares its node with another listed layer)")
+        below = _downstream_of(program, [site])
+        reach = {site.node} if site.readers is None else set()
+        for n in below:
+            if n.index in blocked:
+                continue
+            if any(r in reach for r in n.refs) or (site.readers is not None and n.index in site.readers
+                                                   and site.node in n.refs):
+                reach.add(n.index)
+        if program.output not in reach:
+            cut = [n for n, s in zip(names, sites) if s is not site and s.readers is None]
+            raise ValueError(f"layer {name!r} reaches the output only through the other listed layers {cut}, whose "
+                             f"values replace its effect: its attribution would be zero. Attribute to it in a "
+                             f"separate call")
 
 
 def _prepare(model_fn: ModelFn, params: Params, x: Any, target: Target, layer: Any, check_finite: bool,
-             check_output: bool = True) -> tuple[tuple[Tensor, ...], Params, int, ResolvedTarget]:
-    if not isinstance(layer, str):
-        raise TypeError(f"layer must be a dotted module path or a graph node name (str), got {type(layer).__name__}")
-    xs, params, _, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite,
-                                           check_output=check_output)
-    return xs, params, batch, t
+             check_output: bool = True, integer_inputs: bool = True, many: bool = False,
+             ) -> tuple[tuple[Tensor, ...], Params, int, ResolvedTarget, bool]:
+    layers = list(layer) if many and isinstance(layer, (list, tuple)) else [layer]
+    if not layers or not all(isinstance(name, str) for name in layers):
+        what = "a dotted module path or graph node name (str)" + (", or a list of them" if many else "")
+        raise TypeError(f"layer must be {what}, got {type(layer).__name__}")
+    xs, params, is_tuple, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite,
+                                                  check_output=check_output, integer_inputs=integer_inputs)
+    return xs, params, batch, t, is_tuple
+
+
+def _baselines(baseline: Any, xs: tuple[Tensor, ...], is_tuple: bool) -> tuple[Tensor, ...]:
+    """Baselines in input space; a callable is called on ``x``. For integer inputs (token ids) the
+    baseline must be ids too: ``None`` (id 0), an int or an integer tensor."""
+    baseline = call_baseline(baseline, xs, is_tuple)
+    parts = baseline if isinstance(baseline, (tuple, list)) and len(xs) > 1 else [baseline] * len(xs)
+    for i, (b, xi) in enumerate(zip(parts, xs)):
+        if xi.is_floating_point() or b is None:
+            continue
+        ok = (isinstance(b, numbers.Integral) and not isinstance(b, bool)) or (
+            isinstance(b, Tensor) and not b.is_floating_point() and not b.is_complex())
+        if not ok:
+            label = "baseline" if len(xs) == 1 else f"baseline[{i}]"
+            raise TypeError(f"{label} must be ids like x (dtype {xi.dtype}): None (id 0), an int or an integer tensor, "
+                            f"got {type(b).__name__}{f' of dtype {b.dtype}' if isinstance(b, Tensor) else f' {b!r}'}")
+    return baselines_for(baseline, xs)
 
 
 @forward_args
-def activation(model_fn: ModelFn, params: Params, x: Any, layer: str, *, check_finite: bool = True) -> Tensor:
-    """The output of ``layer`` for input ``x``, shape as the layer's output.
+def activation(model_fn: ModelFn, params: Params, x: Any, layer: str, *, attribute_to_layer_input: bool = False,
+               check_finite: bool = True) -> Tensor:
+    """The output of ``layer`` for input ``x``, shape as the layer's output (its input with
+    ``attribute_to_layer_input=True``, as Captum's ``LayerActivation``). ``x`` may hold integer
+    tensors (token ids), as for every layer method but ``conductance``.
 
     Example:
         >>> import torch, attrax as ax
@@ -79,18 +218,23 @@ def activation(model_fn: ModelFn, params: Params, x: Any, layer: str, *, check_f
         >>> torch.equal(ax.layer.activation(model_fn, params, x, "1"), net[1](net[0](x)))
         True
     """
-    xs, params, _, _ = _prepare(model_fn, params, x, None, layer, check_finite, check_output=False)  # no target
+    to_input = check_flag(attribute_to_layer_input, "attribute_to_layer_input")
+    xs, params, _, _, _ = _prepare(model_fn, params, x, None, layer, check_finite, check_output=False)  # no target
     with eager_no_grad():
-        return _Split(model_fn, params, xs, layer).value
+        return _Split(model_fn, params, xs, layer, to_input, attribute=False).value
 
 
 @forward_args
 def gradient_x_activation(model_fn: ModelFn, params: Params, x: Any, target: Target, layer: str, *,
-                          check_finite: bool = True) -> Tensor:
-    r"""Layer activation times the gradient of the target with respect to it: :math:`a \odot \partial f_t/\partial a`."""
-    xs, params, _, t = _prepare(model_fn, params, x, target, layer, check_finite)
+                          attribute_to_layer_input: bool = False, check_finite: bool = True) -> Tensor:
+    r"""Layer activation times the gradient of the target with respect to it: :math:`a \odot \partial f_t/\partial a`.
+
+    With ``attribute_to_layer_input`` :math:`a` is the layer's input as its call sees it (a skip
+    connection around the layer keeps its value), as Captum's ``LayerGradientXActivation``."""
+    to_input = check_flag(attribute_to_layer_input, "attribute_to_layer_input")
+    xs, params, _, t, _ = _prepare(model_fn, params, x, target, layer, check_finite)
     with eager_no_grad():
-        split = _Split(model_fn, params, xs, layer)
+        split = _Split(model_fn, params, xs, layer, to_input)
         return split.value * split.grad(split.value, t)
 
 
@@ -104,7 +248,8 @@ _CHANNEL_FIRST_OPS = frozenset(
     upsample_trilinear3d pixel_shuffle pixel_unshuffle""".split()
 )
 #: module types whose outputs are (B, C, *spatial) whatever ops they trace into (GroupNorm is decomposed)
-_CHANNEL_FIRST_MODULES = re.compile(r"\.(Conv\w*|GroupNorm|BatchNorm\w*|InstanceNorm\w*|\w*Pool\w*)$")
+_CHANNEL_FIRST_MODULES = re.compile(
+    r"^torch\.nn\.modules\.\w+\.(Conv\d?d|ConvTranspose\dd|GroupNorm|BatchNorm\dd|InstanceNorm\dd|\w*Pool\dd)$")
 #: ops whose output keeps the layout of their same-rank inputs (elementwise, residual adds, cat, pad)
 _SAME_LAYOUT_OPS = frozenset(
     """relu relu6 leaky_relu elu selu celu gelu silu mish sigmoid tanh softplus hardtanh hardswish hardsigmoid prelu
@@ -132,7 +277,7 @@ def _channel_first(program: Program, node: int) -> bool:
 
 @forward_args
 def grad_cam(model_fn: ModelFn, params: Params, x: Any, target: Target, layer: str, *, channel_dim: int | None = None,
-             relu: bool = True, check_finite: bool = True) -> Tensor:
+             relu: bool = True, attribute_to_layer_input: bool = False, check_finite: bool = True) -> Tensor:
     r"""Grad-CAM [1] at ``layer``: :math:`\mathrm{ReLU}(\sum_c \alpha_c A_c)` with
     :math:`\alpha_c` the mean of :math:`\partial f_t / \partial A_c` over the layer's other
     (spatial or token) dims ([1], eqs. 1-2).
@@ -152,6 +297,8 @@ def grad_cam(model_fn: ModelFn, params: Params, x: Any, target: Target, layer: s
         relu: Apply the ReLU of [1]. attrax applies it by default; Captum's ``LayerGradCam``
             defaults to ``relu_attributions=False``: pass ``relu=False`` to match it (Captum's
             ``GuidedGradCam`` applies it, as ``guided_grad_cam`` does).
+        attribute_to_layer_input: Use the layer's input (as its call sees it) for :math:`A`,
+            as Captum's ``attribute_to_layer_input``; the layout check then applies to that input.
     Returns:
         The layer's output shape with the channel dim reduced to size 1, at the layer's
         resolution: ``(B, 1, *spatial)`` for ``(B, C, *spatial)``; ``(B, T, 1)`` for a
@@ -173,9 +320,10 @@ def grad_cam(model_fn: ModelFn, params: Params, x: Any, target: Target, layer: s
     """
     if channel_dim is not None and (not isinstance(channel_dim, int) or isinstance(channel_dim, bool)):
         raise TypeError(f"channel_dim must be an int or None, got {type(channel_dim).__name__}")
-    xs, params, _, t = _prepare(model_fn, params, x, target, layer, check_finite)
+    to_input = check_flag(attribute_to_layer_input, "attribute_to_layer_input")
+    xs, params, _, t, _ = _prepare(model_fn, params, x, target, layer, check_finite)
     with eager_no_grad():
-        split = _Split(model_fn, params, xs, layer)
+        split = _Split(model_fn, params, xs, layer, to_input)
         a = split.value
         if a.ndim < 3:
             raise ValueError(f"grad_cam needs a layer with channels and spatial (or token) dims, {layer!r} has output "
@@ -241,14 +389,17 @@ def integrated_gradients(
     params: Params,
     x: Any,
     target: Target,
-    layer: str,
+    layer: str | Sequence[str],
     *,
     baseline: Any = None,
     n_steps: int = 50,
     method: str = "gausslegendre",
     chunk_size: int | None = None,
     check_finite: bool = True,
-) -> Tensor:
+    attribute_to_layer_input: bool = False,
+    return_convergence_delta: bool = False,
+    progress: bool = False,
+) -> Any:
     r"""Layer integrated gradients: IG of :math:`f_{\text{top}}` along the straight path between the
     layer activations :math:`a' = L(x')` and :math:`a = L(x)`.
 
@@ -256,33 +407,60 @@ def integrated_gradients(
     attributions sum to :math:`f_{\text{top}}(a) - f_{\text{top}}(a')`, i.e. :math:`f(x) - f(x')`
     when every path from the input to the output passes through the layer.
 
+    ``x`` may be integer token ids (Captum's NLP recipe): the path then runs between the
+    embeddings of the baseline ids and of ``x`` at an embedding layer (``baseline``: ids too,
+    ``None`` meaning id 0).
+
     Args:
-        baseline: Reference input :math:`x'` (zeros when ``None``), as for ``ax.integrated_gradients``.
+        layer: A dotted module path or graph node name, or a list of them: all listed layers
+            are then interpolated together, from one forward at ``x`` and one at ``x'``
+            (Captum's list of layers: each replaced by its own path, e.g. word and position
+            embeddings), and a list of attributions comes back; they sum to
+            :math:`f(x) - f(x')` together when every path passes through one of the layers.
+        baseline: Reference input :math:`x'` (zeros when ``None``), as for ``ax.integrated_gradients``,
+            or a callable ``baseline(x)``.
         n_steps, method, chunk_size: As for ``ax.integrated_gradients`` (steps are vmapped, since
             ``f_top`` may mix the layer with values that bypass it).
+        attribute_to_layer_input: Attribute to the layer's input as its call sees it (a skip
+            connection around the layer keeps its value at ``x``), as Captum.
+        return_convergence_delta: Also return :math:`\sum a - (f_t(x) - f_t(x'))` per sample, ``(B,)``
+            (from the two forwards the method makes anyway).
+        progress: Show a tqdm progress bar over the steps.
     Returns:
-        Attributions shaped like the layer's output.
+        Attributions shaped like the layer's output (input), a list for a list of layers;
+        ``(attributions, delta)`` with ``return_convergence_delta``.
     """
-    xs, params, batch, t = _prepare(model_fn, params, x, target, layer, check_finite)
+    to_input = check_flag(attribute_to_layer_input, "attribute_to_layer_input")
+    want_delta = check_flag(return_convergence_delta, "return_convergence_delta")
+    xs, params, batch, t, is_tuple = _prepare(model_fn, params, x, target, layer, check_finite, many=True)
     check_quadrature(method, n_steps)
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
-    bs = baselines_for(baseline, xs)
+    bs = _baselines(baseline, xs, is_tuple)
     alphas, weights = quadrature(method, n_steps)
     with eager_no_grad():
-        split = _Split(model_fn, params, xs, layer)
-        a_x = split.value
-        a_b = _Split(model_fn, params, bs, layer).value
-        diff = a_x - a_b
-        total = torch.zeros_like(a_x)
-        for lo, hi in chunks(n_steps, chunk_size):
-            al = torch.tensor(alphas[lo:hi], dtype=a_x.dtype, device=a_x.device)
-            w = torch.tensor(weights[lo:hi], dtype=a_x.dtype, device=a_x.device)
+        split = _Split(model_fn, params, xs, layer, to_input)
+        at_b = _Split(model_fn, params, bs, layer, to_input)
+        a_x, a_b = split.values, at_b.values
+        diffs = tuple(ax_ - ab for ax_, ab in zip(a_x, a_b))
+        totals = [torch.zeros_like(a) for a in a_x]
+        with progress_bar(progress, n_steps, "Layer Integrated Gradients", "step") as bar:
+            for lo, hi in chunks(n_steps, chunk_size):
+                al = torch.tensor(alphas[lo:hi], dtype=a_x[0].dtype, device=a_x[0].device)
+                w = torch.tensor(weights[lo:hi], dtype=a_x[0].dtype, device=a_x[0].device)
 
-            def one(alpha: Tensor, weight: Tensor) -> Tensor:
-                return split.grad(a_b + alpha * diff, t) * weight
+                def one(alpha: Tensor, weight: Tensor) -> tuple[Tensor, ...]:
+                    points = tuple(ab + alpha.to(ab.dtype) * d for ab, d in zip(a_b, diffs))
+                    return tuple(g * weight.to(g.dtype) for g in split.grads(points, t))
 
-            total = total + torch.func.vmap(one)(al, w).sum(0)
-        return total * diff
+                totals = [tot + g.sum(0) for tot, g in zip(totals, torch.func.vmap(one)(al, w))]
+                bar.update(hi - lo)
+        attrs = [tot * d for tot, d in zip(totals, diffs)]
+        if want_delta:
+            span = select(split.output, t) - select(at_b.output, t)
+            total = sum(a.reshape(batch, -1).sum(1) for a in attrs)
+            delta = total - span.to(total.dtype)
+    result = attrs if isinstance(layer, (list, tuple)) else attrs[0]
+    return (result, delta) if want_delta else result
 
 
 @forward_args
@@ -298,7 +476,10 @@ def conductance(
     method: str = "gausslegendre",
     chunk_size: int | None = None,
     check_finite: bool = True,
-) -> Tensor:
+    attribute_to_layer_input: bool = False,
+    return_convergence_delta: bool = False,
+    progress: bool = False,
+) -> Any:
     r"""Layer conductance [1]: the flow of IG through each unit of the layer.
 
     Along the input path :math:`x(\alpha) = x' + \alpha(x - x')`, unit :math:`j` gets
@@ -306,51 +487,65 @@ def conductance(
     with the exact path derivative (a forward-mode product), so the units' conductances sum to
     :math:`f(x) - f(x')` for a layer every path passes through, as layer IG does.
 
+    Args:
+        baseline: Reference input :math:`x'` (zeros when ``None``), or a callable ``baseline(x)``.
+        attribute_to_layer_input: Conductance of the layer's input units as its call sees them.
+        return_convergence_delta: Also return :math:`\sum a - (f_t(x) - f_t(x'))` per sample,
+            ``(B,)``, as Captum's ``LayerConductance`` (two more forwards).
+        progress: Show a tqdm progress bar over the steps.
     Returns:
-        Attributions shaped like the layer's output.
+        Attributions shaped like the layer's output (input); ``(attributions, delta)`` with
+        ``return_convergence_delta``.
+    Raises:
+        TypeError: For integer inputs: the path runs through ``x`` itself (use layer IG for ids).
     References:
         [1] Dhamdhere, Sundararajan, Yan. How Important Is a Neuron? ICLR 2019.
     """
-    xs, params, batch, t = _prepare(model_fn, params, x, target, layer, check_finite)
+    to_input = check_flag(attribute_to_layer_input, "attribute_to_layer_input")
+    want_delta = check_flag(return_convergence_delta, "return_convergence_delta")
+    _refuse_integer_inputs(x, "conductance")
+    xs, params, batch, t, is_tuple = _prepare(model_fn, params, x, target, layer, check_finite, integer_inputs=False)
     check_quadrature(method, n_steps)
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
-    bs = baselines_for(baseline, xs)
+    bs = _baselines(baseline, xs, is_tuple)
     alphas, weights = quadrature(method, n_steps)
     _load_jvp_decompositions()
     with eager_no_grad():
         diffs = tuple(xi - b for xi, b in zip(xs, bs))
         program = program_for(model_fn, params, xs)
-        nodes = layer_nodes(program, layer)
-        if len(nodes) > 1:
-            raise ValueError(f"layer {layer!r} is called {len(nodes)} times; name one call site by its node")
-        node = nodes[0]
+        node = layer_site(program, layer, to_input).node
 
         def layer_of(*inputs: Tensor) -> Tensor:
             return forward(program, params, inputs)[node]
 
         total: Tensor | None = None
-        for lo, hi in chunks(n_steps, chunk_size):
-            al = torch.tensor(alphas[lo:hi], dtype=xs[0].dtype, device=xs[0].device)
-            w = torch.tensor(weights[lo:hi], dtype=xs[0].dtype, device=xs[0].device)
+        with progress_bar(progress, n_steps, "Layer Conductance", "step") as bar:
+            for lo, hi in chunks(n_steps, chunk_size):
+                al = torch.tensor(alphas[lo:hi], dtype=xs[0].dtype, device=xs[0].device)
+                w = torch.tensor(weights[lo:hi], dtype=xs[0].dtype, device=xs[0].device)
 
-            def one(alpha: Tensor, weight: Tensor) -> Tensor:
-                points = tuple(b + alpha * d for b, d in zip(bs, diffs))
-                a, da = torch.func.jvp(layer_of, points, diffs)
-                split = _Split(model_fn, params, points, str(program.nodes[node].name))
-                return split.grad(a, t) * da * weight
+                def one(alpha: Tensor, weight: Tensor) -> Tensor:
+                    points = tuple(b + alpha * d for b, d in zip(bs, diffs))
+                    a, da = torch.func.jvp(layer_of, points, diffs)
+                    split = _Split(model_fn, params, points, layer, to_input)
+                    return split.grad(a, t) * da * weight
 
-            part = torch.func.vmap(one)(al, w).sum(0)
-            total = part if total is None else total + part
+                part = torch.func.vmap(one)(al, w).sum(0)
+                total = part if total is None else total + part
+                bar.update(hi - lo)
         assert total is not None
-        return total
+    if want_delta:
+        return total, convergence_delta(model_fn, params, xs, bs, t, (total,))
+    return total
 
 
-def _downstream(program: Program, node: int) -> list[Any]:
-    below = {node}
-    for n in program.nodes:
-        if n.index not in below and any(r in below for r in n.refs):
-            below.add(n.index)
-    return [n for n in program.nodes if n.index in below and n.index != node]
+def _refuse_integer_inputs(x: Any, method: str) -> None:
+    xs = x if isinstance(x, (tuple, list)) else (x,)
+    for t in xs:
+        if isinstance(t, Tensor) and not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool:
+            raise TypeError(f"{method} interpolates x itself, which needs floating point inputs; x has dtype {t.dtype} "
+                            f"(token ids?): use ax.layer.integrated_gradients, which interpolates at the layer "
+                            f"(e.g. between the embeddings of the baseline ids and of x)")
 
 
 def _load_jvp_decompositions() -> None:
