@@ -92,9 +92,9 @@ def upcast(t: Any) -> Any:
 
 
 def _is_low(v: Any) -> bool:
-    if isinstance(v, (tuple, list)):
-        return any(_is_low(e) for e in v)
-    return isinstance(v, Tensor) and v.dtype in LOW_PRECISION
+    if isinstance(v, Tensor):
+        return v.dtype in LOW_PRECISION
+    return isinstance(v, (tuple, list)) and any(_is_low(e) for e in v)
 
 
 def _upcast_all(v: Any) -> Any:
@@ -107,7 +107,12 @@ def compute_env(node: Node, env: list[Any], g: Any) -> list[Any]:
 
     A cotangent in the stream's own low precision (LRP's relevance) leaves the node as it was.
     """
-    if _is_low(g) or not any(_is_low(env[r]) for r in node.refs):
+    for r in node.refs:  # a plain loop: this runs at every node of every float32 pass too
+        if _is_low(env[r]):
+            break
+    else:
+        return env
+    if _is_low(g):
         return env
     env = list(env)
     for i in (*node.refs, node.index):
@@ -350,8 +355,9 @@ class SoftmaxRescale:
     evaluated as :math:`e^{\epsilon_k}\,\varphi(|\Delta x_k|)/\varphi(|\Delta L|)` with
     :math:`\varphi(d) = -\mathrm{expm1}(-d)/d` and an exponent :math:`\epsilon_k \le 0` taken from
     the per-stream log-softmax values (:math:`z_k + \min(\Delta L, 0)` where :math:`\Delta x_k \ge 0`,
-    else :math:`z'_k - \max(\Delta L, 0)`): no shared shift, nothing overflows, and nothing that
-    is summed underflows. :math:`0 < \mu_k \le 1` and :math:`\sum_k \mu_k \le 1`.
+    else :math:`z'_k - \max(\Delta L, 0)`): no shift shared by the streams, so nothing overflows
+    and no term cancels another after underflowing (the old form did: ``exp(x' - c)`` underflowed
+    where ``c`` was the input's maximum). :math:`0 < \mu_k \le 1` and :math:`\sum_k \mu_k \le 1`.
 
     The cotangent :math:`g - \mu \sum g` is written as
     :math:`\nu_k g_k - \mu_k \sum_{j \ne k} g_j` with :math:`\nu_k \Delta x_k = \Delta z_k +
@@ -362,9 +368,8 @@ class SoftmaxRescale:
     are the row sum less the own term, except at the row's largest term, which is summed over
     the others. Softmax is :math:`y = \exp(z)` after this, with the secant
     :math:`(y - y')/\Delta z` (rescale). Where :math:`\Delta x_k` or :math:`\Delta z_k` is below
-    ``tolerance``, :math:`\nu_k = 1 - \mu_k` and the exact secant of :math:`\exp`,
-    :math:`e^{\max(z, z')}\varphi(|\Delta z|)`. Everything is per row, O(row length); rows and
-    samples never mix.
+    ``tolerance``, :math:`\nu_k = 1 - \mu_k` and :math:`\exp'(z) = y`. Everything is per row,
+    O(row length); rows and samples never mix.
     """
 
     def backward(self, site: Site, g: Tensor) -> dict[int, Any]:
@@ -379,22 +384,23 @@ class SoftmaxRescale:
         else:
             z, zr = torch.log_softmax(x, dim), torch.log_softmax(r, dim)
         dx, dz = x - r, z - zr
-        # dL = dx_k - dz_k for every k; averaged with weights y + y', where z and z' are accurate
-        w = torch.exp(z) + torch.exp(zr)
-        dl = ((dx - dz) * w).sum(dim, keepdim=True) / w.sum(dim, keepdim=True)
-        expo = torch.lerp(zr - torch.relu(dl), z - torch.relu(-dl), is_positive(dx))
+        # dL = dx_k - dz_k for every k: taken where z + z' is largest, where both are accurate
+        with torch.no_grad():
+            k = (z + zr).argmax(dim, keepdim=True)
+        dl = dx.gather(dim, k) - dz.gather(dim, k)
+        # the exponent, <= 0: z + min(dL, 0) where dx >= 0, z' - max(dL, 0) where dx < 0, i.e. the larger
+        expo = torch.maximum(z - torch.relu(-dl), zr - torch.relu(dl))
         mu = torch.exp(expo) * _phi(dx.abs()) / _phi(dl.abs())
         p = mu * dx
-        with torch.no_grad():  # the row's largest term (one per row: argmax, not a comparison)
-            at = p.abs().argmax(dim, keepdim=True)  # scatter_add_: scatter_ has no vmap batching rule
-            top = torch.zeros_like(p).scatter_add_(dim, at, torch.ones_like(at, dtype=p.dtype))
-        total = p.sum(dim, keepdim=True)
-        others = torch.lerp(total - p, (p - top * p).sum(dim, keepdim=True), top)
+        # sum over j != k of p_j: the row sum less p_k, except at the row's largest |p_k|, where the
+        # others are summed (one position per row: argmax, not a comparison)
+        with torch.no_grad():
+            top = p.abs().argmax(dim, keepdim=True)
+        others = (p.sum(dim, keepdim=True) - p).scatter(dim, top, p.scatter(dim, top, 0.0).sum(dim, keepdim=True))
         nu = safe_divide(dz + others, dx, is_small(dx, 1 + x.abs()), 1 - mu)
         if not log:
             y, yr = (torch.exp(z), torch.exp(zr)) if low else (site.out("x"), site.out("ref"))
-            exact = torch.exp(torch.maximum(z, zr)) * _phi(dz.abs())
-            g = g * safe_divide(y - yr, dz, is_small(dz, 1 + z.abs()), exact)
+            g = g * safe_divide(y - yr, dz, is_small(dz, 1 + z.abs()), y)
         return {node.args[0][1]: nu * g - mu * (g.sum(dim, keepdim=True) - g)}
 
 
@@ -473,7 +479,8 @@ class ReduceCrossMax:
         if g0 is None:
             return {}
         (vx, ix), (vr, ir) = site.out("x"), site.out("ref")
-        x, r = site.args("x")[0], site.args("ref")[0]
+        x, r = upcast(site.args("x")[0]), upcast(site.args("ref")[0])
+        vx, vr = upcast(vx), upcast(vr)  # float16/bfloat16 streams: float32 arithmetic (the values are exact)
         if node.packet in ("max", "min"):
             dim = site.args("x")[1] % x.ndim
             if not (len(site.args("x")) > 2 and site.args("x")[2]):
