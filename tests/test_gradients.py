@@ -718,3 +718,145 @@ def test_noise_tunnel_shared_arguments_pass_unchanged():
         got = ax.noise_tunnel(ax.integrated_gradients, f, p, x, 1, noise=noise, baseline=bl, n_steps=4)
         want = torch.stack([ax.integrated_gradients(f, p, x + e, 1, baseline=bl, n_steps=4) for e in noise]).mean(0)
         torch.testing.assert_close(got, want)
+
+
+# ------------------------------------------------ issue 18: Captum's options on the gradient family
+
+
+def _replay_gradient_shap_draws(x, bl, n, stdev, seed):
+    """Captum's GradientShap draws (np.random.choice, torch.normal, np.random.uniform; sample-major) as ours."""
+    B = x.shape[0]
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    idx = torch.as_tensor(np.random.choice(bl.shape[0], n * B)).reshape(B, n).T
+    noise = torch.normal(0, torch.tensor(stdev).repeat((B * n,) + tuple(x.shape[1:])))
+    noise = noise.reshape(B, n, *x.shape[1:]).transpose(0, 1)
+    alpha = torch.as_tensor(np.random.uniform(0.0, 1.0, B * n), dtype=D).reshape(B, n).T
+    return (bl[idx],), alpha, (noise,)
+
+
+def test_local_attributions_and_convergence_deltas_match_captum(model_and_x):
+    ca = _captum()
+    m, x = model_and_x
+    f, p = ax.functionalize(m)
+    t, b = torch.tensor([0, 2, 1]), torch.randn_like(x) * 0.1
+    kw = dict(baselines=b, target=t, n_steps=12, method="gausslegendre")
+    local = ax.integrated_gradients(f, p, x, t, baseline=b, n_steps=12, multiply_by_inputs=False)
+    theirs = ca.IntegratedGradients(m, multiply_by_inputs=False).attribute(rg(x), **kw)
+    torch.testing.assert_close(local, theirs, rtol=1e-5, atol=1e-8)
+    attr, delta = ax.integrated_gradients(f, p, x, t, baseline=b, n_steps=12, return_convergence_delta=True)
+    theirs, their_delta = ca.IntegratedGradients(m).attribute(rg(x), return_convergence_delta=True, **kw)
+    torch.testing.assert_close(attr, theirs, rtol=1e-5, atol=1e-8)
+    # same sign convention; Captum's quadrature nodes are float32-accurate, hence the absolute tolerance
+    torch.testing.assert_close(delta, their_delta, rtol=0, atol=1e-7)
+    torch.testing.assert_close(delta, ax.metrics.completeness_delta(f, p, x, t, attr, baseline=b), rtol=0, atol=1e-12)
+
+    bl, n, B = torch.randn(5, *x.shape[1:], dtype=D), 4, x.shape[0]
+    for mbi in (True, False):
+        np.random.seed(7)
+        torch.manual_seed(7)
+        theirs, their_delta = ca.GradientShap(m, multiply_by_inputs=mbi).attribute(
+            rg(x), baselines=bl, target=t, n_samples=n, stdevs=0.2, return_convergence_delta=True)
+        chosen, alpha, noise = _replay_gradient_shap_draws(x, bl, n, 0.2, 7)
+        ours = gradient_shap_from_draws(f, p, (x,), check_target(t, B), chosen, alpha, noise, None, mbi)[0]
+        torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-8)
+    # our GradientSHAP delta is the mean over each sample's draws of Captum's per-draw deltas (B * n, sample-major)
+    from attrax.gradients import _mean_span
+
+    ours = gradient_shap_from_draws(f, p, (x,), check_target(t, B), chosen, alpha, noise, None)[0]
+    np.random.seed(7)
+    torch.manual_seed(7)
+    _, their_delta = ca.GradientShap(m).attribute(rg(x), baselines=bl, target=t, n_samples=n, stdevs=0.2,
+                                                 return_convergence_delta=True)
+    delta = ours.flatten(1).sum(1) - _mean_span(f, p, (x,), check_target(t, B), chosen, noise, None)
+    torch.testing.assert_close(delta, their_delta.detach().reshape(B, n).mean(1), rtol=1e-6, atol=1e-10)
+
+
+def test_gradient_shap_delta_and_local_values_through_the_public_method():
+    lin = nn.Linear(3, 1).double().eval()
+    f, p = ax.functionalize(lin)
+    x, g = torch.randn(4, 3, dtype=D), torch.Generator().manual_seed(0)
+    # local attributions of a linear model: its weights, whatever the draws
+    local = ax.gradient_shap(f, p, x, None, torch.randn(6, 3, dtype=D), n_samples=3, stdev=0.3, generator=g,
+                             multiply_by_inputs=False)
+    torch.testing.assert_close(local, lin.weight.detach().expand(4, 3))
+    # one baseline and no noise: the delta is the completeness gap against it (zero: linear)
+    one = torch.randn(1, 3, dtype=D)
+    attr, delta = ax.gradient_shap(f, p, x, None, one, n_samples=3, generator=g, chunk_size=2,
+                                   return_convergence_delta=True)
+    assert delta.shape == (4,)
+    torch.testing.assert_close(delta, ax.metrics.completeness_delta(f, p, x, None, attr, baseline=one), rtol=0, atol=1e-12)
+    assert delta.abs().max() < 1e-12
+
+
+def test_callable_baselines():
+    torch.manual_seed(2)
+    m = small_mlp()
+    f, p = ax.functionalize(m)
+    x = torch.randn(3, 5, dtype=D)
+    half = lambda z: 0.5 * z  # noqa: E731
+    torch.testing.assert_close(ax.integrated_gradients(f, p, x, 1, baseline=half, n_steps=6),
+                               ax.integrated_gradients(f, p, x, 1, baseline=0.5 * x, n_steps=6))
+    torch.testing.assert_close(ax.integrated_gradients(f, p, x, 1, baseline=lambda: torch.ones(5, dtype=D), n_steps=6),
+                               ax.integrated_gradients(f, p, x, 1, baseline=1.0, n_steps=6))
+    auto, delta = ax.integrated_gradients(f, p, x, 1, baseline=half, n_steps="auto", return_convergence_delta=True)
+    torch.testing.assert_close(auto, ax.integrated_gradients(f, p, x, 1, baseline=0.5 * x, n_steps="auto"))
+    torch.testing.assert_close(delta, ax.metrics.completeness_delta(f, p, x, 1, auto, baseline=half))
+    bl = torch.randn(4, 5, dtype=D)
+    kw = dict(n_samples=5, stdev=0.1)
+    torch.testing.assert_close(
+        ax.gradient_shap(f, p, x, 1, lambda z: bl[: z.shape[0] + 1], generator=torch.Generator().manual_seed(1), **kw),
+        ax.gradient_shap(f, p, x, 1, bl, generator=torch.Generator().manual_seed(1), **kw))
+    # noise_tunnel passes a callable baseline through: the wrapped method calls it on every noisy copy
+    noise = torch.randn(3, 3, 5, dtype=D) * 0.2
+    got = ax.noise_tunnel(ax.integrated_gradients, f, p, x, 1, noise=noise, chunk_size=2, baseline=half, n_steps=4)
+    want = sum(ax.integrated_gradients(f, p, x + e, 1, baseline=0.5 * (x + e), n_steps=4) for e in noise) / 3
+    torch.testing.assert_close(got, want)
+    # tuple inputs: the callable gets the tuple
+    tf, tp, u, v, _ = _two_inputs()
+    both = ax.integrated_gradients(tf, tp, (u, v), 1, baseline=lambda xs: (xs[0] * 0, xs[1] + 1), n_steps=4)
+    for a, b in zip(both, ax.integrated_gradients(tf, tp, (u, v), 1, baseline=(0.0, v + 1), n_steps=4)):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match=r"baseline of shape \(2, 5\) does not broadcast to x of shape \(3, 5\)"):
+        ax.integrated_gradients(f, p, x, 1, baseline=lambda z: z[:2])
+
+
+def test_progress_bars(capsys, monkeypatch):
+    f, p = ax.functionalize(small_mlp())
+    x = torch.randn(3, 5, dtype=D)
+    quiet = ax.integrated_gradients(f, p, x, 1, n_steps=8)
+    assert capsys.readouterr().err == ""  # off by default
+    torch.testing.assert_close(ax.integrated_gradients(f, p, x, 1, n_steps=8, chunk_size=3, progress=True), quiet)
+    err = capsys.readouterr().err
+    assert "Integrated Gradients" in err and "8/8" in err
+    ax.noise_tunnel(ax.saliency, f, p, x, 1, n_samples=6, stdev=0.1, progress=True, generator=torch.Generator())
+    err = capsys.readouterr().err
+    assert "Noise tunnel" in err and "6/6" in err
+    monkeypatch.setitem(__import__("sys").modules, "tqdm.auto", None)
+    with pytest.raises(ImportError, match="progress=True shows a tqdm progress bar, but tqdm is not installed"):
+        ax.integrated_gradients(f, p, x, 1, n_steps=8, progress=True)
+    ax.integrated_gradients(f, p, x, 1, n_steps=8)  # no tqdm needed without a bar
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda f, p, x: ax.integrated_gradients(f, p, x, 1, multiply_by_inputs=False, return_convergence_delta=True),
+         ValueError, "return_convergence_delta=True needs multiply_by_inputs=True"),
+        (lambda f, p, x: ax.gradient_shap(f, p, x, 1, x, multiply_by_inputs=False, return_convergence_delta=True),
+         ValueError, "return_convergence_delta=True needs multiply_by_inputs=True"),
+        (lambda f, p, x: ax.integrated_gradients(f, p, x, 1, n_steps="auto", multiply_by_inputs=False),
+         ValueError, 'n_steps="auto" chooses steps by completeness'),
+        (lambda f, p, x: ax.integrated_gradients(f, p, x, 1, n_steps="auto", progress=True),
+         ValueError, "progress=True needs a fixed n_steps"),
+        (lambda f, p, x: ax.noise_tunnel(ax.integrated_gradients, f, p, x, 1, return_convergence_delta=True),
+         ValueError, "noise_tunnel averages attributions and returns no convergence delta"),
+        (lambda f, p, x: ax.integrated_gradients(f, p, x, 1, progress="yes"), TypeError, "progress must be True or False"),
+        (lambda f, p, x: ax.integrated_gradients(f, p, x, 1, multiply_by_inputs=None), TypeError,
+         "multiply_by_inputs must be True or False"),
+    ],
+)
+def test_issue_18_option_errors(call, exc, match):
+    f, p = ax.functionalize(small_mlp())
+    with pytest.raises(exc, match=match):
+        call(f, p, torch.randn(3, 5, dtype=D))

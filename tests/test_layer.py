@@ -193,3 +193,160 @@ def test_guided_grad_cam_shape_and_reused_module_error():
         ax.layer.activation(f2, p2, torch.randn(2, 3), "nope")
     with pytest.raises(TypeError, match="layer must be"):
         ax.layer.activation(f2, p2, torch.randn(2, 3), 3)
+
+
+# ------------------------------------------------------------------ issue 18: Captum's layer options
+
+
+def rg(x):
+    return x.detach().clone().requires_grad_()
+
+
+class Seq(nn.Module):
+    """TinyCNN with module activations, so Captum can hook every layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.act = nn.Conv2d(2, 4, 3, padding=1), nn.Softplus()
+        self.conv2, self.fc = nn.Conv2d(4, 3, 3), nn.Linear(3 * 4 * 4, 5)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.conv2(self.act(self.conv1(x)))).flatten(1))
+
+
+def seq():
+    torch.manual_seed(0)
+    return Seq().double().eval()
+
+
+@pytest.mark.parametrize("to_input", [False, True])
+def test_layer_methods_match_captum_on_layer_inputs_and_outputs(to_input):
+    ca = pytest.importorskip("captum.attr")
+    m = seq()
+    f, p = ax.functionalize(m)
+    b = torch.randn_like(X) * 0.2
+    kw = {"attribute_to_layer_input": to_input}
+    pairs = [
+        (ax.layer.integrated_gradients(f, p, X, T, "conv2", baseline=b, n_steps=20, **kw),
+         ca.LayerIntegratedGradients(m, m.conv2).attribute(rg(X), baselines=b, target=T, n_steps=20,
+                                                            method="gausslegendre", **kw)),
+        (ax.layer.gradient_x_activation(f, p, X, T, "conv2", **kw),
+         ca.LayerGradientXActivation(m, m.conv2).attribute(rg(X), target=T, **kw)),
+        (ax.layer.activation(f, p, X, "conv2", **kw), ca.LayerActivation(m, m.conv2).attribute(rg(X), **kw)),
+        (ax.layer.grad_cam(f, p, X, T, "conv2", relu=False, **kw),
+         ca.LayerGradCam(m, m.conv2).attribute(rg(X), target=T, **kw)),
+    ]
+    for ours, theirs in pairs:
+        torch.testing.assert_close(ours, theirs.detach(), rtol=1e-6, atol=1e-9)
+    # Captum's conductance takes finite differences of the layer between nodes k/n (riemann_trapezoid
+    # with n + 1 nodes); on a layer affine in x (conv1's output, or its input x) that is our exact path
+    # derivative with riemann_left nodes k/n, so the two agree exactly there
+    ours, delta = ax.layer.conductance(f, p, X, T, "conv1", baseline=b, n_steps=12, method="riemann_left",
+                                       return_convergence_delta=True, **kw)
+    theirs, their_delta = ca.LayerConductance(m, m.conv1).attribute(
+        rg(X), baselines=b, target=T, n_steps=12, method="riemann_trapezoid", return_convergence_delta=True, **kw)
+    torch.testing.assert_close(ours, theirs.detach(), rtol=1e-6, atol=1e-10)
+    torch.testing.assert_close(delta, their_delta.detach(), rtol=1e-6, atol=1e-10)
+
+
+def test_layer_input_is_the_input_as_the_layers_call_sees_it():
+    # the input of `c` also feeds a skip connection: attributing to it goes through `c` only, the skip keeps
+    # its value at x (Captum's LayerIntegratedGradients replaces the input by a pre-hook, the same)
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.c, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.head(torch.tanh(self.c(h)) + h)
+
+    torch.manual_seed(3)
+    m = Skip().double().eval()
+    f, p = ax.functionalize(m)
+    x = torch.randn(3, 3, dtype=D)
+    h = m.a(x).detach()
+    g = ((1 - torch.tanh(m.c(h)) ** 2) * m.head.weight[1]) @ m.c.weight  # d out_1 / d h through c only
+    torch.testing.assert_close(ax.layer.gradient_x_activation(f, p, x, 1, "c", attribute_to_layer_input=True),
+                               (h * g).detach())
+    ca = pytest.importorskip("captum.attr")
+    b = torch.randn_like(x)
+    torch.testing.assert_close(
+        ax.layer.integrated_gradients(f, p, x, 1, "c", baseline=b, n_steps=10, attribute_to_layer_input=True),
+        ca.LayerIntegratedGradients(m, m.c).attribute(rg(x), baselines=b, target=1, n_steps=10, method="gausslegendre",
+                                                      attribute_to_layer_input=True).detach())
+
+
+class Tok(nn.Module):
+    """Token ids and segment ids -> two embeddings -> mean -> head (Captum's NLP recipe, in small)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.seg, self.fc = nn.Embedding(11, 4), nn.Embedding(2, 4), nn.Linear(4, 3)
+
+    def forward(self, ids, seg):
+        return self.fc(torch.tanh(self.emb(ids) + self.seg(seg)).mean(1))
+
+
+def test_layer_ig_on_embeddings_from_token_ids_matches_captum():
+    ca = pytest.importorskip("captum.attr")
+    torch.manual_seed(1)
+    m = Tok().double().eval()
+    f, p = ax.functionalize(m)
+    ids, seg = torch.randint(1, 11, (2, 6)), torch.randint(0, 2, (2, 6))
+    pad = torch.zeros_like(ids)
+    lig = ca.LayerIntegratedGradients(m, m.emb)
+    theirs = lig.attribute((ids, seg), baselines=(pad, seg), target=1, n_steps=16, method="gausslegendre")
+    ours = ax.layer.integrated_gradients(f, p, (ids, seg), 1, "emb", baseline=(pad, seg), n_steps=16)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)
+    same = ax.layer.integrated_gradients(f, p, (ids, seg), 1, "emb", baseline=lambda x: (torch.zeros_like(x[0]), x[1]),
+                                         n_steps=16)
+    torch.testing.assert_close(same, ours)
+    # a list of layers: both embeddings interpolated together, one forward at x and one at the baseline
+    both, delta = ax.layer.integrated_gradients(f, p, (ids, seg), 1, ["emb", "seg"], baseline=0, n_steps=16,
+                                                return_convergence_delta=True)
+    with pytest.warns(UserWarning, match="Multiple layers provided"):
+        lig = ca.LayerIntegratedGradients(m, [m.emb, m.seg])
+    theirs, their_delta = lig.attribute((ids, seg), baselines=(pad, pad), target=1, n_steps=16, method="gausslegendre",
+                                        return_convergence_delta=True)
+    assert isinstance(both, list) and len(both) == 2
+    for o, t in zip(both, theirs):
+        torch.testing.assert_close(o, t, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(delta, their_delta, rtol=0, atol=1e-8)
+    assert delta.abs().max() < 1e-10  # every path passes through one of the two embeddings
+    # methods that need no path through x take ids as well
+    assert ax.layer.gradient_x_activation(f, p, (ids, seg), 1, "emb").shape == (2, 6, 4)
+
+
+def test_layer_errors_for_ids_lists_and_inputs():
+    torch.manual_seed(1)
+    f, p = ax.functionalize(Tok().double().eval())
+    ids, seg = torch.randint(1, 11, (2, 6)), torch.randint(0, 2, (2, 6))
+    with pytest.raises(TypeError, match=r"baseline\[0\] must be ids like x \(dtype torch.int64\)"):
+        ax.layer.integrated_gradients(f, p, (ids, seg), 1, "emb", baseline=(torch.zeros(2, 6), seg))
+    with pytest.raises(TypeError, match="conductance interpolates x itself"):
+        ax.layer.conductance(f, p, (ids, seg), 1, "emb")
+    with pytest.raises(ValueError, match="not a floating point tensor"):
+        ax.layer.integrated_gradients(f, p, (ids, seg), 1, "emb", attribute_to_layer_input=True)
+    with pytest.raises(TypeError, match="layer must be"):
+        ax.layer.gradient_x_activation(f, p, (ids, seg), 1, ["emb", "seg"])
+    m = seq()
+    f, p = ax.functionalize(m)
+    with pytest.raises(ValueError, match=r"layer 'conv1' reaches the output only through the other listed layers \['conv2'\]"):
+        ax.layer.integrated_gradients(f, p, X, T, ["conv1", "conv2"])
+    with pytest.raises(TypeError, match="attribute_to_layer_input must be True or False"):
+        ax.layer.activation(f, p, X, "conv2", attribute_to_layer_input=1)
+
+
+def test_layer_callable_baseline_delta_and_progress(capsys):
+    m = seq()
+    f, p = ax.functionalize(m)
+    ref = ax.layer.integrated_gradients(f, p, X, T, "conv2", baseline=X * 0.5, n_steps=8)
+    got, delta = ax.layer.integrated_gradients(f, p, X, T, "conv2", baseline=lambda x: x * 0.5, n_steps=8,
+                                               return_convergence_delta=True, progress=True, chunk_size=3)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(delta, ref.flatten(1).sum(1) - (f(p, X) - f(p, X * 0.5)).gather(1, T[:, None])[:, 0])
+    assert "Layer Integrated Gradients" in capsys.readouterr().err
+    cond, delta = ax.layer.conductance(f, p, X, T, "conv2", baseline=lambda x: x * 0.5, n_steps=8,
+                                       return_convergence_delta=True)
+    torch.testing.assert_close(delta, cond.flatten(1).sum(1) - (f(p, X) - f(p, X * 0.5)).gather(1, T[:, None])[:, 0])

@@ -162,3 +162,79 @@ def test_target_checked_once_up_front_is_not_rechecked_per_chunk():
     assert t.checked and t.batch == 4
     *_, t = prepare_call(plain_linear, PLAIN, X4, torch.tensor([0, 1, 2, -1]))  # no probe unless asked
     assert not t.checked
+
+
+# Issue 18: the target spellings Captum users reach for.
+
+
+def grid_model():
+    """(B, 3) -> (B, 2, 3) outputs, so per-sample targets are index tuples."""
+    torch.manual_seed(4)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Unflatten(1, (2, 3))).double().eval()
+    return net, *ax.functionalize(net)
+
+
+def test_length_one_target_tensor_broadcasts_over_the_batch():
+    assert torch.equal(sel(torch.tensor([3])), OUT[:, 3])
+    assert torch.equal(sel(torch.tensor([-1])), OUT[:, 5])
+    with pytest.raises(ValueError, match=r"target values must lie in \[-6, 6\)"):
+        sel(torch.tensor([6]))
+    assert torch.equal(select(OUT[:1], check_target(torch.tensor([2]), 1)), OUT[:1, 2])  # a batch of one: per sample
+    ca = pytest.importorskip("captum.attr")
+    torch.manual_seed(2)
+    m = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Softplus(), torch.nn.Linear(8, 4)).double().eval()
+    f, p = ax.functionalize(m)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    theirs = ca.IntegratedGradients(m).attribute(x, target=torch.tensor([2]), n_steps=8, method="gausslegendre")
+    torch.testing.assert_close(ax.integrated_gradients(f, p, x, torch.tensor([2]), n_steps=8), theirs, rtol=1e-5, atol=1e-8)
+
+
+def test_per_sample_tuple_targets_match_captum_and_the_loop():
+    ca = pytest.importorskip("captum.attr")
+    net, f, p = grid_model()
+    x = torch.randn(3, 3, dtype=torch.float64)
+    t = [(0, 1), (1, 2), (-1, 0)]
+    out = f(p, x)
+    assert torch.equal(select(out, check_target(t, 3)), out[torch.arange(3), [0, 1, 1], [1, 2, 0]])
+    xg = x.clone().requires_grad_()
+    torch.testing.assert_close(ax.saliency(f, p, x, t, abs=False), ca.Saliency(net).attribute(xg, target=t, abs=False))
+    theirs = ca.IntegratedGradients(net).attribute(x, target=t, n_steps=6, method="gausslegendre")
+    torch.testing.assert_close(ax.integrated_gradients(f, p, x, t, n_steps=6, chunk_size=4), theirs, rtol=1e-5, atol=1e-8)
+    # every method that folds copies or takes subsets repeats the tuples with the rows
+    loop = lambda method, **kw: torch.cat([method(f, p, x[i:i + 1], t[i], **kw) for i in range(3)])  # noqa: E731
+    torch.testing.assert_close(ax.integrated_gradients(f, p, x, t, n_steps="auto"), loop(ax.integrated_gradients, n_steps="auto"))
+    noise = torch.randn(4, 3, 3, dtype=torch.float64) * 0.1
+    torch.testing.assert_close(ax.noise_tunnel(ax.integrated_gradients, f, p, x, t, noise=noise, chunk_size=3, n_steps=4),
+                               torch.cat([ax.noise_tunnel(ax.integrated_gradients, f, p, x[i:i + 1], t[i],
+                                                          noise=noise[:, i:i + 1], n_steps=4) for i in range(3)]))
+    torch.testing.assert_close(ax.deeplift(f, p, x, t), loop(ax.deeplift))
+    torch.testing.assert_close(ax.occlusion(f, p, x, t, window=1), loop(ax.occlusion, window=1))
+
+
+@pytest.mark.parametrize(
+    "target, exc, match",
+    [
+        ([(0, 1), (1, 2)], ValueError, r"target has 2 index tuples but the batch has 3 samples"),
+        ([(0, 1), (1,), (0, 0)], TypeError, "a per-sample target must be a list of index tuples of ints, all of one length"),
+        ([(0, 1.5), (1, 2), (0, 0)], TypeError, "a per-sample target must be a list of index tuples"),
+        ([(0, 1, 0), (1, 2, 0), (0, 0, 0)], ValueError, r"target index tuples have 3 indices but the output of shape \(3, 2, 3\)"),
+        ([(0, 1), (2, 2), (0, 0)], ValueError, r"target index tuple \(2, 2\) of sample 1 is out of range at position 0 for output of shape \(3, 2, 3\)"),
+    ],
+)
+def test_bad_per_sample_tuple_targets_fail_before_the_work(target, exc, match):
+    _, f, p = grid_model()
+    with pytest.raises(exc, match=match):
+        ax.integrated_gradients(f, p, torch.randn(3, 3, dtype=torch.float64), target)
+
+
+def test_sum_target_only_when_asked():
+    assert torch.equal(sel("sum"), OUT.sum(1))
+    _, f, p = grid_model()
+    x = torch.randn(3, 3, dtype=torch.float64)
+    total = lambda o: o.flatten(1).sum(1)  # noqa: E731
+    for method in (ax.gradient, ax.deeplift, ax.integrated_gradients):
+        torch.testing.assert_close(method(f, p, x, "sum"), method(f, p, x, total))
+    with pytest.raises(ValueError, match=r'target is None but the output has shape \(3, 2, 3\).*or "sum" for the sum'):
+        ax.gradient(f, p, x, None)  # never summed silently
+    with pytest.raises(TypeError, match=r'target must be .* "sum" or None, got str \'mean\''):
+        ax.gradient(f, p, x, "mean")

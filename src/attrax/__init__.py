@@ -5,7 +5,7 @@
     >>> attr = ax.integrated_gradients(model_fn, params, x, target)  # doctest: +SKIP
 """
 
-from . import composites, concepts, distributed, layer, lm, metrics, rules, serving, targets
+from . import composites, concepts, distributed, layer, lm, metrics, neuron, rules, serving, targets
 from .conditional import conditional
 from .core import FunctionalModel, functionalize
 from .deeplift import deconvnet, deeplift, deeplift_shap, guided_backprop
@@ -70,6 +70,7 @@ __all__ = [
     "shapley_values",
     "lrp",
     "metrics",
+    "neuron",
     "composites",
     "concepts",
     "rules",

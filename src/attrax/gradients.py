@@ -11,7 +11,9 @@ model whose samples do not interact (eval mode); see ``notes/decisions.md``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from dataclasses import dataclass, replace
@@ -24,6 +26,7 @@ from ._types import AttributionFn, ModelFn, Params, Target, TensorOrTuple
 from .core import (
     forward_args,
     as_tuple,
+    eager_no_grad,
     training_warned,
     baselines_for,
     check_finite_tensor,
@@ -36,7 +39,7 @@ from .core import (
     map_tensors,
     publish_output,
 )
-from .targets import ResolvedTarget, prepare_call, repeat_target, select
+from .targets import PerSampleIndex, ResolvedTarget, prepare_call, repeat_target, select
 
 __all__ = [
     "AdaptiveIG",
@@ -56,6 +59,65 @@ NOISE_KINDS = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
 def _pack(attrs: tuple[Tensor, ...], is_tuple: bool) -> TensorOrTuple:
     return attrs if is_tuple else attrs[0]
+
+
+def call_baseline(baseline: Any, xs: tuple[Tensor, ...], is_tuple: bool) -> Any:
+    """A callable baseline evaluated on the inputs: ``baseline(x)`` (``x`` as the user passed it,
+    a tensor or a tuple), or ``baseline()`` for a callable without parameters (as Captum); any
+    other baseline unchanged. Called once per method call, on the batch the method sees (inside
+    ``noise_tunnel``: on the noisy copies)."""
+    if not callable(baseline) or isinstance(baseline, Tensor):
+        return baseline
+    try:
+        takes_none = not inspect.signature(baseline).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        takes_none = False
+    return baseline() if takes_none else baseline(_pack(xs, is_tuple))
+
+
+def check_flag(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+    return value
+
+
+def convergence_delta(
+    model_fn: ModelFn, params: Params, xs: tuple[Tensor, ...], bs: tuple[Tensor, ...], target: ResolvedTarget,
+    attrs: tuple[Tensor, ...],
+) -> Tensor:
+    r"""``ax.metrics.completeness_delta`` from the method's own values: :math:`\sum a - (f_t(x) - f_t(x'))`, ``(B,)``.
+
+    The forward at ``x`` is offered to an enclosing ``value_and_attribution``."""
+    with eager_no_grad():
+        out = model_fn(params, *xs)
+        publish_output(xs, out)
+        span = select(out, target) - select(model_fn(params, *bs), target)
+    total = sum(a.reshape(a.shape[0], -1).sum(1) for a in attrs)
+    return total - span.to(total.dtype)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: Any, total: int, desc: str, unit: str) -> Iterator[Any]:
+    """A tqdm bar over ``total`` units when ``enabled`` (tqdm is optional: a clear ImportError
+    when it is missing); a no-op otherwise and under ``torch.compile``."""
+    if not check_flag(enabled, "progress") or torch.compiler.is_compiling():
+        yield _NoBar()
+        return
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as e:
+        raise ImportError("progress=True shows a tqdm progress bar, but tqdm is not installed: pip install tqdm "
+                          "(or leave progress=False)") from e
+    bar = tqdm(total=total, desc=desc, unit=unit)
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 def grad_of_selected(
@@ -258,8 +320,10 @@ def path_gradient_sum(
     alphas: tuple[float, ...],
     weights: tuple[float, ...],
     chunk_size: int | None,
+    bar: Any = None,
 ) -> tuple[Tensor, ...]:
-    r""":math:`\sum_k w_k \nabla f_t(x' + \alpha_k (x - x'))` per input, ``chunk_size`` steps at a time."""
+    r""":math:`\sum_k w_k \nabla f_t(x' + \alpha_k (x - x'))` per input, ``chunk_size`` steps at a time
+    (``bar`` advanced by the steps of each chunk)."""
     batch = xs[0].shape[0]
     totals = [torch.zeros_like(x) for x in xs]
     for start, stop in chunks(len(alphas), chunk_size):
@@ -273,6 +337,8 @@ def path_gradient_sum(
         )
         grads = grad_of_selected(model_fn, params, points, repeat_target(target, k), w)
         totals = [tot + g.reshape(k, *x.shape).sum(0) for tot, g, x in zip(totals, grads, xs)]
+        if bar is not None:
+            bar.update(k)
     return tuple(totals)
 
 
@@ -290,7 +356,10 @@ def integrated_gradients(
     check_finite: bool = True,
     rtol: float = 0.01,
     max_steps: int = 512,
-) -> TensorOrTuple:
+    multiply_by_inputs: bool = True,
+    return_convergence_delta: bool = False,
+    progress: bool = False,
+) -> TensorOrTuple | tuple[TensorOrTuple, Tensor]:
     r"""Integrated Gradients along the straight path from ``baseline`` to ``x``.
 
     Computes :math:`(x_i - x'_i)\int_0^1 \partial_i f_t(x' + \alpha(x - x'))\,d\alpha`
@@ -304,7 +373,8 @@ def integrated_gradients(
         x: Input batch, or a tuple of them.
         target: Selects one scalar per sample.
         baseline: Reference input :math:`x'`: zeros when ``None``, a number, or a
-            tensor broadcastable to ``x`` (a tuple of these for tuple inputs).
+            tensor broadcastable to ``x`` (a tuple of these for tuple inputs), or a callable
+            ``baseline(x)`` returning one of these (``baseline()`` if it takes no arguments).
         n_steps: Model evaluations per sample, or ``"auto"``: per sample, refine the quadrature
             until the completeness gap is under ``rtol`` x :math:`|f(x) - f(x')|` or ``max_steps``
             evaluations are spent (:func:`adaptive_integrated_gradients`, which also reports the
@@ -315,11 +385,19 @@ def integrated_gradients(
         chunk_size: At most this many steps per sample are evaluated in one
             model call (``chunk_size * B`` rows); ``None`` evaluates all at once.
         check_finite: Reject NaN/inf in ``x``.
+        multiply_by_inputs: With False, return the path-integrated gradient
+            :math:`\int_0^1 \partial_i f_t(x' + \alpha(x - x'))\,d\alpha` without the factor
+            :math:`(x_i - x'_i)` (Captum's ``multiply_by_inputs=False``, "local" attributions).
+        return_convergence_delta: Also return the signed completeness gap
+            :math:`\sum_i a_i - (f_t(x) - f_t(x'))` per sample, shape ``(B,)`` (as
+            ``ax.metrics.completeness_delta``; Captum's delta, same sign); costs two forwards.
+        progress: Show a tqdm progress bar over the steps (advancing per chunk of ``chunk_size``).
     Returns:
-        Attributions with the shape, dtype and device of ``x``.
+        Attributions with the shape, dtype and device of ``x``; ``(attributions, delta)`` with
+        ``return_convergence_delta``.
     Raises:
-        ValueError: If ``n_steps < 1``, ``method`` is unknown, or ``baseline``
-            does not broadcast to ``x``.
+        ValueError: If ``n_steps < 1``, ``method`` is unknown, ``baseline``
+            does not broadcast to ``x``, or a convergence delta is asked of local attributions.
     References:
         [1] Sundararajan, Taly, Yan. Axiomatic Attribution for Deep Networks.
             ICML 2017. arXiv:1703.01365.
@@ -332,20 +410,43 @@ def integrated_gradients(
         >>> bool(ax.metrics.completeness_delta(model_fn, params, x, None, a).abs().max() < 1e-8)
         True
     """
+    _check_delta_flags(multiply_by_inputs, return_convergence_delta)
     if n_steps == "auto":
         if method != "gausslegendre":
             raise ValueError(f'n_steps="auto" uses Gauss-Legendre steps; got method={method!r}')
-        return adaptive_integrated_gradients(
-            model_fn, params, x, target, baseline=baseline, rtol=rtol, max_steps=max_steps, chunk_size=chunk_size,
-            check_finite=check_finite,
+        if check_flag(progress, "progress"):
+            raise ValueError('progress=True needs a fixed n_steps; n_steps="auto" refines per sample in rounds')
+        if not multiply_by_inputs:
+            raise ValueError('n_steps="auto" chooses steps by completeness, which holds for the global attributions; '
+                             "use a fixed n_steps with multiply_by_inputs=False")
+        xs, checked, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
+        bs = baselines_for(call_baseline(baseline, xs, is_tuple), xs, check_finite=check_finite)  # evaluated once
+        result = adaptive_integrated_gradients(
+            model_fn, params, x, target, baseline=_pack(bs, is_tuple), rtol=rtol, max_steps=max_steps,
+            chunk_size=chunk_size, check_finite=check_finite,
         ).attributions
+        if not return_convergence_delta:
+            return result
+        return result, convergence_delta(model_fn, checked, xs, bs, t, as_tuple(result)[0])
     xs, params, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite, check_output=True)
     check_quadrature(method, n_steps)
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
-    bs = baselines_for(baseline, xs, check_finite=check_finite)
+    bs = baselines_for(call_baseline(baseline, xs, is_tuple), xs, check_finite=check_finite)
     alphas, weights = quadrature(method, n_steps)
-    sums = path_gradient_sum(model_fn, params, xs, bs, t, alphas, weights, chunk_size)
-    return _pack(tuple(s * (xi - b) for s, xi, b in zip(sums, xs, bs)), is_tuple)
+    with progress_bar(progress, n_steps, "Integrated Gradients", "step") as bar:
+        sums = path_gradient_sum(model_fn, params, xs, bs, t, alphas, weights, chunk_size, bar)
+    attrs = tuple(s * (xi - b) for s, xi, b in zip(sums, xs, bs)) if multiply_by_inputs else sums
+    if return_convergence_delta:
+        return _pack(attrs, is_tuple), convergence_delta(model_fn, params, xs, bs, t, attrs)
+    return _pack(attrs, is_tuple)
+
+
+def _check_delta_flags(multiply_by_inputs: Any, return_convergence_delta: Any) -> None:
+    if not check_flag(multiply_by_inputs, "multiply_by_inputs") and check_flag(
+            return_convergence_delta, "return_convergence_delta"):
+        raise ValueError("return_convergence_delta=True needs multiply_by_inputs=True: the completeness gap "
+                         "sum(attr) - (f(x) - f(baseline)) is defined for global attributions, not for local "
+                         "ones (the gradients without the (x - baseline) factor)")
 
 
 @dataclass(frozen=True)
@@ -406,6 +507,7 @@ def adaptive_integrated_gradients(
 
     Samples whose output does not change along the path (:math:`\Delta f \approx 0`) count as
     converged when the gap is at rounding level. Eager only (the loop depends on the data).
+    ``baseline`` may be a callable, as for :func:`integrated_gradients`.
 
     Returns:
         :class:`AdaptiveIG` with the attributions, steps and evaluations used, gaps and flags.
@@ -430,7 +532,7 @@ def adaptive_integrated_gradients(
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
     tol = check_nonnegative(rtol, "rtol")
-    bs = baselines_for(baseline, xs, check_finite=check_finite)
+    bs = baselines_for(call_baseline(baseline, xs, is_tuple), xs, check_finite=check_finite)
     with torch.no_grad():
         f_x, f_b = select(model_fn(params, *xs), t), select(model_fn(params, *bs), t)
     span = f_x - f_b
@@ -605,6 +707,8 @@ def _bcast(v: Tensor, like: Tensor) -> Tensor:
 def _subset_target(t: ResolvedTarget, rows: Tensor) -> ResolvedTarget:
     if t.kind == "tensor" and t.value.ndim == 1:
         return replace(t, value=t.value.to(rows.device)[rows])
+    if isinstance(t.value, PerSampleIndex):
+        return replace(t, value=t.value.subset(rows))
     return t
 
 
@@ -626,6 +730,7 @@ def noise_tunnel(
     chunk_size: int | None = None,
     noise: TensorOrTuple | None = None,
     check_finite: bool = True,
+    progress: bool = False,
     **method_kwargs: Any,
 ) -> TensorOrTuple:
     r"""Average any method over noisy copies of the input (SmoothGrad and relatives).
@@ -653,8 +758,10 @@ def noise_tunnel(
         noise: Pre-drawn noise of shape ``(n_samples, *x.shape)`` (a tuple for
             tuple inputs), used instead of drawing; ``stdev`` and ``generator``
             are then ignored.
+        progress: Show a tqdm progress bar over the noisy copies (advancing per chunk).
         **method_kwargs: Passed to ``attribute``; per-sample tensors (first dim ``B``) repeated
-            alongside the noisy copies, elementwise in tuples.
+            alongside the noisy copies, elementwise in tuples. A callable ``baseline`` passes
+            unchanged, so the wrapped method calls it on the noisy copies.
     Returns:
         Attributions with the shape, dtype and device of ``x``.
     References:
@@ -672,9 +779,15 @@ def noise_tunnel(
     """
     if not callable(attribute):
         raise TypeError(f"attribute must be an attrax method such as ax.saliency, got {type(attribute).__name__}")
-    xs, params, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite, check_output=True)
+    # ax.neuron methods take a neuron of a layer in the target's place: not checked against the model's output
+    on_output = not getattr(attribute, "target_is_neuron", False)
+    xs, params, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite,
+                                              check_output=on_output)
     if kind not in NOISE_KINDS:
         raise ValueError(f"kind must be one of {', '.join(NOISE_KINDS)}; got {kind!r}")
+    if method_kwargs.get("return_convergence_delta"):
+        raise ValueError("noise_tunnel averages attributions and returns no convergence delta; drop "
+                         "return_convergence_delta and use ax.metrics.completeness_delta on the result if needed")
     check_positive_int(n_samples, "n_samples")
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
     eps = _noise_for(xs, noise, n_samples, stdev, generator)
@@ -682,12 +795,14 @@ def noise_tunnel(
 
     total = [torch.zeros_like(xi) for xi in xs]
     total_sq = [torch.zeros_like(xi) for xi in xs]
-    for start, stop in chunks(n, chunk_size):
-        noisy = tuple(xi.unsqueeze(0) + e[start:stop] for xi, e in zip(xs, eps))
-        attrs = attribute_copies(attribute, model_fn, params, noisy, is_tuple, target, t, method_kwargs)
-        total = [s + a.sum(0) for s, a in zip(total, attrs)]
-        if kind != "smoothgrad":
-            total_sq = [s + (a * a).sum(0) for s, a in zip(total_sq, attrs)]
+    with progress_bar(progress, n, "Noise tunnel", "sample") as bar:
+        for start, stop in chunks(n, chunk_size):
+            noisy = tuple(xi.unsqueeze(0) + e[start:stop] for xi, e in zip(xs, eps))
+            attrs = attribute_copies(attribute, model_fn, params, noisy, is_tuple, target, t, method_kwargs)
+            total = [s + a.sum(0) for s, a in zip(total, attrs)]
+            if kind != "smoothgrad":
+                total_sq = [s + (a * a).sum(0) for s, a in zip(total_sq, attrs)]
+            bar.update(stop - start)
     if kind == "smoothgrad":
         result = tuple(s / n for s in total)
     elif kind == "smoothgrad_sq":
@@ -763,6 +878,8 @@ def _repeat_raw(target: Target, resolved: ResolvedTarget, times: int) -> Target:
     """The user's target for a batch of ``times`` stacked copies (per-sample targets tiled)."""
     if resolved.kind == "tensor" and resolved.value.ndim == 1:
         return resolved.value.repeat(times)
+    if isinstance(resolved.value, PerSampleIndex):
+        return resolved.value.repeat(times)  # a selector: the wrapped method takes it as a callable target
     return target
 
 
@@ -809,11 +926,13 @@ def smoothgrad(
     chunk_size: int | None = None,
     noise: TensorOrTuple | None = None,
     check_finite: bool = True,
+    progress: bool = False,
 ) -> TensorOrTuple:
     r"""SmoothGrad [1]: the mean gradient over ``n_samples`` noisy copies of ``x``.
 
     Same as ``noise_tunnel(ax.gradient, ..., kind="smoothgrad")``; ``stdev`` is absolute.
-    ``noise`` (shape ``(n_samples, *x.shape)``) replaces drawing, as in :func:`noise_tunnel`.
+    ``noise`` (shape ``(n_samples, *x.shape)``) replaces drawing and ``progress`` shows a bar,
+    as in :func:`noise_tunnel`.
 
     References:
         [1] Smilkov et al. SmoothGrad: removing noise by adding noise. arXiv:1706.03825.
@@ -827,7 +946,7 @@ def smoothgrad(
     """
     return noise_tunnel(
         gradient, model_fn, params, x, target, n_samples=n_samples, stdev=stdev, kind="smoothgrad",
-        generator=generator, chunk_size=chunk_size, noise=noise, check_finite=check_finite,
+        generator=generator, chunk_size=chunk_size, noise=noise, check_finite=check_finite, progress=progress,
     )
 
 
@@ -847,7 +966,9 @@ def gradient_shap(
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
     check_finite: bool = True,
-) -> TensorOrTuple:
+    multiply_by_inputs: bool = True,
+    return_convergence_delta: bool = False,
+) -> TensorOrTuple | tuple[TensorOrTuple, Tensor]:
     r"""GradientSHAP [1]: expected gradients at random points between random baselines and noisy inputs.
 
     For each sample and each of ``n_samples`` draws, picks a baseline :math:`x'`
@@ -857,13 +978,22 @@ def gradient_shap(
     This is Captum's ``GradientShap`` estimator.
 
     Args:
-        baselines: Reference distribution, shape ``(N, *x.shape[1:])`` (a tuple for tuple inputs).
+        baselines: Reference distribution, shape ``(N, *x.shape[1:])`` (a tuple for tuple inputs),
+            or a callable ``baselines(x)`` returning it (``baselines()`` if it takes no
+            arguments), as Captum.
         n_samples: Draws per sample.
         stdev: Input noise standard deviation, absolute.
         generator: Source of all draws.
         chunk_size: At most this many draws per sample are evaluated at once.
+        multiply_by_inputs: With False, average the gradients alone, without the factor
+            :math:`(x + \epsilon - x')` (Captum's ``multiply_by_inputs=False``, "local").
+        return_convergence_delta: Also return, per sample, ``(B,)``, the signed gap
+            :math:`\sum_i a_i - \frac1n\sum_k (f_t(x + \epsilon_k) - f_t(x'_k))` over the draws
+            used: the mean over the draws of Captum's per-draw deltas (Captum returns those
+            ``B * n_samples`` values themselves, sample-major). Costs ``2 n_samples`` forwards per sample.
     Returns:
-        Attributions with the shape, dtype and device of ``x``.
+        Attributions with the shape, dtype and device of ``x``; ``(attributions, delta)`` with
+        ``return_convergence_delta``.
     References:
         [1] Lundberg, Lee. A Unified Approach to Interpreting Model Predictions. NeurIPS 2017.
 
@@ -875,19 +1005,40 @@ def gradient_shap(
         >>> torch.allclose(a, x * params["weight"][0])
         True
     """
+    _check_delta_flags(multiply_by_inputs, return_convergence_delta)
     xs, params, is_tuple, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite, check_output=True)
     check_positive_int(n_samples, "n_samples")
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
     sd = check_nonnegative(stdev, "stdev")
     check_generator(generator)
-    bls = _check_distribution(baselines, xs, "baselines", check_finite=check_finite)
+    bls = _check_distribution(call_baseline(baselines, xs, is_tuple), xs, "baselines", check_finite=check_finite)
     n_ref = bls[0].shape[0]
     device = generator.device if generator is not None else xs[0].device
     idx = torch.randint(n_ref, (n_samples, batch), generator=generator, device=device).to(xs[0].device)
     noise = tuple(_randn((n_samples, *xi.shape), xi, generator) * sd for xi in xs)
     alpha = _rand((n_samples, batch), xs[0], generator)
     chosen = tuple(b[idx] for b in bls)
-    return _pack(gradient_shap_from_draws(model_fn, params, xs, t, chosen, alpha, noise, chunk_size), is_tuple)
+    attrs = gradient_shap_from_draws(model_fn, params, xs, t, chosen, alpha, noise, chunk_size, multiply_by_inputs)
+    if not return_convergence_delta:
+        return _pack(attrs, is_tuple)
+    total = sum(a.reshape(batch, -1).sum(1) for a in attrs)
+    return _pack(attrs, is_tuple), total - _mean_span(model_fn, params, xs, t, chosen, noise, chunk_size).to(total.dtype)
+
+
+def _mean_span(model_fn: ModelFn, params: Params, xs: tuple[Tensor, ...], target: ResolvedTarget,
+               chosen: tuple[Tensor, ...], noise: tuple[Tensor, ...], chunk_size: int | None) -> Tensor:
+    r""":math:`\frac1n \sum_k f_t(x + \epsilon_k) - f_t(x'_k)` per sample, over the draws ``(n, B, ...)``."""
+    n = noise[0].shape[0]
+    total = torch.zeros(xs[0].shape[0], dtype=xs[0].dtype, device=xs[0].device)
+    with eager_no_grad():
+        for start, stop in chunks(n, chunk_size):
+            k = stop - start
+            t = repeat_target(target, k)
+            ends = tuple(_fold(xi.unsqueeze(0) + e[start:stop]) for xi, e in zip(xs, noise))
+            starts = tuple(_fold(b[start:stop]) for b in chosen)
+            span = select(model_fn(params, *ends), t) - select(model_fn(params, *starts), t)
+            total = total + span.reshape(k, -1).sum(0).to(total.dtype)
+    return total / n
 
 
 def _check_distribution(
@@ -919,8 +1070,10 @@ def gradient_shap_from_draws(
     alpha: Tensor,
     noise: tuple[Tensor, ...],
     chunk_size: int | None,
+    multiply_by_inputs: bool = True,
 ) -> tuple[Tensor, ...]:
-    """GradientSHAP given the draws: baselines ``(n, B, ...)``, ``alpha`` ``(n, B)``, noise ``(n, B, ...)``."""
+    """GradientSHAP given the draws: baselines ``(n, B, ...)``, ``alpha`` ``(n, B)``, noise ``(n, B, ...)``
+    (the mean gradient alone, without the factor ``x + noise - baseline``, when not ``multiply_by_inputs``)."""
     n = alpha.shape[0]
     total = [torch.zeros_like(xi) for xi in xs]
     for start, stop in chunks(n, chunk_size):
@@ -931,6 +1084,7 @@ def gradient_shap_from_draws(
             for xi, b, d in zip(xs, chosen, diffs)
         )
         grads = grad_of_selected(model_fn, params, points, repeat_target(target, k))
-        total = [tot + (g.reshape(d.shape) * d).sum(0) for tot, g, d in zip(total, grads, diffs)]
+        total = [tot + (g.reshape(d.shape) * d if multiply_by_inputs else g.reshape(d.shape)).sum(0)
+                 for tot, g, d in zip(total, grads, diffs)]
     return tuple(tot / n for tot in total)
 

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ._types import ModelFn, Params, Target, TensorOrTuple
 from .core import baselines_for, forward_args
+from .gradients import call_baseline
 from .targets import prepare_call, select
 
 __all__ = ["Curve", "completeness_delta", "deletion_curve", "infidelity", "insertion_curve", "sensitivity_max"]
@@ -32,7 +33,8 @@ def completeness_delta(
 
     Args:
         attributions: Same structure and shapes as ``x``.
-        baseline: The reference :math:`x'`; zeros when ``None``.
+        baseline: The reference :math:`x'`; zeros when ``None``; a callable ``baseline(x)`` as for
+            ``ax.integrated_gradients``.
     Returns:
         Tensor of shape ``(B,)``.
     Raises:
@@ -49,7 +51,7 @@ def completeness_delta(
     # evaluates the model at x first: that checks the target before anything else is computed
     xs, params, _, batch, t = prepare_call(model_fn, params, x, target, check_finite=False, check_output=False)
     attrs = _matching(attributions, xs)
-    bs = baselines_for(baseline, xs, check_finite=False)
+    bs = baselines_for(call_baseline(baseline, xs, isinstance(x, (tuple, list))), xs, check_finite=False)
     with torch.no_grad():
         fx = select(model_fn(params, *xs), t)
         fb = select(model_fn(params, *bs), t)
