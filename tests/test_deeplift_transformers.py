@@ -242,3 +242,37 @@ def test_deeplift_on_gpt2_under_vmap_compile_and_export(tmp_path) -> None:
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert float(r.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+class ConvNeXtStack(nn.Module):
+    """A stem conv, then LayerNorm2d and ConvNeXt blocks: from a zero image every LayerNorm sees a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, stride=4)
+        self.norm = LayerNorm2d(8)
+        self.blocks = nn.Sequential(*(ConvNeXtBlockBody() for _ in range(4)))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.blocks(self.norm(self.stem(x)))
+        return self.head(F.layer_norm(h.mean((2, 3)), (8,)))
+
+
+class ConvNeXtBlockBody(ConvNeXtBlock):
+    def forward(self, x):
+        h = self.dw(x).permute(0, 2, 3, 1)
+        h = self.fc2(F.gelu(self.fc1(self.norm(h)))) * self.gamma
+        return x + h.permute(0, 3, 1, 2)
+
+
+def test_deeplift_float32_from_a_constant_reference_through_layer_norms() -> None:
+    # the symmetric split of c * rsqrt(var + eps) cancels terms of size c * eps^-1/2 when the reference
+    # is constant along the normalised dims (torchvision's ConvNeXt from a zero image: -8e4 for 0.1)
+    torch.manual_seed(0)
+    model = ConvNeXtStack().eval()
+    f, p = ax.functionalize(model)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    b = torch.zeros_like(x)
+    attr = ax.deeplift(f, p, x, 1, baseline=b)
+    assert relative_gap(f, p, x, b, attr) <= 1e-4

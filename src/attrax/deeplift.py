@@ -31,6 +31,7 @@ from .rules import (
     DisjointCrossMax,
     Gradient,
     GuidedReLU,
+    NormScale,
     ReduceCrossMax,
     ReluMaxPool,
     Rescale,
@@ -41,6 +42,7 @@ from .rules import (
     is_elementwise,
     is_linear,
     n_dep,
+    norm_scale_operand,
     reduces_max,
     selected_by_input,
 )
@@ -70,7 +72,8 @@ def deeplift_rule(program: Program, node: Node) -> Any:
     if node.packet in SOFTMAX and n_dep(node) == 1:
         return _SOFTMAX
     if node.packet in BILINEAR and n_dep(node) == 2:
-        return _BILINEAR
+        at = norm_scale_operand(program, node)
+        return _BILINEAR if at is None else NormScale(at)
     return None
 
 

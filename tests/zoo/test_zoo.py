@@ -42,6 +42,29 @@ class HFImage(torch.nn.Module):
         return self.model(pixel_values=x).logits
 
 
+def _text(kind: str) -> torch.nn.Module:
+    """A transformers text model with 10 outputs: a classifier, or an LM's next-token logits (vocab 10)."""
+    common = dict(vocab_size=10, max_position_embeddings=32)
+    if kind == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=10,
+                                                                     n_positions=32))
+    elif kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+            **common))
+    else:
+        model = transformers.BertForSequenceClassification(transformers.BertConfig(
+            num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128, num_labels=10, **common))
+    return model
+
+
+#: text models: (embedding layer, output selection); x is the embedding of 12 random tokens
+TEXT = {
+    "hf_gpt2": ("transformer.wte", lambda out: out.logits[:, -1]),
+    "hf_llama": ("model.embed_tokens", lambda out: out.logits[:, -1]),
+    "hf_bert": ("bert.embeddings.word_embeddings", "logits"),
+}
+
 MODELS = {
     "resnet18": (lambda: tv.models.resnet18(num_classes=10), "layer4"),
     "resnet50": (lambda: tv.models.resnet50(num_classes=10), "layer4"),
@@ -51,8 +74,12 @@ MODELS = {
     "efficientnet_b0": (lambda: tv.models.efficientnet_b0(num_classes=10), "features.8"),
     "convnext_tiny": (lambda: tv.models.convnext_tiny(num_classes=10), "features.7"),
     "vit_b_16": (lambda: tv.models.vit_b_16(num_classes=10, image_size=SIZE), None),
+    "swin_t": (lambda: tv.models.swin_t(num_classes=10), ("features.7", -1)),  # channels-last stages
     "timm_resnet18": (lambda: timm.create_model("resnet18", num_classes=10), "layer4"),
     "hf_vit_tiny": (HFImage, None),
+    "hf_gpt2": (lambda: _text("gpt2"), None),
+    "hf_llama": (lambda: _text("llama"), None),
+    "hf_bert": (lambda: _text("bert"), None),
 }
 METHODS = ["gradient", "integrated_gradients", "deeplift", "deeplift_shap", "lrp_epsilon_plus_flat", "grad_cam"]
 
@@ -75,8 +102,14 @@ def zoo():
         if name not in cache:
             torch.manual_seed(0)
             model = _randomize_bn(MODELS[name][0]()).eval()
-            f, p = ax.functionalize(model)
-            x = torch.randn(2, 3, SIZE, SIZE)
+            if name in TEXT:
+                embedding, output = TEXT[name]
+                f, p = ax.functionalize(model, output=output, embedding=embedding)
+                with torch.no_grad():
+                    x = f.embed(p, torch.randint(0, 10, (2, 12), generator=torch.Generator().manual_seed(0)))
+            else:
+                f, p = ax.functionalize(model)
+                x = torch.randn(2, 3, SIZE, SIZE)
             t = torch.tensor([1, 7])
             cache[name] = (model, f, p, x, t)
         return cache[name]
@@ -86,13 +119,15 @@ def zoo():
     if out:
         merged = {}
         if os.path.exists(out):
-            merged = json.load(open(out)).get("results", {})
+            with open(out) as fh:
+                merged = json.load(fh).get("results", {})
         for k, v in RESULTS.items():
             merged.setdefault(k, {}).update(v)
         info = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "torchvision": tv.__version__,
                 "timm": timm.__version__, "transformers": transformers.__version__,
                 "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU", "input": f"2x3x{SIZE}x{SIZE}"}
-        json.dump({"machine": info, "results": merged}, open(out, "w"), indent=2)
+        with open(out, "w") as fh:
+            json.dump({"machine": info, "results": merged}, fh, indent=2)
 
 
 def _span(f, p, x, t, b):
@@ -149,10 +184,11 @@ def test_zoo(zoo, name, method):
         else:
             layer = MODELS[name][1]
             if layer is None:
-                _record(name, method, "n/a (no conv layer)")
+                _record(name, method, "n/a (no conv layer)" if name not in TEXT else "n/a (text)")
                 return
-            cam = ax.layer.grad_cam(f, p, x, t, layer)
-            assert cam.shape[:2] == (2, 1) and torch.isfinite(cam).all()
+            layer, channel_dim = layer if isinstance(layer, tuple) else (layer, None)
+            cam = ax.layer.grad_cam(f, p, x, t, layer, channel_dim=channel_dim)
+            assert cam.shape[0] == 2 and torch.isfinite(cam).all()
             note = "ok"
     except ValueError as e:
         msg = str(e)
