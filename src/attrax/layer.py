@@ -78,14 +78,15 @@ class _Split:
     recomputing from given values at the sites only the nodes downstream of them."""
 
     def __init__(self, model_fn: ModelFn, params: Params, xs: tuple[Tensor, ...], layers: str | Sequence[str],
-                 to_input: bool = False, attribute: bool = True) -> None:
+                 to_input: bool = False, attribute: bool = True, env: list[Any] | None = None) -> None:
+        """``env``: the program's values at ``xs`` when the caller has them already."""
         self.program: Program = program_for(model_fn, params, xs)
         names = [layers] if isinstance(layers, str) else list(layers)
         self.sites = [layer_site(self.program, layer, to_input) for layer in names]
         self.node = self.sites[0].node
         self.params = params
         self.batch = xs[0].shape[0]
-        self.env = forward(self.program, params, xs)
+        self.env = forward(self.program, params, xs) if env is None else env
         self.downstream = _downstream_of(self.program, self.sites)
         if len(self.sites) > 1:
             _check_reach(self.program, names, self.sites)
@@ -515,8 +516,9 @@ def conductance(
         program = program_for(model_fn, params, xs)
         node = layer_site(program, layer, to_input).node
 
-        def layer_of(*inputs: Tensor) -> Tensor:
-            return forward(program, params, inputs)[node]
+        def layer_of(*inputs: Tensor) -> tuple[Tensor, list[Any]]:
+            env = forward(program, params, inputs)
+            return env[node], env
 
         total: Tensor | None = None
         with progress_bar(progress, n_steps, "Layer Conductance", "step") as bar:
@@ -526,8 +528,8 @@ def conductance(
 
                 def one(alpha: Tensor, weight: Tensor) -> Tensor:
                     points = tuple(b + alpha * d for b, d in zip(bs, diffs))
-                    a, da = torch.func.jvp(layer_of, points, diffs)
-                    split = _Split(model_fn, params, points, layer, to_input)
+                    a, da, env = torch.func.jvp(layer_of, points, diffs, has_aux=True)
+                    split = _Split(model_fn, params, points, layer, to_input, env=env)  # one forward per step
                     return split.grad(a, t) * da * weight
 
                 part = torch.func.vmap(one)(al, w).sum(0)

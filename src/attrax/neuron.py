@@ -150,6 +150,11 @@ class _Layer:
                              f"floating point tensor (e.g. token ids), so a neuron of it cannot be attributed")
         return value
 
+    def forward(self, params: Params, xs: tuple[Tensor, ...]) -> tuple[Tensor, list[Any]]:
+        """The layer's value and every node's value at ``xs`` (one full forward)."""
+        env = forward(self.program, params, xs)
+        return self.checked(env[self.node]), env
+
     def fn(self) -> Any:
         return lambda p, *inputs: self.value(p, inputs)
 
@@ -328,8 +333,9 @@ def conductance(
 
                 def one(alpha: Tensor, weight: Tensor) -> tuple[Tensor, ...]:
                     points = tuple(b + alpha * d for b, d in zip(bs, diffs))
-                    y, pullback = torch.func.vjp(lambda *inputs: site.value(params, inputs), *points)
-                    through = _Split(model_fn, params, points, layer, to_input).grad(y, t)  # dF/dy
+                    y, pullback, env = torch.func.vjp(lambda *inputs: site.forward(params, inputs), *points,
+                                                      has_aux=True)
+                    through = _Split(model_fn, params, points, layer, to_input, env=env).grad(y, t)  # dF/dy
                     return tuple(g * weight for g in pullback(through * _selection_weights(y, site.neuron)))
 
                 totals = [tot + g.sum(0) for tot, g in zip(totals, torch.func.vmap(one)(al, w))]
