@@ -29,7 +29,8 @@ from torch import Tensor
 
 from .rewrite import Site, _ntuple, aten_op, exact_vjp
 
-__all__ = ["AlphaBeta", "Epsilon", "Flat", "Gamma", "Norm", "Pass", "WSquare", "ZBox", "ZPlus", "stabilize"]
+__all__ = ["AlphaBeta", "Epsilon", "Flat", "Gamma", "HoldScale", "Norm", "Pass", "SoftmaxTaylor", "Uniform", "WSquare",
+           "ZBox", "ZPlus", "stabilize"]
 
 #: ops whose second/third arguments are (weight, bias): dense layers, convolutions and transposed convolutions
 WEIGHTED = frozenset(("conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
@@ -41,7 +42,12 @@ POOLS = frozenset(("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1
 
 def stabilize(z: Tensor, epsilon: float) -> Tensor:
     """``z + epsilon * sign(z)`` with ``sign(0) = 1`` (Zennit's stabiliser)."""
-    return z + torch.where(z >= 0, epsilon, -epsilon).to(z.dtype)
+    # float arithmetic rather than torch.where (5-15x a float op on these CPU builds, notes/rewrite.md):
+    # sign(z) + 1 - |sign(z)| is sign(z) with 0 -> 1; built without autograd, in place (zero derivative)
+    with torch.no_grad():
+        s = z.sign()
+        shift = s.abs().neg_().add_(1).add_(s).mul_(epsilon)
+    return z + shift
 
 
 def _check_zero_params(zero_params: Sequence[str]) -> tuple[str, ...]:
@@ -409,10 +415,24 @@ class ZBox:
 
 @dataclass(frozen=True)
 class Pass:
-    """Relevance passes through unchanged (for elementwise operations such as activations)."""
+    """Relevance passes through unchanged (the identity rule, for elementwise functions such as
+    activations).
+
+    At the root of an elementwise region (a product or sum of elementwise functions of one tensor
+    ``s``, e.g. a written-out GELU or ``x * sigmoid(x)``; see :func:`region_source`) the whole region
+    is one elementwise function of ``s``, and the relevance goes to ``s`` directly.
+    """
 
     def backward(self, site: Site, r: Tensor) -> dict[int, Any]:
-        node = site.node
+        node, s = site.node, site.streams
+        ops = dependent_operands(node)
+        if len(ops) != 1 or ops[0][0] != 0:
+            src = region_source(s.program, node)
+            if src is None and len(ops) == 1:
+                src = ops[0][1]
+            if src is None or s.x[src].shape != r.shape:
+                raise ValueError(f"Pass applies to elementwise functions of one tensor only, not {node.describe()}")
+            return {src: r.to(s.x[src].dtype)}
         x = site.args("x")[0]
         if x.shape != r.shape:
             raise ValueError(f"Pass applies to shape-preserving ops only, not {node.describe()}")
@@ -423,12 +443,286 @@ class Pass:
 class Norm:
     r"""Relevance in proportion to each input's contribution, for parameter-free linear
     operations (residual sums, average pooling, means, scaling):
-    :math:`R_{in,k} = a_k \odot J_k^\top (R / \mathrm{stab}(\mathrm{out}))`."""
+    :math:`R_{in,k} = a_k \odot J_k^\top (R / \mathrm{stab}(\mathrm{out}))`.
+
+    ``stabilizer=0`` uses 1e-12, as ``Epsilon(0)`` (an exactly zero output would divide 0 by 0).
+    """
 
     stabilizer: float = 1e-6
 
     def backward(self, site: Site, r: Tensor) -> dict[int, Any]:
         s, node = site.streams, site.node
-        ratio = r / stabilize(site.out("x"), self.stabilizer)
+        ratio = r / stabilize(site.out("x"), _zero_safe(self.stabilizer))
         grads = exact_vjp(s.program, node, s.x, s.batch, ratio, s.aux_x)
         return {ref: s.x[ref] * g for ref, g in grads.items()}
+
+
+# ------------------------------------------------- transformers: products, normalisation, softmax
+#
+# Products of two activations, normalisation scales and softmax in the relevance form of AttnLRP
+# (Achtibat et al. 2024) and CP-LRP (Ali et al. 2022). Each rule below equals gradient x input
+# with the corresponding modified gradient (LXT's "efficient" formulation) when epsilon -> 0:
+# relevance at a node is its value times the modified gradient there, so a rule that only halves
+# or blocks a gradient needs no division (``notes/lrp.md``).
+
+#: products of two tensors: elementwise, or contractions (which need a stabilised ratio)
+ELEMENTWISE_PRODUCTS = frozenset(("mul", "div"))
+CONTRACTIONS = frozenset(("matmul", "mm", "bmm", "einsum"))
+#: ops looked through when asking where an operand comes from (views, broadcasts, copies, casts)
+_VIEWS = frozenset(
+    """view _unsafe_view reshape expand expand_as transpose t permute unsqueeze squeeze _to_copy to clone contiguous
+    alias dropout lift_fresh_copy flatten unflatten repeat repeat_interleave movedim swapaxes""".split()
+)
+#: shape-preserving ops that are the identity or a copy/cast: an elementwise region passes through them
+_SAME = frozenset("_to_copy to clone contiguous alias dropout lift_fresh_copy".split())
+#: elementwise arithmetic of one or two tensors
+_ARITH = frozenset(("mul", "div", "add", "sub", "rsub", "neg"))
+#: operand producers that make it a normalisation scale held constant
+_SCALES = frozenset(("rsqrt", "reciprocal"))
+#: gating functions (values in [0, 1]): the gate of a product whose operands are both nonlinear
+_GATES = frozenset(("sigmoid", "hardsigmoid", "softmax", "_softmax"))
+#: elementwise nonlinearities (as ``rules.ELEMENTWISE``; imported lazily there to avoid a cycle)
+_NONLINEAR = frozenset(
+    """relu leaky_relu elu celu selu gelu silu mish sigmoid tanh softplus hardtanh relu6 hardsigmoid hardswish
+    logsigmoid softsign exp log log1p expm1 sqrt rsqrt abs sin cos erf pow square reciprocal clamp clamp_min clamp_max
+    threshold prelu""".split()
+)
+
+
+def dependent_operands(node: Any) -> list[tuple[int, int]]:
+    """``(argument position, node index)`` of every input-dependent float tensor among the top-level
+    arguments (einsum's operand list counts position by position)."""
+    deps = {r for r, d in zip(node.refs, node.dep_refs) if d}
+    out: list[tuple[int, int]] = []
+    for pos, a in enumerate(node.args):
+        if isinstance(a, tuple) and a[0] == "n" and a[1] in deps:
+            out.append((pos, a[1]))
+        elif isinstance(a, tuple) and a[0] in ("l", "t"):
+            out += [(pos, e[1]) for e in a[1] if isinstance(e, tuple) and e[0] == "n" and e[1] in deps]
+    return out
+
+
+def producer(program: Any, index: int) -> Any:
+    """The node that computed ``index``'s values, looking through views, broadcasts, copies and casts."""
+    node = program.nodes[index]
+    while node.op == "call" and node.packet in _VIEWS and node.args and node.args[0][0] == "n":
+        node = program.nodes[node.args[0][1]]
+    return node
+
+
+def elementwise_source(program: Any, index: int, memo: dict[int, tuple[int, bool]] | None = None) -> tuple[int, bool]:
+    """``(s, nonlinear)``: node ``index`` is an elementwise function of the single node ``s`` (the same
+    shape), nonlinear when ``nonlinear``; ``(index, False)`` when it is no such function of another node.
+
+    Elementwise functions are built from elementwise nonlinearities, arithmetic with constants,
+    casts and copies, and products/quotients/sums of two elementwise functions of the same ``s``
+    (a product or quotient of two of them is nonlinear). GPT-2's ``gelu_new``,
+    ``0.5 * x * (1 + tanh(c * (x + 0.044715 * x**3)))``, is one: ``s = x``.
+    """
+    memo = {} if memo is None else memo
+    if index in memo:
+        return memo[index]
+    node = program.nodes[index]
+    result = (index, False)
+    if node.op == "call" and node.dep and node.shape is not None:
+        ops = dependent_operands(node)
+        if ops and (node.packet in _NONLINEAR or node.packet in _SAME) and ops[0][0] == 0 and len(ops) == 1:
+            s, nonlinear = elementwise_source(program, ops[0][1], memo)
+            result = (s, nonlinear or node.packet in _NONLINEAR)
+        elif ops and node.packet in _ARITH and all(pos < 2 for pos, _ in ops):
+            sources = [elementwise_source(program, i, memo) for _, i in ops]
+            same = all(program.nodes[i].shape == node.shape for _, i in ops)
+            if same and len({s for s, _ in sources}) == 1:
+                product = node.packet in ("mul", "div") and len(ops) == 2
+                quotient = node.packet == "div" and any(pos == 1 for pos, _ in ops)
+                result = (sources[0][0], any(n for _, n in sources) or product or quotient)
+        if program.nodes[result[0]].shape != node.shape:
+            result = (index, False)
+    memo[index] = result
+    return result
+
+
+def region_source(program: Any, node: Any) -> int | None:
+    """The source ``s`` when ``node`` combines elementwise functions of one tensor ``s`` into a
+    nonlinear elementwise function of it (an "elementwise region" such as a written-out GELU or
+    ``x * sigmoid(x)``), else None. Plain activations (``tanh(x)``) are not regions."""
+    if node.packet not in _ARITH:
+        return None
+    s, nonlinear = elementwise_source(program, node.index)
+    return s if nonlinear and s != node.index else None
+
+
+def _is_nonlinear(program: Any, index: int) -> bool:
+    """The operand came (through views and casts) from a nonlinearity: an elementwise activation,
+    a softmax, a normalisation scale or an elementwise region."""
+    p = producer(program, index)
+    if p.op != "call":
+        return False
+    if p.packet in _NONLINEAR or p.packet in ("softmax", "_softmax", "log_softmax", "_log_softmax"):
+        return True
+    return region_source(program, p) is not None
+
+
+def scale_operand(program: Any, node: Any) -> int | None:
+    """Which of a product's two operands (0 or 1, in argument order) is a scale held constant, or None.
+
+    * ``a / b`` (both input-dependent): the denominator;
+    * a product with an operand computed by ``rsqrt``/``reciprocal`` (through views/casts): that
+      operand (the normalisation scale of LayerNorm, RMSNorm, GroupNorm);
+    * a product with exactly one operand that came from a nonlinearity: that one, the gate
+      (``act(g) * u``, the attention weights in ``A @ v``); where both did, the one that came from
+      a sigmoid, hard sigmoid or softmax (squeeze-excitation ``silu(h) * sigmoid(fc(pool(h)))``).
+    """
+    ops = dependent_operands(node)
+    if len(ops) != 2 or ops[0][1] == ops[1][1]:
+        return None
+    if node.packet == "div":
+        return 1
+    scales = [k for k, (_, i) in enumerate(ops) if producer(program, i).packet in _SCALES]
+    if len(scales) == 1:
+        return scales[0]
+    gates = [k for k, (_, i) in enumerate(ops) if _is_nonlinear(program, i)]
+    if len(gates) == 2:  # both went through nonlinearities: the gate is the one squashed to [0, 1]
+        gates = [k for k, (_, i) in enumerate(ops) if producer(program, i).packet in _GATES]
+    return gates[0] if len(gates) == 1 else None
+
+
+def normalization(program: Any, node: Any) -> bool:
+    """``node`` multiplies an activation by a normalisation scale (``x * rsqrt(var + eps)``) or divides
+    it by an input-dependent denominator (``(x - u) / sqrt(s + eps)``)."""
+    ops = dependent_operands(node)
+    if len(ops) != 2 or ops[0][1] == ops[1][1] or node.packet not in ELEMENTWISE_PRODUCTS:
+        return False
+    if node.packet == "div":
+        return ops[1][0] == 1
+    return sum(producer(program, i).packet in _SCALES for _, i in ops) == 1
+
+
+def _zero_safe(epsilon: float) -> float:
+    """The stabiliser for ``epsilon``; 0 means 1e-12, as :class:`Epsilon` (division by an exact zero)."""
+    return epsilon if epsilon > 0 else 1e-12
+
+
+def _contraction_pullbacks(node: Any, a: Tensor, b: Tensor, ratio: Tensor, want: Sequence[int]) -> list[Any] | None:
+    """Cotangents of the two operands of a matmul/mm/bmm (those in ``want``) by explicit transposes,
+    without recomputing the product; None where that does not apply (1-d operands, einsum)."""
+    if node.packet not in ("matmul", "mm", "bmm") or node.kwargs or a.ndim < 2 or b.ndim < 2:
+        return None
+    return [
+        ratio.matmul(b.transpose(-1, -2).to(ratio.dtype)).sum_to_size(a.shape) if 0 in want else None,
+        a.transpose(-1, -2).to(ratio.dtype).matmul(ratio).sum_to_size(b.shape) if 1 in want else None,
+    ]
+
+
+def _product_relevance(site: Site, r: Tensor, shares: Sequence[float], epsilon: float) -> dict[int, Any]:
+    r"""Relevance of the two operands of a product, the k-th (in argument order) taking ``shares[k]``.
+
+    Elementwise (``mul``/``div``): each output is one term, so an operand gets ``share * R``
+    (summed over its broadcast dims), no division. Contractions: the ε-rule with the other operand
+    as the weights, :math:`R_a = \mathrm{share}\; a \odot J_a^\top (R / \mathrm{stab}(y))`.
+    """
+    node, s = site.node, site.streams
+    refs = [i for _, i in dependent_operands(node)]
+    want = [k for k in (0, 1) if shares[k]]
+    res: dict[int, Any] = {}
+
+    def put(ref: int, rel: Tensor) -> None:
+        res[ref] = rel if ref not in res else res[ref] + rel
+
+    if node.packet in ELEMENTWISE_PRODUCTS:
+        for k in want:
+            put(refs[k], (r * shares[k] if shares[k] != 1 else r).sum_to_size(s.x[refs[k]].shape))
+        return res
+    ratio = r / stabilize(site.out("x"), _zero_safe(epsilon))
+    pulls = _contraction_pullbacks(node, s.x[refs[0]], s.x[refs[1]], ratio, want)
+    if pulls is None:  # einsum, 1-d operands: the op's own vjp (both operands; one node twice: summed)
+        by_ref = exact_vjp(s.program, node, s.x, s.batch, ratio, s.aux_x)
+        if refs[0] == refs[1]:
+            return {refs[0]: shares[0] * s.x[refs[0]] * by_ref[refs[0]]}
+        pulls = [by_ref[refs[0]], by_ref[refs[1]]]
+    for k in want:  # pulls[k] is a fresh buffer: scaled in place
+        rel = pulls[k] * s.x[refs[k]]
+        put(refs[k], rel.mul_(shares[k]) if shares[k] != 1 else rel)
+    return res
+
+
+@dataclass(frozen=True)
+class Uniform:
+    r"""The uniform rule for a product of two activations [AttnLRP, Eq. 7]: each operand receives
+    half of the relevance.
+
+    ``a * b`` (elementwise): :math:`R_a = R_b = R/2` (summed over broadcast dims), no division.
+    ``a @ b`` (matmul, bmm, einsum): the ε-rule with either operand as the weights of the other,
+    halved: :math:`R_{a_{ik}} = \tfrac12 \sum_j a_{ik} b_{kj} R_{ij} / (y_{ij} + \epsilon\,\mathrm{sign}(y_{ij}))`.
+    In gradient x input terms (ε → 0) this halves the gradient through each operand (LXT's
+    ``divide_gradient``).
+    """
+
+    epsilon: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if not self.epsilon >= 0:
+            raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
+
+    def backward(self, site: Site, r: Tensor) -> dict[int, Any]:
+        ops = dependent_operands(site.node)
+        if len(ops) != 2:
+            raise ValueError(f"Uniform applies to products of two activations, not {site.node.describe()}")
+        return _product_relevance(site, r, (0.5, 0.5), self.epsilon)
+
+
+@dataclass(frozen=True)
+class HoldScale:
+    r"""A product with one operand held constant: all relevance goes to the other operand.
+
+    The constant operand is the normalisation scale (``x * rsqrt(var + eps)``, the denominator of
+    ``(x - u) / sqrt(s + eps)``), or the gate: the one operand that came from a nonlinearity
+    (``act(g) * u``, ``x * sigmoid(fc(pool(x)))``, the attention weights in ``softmax(q k^T) @ v``);
+    see :func:`scale_operand`. Elementwise: :math:`R_a = R`; contractions: the ε-rule with the
+    held operand as the weights. Where no operand qualifies (``q @ k^T``) it is :class:`Uniform`.
+    This is LXT's ``stop_gradient`` (CP-LRP, Ali et al. 2022) and AttnLRP's identity rule on
+    normalisation layers.
+    """
+
+    epsilon: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if not self.epsilon >= 0:
+            raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
+
+    def backward(self, site: Site, r: Tensor) -> dict[int, Any]:
+        ops = dependent_operands(site.node)
+        if len(ops) != 2:
+            raise ValueError(f"HoldScale applies to products of two activations, not {site.node.describe()}")
+        held = scale_operand(site.program, site.node)
+        shares = (0.5, 0.5) if held is None else (0.0, 1.0) if held == 0 else (1.0, 0.0)
+        return _product_relevance(site, r, shares, self.epsilon)
+
+
+@dataclass(frozen=True)
+class SoftmaxTaylor:
+    r"""AttnLRP's softmax rule [Achtibat et al. 2024, Prop. 3.1]: the first-order Taylor
+    decomposition at the input, :math:`R_x = x \odot (R - s \textstyle\sum R)` along the softmax
+    dim (:math:`s` the softmax output, :math:`R` its relevance), i.e. gradient x input with the
+    true softmax gradient. Not conservative: the bias term :math:`\sum R - \sum R_x` is dropped.
+
+    Log-softmax :math:`z`: :math:`R_x = x \odot (g - e^z \sum g)` with
+    :math:`g = R / (z + \epsilon\,\mathrm{sign}(z))`.
+    """
+
+    epsilon: float = 1e-6
+
+    def backward(self, site: Site, r: Tensor) -> dict[int, Any]:
+        node = site.node
+        if node.packet not in ("softmax", "_softmax", "log_softmax", "_log_softmax"):
+            raise ValueError(f"SoftmaxTaylor applies to softmax and log-softmax, not {node.describe()}")
+        args = site.args("x")
+        x, dim, out = args[0], args[1], site.out("x")
+        if node.packet in ("log_softmax", "_log_softmax"):
+            r = r / stabilize(out, _zero_safe(self.epsilon))
+            out = torch.exp(out)
+        # x * (R - s * sum R). A score masked with -inf (a hand-written masked_fill) has s = 0 and R = 0:
+        # clamped to the lowest finite value its relevance is 0, and so is its derivative (not -inf * 0)
+        x = x.clamp(min=torch.finfo(x.dtype).min)
+        t = torch.addcmul(r, out.to(r.dtype), r.sum(dim, keepdim=True), value=-1)
+        return {node.args[0][1]: t.mul_(x) if t.dtype == x.dtype else t * x}
