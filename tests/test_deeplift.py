@@ -513,6 +513,39 @@ def test_deeplift_and_shap_match_captum_where_captum_is_right():
     )
 
 
+def test_captum_surface_local_shap_deltas_and_callable_baselines():
+    # issue 18: multiply_by_inputs=False for DeepLiftShap, return_convergence_delta, callable baselines
+    ca = _captum()
+    m = captum_safe_model()
+    f, p = ax.functionalize(m)
+    torch.manual_seed(11)
+    x, b = torch.randn(3, 2, 8, 8, dtype=D), torch.randn(3, 2, 8, 8, dtype=D) * 0.5
+    t = torch.tensor([0, 2, 1])
+    bl = torch.randn(4, 2, 8, 8, dtype=D)
+    torch.testing.assert_close(
+        ax.deeplift_shap(f, p, x, t, bl, multiply_by_inputs=False),
+        ca.DeepLiftShap(m, multiply_by_inputs=False).attribute(rg(x), baselines=bl, target=t), rtol=1e-5, atol=1e-8)
+    attr, delta = ax.deeplift(f, p, x, t, baseline=b, return_convergence_delta=True)
+    c_attr, c_delta = ca.DeepLift(m).attribute(rg(x), baselines=b, target=t, return_convergence_delta=True)
+    torch.testing.assert_close(attr, c_attr, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(delta, c_delta, rtol=0, atol=1e-8)  # same sign convention
+    torch.testing.assert_close(delta, ax.metrics.completeness_delta(f, p, x, t, attr, baseline=b))
+    attr, delta = ax.deeplift_shap(f, p, x, t, bl, return_convergence_delta=True, chunk_size=3)
+    with torch.no_grad():
+        span = f(p, x).gather(1, t[:, None])[:, 0] - f(p, bl)[:, t].mean(0)
+    torch.testing.assert_close(delta, attr.flatten(1).sum(1) - span)
+    assert delta.abs().max() < 1e-9
+    # callable baselines: evaluated on x
+    torch.testing.assert_close(ax.deeplift(f, p, x, t, baseline=lambda x: 0.5 * x),
+                               ax.deeplift(f, p, x, t, baseline=0.5 * x))
+    torch.testing.assert_close(ax.deeplift_shap(f, p, x, t, lambda x: bl), ax.deeplift_shap(f, p, x, t, bl))
+    with pytest.raises(ValueError, match="needs multiply_by_inputs=True"):
+        ax.deeplift(f, p, x, t, multiply_by_inputs=False, return_convergence_delta=True)
+    with pytest.raises(ValueError, match="finite"):
+        ax.deeplift(f, p, x, t, baseline=torch.full_like(x, float("nan")))
+    ax.deeplift(f, p, x, t, baseline=torch.full_like(x, float("nan")), check_finite=False)  # told otherwise
+
+
 def test_guided_backprop_and_deconvnet_match_captum():
     ca = _captum()
     m = captum_safe_model()

@@ -47,6 +47,7 @@ from .rules import (
     selected_by_input,
 )
 from .targets import ResolvedTarget, prepare_call, repeat_target, select
+from .gradients import _check_delta_flags, call_baseline, convergence_delta
 
 __all__ = ["deconvnet", "deeplift", "deeplift_shap", "guided_backprop"]
 
@@ -113,10 +114,11 @@ def deeplift(
     x: TensorOrTuple,
     target: Target,
     *,
-    baseline: Tensor | float | tuple[Any, ...] | None = None,
+    baseline: Any = None,
     multiply_by_inputs: bool = True,
+    return_convergence_delta: bool = False,
     check_finite: bool = True,
-) -> TensorOrTuple:
+) -> Any:
     r"""DeepLift with the rescale rule [1].
 
     Attributions :math:`a = (x - x') \odot m` where the multipliers :math:`m` are
@@ -136,6 +138,9 @@ def deeplift(
         multiply_by_inputs: Return :math:`(x - x') \odot m` (default, "global"
             attributions); with False return the multipliers :math:`m` (Captum's
             convention).
+        return_convergence_delta: Also return the signed completeness gap
+            :math:`\sum a - (f_t(x) - f_t(x'))` per sample, ``(attr, delta)`` (Captum's flag; the
+            sign convention of ``ax.metrics.completeness_delta``).
     Returns:
         Attributions with the shape, dtype and device of ``x``.
     Raises:
@@ -154,8 +159,9 @@ def deeplift(
         >>> bool(ax.metrics.completeness_delta(model_fn, params, x, 1, a).abs().max() < 1e-5)
         True
     """
+    _check_delta_flags(multiply_by_inputs, return_convergence_delta)
     xs, params, is_tuple, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
-    bs = baselines_for(baseline, xs)
+    bs = baselines_for(call_baseline(baseline, xs, is_tuple), xs, check_finite=check_finite)
     program = program_for(model_fn, params, xs)
     plan = substitute(program, deeplift_rule, "deeplift")
     with eager_no_grad():
@@ -164,7 +170,10 @@ def deeplift(
         publish_output(xs, env_x[program.output])
         mult = _multipliers(program, plan, params, env_x, aux_x, bs, t, batch, len(xs))
         attrs = tuple(_times_delta(xi, b, m) if multiply_by_inputs else m.to(xi.dtype) for xi, b, m in zip(xs, bs, mult))
-    return attrs if is_tuple else attrs[0]
+    result = attrs if is_tuple else attrs[0]
+    if return_convergence_delta:
+        return result, convergence_delta(model_fn, params, xs, bs, t, attrs)
+    return result
 
 
 def _times_delta(x: Tensor, ref: Tensor, m: Tensor) -> Tensor:
@@ -189,11 +198,13 @@ def deeplift_shap(
     params: Params,
     x: TensorOrTuple,
     target: Target,
-    baselines: TensorOrTuple,
+    baselines: Any,
     *,
     chunk_size: int | None = None,
+    multiply_by_inputs: bool = True,
+    return_convergence_delta: bool = False,
     check_finite: bool = True,
-) -> TensorOrTuple:
+) -> Any:
     r"""DeepLiftShap: the mean of DeepLift over a distribution of baselines [1].
 
     :math:`a = \frac1N \sum_k (x - x'_k) \odot m(x, x'_k)`, so that
@@ -203,8 +214,12 @@ def deeplift_shap(
     at most ``chunk_size * B`` input-reference pairs are alive at once.
 
     Args:
-        baselines: Shape ``(N, *x.shape[1:])`` (a tuple for tuple inputs).
+        baselines: Shape ``(N, *x.shape[1:])`` (a tuple for tuple inputs), or a callable
+            ``baselines(x)`` returning them.
         chunk_size: Baselines per vectorised chunk; ``None`` takes all N at once.
+        multiply_by_inputs: With False, the mean of the multipliers :math:`m(x, x'_k)` (Captum's
+            "local" attributions) instead of :math:`(x - x'_k) \odot m`.
+        return_convergence_delta: Also return :math:`\sum a - (f_t(x) - \frac1N\sum_k f_t(x'_k))`.
     Returns:
         Attributions with the shape, dtype and device of ``x``.
     References:
@@ -223,9 +238,10 @@ def deeplift_shap(
     """
     from .gradients import _check_distribution
 
+    _check_delta_flags(multiply_by_inputs, return_convergence_delta)
     xs, params, is_tuple, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
-    bls = _check_distribution(baselines, xs, "baselines")
+    bls = _check_distribution(call_baseline(baselines, xs, is_tuple), xs, "baselines", check_finite=check_finite)
     program = program_for(model_fn, params, xs)
     plan = substitute(program, deeplift_rule, "deeplift_shap")
     n = bls[0].shape[0]
@@ -237,6 +253,8 @@ def deeplift_shap(
         def one(*refs: Tensor) -> tuple[Tensor, ...]:
             expanded = tuple(r.unsqueeze(0).expand_as(xi) for r, xi in zip(refs, xs))
             mult = _multipliers(program, plan, params, env_x, aux_x, expanded, t, batch, len(xs))
+            if not multiply_by_inputs:
+                return mult
             return tuple((upcast(xi) - upcast(r)) * m for xi, r, m in zip(xs, expanded, mult))
 
         total = [torch.zeros_like(upcast(xi)) for xi in xs]
@@ -244,16 +262,32 @@ def deeplift_shap(
             if isinstance(batch, torch.SymInt) or torch.compiler.is_compiling():
                 # symbolic batch (export, torch.compile): vmap's conv batching rule would pin the
                 # batch size, so the chunk's baselines are folded into the batch instead
-                attrs = _folded(program, plan, params, xs, tuple(b[start:stop] for b in bls), t, batch)
+                attrs = _folded(program, plan, params, xs, tuple(b[start:stop] for b in bls), t, batch,
+                                multiply_by_inputs)
             else:
                 attrs = torch.func.vmap(one)(*(b[start:stop] for b in bls))
             total = [s + a.sum(0) for s, a in zip(total, attrs)]
     result = tuple((s / n).to(xi.dtype) for s, xi in zip(total, xs))
-    return result if is_tuple else result[0]
+    packed = result if is_tuple else result[0]
+    if return_convergence_delta:
+        return packed, _shap_delta(model_fn, params, xs, bls, t, result)
+    return packed
+
+
+def _shap_delta(model_fn: ModelFn, params: Params, xs: tuple[Tensor, ...], bls: tuple[Tensor, ...],
+                t: ResolvedTarget, attrs: tuple[Tensor, ...]) -> Tensor:
+    """:math:`\\sum a - (f_t(x) - \\frac1N \\sum_k f_t(x'_k))` per sample (each sample's own target at every baseline)."""
+    n, b = bls[0].shape[0], xs[0].shape[0]
+    with eager_no_grad():
+        fx = select(model_fn(params, *xs), t)
+        rep = tuple(r.unsqueeze(1).expand(n, b, *r.shape[1:]).reshape(n * b, *r.shape[1:]) for r in bls)
+        fr = select(model_fn(params, *rep), repeat_target(t, n)).reshape(n, b).mean(0)
+    total = sum(a.reshape(b, -1).sum(1) for a in attrs)
+    return total - (fx - fr).to(total.dtype)
 
 
 def _folded(program: Program, plan: Any, params: Any, xs: tuple[Tensor, ...], refs: tuple[Tensor, ...],
-            t: ResolvedTarget, batch: Any) -> tuple[Tensor, ...]:
+            t: ResolvedTarget, batch: Any, multiply_by_inputs: bool = True) -> tuple[Tensor, ...]:
     """DeepLift of every sample against ``k`` baselines at once, the pairs folded into a ``k * B`` batch."""
     k = refs[0].shape[0]
     x_rep = tuple(xi.unsqueeze(0).expand(k, *xi.shape).reshape(k * batch, *xi.shape[1:]) for xi in xs)
@@ -261,6 +295,8 @@ def _folded(program: Program, plan: Any, params: Any, xs: tuple[Tensor, ...], re
     aux_x: dict[int, Any] = {}
     env_x = forward(program, params, x_rep, aux=aux_x)
     mult = _multipliers(program, plan, params, env_x, aux_x, r_rep, repeat_target(t, k), k * batch, len(xs))
+    if not multiply_by_inputs:
+        return tuple(m.reshape(k, *xi.shape) for m, xi in zip(mult, xs))
     return tuple(((upcast(xr) - upcast(rr)) * m).reshape(k, *xi.shape) for xr, rr, m, xi in zip(x_rep, r_rep, mult, xs))
 
 
