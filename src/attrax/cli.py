@@ -355,7 +355,8 @@ def _parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="attrax", description="Attribution for PyTorch models.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = ap.add_subparsers(dest="command", parser_class=_Parser)
-    demo = sub.add_parser("demo", help="train a digits CNN and explain it with every method", add_help=False)
+    demo = sub.add_parser("demo", help="train a digits CNN (--text: a small transformer on tokens) and explain it "
+                                        "with every method", add_help=False)
     demo.add_argument("rest", nargs=argparse.REMAINDER)
     ex = sub.add_parser("explain", help="explain a model on input files")
     ex.add_argument("--model", required=True, help="package.module:factory or an exported .pt2 file")

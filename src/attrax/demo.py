@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -242,7 +243,13 @@ def _write_report(path: Path, report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--text" in argv:  # the text demo has its own options (attrax demo --text --help)
+        from .text_demo import main as text_main
+
+        return text_main([a for a in argv if a != "--text"])
     ap = argparse.ArgumentParser(prog="attrax demo", description=__doc__.splitlines()[0])
+    ap.add_argument("--text", action="store_true", help="run the text demo instead (its options: --text --help)")
     ap.add_argument("--out", default="attrax-demo", help="output folder (default: attrax-demo)")
     ap.add_argument("--samples", type=int, default=6, help="test samples to explain (default: 6)")
     ap.add_argument("--epochs", type=int, default=30, help="training epochs (default: 30)")
