@@ -13,11 +13,13 @@ A composite maps a layer to a rule. attrax accepts three forms (API.md section 7
 ``None`` from a composite means "the default for this kind of operation": Epsilon(1e-6) for
 convolutions and linear layers, Norm for residual sums, average pooling and other
 parameter-free linear operations, Pass for activations and unmerged BatchNorm, the exact
-gradient for max pooling and reshapes. Matching order: names, then the first layer, then
+gradient for max pooling and reshapes, HoldScale at normalisation scales and products of two
+activations (the scale or gate held constant). Matching order: names, then the first layer, then
 types and kinds, then the composite's default.
 
-The factories reproduce Zennit's composites of the same names (Anders et al., Zennit,
-arXiv:2106.13200), which the tests check number for number.
+The CNN factories reproduce Zennit's composites of the same names (Anders et al., Zennit,
+arXiv:2106.13200), which the tests check number for number; :func:`attn_lrp` and :func:`cp_lrp`
+are the transformer composites of AttnLRP and CP-LRP (``notes/lrp.md``).
 """
 
 from __future__ import annotations
@@ -27,13 +29,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .relevance import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
+from .relevance import AlphaBeta, Epsilon, Flat, Gamma, HoldScale, Norm, Pass, SoftmaxTaylor, Uniform, ZBox, ZPlus
 from .rules import DeconvReLU, Gradient, GuidedReLU
 
 __all__ = [
     "Composite",
     "Kind",
     "TracedOp",
+    "attn_lrp",
+    "cp_lrp",
     "deconvnet",
     "epsilon",
     "epsilon_alpha2_beta1",
@@ -51,10 +55,15 @@ __all__ = [
 class Kind:
     """A kind of traced operation, matching modules and functional calls alike.
 
-    Kinds: ``"conv"`` (convolutions, transposed ones too), ``"linear"`` (dense), ``"layer"`` (either), ``"activation"``,
+    Kinds: ``"conv"`` (convolutions, transposed ones too), ``"linear"`` (dense, GPT-2's ``Conv1D``/``addmm``
+    too), ``"layer"`` (either), ``"activation"`` (elementwise functions, also written out: a product or
+    sum of elementwise functions of one tensor such as GPT-2's ``gelu_new`` or ``x * sigmoid(x)``),
     ``"relu"``, ``"avgpool"``, ``"maxpool"``, ``"add"`` (sums of two activations, e.g. residual
     connections), ``"batchnorm"``, ``"softmax"``, ``"reshape"`` (shape-only ops),
-    ``"arithmetic"`` (other parameter-free linear ops), ``"*"`` (anything).
+    ``"arithmetic"`` (other parameter-free linear ops), ``"normalize"`` (an activation times a
+    normalisation scale ``rsqrt(var + eps)``, or divided by an input-dependent denominator: inside
+    LayerNorm, RMSNorm, GroupNorm), ``"product"`` (other products of two activations: ``q @ k^T``,
+    ``attention @ v``, ``act(gate) * up``, squeeze-excitation), ``"*"`` (anything).
     """
 
     name: str
@@ -84,12 +93,15 @@ class TracedOp:
     module_type: type | None
 
 
-def matches_type(key: Any, layer: Any) -> bool:
-    if isinstance(key, Kind):
+def matches_type(key: Any, layer: Any, op_type: type | None = None) -> bool:
+    """``key`` (a class or tuple of classes) matches the layer: a module of that type, or an op whose
+    ``nn`` counterpart (``op_type``, or a TracedOp's ``module_type``) is one; so ``nn.Linear`` also matches
+    the linear op inside GPT-2's ``Conv1D`` module."""
+    if isinstance(key, Kind) or not isinstance(key, (type, tuple)):
         return False
     if isinstance(layer, TracedOp):
-        return layer.module_type is not None and isinstance(key, (type, tuple)) and issubclass(layer.module_type, key)
-    return isinstance(key, (type, tuple)) and isinstance(layer, key)
+        return layer.module_type is not None and issubclass(layer.module_type, key)
+    return isinstance(layer, key) or (op_type is not None and issubclass(op_type, key))
 
 
 @dataclass(frozen=True)
@@ -101,16 +113,18 @@ class Composite:
     first: tuple[tuple[Any, Any], ...] = ()
     default: Any = None
 
-    def select(self, name: str, layer: Any, kind: str, is_first: bool) -> Any:
+    def select(self, name: str, layer: Any, kind: str, is_first: bool, op_type: type | None = None) -> Any:
+        """The rule for one call site; ``op_type`` is the ``nn`` class of the traced op (``nn.Linear`` for
+        the linear op inside a ``Conv1D`` module), matched by type keys as well as the module."""
         for pattern, rule in self.by_name:
             if fnmatch.fnmatchcase(name, pattern):
                 return rule
         if is_first:
             for key, rule in self.first:
-                if (isinstance(key, Kind) and key.matches(kind)) or matches_type(key, layer):
+                if (isinstance(key, Kind) and key.matches(kind)) or matches_type(key, layer, op_type):
                     return rule
         for key, rule in self.by_type:
-            if (isinstance(key, Kind) and key.matches(kind)) or matches_type(key, layer):
+            if (isinstance(key, Kind) and key.matches(kind)) or matches_type(key, layer, op_type):
                 return rule
         return self.default
 
@@ -176,9 +190,10 @@ def as_composite(composite: Any) -> Callable[..., Any] | Composite | None:
 
 
 def _base(stabilizer: float) -> dict[Any, Any]:
-    """Zennit's ``layer_map_base``: activations pass, sums and average pools normalise, BatchNorm passes."""
+    """Zennit's ``layer_map_base``: activations pass, sums and average pools normalise, BatchNorm passes;
+    and (attrax) normalisation scales and gates held constant (LayerNorm, squeeze-excitation, gated units)."""
     return {Kind("activation"): Pass(), Kind("add"): Norm(stabilizer), Kind("avgpool"): Norm(stabilizer),
-            Kind("batchnorm"): Pass()}
+            Kind("batchnorm"): Pass(), Kind("normalize"): HoldScale(stabilizer), Kind("product"): HoldScale(stabilizer)}
 
 
 def epsilon(epsilon: float = 1e-6) -> Composite:
@@ -250,3 +265,52 @@ def excitation_backprop(stabilizer: float = 1e-6, zero_params: tuple[str, ...] =
     return mapping(by_type={Kind("layer"): ZPlus(stabilizer, zero_params), Kind("add"): Norm(stabilizer),
                             Kind("avgpool"): Norm(stabilizer)}, default=Gradient())
 
+
+
+def _transformer(epsilon: float, product: Any) -> dict[Any, Any]:
+    """The rule table shared by AttnLRP and CP-LRP; ``epsilon`` is the only stabiliser in it."""
+    return {Kind("layer"): Epsilon(epsilon), Kind("add"): Norm(epsilon), Kind("arithmetic"): Norm(epsilon),
+            Kind("avgpool"): Norm(epsilon), Kind("activation"): Pass(), Kind("batchnorm"): Pass(),
+            Kind("softmax"): SoftmaxTaylor(epsilon), Kind("normalize"): HoldScale(epsilon), Kind("product"): product}
+
+
+def attn_lrp(epsilon: float = 1e-6) -> Composite:
+    r"""AttnLRP [1]: LRP for transformers with attention-aware rules.
+
+    * ε on linear layers and convolutions (GPT-2's ``Conv1D`` included), Norm(ε) on residual sums,
+      average pooling and other parameter-free linear ops (means, scaling, masks);
+    * the identity rule (:class:`~attrax.relevance.Pass`) on elementwise nonlinearities, also when
+      written out (GPT-2's ``gelu_new``: one region, relevance straight to its input);
+    * the uniform rule (:class:`~attrax.relevance.Uniform`, [1] Eq. 7) on products of two
+      activations: ``q @ k^T``, ``attention @ v``, ``act(gate) * up``;
+    * softmax by its Taylor rule :math:`R_x = x \odot (R - s \sum R)`
+      (:class:`~attrax.relevance.SoftmaxTaylor`, [1] Prop. 3.1);
+    * normalisation (LayerNorm, RMSNorm, GroupNorm, ``(x - u) / sqrt(s + eps)``) by the identity rule
+      with the scale held constant (:class:`~attrax.relevance.HoldScale`): the centring is linear (Norm),
+      the scale gets no relevance.
+
+    ``epsilon`` is the only stabiliser (ε → 0 is gradient x input with the modified gradients, LXT's
+    "efficient" mode). The relevance of an embedding model is at its input: pass the embedding output
+    as ``x`` (``ax.functionalize(lm, embedding=...)``).
+
+    References:
+        [1] Achtibat et al. AttnLRP: Attention-Aware Layer-Wise Relevance Propagation for
+            Transformers. ICML 2024. arXiv:2402.05602.
+    """
+    return mapping(by_type=_transformer(epsilon, Uniform(epsilon)))
+
+
+def cp_lrp(epsilon: float = 1e-6) -> Composite:
+    r"""CP-LRP [1]: attention weights, normalisation scales and gates held constant.
+
+    As :func:`attn_lrp`, except at products of two activations
+    (:class:`~attrax.relevance.HoldScale`): relevance through ``attention @ v`` goes to ``v`` alone
+    (none through ``q``, ``k`` or the softmax), and in a gated unit ``act(g) * u`` to ``u`` (the
+    operand that went through the nonlinearity is the gate). Products with no such operand split
+    uniformly. LXT 2.1's ``cp_LRP`` patches do the same (``stop_gradient`` on query, key and gate).
+
+    References:
+        [1] Ali et al. XAI for Transformers: Better Explanations through Conservative Propagation.
+            ICML 2022. arXiv:2202.07304.
+    """
+    return mapping(by_type=_transformer(epsilon, HoldScale(epsilon)))

@@ -11,6 +11,7 @@ user's module is never touched.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -18,10 +19,11 @@ from torch import Tensor, nn
 
 from ._types import ModelFn, Params, Target, TensorOrTuple
 from .canonizers import merge_batchnorm
-from .composites import Composite, TracedOp, as_composite
+from .composites import Composite, Kind, TracedOp, as_composite
 from .core import eager_no_grad, publish_output, forward_args
 from .deeplift import seed
-from .relevance import POOLS, WEIGHTED, AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, WSquare, ZBox, ZPlus
+from .relevance import (CONTRACTIONS, ELEMENTWISE_PRODUCTS, POOLS, WEIGHTED, AlphaBeta, Epsilon, Flat, Gamma, HoldScale,
+                        Norm, Pass, SoftmaxTaylor, Uniform, WSquare, ZBox, ZPlus, normalization, region_source)
 from .rewrite import Node, Program, Streams, forward, memoised, program_spec, substitute, trace_program
 from .rules import (MAXPOOL, SOFTMAX, DeconvReLU, Gradient, GuidedReLU, is_elementwise, is_linear, n_dep, reduces_max,
                     run_plan)
@@ -32,8 +34,8 @@ __all__ = ["apply_scale", "initial_relevance", "lrp", "node_kind"]
 RESHAPE = frozenset(
     """view _unsafe_view reshape flatten unflatten permute transpose t squeeze unsqueeze select slice narrow cat concat
     concatenate stack split split_with_sizes chunk unbind clone contiguous alias dropout feature_dropout alpha_dropout
-    _to_copy lift_fresh_copy roll flip expand repeat constant_pad_nd index_select gather pixel_shuffle pixel_unshuffle
-    movedim swapaxes""".split()
+    _to_copy to lift_fresh_copy roll flip expand repeat constant_pad_nd index_select gather pixel_shuffle
+    pixel_unshuffle movedim swapaxes tensor_split repeat_interleave index""".split()
 )
 BATCHNORM = frozenset(("batch_norm", "_native_batch_norm_legit_no_training"))
 LAYER_RULES = (Epsilon, Gamma, ZPlus, AlphaBeta, Flat, WSquare, ZBox)
@@ -50,6 +52,8 @@ _DEFAULTS: dict[str, Any] = {
     "add": Norm(1e-6),
     "reshape": Gradient(),
     "arithmetic": Norm(1e-6),
+    "product": HoldScale(1e-6),
+    "normalize": HoldScale(1e-6),
 }
 
 _OP_TYPES: dict[str, type] = {
@@ -83,11 +87,18 @@ def node_kind(program: Program, node: Node) -> str:
     if p in BATCHNORM:
         return "batchnorm"
     if p in ("add", "sub") and n_dep(node) == 2:
-        return "add"
+        return "activation" if region_source(program, node) is not None else "add"
     if p in RESHAPE or node.target == "getitem":
         return "reshape"
     if is_linear(program, node):
         return "arithmetic"
+    if p in ELEMENTWISE_PRODUCTS or p in CONTRACTIONS:
+        # an elementwise function of one tensor (x * sigmoid(x), 1 / x), a normalisation scale, or a
+        # product of two activations (q @ k^T, attention @ v, act(gate) * up)
+        if p in ELEMENTWISE_PRODUCTS and region_source(program, node) is not None:
+            return "activation"
+        if n_dep(node) == 2:
+            return "normalize" if normalization(program, node) else "product"
     return "other"
 
 
@@ -156,6 +167,13 @@ def _first_layers(program: Program) -> frozenset[int]:
 
 
 def _check_applicable(rule: Any, kind: str, node: Node) -> None:
+    if not hasattr(rule, "backward"):
+        raise TypeError(f"the composite returned {rule!r} for {node.describe()}; expected a rule from ax.rules")
+    if not _applicable(rule, kind):
+        raise ValueError(f"rule {type(rule).__name__} does not apply to {node.describe()} (a {kind} operation)")
+
+
+def _applicable(rule: Any, kind: str) -> bool:
     ok = True
     if isinstance(rule, LAYER_RULES):
         ok = kind in ("conv", "linear", "avgpool")
@@ -163,10 +181,13 @@ def _check_applicable(rule: Any, kind: str, node: Node) -> None:
         ok = kind == "relu"
     elif isinstance(rule, Norm):
         ok = kind in ("avgpool", "add", "arithmetic", "conv", "linear", "reshape")
-    elif not hasattr(rule, "backward"):
-        raise TypeError(f"the composite returned {rule!r} for {node.describe()}; expected a rule from ax.rules")
-    if not ok:
-        raise ValueError(f"rule {type(rule).__name__} does not apply to {node.describe()} (a {kind} operation)")
+    elif isinstance(rule, Uniform):
+        ok = kind == "product"
+    elif isinstance(rule, HoldScale):
+        ok = kind in ("product", "normalize")
+    elif isinstance(rule, SoftmaxTaylor):
+        ok = kind == "softmax"
+    return ok
 
 
 def plan_for(program: Program, composite: Any, module: nn.Module | None) -> tuple[Any, ...]:
@@ -179,9 +200,11 @@ def plan_for(program: Program, composite: Any, module: nn.Module | None) -> tupl
         if composite is not None:
             name, layer = _describe(node, kind, module)
             if isinstance(composite, Composite):
-                rule = composite.select(name, layer, kind, node.index in firsts)
+                rule = composite.select(name, layer, kind, node.index in firsts, _op_type(node))
             else:
                 rule = composite(name, layer)
+            if kind == "reshape" and isinstance(layer, nn.Module) and rule is not None and not _applicable(rule, kind):
+                rule = None  # a module's rule is for its layer; its reshapes (GPT-2's Conv1D views) keep the default
         if rule is None:
             rule = _DEFAULTS.get(kind)
         if rule is None:
@@ -233,7 +256,34 @@ def _prepare(model_fn: Any, spec: tuple[Any, ...], batch: int | None, composite:
     program = trace_program(model_fn, spec, batch)
     if canonize:
         program = memoised(model_fn, ("merge_batchnorm", spec, batch), lambda: merge_batchnorm(program))
-    return program, plan_for(program, as_composite(composite), getattr(model_fn, "module", None))
+    comp = as_composite(composite)
+
+    def plan() -> tuple[Any, ...]:
+        return plan_for(program, comp, getattr(model_fn, "module", None))
+
+    # the plan is data too: memoised per composite value where that is plain data (a transformer's
+    # graph has thousands of nodes to classify); a callable composite or one holding tensors is asked anew
+    if comp is None or (isinstance(comp, Composite) and _plain(comp)):
+        return program, memoised(model_fn, ("lrp_plan", spec, batch, canonize, comp), plan)
+    return program, plan()
+
+
+def _plain(composite: Composite) -> bool:
+    """Every key and rule of the composite is hashable plain data (no tensors, no callables)."""
+    def plain(v: Any) -> bool:
+        if v is None or isinstance(v, (bool, int, float, str, type, Kind)):
+            return True
+        if isinstance(v, tuple):
+            return all(plain(e) for e in v)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return all(plain(getattr(v, f.name)) for f in dataclasses.fields(v))
+        return False
+
+    try:
+        hash(composite)
+    except TypeError:  # a rule that is a mutable dataclass
+        return False
+    return plain((composite.by_name, composite.by_type, composite.first, composite.default))
 
 
 @forward_args
@@ -256,8 +306,11 @@ def lrp(
     :math:`g(out)` for every linear :math:`g` (a logit difference, a weighted sum). Relevance then
     flows back through every call site with its rule: ``composite=None`` means LRP-ε
     (ε = 1e-6) on every (transposed) convolution and linear layer, Norm on residual sums and average
-    pooling, Pass through activations and the exact gradient through max pooling and reshapes.
-    With ε → 0 on a bias-free ReLU network this equals ``input_x_gradient``.
+    pooling, Pass through activations (also written-out ones such as GPT-2's ``gelu_new``), the exact
+    gradient through max pooling and reshapes, and at products of two activations the normalisation
+    scale or gate held constant (``HoldScale``: LayerNorm/RMSNorm scales, attention weights,
+    squeeze-excitation and gated-MLP gates). With ε → 0 on a bias-free ReLU network this equals
+    ``input_x_gradient``. Transformers: ``composite=ax.composites.attn_lrp()`` or ``cp_lrp()``.
 
     Args:
         composite: ``None``, an ``ax.composites`` factory result (``epsilon_plus()``,
@@ -269,7 +322,7 @@ def lrp(
         Relevance with the shape, dtype and device of ``x``.
     Raises:
         ValueError: For bad inputs, a rule that does not fit its layer, or an operation without a
-            relevance rule (e.g. LayerNorm), named with its module.
+            relevance rule (e.g. ``torch.sort``), named with its module.
     References:
         [1] Bach et al. On Pixel-Wise Explanations for Non-Linear Classifier Decisions by
             Layer-Wise Relevance Propagation. PLoS ONE 10(7), 2015.
