@@ -487,3 +487,141 @@ def test_value_and_attribution_keeps_training_behaviour() -> None:
         warnings.simplefilter("error")
         ax.value_and_attribution(ax.gradient, f, p, torch.randn(4, 5, dtype=D), 0)
     assert not torch.equal(model[1].running_mean, before)  # BatchNorm learns, as in a training step
+
+
+# ------------------------------------------------------------ review findings (outside testing)
+
+SCALE = 1.0
+
+
+class ReadsMore(nn.Module):
+    """Reads a module-level global, a class attribute, a module in a plain list and a slotted config."""
+
+    k = 1.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.acts = [nn.LeakyReLU(0.1)]
+        self.cfg = _Slotted(1.0)
+        self.deep = {"a": {"b": {"c": 1.0}}}
+
+    def forward(self, x):
+        h = self.acts[0](self.l1(x)) * SCALE * ReadsMore.k * self.cfg.w * self.deep["a"]["b"]["c"]
+        return self.l2(h)
+
+
+class _Slotted:
+    __slots__ = ("w",)
+
+    def __init__(self, w: float) -> None:
+        self.w = w
+
+
+def test_what_the_forward_reads_besides_its_module_is_fingerprinted() -> None:
+    global SCALE
+    model = ReadsMore().double().eval()
+    f, p = ax.functionalize(model)
+    x = torch.randn(2, 4, dtype=D)
+
+    def fresh():
+        return ax.deeplift(*ax.functionalize(copy.deepcopy(model)), x, 1)
+
+    ax.deeplift(f, p, x, 1)
+    edits = [lambda: globals().__setitem__("SCALE", 3.0), lambda: setattr(ReadsMore, "k", 2.0),
+             lambda: setattr(model.acts[0], "negative_slope", 0.7), lambda: setattr(model.cfg, "w", 0.5),
+             lambda: model.deep["a"]["b"].__setitem__("c", 4.0)]
+    try:
+        for edit in edits:
+            edit()
+            torch.testing.assert_close(ax.deeplift(f, p, x, 1), fresh(), rtol=0, atol=0)
+    finally:
+        SCALE, ReadsMore.k = 1.0, 1.0
+
+
+def test_negative_per_sample_targets_in_rule_methods() -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5)).double().eval()
+    f, p = ax.functionalize(model)
+    x = torch.randn(3, 4, dtype=D)
+    for method in (ax.deeplift, ax.lrp, ax.guided_backprop, ax.deconvnet):
+        want = method(f, p, x, torch.tensor([4, 0, 3]))
+        for t in ([-1, 0, -2], torch.tensor([-1, 0, -2])):
+            torch.testing.assert_close(method(f, p, x, t), want, rtol=0, atol=0)
+        torch.testing.assert_close(method(f, p, x, torch.tensor(-1)), method(f, p, x, 4), rtol=0, atol=0)
+
+
+class Ops(nn.Module):
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.l1, self.l2, self.op = nn.Linear(4, 6), nn.Linear(6, 3), op
+
+    def forward(self, x):
+        h = self.l1(x)
+        if self.op == "floordiv":
+            h = torch.div(h, 0.5, rounding_mode="floor")
+        elif self.op == "viewint":
+            h = h.view(torch.int64).to(h.dtype)
+        elif self.op == "round":
+            h = torch.round(h)
+        elif self.op == "index":
+            h = h[:, torch.tensor([5, 0, 1, 2, 3, 4])]
+        elif self.op == "tensor_split":
+            h = torch.cat(torch.tensor_split(h, 3, dim=1)[::-1], 1)
+        return self.l2(torch.relu(h))
+
+
+@pytest.mark.parametrize("op, refused", [("floordiv", "div.Tensor_mode"), ("viewint", "view.dtype"), ("round", "round"),
+                                         ("index", None), ("tensor_split", None)])
+def test_piecewise_constant_ops_are_refused_and_linear_ones_are_not(op: str, refused: str | None) -> None:
+    f, p = ax.functionalize(Ops(op).double().eval())
+    x = torch.randn(2, 4, dtype=D)
+    for method in (ax.deeplift, ax.lrp, ax.guided_backprop, ax.deconvnet):
+        if refused:
+            with pytest.raises(ValueError, match=refused):
+                method(f, p, x, 1)
+        else:
+            attr = method(f, p, x, 1)
+            if method is ax.deeplift:
+                assert ax.metrics.completeness_delta(f, p, x, 1, attr).abs().max() < 1e-12
+
+
+def test_pre_hook_on_the_root_is_named_as_such() -> None:
+    model = mlp().double().eval()
+    model.register_forward_pre_hook(lambda mod, args: None)
+    f, p = ax.functionalize(model)
+    with pytest.raises(ValueError, match="the root module has a forward pre-hook"):
+        ax.deeplift(f, p, torch.randn(2, 5, dtype=D), 0)
+
+
+def test_forward_args_that_cannot_follow_the_rows_are_refused() -> None:
+    f, p = ax.functionalize(mlp().double().eval())
+
+    def fn(params, x, scale):
+        return f(params, x * scale)
+
+    x, scale = torch.randn(3, 5, dtype=D), torch.rand(3, 1, dtype=D) + 0.5
+    with pytest.raises(ValueError, match="not copies of the batch"):
+        ax.integrated_gradients(fn, p, x, 1, n_steps="auto", additional_forward_args=(scale,))
+    got = ax.integrated_gradients(fn, p, x, 1, n_steps=8, additional_forward_args={"scale": scale})
+    torch.testing.assert_close(got, ax.integrated_gradients(fn, p, x, 1, n_steps=8, additional_forward_args=(scale,)))
+
+
+def test_compiled_explainer_raises_the_methods_own_errors() -> None:
+    f, p = ax.functionalize(mlp().double().eval())
+    explain = ax.compile(ax.deeplift, f, p, backend="eager")
+    x = torch.randn(3, 5, dtype=D)
+    with pytest.raises(ValueError, match=r"target has 2 entries but the batch has 3 samples \(output shape \(3, 3\)\)"):
+        explain(x, [0, 1])
+    with pytest.raises(ValueError, match="out of range"):
+        explain(x, 7)
+    torch.testing.assert_close(explain(x, -1), ax.deeplift(f, p, x, 2))
+
+
+def test_instance_norm_with_running_stats_is_named_in_training_mode() -> None:
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.InstanceNorm2d(3, track_running_stats=True), nn.Flatten(),
+                          nn.Linear(3 * 4 * 4, 2)).double().train()
+    before = module_snapshot(model)
+    f, p = ax.functionalize(model)
+    with pytest.warns(UserWarning, match=r"'1' \(InstanceNorm2d\)"):
+        ax.gradient(f, p, torch.randn(2, 2, 6, 6, dtype=D), 0)
+    assert_unchanged(model, before)

@@ -75,7 +75,7 @@ class FunctionalModel:
             copy_ = shadow_copy(layer)  # never swap tensors in the user's module
             return torch.func.functional_call(copy_, sub, (ids,), strict=False)
 
-    def run(self, module: nn.Module, params: Params, x: tuple[Any, ...]) -> Tensor:
+    def run(self, module: nn.Module, params: Params, x: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Tensor:
         """``functional_call`` of ``module`` (the shadow) on ``x``: with ``embedding``, x[0] is the embedding
         layer's output, injected in place of the layer's forward while dummy ids of its shape enter the
         model; with ``output``, the selected tensor of the result."""
@@ -84,7 +84,7 @@ class FunctionalModel:
             self._injected.value = e
             ids = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)
             x = (ids, *x[1:])
-        out = torch.func.functional_call(module, dict(params), x, strict=False)
+        out = torch.func.functional_call(module, dict(params), x, kwargs or None, strict=False)
         return out if self.output is None else select_output(out, self.output)
 
     def shadow(self, fingerprint: Any = None) -> nn.Module:
@@ -186,7 +186,9 @@ def _value_key(v: Any, depth: int, seen: dict[int, Any], refs: list[Any]) -> Any
     refs.append(v)
     if isinstance(v, Tensor):
         return ("T", id(v), v._version)
-    if isinstance(v, nn.Module) or callable(v) or depth <= 0:
+    if isinstance(v, nn.Module):  # a module outside the tree (kept in a plain list): its own settings
+        return ("M", id(v), type(v), tuple((k, e) for k, e in vars(v).items() if type(e) in _SCALAR_TYPES))
+    if callable(v) or depth <= 0:
         return ("O", id(v))
     key = id(v)
     if key in seen:
@@ -200,6 +202,9 @@ def _value_key(v: Any, depth: int, seen: dict[int, Any], refs: list[Any]) -> Any
         out = ("map", tuple((repr(k), _value_key(e, depth - 1, seen, refs)) for k, e in v.items()))
     elif hasattr(v, "__dict__"):
         out = (type(v), key, tuple((k, _value_key(e, depth - 1, seen, refs)) for k, e in vars(v).items()))
+    elif getattr(type(v), "__slots__", None):  # slotted objects (dataclass(slots=True) configs)
+        names = [n for cls in type(v).__mro__ for n in getattr(cls, "__slots__", ()) if hasattr(v, n)]
+        out = (type(v), key, tuple((n, _value_key(getattr(v, n), depth - 1, seen, refs)) for n in names))
     else:
         out = ("O", key)
     seen[key] = out
@@ -234,6 +239,7 @@ def module_fingerprint(module: nn.Module) -> Fingerprint:
     seen: dict[int, Any] = {}
     refs: list[Any] = []
     parts: list[Any] = []
+    classes: dict[type, Any] = {}
     stack = [module]
     scalars = _SCALAR_TYPES
     while stack:
@@ -255,13 +261,34 @@ def module_fingerprint(module: nn.Module) -> Fingerprint:
             elif tv is tuple and all(type(e) in scalars for e in v):
                 parts.append(v)
             else:
-                parts.append((k, _value_key(v, 2, seen, refs)))
+                parts.append((k, _value_key(v, 3, seen, refs)))
+        cls = type(m)
+        if cls not in classes:
+            classes[cls] = _class_key(cls, seen, refs)
+    parts.append(tuple(classes.items()))
     for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                  "_global_backward_pre_hooks"):
         hooks = tuple(getattr(_m, name, {}).values())
         refs.append(hooks)
         parts.append(tuple(map(id, hooks)))
     return Fingerprint(tuple(parts), refs)
+
+
+def _class_key(cls: type, seen: dict[int, Any], refs: list[Any]) -> Any:
+    """What a module class contributes besides its instances: its ``forward`` (code, defaults, closure, and
+    the module-level globals it names, e.g. a ``SCALE`` constant) and its plain class attributes."""
+    refs.append(cls)
+    forward = cls.__dict__.get("forward") or getattr(cls, "forward", None)
+    attrs = tuple((k, v) for k, v in vars(cls).items() if type(v) in _SCALAR_TYPES and not k.startswith("__"))
+    if forward is None or getattr(forward, "__module__", "").startswith("torch."):
+        return (id(forward), attrs)
+    code = getattr(forward, "__code__", None)
+    if code is None:
+        return (id(forward), attrs)
+    globs = getattr(forward, "__globals__", {})
+    named = tuple((n, _value_key(globs[n], 2, seen, refs)) for n in code.co_names
+                  if n in globs and not _is_module_object(globs[n]) and not isinstance(globs[n], type))
+    return (id(forward), attrs, named)
 
 
 _SCALAR_TYPES = frozenset((type(None), bool, int, float, str))
@@ -301,8 +328,8 @@ class BoundModel(FunctionalModel):
     for the tensors they were traced with.
     """
 
-    def __init__(self, model_fn: Any, args: tuple[Any, ...], batch: int) -> None:
-        self.inner, self.args, self.batch = model_fn, args, batch
+    def __init__(self, model_fn: Any, args: tuple[Any, ...], batch: int, kwargs: dict[str, Any] | None = None) -> None:
+        self.inner, self.args, self.batch, self.kwargs = model_fn, args, batch, dict(kwargs or {})
         self.module = getattr(model_fn, "module", None)
         inner_memo = isinstance(model_fn, FunctionalModel)
         self._lock = model_fn._lock if inner_memo else threading.RLock()
@@ -312,18 +339,28 @@ class BoundModel(FunctionalModel):
     def fingerprint(self) -> Any:
         inner = self.inner.fingerprint() if isinstance(self.inner, FunctionalModel) else function_fingerprint(self.inner)
         refs: list[Any] = []
-        args = _value_key(self.args, 3, {}, refs)
+        args = _value_key((self.args, self.kwargs), 3, {}, refs)
         return Fingerprint(("bound", inner, args), refs)
 
     def shadow(self, fingerprint: Any = None) -> nn.Module:
         return self.inner.shadow()
 
     def extra(self, n: Any) -> tuple[Any, ...]:
-        """The bound arguments for a call on ``n`` rows."""
+        """The bound positional arguments for a call on ``n`` rows."""
         return tuple(_fit_rows(a, n, self.batch) for a in self.args)
 
+    def extra_kwargs(self, n: Any) -> dict[str, Any]:
+        """The bound keyword arguments (``additional_forward_args`` given as a dict) for ``n`` rows."""
+        return {k: _fit_rows(a, n, self.batch) for k, a in self.kwargs.items()}
+
     def __call__(self, params: Params, *x: Tensor) -> Tensor:
-        return self.inner(params, *x, *self.extra(x[0].shape[0]))
+        n = x[0].shape[0]
+        if self.kwargs:
+            if not isinstance(self.inner, FunctionalModel):
+                return self.inner(params, *x, *self.extra(n), **self.extra_kwargs(n))
+            with self.inner._lock:
+                return self.inner.run(self.inner.shadow(), params, (*x, *self.extra(n)), self.extra_kwargs(n))
+        return self.inner(params, *x, *self.extra(n))
 
     def __repr__(self) -> str:
         return f"BoundModel({self.inner!r}, {len(self.args)} additional_forward_args)"
@@ -334,18 +371,28 @@ def _fit_rows(a: Any, n: Any, batch: int) -> Any:
         return a
     if isinstance(n, int) and n < batch:
         return a[:n]
+    if isinstance(n, int) and n % batch:
+        raise ValueError(
+            f"additional_forward_args: the method called the model on {n} rows, which are not copies of the batch of "
+            f"{batch} (e.g. n_steps='auto' refines a subset of samples); per-sample arguments cannot follow them. "
+            f"Use a fixed n_steps, or make the argument part of x")
     reps = n // batch
     return a.repeat(reps, *([1] * (a.ndim - 1)))
 
 
 def bind_forward_args(model_fn: Any, args: Any, x: Any) -> BoundModel:
     """``model_fn`` calling with ``additional_forward_args`` after ``x``; validated here."""
-    if not isinstance(args, tuple):
+    kwargs: dict[str, Any] = {}
+    if isinstance(args, Mapping):  # keyword arguments: {"attention_mask": mask} (HF models' positional order varies)
+        if not all(isinstance(k, str) for k in args):
+            raise TypeError("additional_forward_args as a dict must map argument names (str) to values")
+        kwargs, args = dict(args), ()
+    elif not isinstance(args, tuple):
         args = tuple(args) if isinstance(args, list) else (args,)
     first = x[0] if isinstance(x, (tuple, list)) and x else x
     if not isinstance(first, Tensor) or first.ndim < 1:
         raise TypeError("additional_forward_args needs x to be a batched Tensor or a tuple of them")
-    return BoundModel(model_fn, args, int(first.shape[0]))
+    return BoundModel(model_fn, args, int(first.shape[0]), kwargs)
 
 
 def forward_args(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -509,7 +556,7 @@ def warn_training(model_fn: Any) -> None:
         return
     if keeps_graph() or torch.compiler.is_compiling() or _TRAINING_WARNED.get():
         return
-    kinds = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+    kinds = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.modules.instancenorm._InstanceNorm)
     layers = [f"'{path}' ({type(m).__name__})" for path, m in module.named_modules() if m.training and isinstance(m, kinds)]
     if layers:
         shown = ", ".join(layers[:5]) + (f" and {len(layers) - 5} more" if len(layers) > 5 else "")

@@ -23,6 +23,7 @@ from .rules import (
     run_plan,
     BILINEAR,
     MAXPOOL,
+    PIECEWISE_CONSTANT,
     RELU,
     SOFTMAX,
     Bilinear,
@@ -79,11 +80,20 @@ def deeplift_rule(program: Program, node: Node) -> Any:
 
 
 def _guided_rule(program: Program, node: Node) -> Any:
-    return _GUIDED if node.packet in RELU else _GRADIENT
+    return _GUIDED if node.packet in RELU else _gradient_rule(program, node)
 
 
 def _deconv_rule(program: Program, node: Node) -> Any:
-    return _DECONV if node.packet in RELU else _GRADIENT
+    return _DECONV if node.packet in RELU else _gradient_rule(program, node)
+
+
+def _gradient_rule(program: Program, node: Node) -> Any:
+    """The exact gradient, except where it is zero almost everywhere (round, sign, argmax...) or a
+    float's bits are reinterpreted: there no gradient-based explanation is meaningful."""
+    if node.packet in PIECEWISE_CONSTANT or node.target == "aten.view.dtype" or (
+            node.packet == "div" and any(k == "rounding_mode" and v != ("c", None) for k, v in node.kwargs)):
+        return None
+    return _GRADIENT
 
 
 def seed(out: Tensor, target: ResolvedTarget) -> Tensor:
@@ -99,7 +109,8 @@ def seed(out: Tensor, target: ResolvedTarget) -> Tensor:
     if target.kind == "none":
         return torch.ones_like(out)
     if target.kind == "tensor":
-        idx = target.value.to(out.device).expand(out.shape[0]).unsqueeze(1)
+        # Python indexing: -1 is the last output (select() has checked the range)
+        idx = (target.value.to(out.device).expand(out.shape[0]) % out.shape[1]).unsqueeze(1)
         return torch.zeros_like(out).scatter(1, idx, 1.0)
     index = (slice(None), target.value) if target.kind == "int" else (slice(None), *target.value)
     g = torch.zeros_like(out)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ._types import ModelFn, Params, Target, TensorOrTuple
-from .core import baselines_for, forward_args
+from .core import baselines_for, forward_args, training_warned
 from .gradients import call_baseline
 from .targets import prepare_call, select
 
@@ -152,7 +152,9 @@ def sensitivity_max(
         deltas, _ = as_tuple(perturbations, "perturbations")
     else:
         deltas = tuple((_rand((n_samples, *xi.shape), xi, generator) * 2 - 1) * r for xi in xs)
-    base, _ = as_tuple(attribute(model_fn, params, x if is_tuple else xs[0], target, **method_kwargs), "attribute(...)")
+    with training_warned():  # the metric's own boundary check warned already
+        base, _ = as_tuple(attribute(model_fn, params, x if is_tuple else xs[0], target, **method_kwargs),
+                           "attribute(...)")
     base_flat = torch.cat([b.reshape(batch, -1) for b in base], 1)
     norm = base_flat.norm(dim=1)
     norm = torch.where(norm == 0, torch.ones_like(norm), norm)

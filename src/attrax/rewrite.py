@@ -267,12 +267,13 @@ def _trace(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int, f
         # other threads calling it meanwhile are undisturbed
         shadow = model_fn.shadow(fingerprint)  # type: ignore[attr-defined]
         _check_hooks(shadow)
-        extra = model_fn.extra(batch) if isinstance(model_fn, BoundModel) else ()
-
-        runner = model_fn.inner if isinstance(model_fn, BoundModel) else model_fn
+        bound = isinstance(model_fn, BoundModel)
+        extra = model_fn.extra(batch) if bound else ()
+        extra_kw = model_fn.extra_kwargs(batch) if bound else {}
+        runner = model_fn.inner if bound else model_fn
 
         def fn(p: dict[str, Tensor], *x: Tensor) -> Tensor:
-            return runner.run(shadow, p, (*x, *extra))  # type: ignore[union-attr]
+            return runner.run(shadow, p, (*x, *extra), extra_kw)  # type: ignore[union-attr]
 
         fn._orig_mod = shadow  # type: ignore[attr-defined]  # lets make_fx record module paths
     else:
@@ -347,14 +348,15 @@ def _check_hooks(module: torch.nn.Module) -> None:
     """Refuse user forward hooks: a trace would call them with placeholder (fake) tensors."""
     from torch.nn.modules import module as _m
 
-    found = [(path, h) for path, m in module.named_modules()
-             for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values() if not _torch_internal(h)]
-    found += [("(every module)", h) for d in (_m._global_forward_hooks, _m._global_forward_pre_hooks)
-              for h in d.values() if not _torch_internal(h)]
+    found = [(f"module '{path}'" if path else "the root module", kind, h) for path, m in module.named_modules()
+             for kind, d in (("forward hook", m._forward_hooks), ("forward pre-hook", m._forward_pre_hooks))
+             for h in d.values() if not _torch_internal(h)]
+    found += [("every module (a global hook)", kind, h) for kind, d in (("forward hook", _m._global_forward_hooks),
+              ("forward pre-hook", _m._global_forward_pre_hooks)) for h in d.values() if not _torch_internal(h)]
     if found:
-        path, h = found[0]
+        where, kind, h = found[0]
         raise UnsupportedOperation(
-            f"module '{path}' has a forward hook ({getattr(h, '__qualname__', type(h).__name__)}); rule-based methods "
+            f"{where} has a {kind} ({getattr(h, '__qualname__', type(h).__name__)}); rule-based methods "
             f"trace the model on placeholder tensors and would call the hook with them. Remove the hook while "
             f"attributing (handle.remove()), or use a gradient method, which calls the model on real tensors"
         )
@@ -1007,7 +1009,7 @@ def substitute(program: Program, rule_for: Callable[[Program, Node], Any], metho
         rule = rule_for(program, node)
         if rule is None:
             raise UnsupportedOperation(
-                f"{method} has no rule for {node.describe()}; a nonlinearity without a rule is an error, never a "
+                f"{method} has no rule for {node.describe()}; an op without a rule is an error, never a "
                 f"silent fallback to the gradient"
             )
         plan[node.index] = rule
@@ -1015,7 +1017,7 @@ def substitute(program: Program, rule_for: Callable[[Program, Node], Any], metho
 
 
 #: ops that convert dtype; to an integer or bool dtype they cut every derivative
-_CASTS = frozenset(("_to_copy", "to", "_to_dtype", "type_as", "_autocast_to_reduced_precision", "view_as_real"))
+_CASTS = frozenset(("_to_copy", "to", "_to_dtype", "type_as", "_autocast_to_reduced_precision", "view_as_real", "view"))
 
 
 class ProgramBuilder:

@@ -567,8 +567,13 @@ LINEAR = frozenset(
     upsample_linear1d upsample_trilinear3d _upsample_nearest_exact1d _upsample_nearest_exact2d pixel_shuffle
     pixel_unshuffle _to_copy to lift_fresh_copy cumsum tril triu movedim swapaxes diagonal unfold view_as einsum
     zeros_like ones_like full_like empty_like masked_fill reflection_pad1d reflection_pad2d reflection_pad3d
-    replication_pad1d replication_pad2d replication_pad3d _pad_circular repeat_interleave""".split()
+    replication_pad1d replication_pad2d replication_pad3d _pad_circular repeat_interleave index tensor_split
+    index_put""".split()
 )
+#: ops whose derivative is zero almost everywhere: a gradient through them is silently zero, so even the
+#: gradient-based rule methods (guided backprop, deconvnet) refuse them
+PIECEWISE_CONSTANT = frozenset(
+    "round floor ceil trunc fix sign floor_divide remainder fmod bucketize searchsorted argmax argmin one_hot".split())
 #: elementwise nonlinearities y = f(x) (other arguments constant)
 ELEMENTWISE = frozenset(
     """relu leaky_relu elu celu selu gelu silu mish sigmoid tanh softplus hardtanh relu6 hardsigmoid hardswish
@@ -605,6 +610,8 @@ def is_linear(program: Program, node: Node) -> bool:
     p = node.packet
     if node.target == "getitem":
         return True
+    if node.target == "aten.view.dtype":
+        return False  # a reinterpretation of the bits
     if p not in LINEAR or selected_by_input(program, node):
         return False
     args = node.args
@@ -612,6 +619,8 @@ def is_linear(program: Program, node: Node) -> bool:
     if p in ("mul", "mm", "bmm", "matmul", "einsum"):
         return n_dep(node) <= 1
     if p == "div":
+        if any(k == "rounding_mode" and v != ("c", None) for k, v in node.kwargs):
+            return False  # floor/trunc division: piecewise constant, no rule
         return not (len(deps) > 1 and deps[1])
     if p in ("conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
              "linear"):

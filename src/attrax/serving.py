@@ -74,8 +74,10 @@ class Explainer:
     """
 
     def __init__(self, fn: Callable[..., TensorOrTuple], batch_size: int | None, description: str,
-                 model_fn: Any = None, rebuild: Callable[[], Callable[..., TensorOrTuple]] | None = None) -> None:
+                 model_fn: Any = None, rebuild: Callable[[], Callable[..., TensorOrTuple]] | None = None,
+                 eager: Callable[..., TensorOrTuple] | None = None) -> None:
         self.fn = fn
+        self._eager = eager
         self.batch_size = batch_size
         self._description = description
         # a compiled graph is a cache of the model's trace: rebuilt when the model changes (fingerprint)
@@ -93,6 +95,21 @@ class Explainer:
         return f"Explainer({self._description}, batch_size={self.batch_size})"
 
     def __call__(self, x: TensorOrTuple, target: Target = None) -> TensorOrTuple:
+        try:
+            return self._call(x, target)
+        except (ValueError, TypeError):
+            raise
+        except Exception as e:
+            # a bad argument or a refused op inside the compiled region reaches here wrapped by dynamo:
+            # the method run eagerly raises its own, clear error
+            if self._eager is not None:
+                try:
+                    self._eager(x, target)
+                except (ValueError, TypeError) as clear:
+                    raise clear from e
+            raise
+
+    def _call(self, x: TensorOrTuple, target: Target = None) -> TensorOrTuple:
         xs, is_tuple = as_tuple(x)
         batch = xs[0].shape[0]
         t = _target_input(target, batch, xs[0].device)
@@ -165,7 +182,7 @@ def compile(  # noqa: A001 - the API name
     def build() -> Callable[..., TensorOrTuple]:
         return torch.compile(run, backend=backend, mode=mode, dynamic=dynamic, options=options, fullgraph=fullgraph)
 
-    return Explainer(build(), batch_size, getattr(attribute, "__name__", repr(attribute)), model_fn, build)
+    return Explainer(build(), batch_size, getattr(attribute, "__name__", repr(attribute)), model_fn, build, run)
 
 
 def n_steps_auto(kwargs: dict[str, Any]) -> bool:
