@@ -625,3 +625,28 @@ def test_instance_norm_with_running_stats_is_named_in_training_mode() -> None:
     with pytest.warns(UserWarning, match=r"'1' \(InstanceNorm2d\)"):
         ax.gradient(f, p, torch.randn(2, 2, 6, 6, dtype=D), 0)
     assert_unchanged(model, before)
+
+
+def test_constants_built_in_forward_under_an_enclosing_grad() -> None:
+    # a mask made inside forward is wrapped by torch.func.grad while tracing: it is still a constant
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l, self.o = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            mask = torch.ones(x.shape[1], x.shape[1]).triu().to(x.dtype)
+            return self.o(torch.relu(self.l(x)) @ mask)
+
+    model = Masked().double().eval()
+    f, p = ax.functionalize(model)
+    x = torch.randn(3, 4, dtype=D)
+    w = {"l.weight": p["l.weight"]}
+    for method in (ax.lrp, ax.deeplift):
+        g = torch.func.grad(lambda w: method(f, {**p, **w}, x, 1).pow(2).sum())(w)["l.weight"]
+        eps = 1e-6
+        bump = torch.zeros_like(w["l.weight"])
+        bump[1, 2] = eps
+        fd = (method(f, {**p, "l.weight": w["l.weight"] + bump}, x, 1).pow(2).sum()
+              - method(f, {**p, "l.weight": w["l.weight"] - bump}, x, 1).pow(2).sum()) / (2 * eps)
+        torch.testing.assert_close(g[1, 2], fd, rtol=1e-5, atol=1e-8)

@@ -439,7 +439,12 @@ def _build(gm: torch.fx.GraphModule, spec: tuple[Any, ...]) -> Program:
             continue
         if fx_node.op == "get_attr":
             value = getattr(gm, fx_node.target)
-            if isinstance(value, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(value):
+            functorch = torch._C._functorch
+            # a constant the model built under an enclosing torch.func.grad is wrapped by it: its value
+            # does not depend on params or x, so the plain tensor inside is the constant
+            while isinstance(value, Tensor) and functorch.is_gradtrackingtensor(value):
+                value = functorch.get_unwrapped(value)
+            if isinstance(value, Tensor) and functorch.is_functorch_wrapped_tensor(value):
                 raise UnsupportedOperation(
                     "model_fn builds a tensor under its own torch.vmap from values that do not depend on x (HF "
                     "transformers does this to turn a 2-D attention mask into a 4-D one), and the tracer cannot keep it; "
