@@ -250,6 +250,174 @@ def test_model_fingerprint_covers_buffers_and_names():
     assert ax.distributed._model_fingerprint({k: v.clone() for k, v in p.items()}) == base
 
 
+def tiny_data(n=12):
+    g = torch.Generator().manual_seed(1)
+    return torch.utils.data.TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def test_resume_with_a_changed_module_or_another_model_function_is_refused(tmp_path):
+    # review of 15.4: only params were fingerprinted, so the same weights in a changed module, and
+    # any plain function (params == {}) for any other, resumed a store and mixed two models in it
+    ds = tiny_data()
+    run = lambda model, out, **k: ax.distributed.attribute_dataset(  # noqa: E731
+        ax.saliency, *ax.functionalize(model), ds, out=tmp_path / out, batch_size=4, shard_size=4, progress=False, **k)
+    half_done = lambda out: (tmp_path / out / "shard-00001.json").unlink()  # noqa: E731
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.LeakyReLU(0.1), torch.nn.Linear(6, 3)).eval()
+    run(net, "m")
+    half_done("m")
+    net[1].negative_slope = 0.9
+    with pytest.raises(ValueError, match=r'different model: model \{.*"structure"'):
+        run(net, "m")
+    net[1].negative_slope = 0.1
+    with pytest.raises(ValueError, match="different model: model"):  # a swapped activation, same names and weights
+        run(torch.nn.Sequential(net[0], torch.nn.ReLU(), net[2]).eval(), "m")
+    with pytest.raises(ValueError, match="different model: model"):  # same module in training mode
+        run(net.train(), "m")
+    assert run(net.eval(), "m").complete  # the same module resumes
+    W1 = torch.randn(4, 3, generator=torch.Generator().manual_seed(2))
+    W2 = W1 + 1
+    run(lambda p, x: x @ W1, "f")
+    half_done("f")
+    for other in (lambda p, x: x @ W2, lambda p, x: (x @ W1).relu(), lambda p, x, s=2.0: s * (x @ W1), lambda p, x: net(x)):
+        with pytest.raises(ValueError, match="different model: model"):
+            run(other, "f")
+    W1_again = W1.clone()  # equal contents under another name: the same function
+    assert run(lambda p, x: x @ W1_again, "f").complete
+    # a module inside a plain function counts with its weights
+    run(lambda p, x: net(x), "g")
+    half_done("g")
+    with torch.no_grad():
+        net[2].bias[0] += 1e-3
+    with pytest.raises(ValueError, match="different model: model"):
+        run(lambda p, x: net(x), "g")
+    # model_id still overrides everything
+    run(lambda p, x: x @ W1, "id", model_id="v1")
+    half_done("id")
+    assert run(lambda p, x: x @ W2, "id", model_id="v1").complete
+
+
+SCALE = 3.0
+
+
+def _scaled(x):
+    return SCALE * x.tanh()
+
+
+def test_model_structure_covers_code_defaults_closure_and_globals():
+    structure = ax.distributed._model_structure
+
+    def make(W, k=1):
+        def f(p, x, k=k):
+            return _scaled(x @ W) * k
+        return f
+
+    base = structure(make(torch.ones(4, 3)))
+    assert structure(ax.functionalize(make(torch.ones(4, 3)))[0]) == base  # the wrapper is seen through; contents, not ids
+    assert structure(make(torch.ones(4, 3), k=2)) != base  # a default
+    assert structure(make(torch.ones(4, 3) * 2)) != base  # a closure cell
+    assert structure(make(torch.ones(4, 3, dtype=torch.float64))) != base
+    global SCALE
+    try:
+        SCALE = 4.0  # a global of a function that f calls
+        assert structure(make(torch.ones(4, 3))) != base
+    finally:
+        SCALE = 3.0
+    assert structure(make(torch.ones(4, 3))) == base
+
+
+STRUCTURE_SOURCE = '''
+import numpy as np, torch
+TABLE = {"scale": 2.5, "tags": {"a", "b", "c"}, "w": np.arange(6.0)}
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.LeakyReLU(0.2)).eval()
+def helper(x):
+    return x * TABLE["scale"] if x.dtype in {torch.float32, torch.float64} else x
+def make():
+    w = torch.full((2, 2), 0.5)
+    return lambda p, x: helper(net(x @ w)) + float(TABLE["w"].sum())
+fn = make()
+'''
+
+
+def test_model_structure_is_the_same_in_another_process(tmp_path):
+    # the manifest is compared across runs and ranks: no ids, addresses or hash-seed orders in it
+    import runpy
+
+    src = tmp_path / "model_src.py"
+    src.write_text(STRUCTURE_SOURCE)
+    mine = runpy.run_path(str(src))
+    code = ("import runpy, sys, attrax as ax; m = runpy.run_path(sys.argv[1]); "
+            "print(ax.distributed._model_structure(m['fn'])); print(ax.distributed._model_structure(ax.functionalize(m['net'])[0]))")
+    env = dict(ENV, PYTHONHASHSEED="123")
+    theirs = subprocess.run([sys.executable, "-c", code, str(src)], env=env, capture_output=True, text=True, timeout=300)
+    assert theirs.returncode == 0, theirs.stderr
+    assert theirs.stdout.split() == [ax.distributed._model_structure(mine["fn"]),
+                                     ax.distributed._model_structure(ax.functionalize(mine["net"])[0])]
+
+
+def test_damaged_shard_files_and_manifest_are_named(tmp_path):
+    # review of 15.4: a 0-byte .npy crashed numpy (EOFError), an edited index entry went unnoticed
+    # and a bad value in it crashed open_store; a broken manifest.json gave a bare JSON error
+    f, p, ds = small_job()
+    calls = []
+
+    def counted(*a, **k):
+        calls.append(len(a[2]))
+        return ax.saliency(*a, **k)
+
+    counted.__qualname__, counted.__module__ = "saliency", "attrax.gradients"
+    kw = dict(out=tmp_path, batch_size=10, shard_size=10, progress=False)
+    first = ax.distributed.attribute_dataset(counted, f, p, ds, **kw)
+    reference, targets = np.asarray(first.attributions).copy(), first.targets.copy()
+    shard = lambda k, ext: tmp_path / f"shard-{k:05d}.{ext}"  # noqa: E731
+
+    def edit(k, **fields):
+        info = json.loads(shard(k, "json").read_text())
+        shard(k, "json").write_text(json.dumps({**info, **fields}))
+
+    # from the last shard back, so that open_store (which names the first bad shard) names each in turn
+    info4 = json.loads(shard(4, "json").read_text())
+    edit(4, targets=[(t + 1) % 5 for t in info4["targets"]])
+    with pytest.raises(ValueError, match=r"shard-00004.json fails its checksum.*rerun attribute_dataset"):
+        ax.distributed.open_store(tmp_path)
+    edit(3, delta=["abc"] + [0.0] * 9)
+    for verify in (True, False):
+        with pytest.raises(ValueError, match=r"shard-00003.json holds a bad value: delta\[0\] = 'abc'"):
+            ax.distributed.open_store(tmp_path, verify=verify)
+    edit(2, targets=[1.5] * 10)
+    with pytest.raises(ValueError, match=r"shard-00002.json holds a bad value: targets\[0\] = 1.5"):
+        ax.distributed.open_store(tmp_path)
+    shard(1, "npy").write_bytes(b"")
+    for verify in (True, False):
+        with pytest.raises(ValueError, match="shard-00001.npy is truncated or corrupt"):
+            ax.distributed.open_store(tmp_path, verify=verify)
+    calls.clear()
+    with pytest.warns(RuntimeWarning) as caught:
+        again = ax.distributed.attribute_dataset(counted, f, p, ds, **kw)
+    named = sorted(str(w.message).split(": ")[1].split(" ")[0] for w in caught)
+    assert named == ["shard-00001.npy", "shard-00002.json", "shard-00003.json", "shard-00004.json"]
+    assert calls == [1, 10, 10, 10, 10]  # the probe, then exactly the four bad shards
+    assert again.complete and np.array_equal(np.asarray(again.attributions), reference)
+    assert np.array_equal(again.targets, targets)
+    # a shard pair from another store of the same shape is not this store's
+    other = ax.distributed.attribute_dataset(ax.saliency, f, p, ds, **dict(kw, out=tmp_path / "other"), abs=False)
+    for ext in ("json", "npy"):
+        shard(0, ext).write_bytes((other.path / f"shard-00000.{ext}").read_bytes())
+    with pytest.raises(ValueError, match="shard-00000.json fails its checksum"):
+        ax.distributed.open_store(tmp_path)
+    # a truncated manifest names its file and what to do, from open_store and from a resume
+    manifest = (tmp_path / "manifest.json").read_text()
+    (tmp_path / "manifest.json").write_text(manifest[:len(manifest) // 2])
+    expect = r"manifest.json'? is corrupt \(not JSON.*\).*use a new folder"
+    with pytest.raises(ValueError, match=expect):
+        ax.distributed.open_store(tmp_path)
+    with pytest.raises(ValueError, match=expect):
+        ax.distributed.attribute_dataset(counted, f, p, ds, **kw)
+    (tmp_path / "manifest.json").write_text(json.dumps({**json.loads(manifest), "n": "sixty"}))
+    with pytest.raises(ValueError, match=r"manifest.json'? is corrupt \(n = 'sixty'"):
+        ax.distributed.open_store(tmp_path)
+
+
 def test_bad_shards_are_named_by_open_store_and_recomputed_on_resume(tmp_path):
     # issue 15.4: a truncated, corrupted or swapped shard used to be read back (or crash numpy) unnoticed
     f, p, ds = small_job()

@@ -8,14 +8,16 @@ The dataset (indices ``0..N-1``) is cut into fixed shards of ``shard_size`` cons
 Shard ``k`` is one unit of work and of storage:
 
 * ``shard-k.npy`` — the attributions of the shard's samples (numpy, memory-mappable);
-* ``shard-k.json`` — its sample ids, targets, completeness gaps and the CRC-32 of the ``.npy``
-  data. Written last, so a shard is *in the index* exactly when its json file exists.
+* ``shard-k.json`` — its sample ids, targets, completeness gaps, the CRC-32 of the ``.npy``
+  data and a CRC-32 of these fields and the manifest (``entry_crc32``). Written last, so a shard
+  is *in the index* exactly when its json file exists.
 
 Both files are written to a temporary name (``<name>.tmp-<host>-<pid>``) and renamed
 (``os.replace`` is atomic on POSIX), so a reader or a killed run never sees a partial file under a
 final name. ``manifest.json`` (written first by rank 0) fingerprints the model (a SHA-256 of every
-parameter and buffer, or the caller's ``model_id``), the dataset (its length and a SHA-256 of a few
-evenly spaced items, or the caller's ``dataset_id``), the method and its options, and the shard
+parameter and buffer, and one of its structure: a module's ``repr`` and submodule types, a plain
+function's code, defaults, closure and named globals; or the caller's ``model_id``), the dataset
+(its length and a SHA-256 of a few evenly spaced items, or the caller's ``dataset_id``), the method and its options, and the shard
 size; a rerun on the same ``out`` must match it (else a ``ValueError`` names what differs, with
 both values) and then computes only the shards that are missing or fail their checks: a
 truncated, corrupted, edited or swapped shard file is found by :func:`open_store` (which refuses
@@ -33,12 +35,14 @@ files and not zarr.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
 import socket
 import time
+import types
 import warnings
 import zlib
 from collections.abc import Callable
@@ -59,7 +63,7 @@ except ImportError:  # pragma: no cover - Windows: no writer lock, temporary fil
 
 __all__ = ["Store", "attribute_dataset", "open_store"]
 
-FORMAT = "attrax-store/2"  # /2: model and dataset fingerprints in the manifest, shard checksums
+FORMAT = "attrax-store/3"  # /2: model and dataset fingerprints, shard checksums; /3: model structure, entry checksums
 _STALE_TMP_S = 3600.0  # a temporary file this old is left over, whoever wrote it
 _DATASET_PROBES = 8  # items hashed for the dataset fingerprint
 
@@ -146,14 +150,15 @@ def open_store(out: str | os.PathLike[str], *, verify: bool = True) -> Store:
     """Open the store that :func:`attribute_dataset` wrote (or is writing) at ``out``.
 
     Only shards whose index file exists are read, so a store being written or left by a killed
-    run shows exactly its finished shards. Each of them is checked against its index entry: ids,
-    file name, shape and dtype always, and with ``verify`` the CRC-32 of its data (one read of
-    every shard, about 2 GB/s; ``verify=False`` opens without touching the data).
+    run shows exactly its finished shards. Each of them is checked against its index entry: the
+    entry's values and checksum, ids, file name, shape and dtype always, and with ``verify`` the
+    CRC-32 of its data (one read of every shard, about 2 GB/s; ``verify=False`` opens without
+    touching the data).
 
     Raises:
-        ValueError: If ``out`` holds no attrax store, or a shard file is missing, truncated,
-            corrupted or swapped (the message names the file; rerunning
-            :func:`attribute_dataset` on ``out`` recomputes it).
+        ValueError: If ``out`` holds no attrax store or a corrupt ``manifest.json`` (named, with what
+            to do), or a shard file is missing, empty, truncated, corrupted, edited or swapped (the
+            message names the file; rerunning :func:`attribute_dataset` on ``out`` recomputes it).
     """
     path = Path(out)
     manifest = _read_manifest(path)
@@ -221,7 +226,9 @@ def attribute_dataset(
             ``baseline=`` or the mean over ``baselines=``), one extra batched forward each.
         progress: Rank 0 shows a tqdm bar (all ranks' finished samples, samples/s) if tqdm is installed.
         model_id: Names the model in the manifest instead of a SHA-256 of every tensor in
-            ``params`` (which costs one read of the weights, about 1 GB/s).
+            ``params`` (which costs one read of the weights, about 1 GB/s) and of the model's
+            structure (a module's ``repr`` and submodule types; a plain function's code, defaults,
+            closure and named globals; the source of a module's ``forward`` is not covered).
         dataset_id: Names the dataset in the manifest instead of a SHA-256 of
             ``min(8, len(dataset))`` evenly spaced items (pass one for datasets whose items are
             random or costly to load; the fingerprint cannot see edits to items it does not read).
@@ -264,7 +271,8 @@ def attribute_dataset(
     path = Path(out)
     manifest = {
         "format": FORMAT,
-        "model": {"id": model_id} if model_id is not None else _model_fingerprint(params),
+        "model": {"id": model_id} if model_id is not None else {**_model_fingerprint(params),
+                                                                 "structure": _model_structure(model_fn)},
         "dataset": {"id": dataset_id} if dataset_id is not None else _dataset_fingerprint(dataset, n),
         "method": f"{getattr(attribute, '__module__', '?')}.{getattr(attribute, '__qualname__', repr(attribute))}",
         "options": {k: _describe_option(v) for k, v in sorted(method_kwargs.items())},
@@ -291,7 +299,7 @@ def attribute_dataset(
         try:
             for k in todo[rank::world]:
                 _run_shard(attribute, model_fn, params, dataset, path, k, n, shard_size, batch_size, seed,
-                           completeness, method_kwargs, bar)
+                           completeness, method_kwargs, bar, _store_key(manifest))
         finally:
             if bar is not None:
                 bar.close()
@@ -356,7 +364,7 @@ def _check_ranks_agree(manifest: dict[str, Any], world: int) -> None:
 
 def _run_shard(attribute: Callable[..., Tensor], model_fn: ModelFn, params: Params, dataset: Any, path: Path, k: int,
                n: int, shard_size: int, batch_size: int, seed: int | None, completeness: bool,
-               method_kwargs: dict[str, Any], bar: _Bar | None) -> None:
+               method_kwargs: dict[str, Any], bar: _Bar | None, store_key: int) -> None:
     lo, hi = k * shard_size, min((k + 1) * shard_size, n)
     kwargs = dict(method_kwargs)
     if seed is not None:
@@ -381,6 +389,7 @@ def _run_shard(attribute: Callable[..., Tensor], model_fn: ModelFn, params: Para
     _atomic_write(path / array_name, lambda f: np.save(f, data, allow_pickle=False))
     meta = {"shard": k, "file": array_name, "ids": list(range(lo, hi)), "targets": targets, "delta": deltas,
             "crc32": _crc32(data)}
+    meta["entry_crc32"] = _entry_crc32(meta, store_key)
     _atomic_write_text(path / _meta_name(k), json.dumps(meta))  # the commit point of the shard
     if bar is not None:
         bar.shard_done()
@@ -474,6 +483,50 @@ def _crc32(rows: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(rows).reshape(-1).view(np.uint8))
 
 
+_ENTRY_KEYS = ("shard", "file", "ids", "targets", "delta", "crc32")  # what entry_crc32 covers
+
+
+def _store_key(manifest: dict[str, Any]) -> int:
+    """CRC-32 of the manifest's canonical JSON: mixed into every entry checksum, so a shard copied from
+    another store (other model, data or options, same shapes) fails its checksum here."""
+    canonical = json.dumps(json.loads(json.dumps(manifest)), sort_keys=True, separators=(",", ":"))
+    return zlib.crc32(canonical.encode())
+
+
+def _entry_crc32(info: dict[str, Any], store_key: int) -> int:
+    """CRC-32 of a shard's index entry (its ``_ENTRY_KEYS`` as JSON, which reads back to the same text) and the store."""
+    text = json.dumps([store_key, *(info[k] for k in _ENTRY_KEYS)], separators=(",", ":"))
+    return zlib.crc32(text.encode())
+
+
+def _bad_entry_value(info: dict[str, Any]) -> str:
+    """The first value of an index entry of the wrong kind (``"delta[0] = 'abc' is not a number or null"``), or ""."""
+    def integer(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and -2**63 <= v < 2**63
+
+    def number(v: Any) -> bool:
+        return v is None or integer(v) or isinstance(v, float)
+
+    def show(v: Any) -> str:
+        text = repr(v)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    for key in ("shard", "crc32", "entry_crc32"):
+        if not integer(info[key]):
+            return f"{key} = {show(info[key])} is not an integer"
+    if not isinstance(info["file"], str):
+        return f"file = {show(info['file'])} is not a file name"
+    for key, ok, kind in (("ids", integer, "an integer"), ("targets", integer, "an integer"),
+                          ("delta", number, "a number or null")):
+        values = info[key]
+        if not isinstance(values, list):
+            return f"{key} = {show(values)} is not a list"
+        for i, v in enumerate(values):
+            if not ok(v):
+                return f"{key}[{i}] = {show(v)} is not {kind}"
+    return ""
+
+
 def _load_shard(path: Path, k: int, manifest: dict[str, Any], verify: bool) -> tuple[dict[str, Any], np.ndarray]:
     """Shard ``k``'s index entry and memory-mapped rows; ValueError naming the file if they are not shard ``k``'s."""
     meta, array = _meta_name(k), _array_name(k)
@@ -483,9 +536,15 @@ def _load_shard(path: Path, k: int, manifest: dict[str, Any], verify: bool) -> t
         info = json.loads((path / meta).read_text())
     except ValueError:
         raise ValueError(f"{meta} is corrupt (not JSON)") from None
-    keys = ("shard", "file", "ids", "targets", "delta", "crc32")
+    keys = (*_ENTRY_KEYS, "entry_crc32")
     if not isinstance(info, dict) or any(key not in info for key in keys):
         raise ValueError(f"{meta} is corrupt (it lacks one of {', '.join(keys)})")
+    bad = _bad_entry_value(info)
+    if bad:
+        raise ValueError(f"{meta} holds a bad value: {bad}")
+    if _entry_crc32(info, _store_key(manifest)) != info["entry_crc32"]:
+        raise ValueError(f"{meta} fails its checksum (entry_crc32): its index entry was edited or corrupted, "
+                         "or it comes from another store")
     if info["shard"] != k or info["file"] != array or info["ids"] != list(range(lo, hi)) \
             or len(info["targets"]) != hi - lo or len(info["delta"]) != hi - lo:
         raise ValueError(f"{meta} does not describe shard {k} (ids {lo}..{hi - 1} in {array}): swapped or edited")
@@ -493,8 +552,8 @@ def _load_shard(path: Path, k: int, manifest: dict[str, Any], verify: bool) -> t
         rows = np.load(path / array, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
         raise ValueError(f"{array} is missing") from None
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{array} is truncated or corrupt ({e})") from None
+    except (ValueError, OSError, EOFError) as e:  # EOFError: an empty (0-byte) file
+        raise ValueError(f"{array} is truncated or corrupt ({type(e).__name__}: {e})") from None
     expect = (hi - lo, *manifest["shape"])
     if rows.shape != expect or str(rows.dtype) != manifest["dtype"]:
         raise ValueError(f"{array} holds {rows.dtype} {rows.shape}, expected {manifest['dtype']} {expect}: swapped or corrupt")
@@ -505,16 +564,46 @@ def _load_shard(path: Path, k: int, manifest: dict[str, Any], verify: bool) -> t
 
 
 def _read_manifest(path: Path) -> dict[str, Any] | None:
+    file = path / "manifest.json"
+    todo = (f"without it the shards cannot be checked: use a new folder, or delete {str(path)!r} and rerun "
+            "attribute_dataset to recompute the store")
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
+        manifest = json.loads(file.read_text())
     except FileNotFoundError:
         return None
+    except ValueError as e:  # JSONDecodeError (truncated, edited), UnicodeDecodeError
+        raise ValueError(f"{str(file)!r} is corrupt (not JSON: {e}); {todo}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{str(path)!r} holds manifest.json that is not an {FORMAT} store")
     if manifest.get("format") != FORMAT:
         if str(manifest.get("format", "")).startswith("attrax-store/"):
             raise ValueError(f"{str(path)!r} holds an {manifest['format']} store from another attrax version, "
                              f"not an {FORMAT} store; use a new folder")
         raise ValueError(f"{str(path)!r} holds manifest.json that is not an {FORMAT} store")
+    bad = _bad_manifest_value(manifest)
+    if bad:
+        raise ValueError(f"{str(file)!r} is corrupt ({bad}); {todo}")
     return manifest
+
+
+def _bad_manifest_value(manifest: dict[str, Any]) -> str:
+    """The first missing or malformed field that reading the store relies on, or ""."""
+    def count(v: Any, least: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    for key, ok, kind in (("n", lambda v: count(v, 1), "a positive integer"),
+                          ("shard_size", lambda v: count(v, 1), "a positive integer"),
+                          ("shape", lambda v: isinstance(v, list) and all(count(d, 0) for d in v), "a list of sizes"),
+                          ("dtype", lambda v: isinstance(v, str), "a dtype name")):
+        if key not in manifest:
+            return f"it lacks {key}"
+        if not ok(manifest[key]):
+            return f"{key} = {manifest[key]!r:.40} is not {kind}"
+    try:
+        np.dtype(manifest["dtype"])
+    except TypeError:
+        return f"dtype = {manifest['dtype']!r:.40} is not a dtype name"
+    return ""
 
 
 def _host() -> str:
@@ -603,6 +692,124 @@ def _model_fingerprint(params: Params) -> dict[str, Any]:
         else:
             h.update(f"{name}={value!r};".encode())
     return {"sha256": h.hexdigest()[:32], "tensors": count}
+
+
+def _model_structure(model_fn: Any) -> str:
+    """SHA-256 (32 hex digits) of a description of what ``model_fn`` computes besides ``params``.
+
+    The same in every process (no ids, addresses or hash-seed orders), so runs and ranks compare it.
+    A module (``model_fn.module``): its ``repr()`` (types and hyperparameters such as slopes), the
+    name, type and training flag of every submodule, and the wrapper's ``output``/``embedding``.
+    A plain function (``model_fn.fn`` as wrapped by :func:`attrax.functionalize`, or ``model_fn``
+    itself): its code (bytecode, constants, names), defaults, and the contents of its closure cells
+    and of the globals it names (tensors and arrays by a SHA-256 of their bytes, modules by
+    description and tensors, functions recursively), followed ``_STRUCTURE_DEPTH`` levels deep.
+    Not covered: the source of a module's ``forward`` and objects beyond that depth (by type only).
+    """
+    text = json.dumps(_describe_model(model_fn, _STRUCTURE_DEPTH, set()), separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+_STRUCTURE_DEPTH = 4  # levels of nested functions, containers and objects followed from a model function
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
+
+
+def _describe_model(model_fn: Any, depth: int, path: set[int]) -> Any:
+    module = getattr(model_fn, "module", None)
+    if isinstance(module, torch.nn.Module):
+        extra = [_describe_value(getattr(model_fn, k, None), depth, path) for k in ("output", "embedding")]
+        return ["model", _describe_module(module), extra]
+    inner = getattr(model_fn, "inner", None)  # a BoundModel: the wrapped model and its bound arguments
+    if inner is not None and hasattr(model_fn, "args"):
+        return ["bound", _describe_model(inner, depth, path), _describe_value(model_fn.args, depth, path)]
+    fn = getattr(model_fn, "fn", None)
+    return _describe_value(fn if callable(fn) else model_fn, depth, path)
+
+
+def _describe_module(module: torch.nn.Module) -> list[str]:
+    subs = [f"{name}:{_qualname(type(m))}:{'train' if m.training else 'eval'}"
+            for name, m in module.named_modules(remove_duplicate=False)]
+    return [_ADDRESS.sub("0x?", repr(module)), *subs]
+
+
+def _qualname(cls: Any) -> str:
+    return f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', getattr(cls, '__name__', '?'))}"
+
+
+def _describe_value(v: Any, depth: int, path: set[int]) -> Any:
+    """JSON-able, process-independent description of a value a model function can read."""
+    if v is None or isinstance(v, (bool, int, float, complex, str, bytes)):
+        return [type(v).__name__, repr(v)]
+    if isinstance(v, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        return ["torch", str(v)]
+    if isinstance(v, Tensor):
+        return ["tensor", str(v.dtype), list(v.shape), hashlib.sha256(_tensor_bytes(v)).hexdigest()]
+    if isinstance(v, (np.ndarray, np.generic)):
+        a = np.asarray(v)
+        if a.dtype.hasobject:
+            return ["array", str(a.dtype), list(a.shape), _describe_value(a.tolist(), depth, path)]
+        return ["array", str(a.dtype), list(a.shape), hashlib.sha256(np.ascontiguousarray(a).view(np.uint8)).hexdigest()]
+    if isinstance(v, types.ModuleType):
+        return ["module", v.__name__]
+    if isinstance(v, type):
+        return ["class", _qualname(v)]
+    if isinstance(v, torch.nn.Module):  # a module the function calls: its structure and its own tensors
+        state = sorted(_leaves(dict(v.state_dict(keep_vars=True)), ""), key=lambda kv: kv[0])
+        return ["nn.Module", _describe_module(v), [[k, _describe_value(t, 1, path)] for k, t in state]]
+    if id(v) in path:
+        return ["cycle"]
+    if depth <= 0:
+        return ["beyond", _qualname(type(v))]
+    path = path | {id(v)}
+    d = depth - 1
+    if isinstance(v, types.CodeType):
+        return ["code", v.co_code.hex(), [_describe_value(c, d + 1, path) for c in v.co_consts], list(v.co_names)]
+    if isinstance(v, types.MethodType):
+        return ["method", _describe_value(v.__func__, depth, path), _describe_value(v.__self__, d, path)]
+    if isinstance(v, types.FunctionType):
+        code = v.__code__
+        cells = []
+        for c in v.__closure__ or ():
+            try:
+                cells.append(_describe_value(c.cell_contents, d, path))
+            except ValueError:  # an empty cell
+                cells.append(["empty"])
+        names = sorted(_code_names(code) & v.__globals__.keys())
+        return ["function", _describe_value(code, depth, path), _describe_value(v.__defaults__, d, path),
+                _describe_value(v.__kwdefaults__, d, path), cells,
+                [[n, _describe_value(v.__globals__[n], d, path)] for n in names]]
+    if isinstance(v, functools.partial):
+        return ["partial", _describe_value(v.func, d, path), _describe_value(v.args, d, path),
+                _describe_value(v.keywords, d, path)]
+    if hasattr(v, "fingerprint") and (hasattr(v, "module") or hasattr(v, "fn")):  # an attrax model function
+        return ["attrax model", _describe_model(v, d, path)]
+    if isinstance(v, (tuple, list)):
+        return [type(v).__name__, [_describe_value(e, d, path) for e in v]]
+    if isinstance(v, (set, frozenset)):
+        items = [_describe_value(e, d, path) for e in v]
+        return [type(v).__name__, sorted(items, key=lambda e: json.dumps(e))]
+    if isinstance(v, dict):
+        items = [[_describe_value(k, d, path), _describe_value(e, d, path)] for k, e in v.items()]
+        return [type(v).__name__, sorted(items, key=lambda e: json.dumps(e[0]))]
+    if isinstance(v, (types.BuiltinFunctionType, types.BuiltinMethodType)) or not hasattr(v, "__dict__"):
+        owner = getattr(v, "__self__", None)  # a builtin method: its object's type (torch ops: the torch module)
+        name = getattr(v, "__qualname__", getattr(v, "__name__", None))
+        where = getattr(v, "__module__", None) or (
+            owner.__name__ if isinstance(owner, types.ModuleType) else _qualname(type(owner)))
+        return ["object", _qualname(type(v)), f"{where}.{name}" if name else ""]
+    attrs = [[k, _describe_value(e, d, path)] for k, e in sorted(vars(v).items())]
+    call = getattr(type(v), "__call__", None)
+    code = _describe_value(call, d, path) if isinstance(call, types.FunctionType) else None
+    return ["object", _qualname(type(v)), attrs, code]
+
+
+def _code_names(code: Any) -> set[str]:
+    """The global names a code object and the code nested in it (lambdas, inner functions) read."""
+    names = set(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names |= _code_names(c)
+    return names
 
 
 def _dataset_fingerprint(dataset: Any, n: int) -> dict[str, Any]:
