@@ -314,14 +314,26 @@ class _FoldConstants(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if _RANDOM.search(getattr(func, "__name__", "")) is None and not _touches_fake((args, kwargs)):
+        name = getattr(func, "__name__", "")
+        if _RANDOM.search(name) is None and not _touches_fake((args, kwargs)):
             from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
             with torch._C.DisableTorchFunction(), disable_proxy_modes_tracing():
                 return func(*args, **kwargs)
+        if name in _SHAPE_ONLY and args and isinstance(args[0], Tensor) and not _touches_fake((args[1:], kwargs)):
+            # x.new_zeros(...), zeros_like(x): only x's shape, dtype and device matter, so the result is a
+            # real constant (Swin builds its shifted-window mask this way, then writes into it in place)
+            from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+            like = args[0]
+            with torch._C.DisableTorchFunction(), disable_proxy_modes_tracing():
+                stand_in = torch.empty(tuple(like.shape), dtype=like.dtype, device=like.device)
+                return func(stand_in, *args[1:], **kwargs)
         return func(*args, **kwargs)
 
 
+#: torch calls whose result depends on their first tensor argument's shape, dtype and device only
+_SHAPE_ONLY = frozenset("new_zeros new_ones new_empty new_full zeros_like ones_like empty_like full_like".split())
 _RANDOM = re.compile(r"rand|bernoulli|normal|dropout|multinomial|poisson|exponential|geometric|cauchy|uniform")
 
 

@@ -179,8 +179,10 @@ def test_zoo(zoo, name, method):
             assert a.shape == x.shape and torch.isfinite(a).all()
             with torch.no_grad():
                 score = f(p, x).gather(1, t[:, None])[:, 0]
-            ratio = float((a.flatten(1).sum(1) / score).mean())
-            note = f"ok, sum/score {ratio:.2f}"
+            if bool((score.abs() < 1e-12).all()):
+                note = "ok, score 0 (zero-initialised head)"
+            else:
+                note = f"ok, sum/score {float((a.flatten(1).sum(1) / score).mean()):.2f}"
         else:
             layer = MODELS[name][1]
             if layer is None:
