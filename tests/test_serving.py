@@ -365,3 +365,13 @@ def test_seeded_normal_is_a_pure_function_of_the_seed():
     assert abs(float((a * seeded_normal(4, (200, 500), dtype=torch.float64)).mean())) < 0.01
     compiled = torch.compile(lambda s: seeded_normal(s, (4, 5)), backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(torch.tensor(3)), seeded_normal(3, (4, 5)))
+
+
+def test_export_when_the_example_batch_equals_another_dim():
+    # found in review: B == channels (3) or B == width (8) made torch.export refuse the dynamic batch
+    f, p = ax.functionalize(cnn())
+    for x in (torch.randn(3, 3, 8, 8), torch.randn(8, 3, 8, 8)):
+        t = torch.arange(x.shape[0]) % 5
+        prog = ax.export(ax.saliency, f, p, x, t)
+        torch.testing.assert_close(prog.module()(x, t), ax.saliency(f, p, x, t))
+        torch.testing.assert_close(prog.module()(x[:2], t[:2]), ax.saliency(f, p, x[:2], t[:2]))

@@ -251,9 +251,15 @@ def export(
         n_samples = method_kwargs.pop("n_samples", 25)
         stdev = float(method_kwargs.pop("stdev", 1.0))
         check_positive_int(n_samples, "n_samples")
-    # trace at a batch of at least 2: size-1 dims are specialised by symbolic tracing
-    ex = tuple(xi if batch >= 2 else xi.expand(2, *xi.shape[1:]).clone() for xi in xs)
-    ex_t = t if t is None or batch >= 2 else t.expand(2).clone()
+    # trace at a batch of at least 2 (size-1 dims are specialised by symbolic tracing) that equals no
+    # other dim of x (symbolic tracing would unify the two and refuse the batch as dynamic)
+    others = {int(d) for xi in xs for d in xi.shape[1:]}
+    size = max(batch, 2)
+    while size in others:
+        size += 1
+    rows = torch.arange(size, device=xs[0].device) % max(batch, 1)
+    ex = tuple(xi if size == batch else xi[rows].clone() for xi in xs)
+    ex_t = t if t is None or size == batch or t.ndim == 0 else t[rows].clone()
     ex_x = ex if is_tuple else ex[0]
 
     def attribution(xv: TensorOrTuple, *rest: Tensor) -> TensorOrTuple:
