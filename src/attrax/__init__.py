@@ -6,6 +6,7 @@
 """
 
 from . import composites, concepts, distributed, layer, lm, metrics, neuron, rules, serving, targets
+from . import text  # token/span perturbation for language models (Captum LLMAttribution)
 from .conditional import conditional
 from .core import FunctionalModel, functionalize
 from .deeplift import deconvnet, deeplift, deeplift_shap, guided_backprop

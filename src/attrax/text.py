@@ -1,0 +1,163 @@
+"""Token and span perturbation for language models (Captum's ``LLMAttribution``).
+
+Captum's ``LLMAttribution(FeatureAblation | ShapleyValueSampling | ShapleyValues, tokenizer)``
+scores a prompt by the log-probability of a fixed target continuation,
+:math:`\\sum_k \\log p(t_k \\mid \\text{prompt}, t_{<k})`, and perturbs interpretable features of
+the prompt: its tokens (``TextTokenInput``, ``skip_tokens`` left fixed, one baseline token) or
+the segments of a template (``TextTemplateInput``, each segment replaced by its baseline text).
+
+The attrax form is a pure function of the *editable* prompt token ids::
+
+    fn, x, target, feature_mask, baseline = ax.text.span_problem(
+        model_fn, prompt_ids, continuation_ids, spans=[(0, 2), (3, 5)], baseline=[[7, 8], 9])
+    a = ax.feature_ablation(fn, params, x, target, feature_mask=feature_mask, baseline=baseline)
+
+``x`` holds the prompt tokens that belong to a span (the others, like Captum's skipped tokens
+and fixed template text, live inside ``fn``), ``fn(params, x, *rest)`` rebuilds
+``prompt + continuation`` and calls ``model_fn`` on it, ``target`` is
+``ax.targets.continuation(continuation_ids, len(prompt))``, one feature group per span, and
+``baseline`` gives each editable position its baseline token id. Every perturbation method runs
+on it (``shapley_sampling``, ``shapley_values``, ``kernel_shap``, ``lime`` ...), and
+:func:`span_attribution` does it in one call and returns one value per span.
+
+Captum replaces a template segment by a baseline *string*, which may tokenize to a different
+number of tokens; a fixed-length id tensor cannot express that, so here a span's baseline has
+the span's length (one id, repeated, or one id per token). With such baselines, the results
+equal Captum's (``forward_in_tokens=False`` exactly; the default token-by-token decoding up to
+float rounding), and ``shapley_sampling(generator=torch.Generator().manual_seed(s))`` draws the
+permutations that ``ShapleyValueSampling`` draws after ``torch.manual_seed(s)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .core import bind_forward_args
+from .lm import continuation as _continuation
+
+__all__ = ["span_problem", "span_attribution", "token_spans"]
+
+Span = tuple[int, int]
+
+
+def token_spans(n: int, skip: Sequence[int] = ()) -> list[Span]:
+    """One span per token position ``0..n-1``, leaving out the positions in ``skip`` (fixed)."""
+    skipped = set(int(i) for i in skip)
+    return [(i, i + 1) for i in range(n) if i not in skipped]
+
+
+def _check_ids(t: Any, name: str) -> Tensor:
+    if not isinstance(t, Tensor) or t.is_floating_point() or t.dtype == torch.bool or t.ndim not in (1, 2):
+        raise TypeError(f"{name} must be an integer tensor of shape (n,) or (1, n)")
+    if t.ndim == 2:
+        if t.shape[0] != 1:
+            raise ValueError(f"{name} must hold one sequence, got shape {tuple(t.shape)}")
+        t = t[0]
+    return t
+
+
+def span_problem(
+    model_fn: Callable[..., Tensor],
+    prompt_ids: Tensor,
+    continuation_ids: Tensor,
+    *,
+    spans: Sequence[Span] | None = None,
+    baseline: int | Sequence[int | Sequence[int]] = 0,
+) -> tuple[Callable[..., Tensor], Tensor, Callable[[Tensor], Tensor], Tensor, Tensor]:
+    """Span perturbation of a prompt scored by the log-probability of a continuation.
+
+    Args:
+        model_fn: ``model_fn(params, ids, *rest) -> logits (B, T, V)`` over token ids (e.g.
+            ``ax.functionalize(lm, output="logits")``).
+        prompt_ids: ``(n,)`` or ``(1, n)`` prompt token ids.
+        continuation_ids: ``(m,)`` or ``(1, m)`` ids of the scored continuation (never perturbed).
+        spans: Disjoint half-open token ranges ``(start, end)`` of the prompt, one feature each;
+            positions in no span stay fixed. ``None``: every prompt token alone.
+        baseline: The token id that replaces every perturbed token, or one entry per span: an
+            id (repeated over the span) or a sequence of ``end - start`` ids.
+
+    Returns:
+        ``(fn, x, target, feature_mask, baseline)``: ``fn(params, x, *rest)`` calls ``model_fn``
+        on ``prompt + continuation`` (``rest``, or keyword arguments from a dict
+        ``additional_forward_args``, e.g. an attention mask over all ``n + m`` positions) with the
+        span tokens taken from ``x`` ``(1, n_editable)``;
+        ``target`` is the continuation's log-probability; ``feature_mask`` ``(1, n_editable)``
+        holds the span index of each position of ``x``; ``baseline`` ``(1, n_editable)`` its
+        baseline id.
+    """
+    prompt = _check_ids(prompt_ids, "prompt_ids")
+    cont = _check_ids(continuation_ids, "continuation_ids")
+    n = prompt.shape[0]
+    if cont.shape[0] == 0:
+        raise ValueError("continuation_ids is empty")
+    spans = token_spans(n) if spans is None else [(int(s), int(e)) for s, e in spans]
+    if not spans:
+        raise ValueError("spans is empty")
+    owner = torch.full((n,), -1, dtype=torch.long)
+    for k, (s, e) in enumerate(spans):
+        if not 0 <= s < e <= n:
+            raise ValueError(f"span {k} = ({s}, {e}) is not a non-empty range inside the prompt of {n} tokens")
+        if (owner[s:e] >= 0).any():
+            raise ValueError(f"span {k} = ({s}, {e}) overlaps another span")
+        owner[s:e] = k
+    if isinstance(baseline, (Tensor, int)) and not isinstance(baseline, bool):
+        if isinstance(baseline, Tensor) and baseline.numel() != 1:
+            raise ValueError("a tensor baseline must hold one token id; give per-span baselines as a list")
+        per_pos = torch.full((n,), int(baseline), dtype=prompt.dtype)
+    else:
+        if len(baseline) != len(spans):
+            raise ValueError(f"baseline has {len(baseline)} entries but there are {len(spans)} spans")
+        per_pos = prompt.clone()
+        for k, ((s, e), b) in enumerate(zip(spans, baseline)):
+            ids = torch.as_tensor(b, dtype=prompt.dtype).reshape(-1)
+            if ids.numel() == 1:
+                ids = ids.expand(e - s)
+            if ids.numel() != e - s:
+                raise ValueError(f"baseline {k} has {ids.numel()} tokens but span ({s}, {e}) has {e - s}; "
+                                 "a span's baseline must keep its length")
+            per_pos[s:e] = ids
+    editable = (owner >= 0).nonzero().flatten()
+    x = prompt[editable].unsqueeze(0).to(prompt.device)
+    mask = owner[editable].unsqueeze(0).to(prompt.device)
+    base = per_pos[editable].unsqueeze(0).to(prompt.device)
+
+    def fn(params: Any, ids: Tensor, *rest: Any, **kw: Any) -> Tensor:
+        b = ids.shape[0]
+        full = prompt.to(ids.device).unsqueeze(0).expand(b, n).clone()
+        full[:, editable.to(ids.device)] = ids
+        seq = torch.cat([full, cont.to(ids.device).unsqueeze(0).expand(b, -1)], 1)
+        if kw:  # additional_forward_args given as a dict: keyword arguments, routed as attrax routes them
+            return bind_forward_args(model_fn, kw, seq)(params, seq, *rest)
+        return model_fn(params, seq, *rest)
+
+    if hasattr(model_fn, "module"):
+        fn.module = model_fn.module  # type: ignore[attr-defined]  (training-mode warning)
+    return fn, x, _continuation(cont, n), mask, base
+
+
+def span_attribution(
+    method: Callable[..., Tensor],
+    model_fn: Callable[..., Tensor],
+    params: Any,
+    prompt_ids: Tensor,
+    continuation_ids: Tensor,
+    *,
+    spans: Sequence[Span] | None = None,
+    baseline: int | Sequence[int | Sequence[int]] = 0,
+    **kwargs: Any,
+) -> Tensor:
+    """``method`` (``ax.feature_ablation``, ``ax.shapley_sampling``, ...) over the spans of a prompt.
+
+    Arguments as in :func:`span_problem`; ``kwargs`` go to ``method`` (``generator=``,
+    ``n_samples=``, ``additional_forward_args=`` ...). Returns ``(n_spans,)``: the attribution of
+    each span to the continuation's log-probability, Captum's ``LLMAttribution(...).seq_attr``.
+    """
+    fn, x, target, mask, base = span_problem(model_fn, prompt_ids, continuation_ids, spans=spans, baseline=baseline)
+    attr = method(fn, params, x, target, feature_mask=mask, baseline=base, **kwargs)
+    k = int(mask.max()) + 1
+    first = torch.stack([(mask[0] == g).nonzero()[0, 0] for g in range(k)])
+    return attr[0, first]
