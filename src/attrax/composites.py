@@ -29,7 +29,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .relevance import AlphaBeta, Epsilon, Flat, Gamma, HoldScale, Norm, Pass, SoftmaxTaylor, Uniform, ZBox, ZPlus
+from .relevance import (AlphaBeta, Epsilon, Flat, Gamma, HoldScale, Norm, Pass, ReLUBetaSmooth, SoftmaxTaylor,
+                        StackedSumNorm, Uniform, ZBox, ZPlus)
 from .rules import DeconvReLU, Gradient, GuidedReLU
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "Kind",
     "TracedOp",
     "attn_lrp",
+    "beta_smooth",
     "cp_lrp",
     "deconvnet",
     "epsilon",
@@ -261,9 +263,18 @@ def deconvnet() -> Composite:
 
 def excitation_backprop(stabilizer: float = 1e-6, zero_params: tuple[str, ...] = ()) -> Composite:
     """Excitation backprop [Zhang et al. 2016]: z⁺ on every layer, Norm on sums and average
-    pools, the gradient elsewhere (Zennit ``ExcitationBackprop``)."""
+    pools, the gradient elsewhere (Zennit ``ExcitationBackprop``). A sum written as Zennit's ``Sum``
+    module, ``torch.stack(xs, -1).sum(-1)``, gets Norm too (:class:`~attrax.relevance.StackedSumNorm`)."""
     return mapping(by_type={Kind("layer"): ZPlus(stabilizer, zero_params), Kind("add"): Norm(stabilizer),
-                            Kind("avgpool"): Norm(stabilizer)}, default=Gradient())
+                            Kind("avgpool"): Norm(stabilizer), Kind("arithmetic"): StackedSumNorm(stabilizer)},
+                   default=Gradient())
+
+
+def beta_smooth(beta_smooth: float = 10.0) -> Composite:
+    """Every ReLU's gradient replaced by softplus's, ``sigmoid(beta_smooth * x)``, the exact gradient
+    elsewhere (Zennit ``BetaSmooth``; :class:`~attrax.relevance.ReLUBetaSmooth`). As for
+    :func:`guided_backprop`, ``ax.lrp``'s result is the target score times this modified gradient."""
+    return mapping(by_type={Kind("relu"): ReLUBetaSmooth(beta_smooth)}, default=Gradient())
 
 
 

@@ -21,7 +21,7 @@ Lapuschkin et al. (2019) Nat. Commun. 10 (flat); Andéol et al. (2021) (generali
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,8 +29,8 @@ from torch import Tensor
 
 from .rewrite import Site, _ntuple, aten_op, exact_vjp
 
-__all__ = ["AlphaBeta", "Epsilon", "Flat", "Gamma", "HoldScale", "Norm", "Pass", "SoftmaxTaylor", "Uniform", "WSquare",
-           "ZBox", "ZPlus", "stabilize"]
+__all__ = ["AlphaBeta", "Epsilon", "Flat", "Gamma", "HoldScale", "Norm", "Pass", "ReLUBetaSmooth", "SoftmaxTaylor",
+           "StackedSumNorm", "Uniform", "WSquare", "ZBox", "ZPlus", "stabilize", "stacked_sum"]
 
 #: ops whose second/third arguments are (weight, bias): dense layers, convolutions and transposed convolutions
 WEIGHTED = frozenset(("conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
@@ -40,8 +40,24 @@ POOLS = frozenset(("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1
                    "adaptive_avg_pool3d"))
 
 
-def stabilize(z: Tensor, epsilon: float) -> Tensor:
-    """``z + epsilon * sign(z)`` with ``sign(0) = 1`` (Zennit's stabiliser)."""
+def stabilize(z: Tensor, epsilon: float, clip: bool = False, norm_scale: bool = False) -> Tensor:
+    """``z + epsilon * sign(z)`` with ``sign(0) = 1`` (Zennit's stabiliser).
+
+    Zennit's ``Stabilizer(epsilon, clip, norm_scale)`` options: ``norm_scale`` scales ``epsilon`` per
+    sample by the root mean square of ``z`` over all dims but the batch dim 0; ``clip`` returns
+    ``sign(z) * max(|z|, epsilon)`` (a floor on ``|z|``) instead of the shift.
+    """
+    if clip or norm_scale:
+        with torch.no_grad():
+            s = z.sign()
+            s = s.abs().neg_().add_(1).add_(s)  # sign with 0 -> 1
+        eps: Any = epsilon
+        if norm_scale:
+            dims = tuple(range(1, z.ndim))
+            eps = epsilon * (z.square().mean(dim=dims, keepdim=True).sqrt() if dims else z.abs())
+        if clip:
+            return s * (z.abs().clamp(min=eps) if isinstance(eps, float) else torch.maximum(z.abs(), eps))
+        return z + s * eps
     # float arithmetic rather than torch.where (5-15x a float op on these CPU builds, notes/rewrite.md):
     # sign(z) + 1 - |sign(z)| is sign(z) with 0 -> 1; built without autograd, in place (zero derivative)
     with torch.no_grad():
@@ -261,10 +277,13 @@ class Epsilon:
     r"""LRP-ε [Bach et al. 2015]: :math:`R_i = a_i \sum_j w_{ij} R_j / (z_j + \epsilon\,\mathrm{sign}(z_j))`.
 
     ``epsilon=0`` is LRP-0 (with a zero-safe stabiliser of 1e-12 only where z is exactly 0).
+    Keyword options ``clip`` and ``norm_scale`` are Zennit's ``Stabilizer`` options (see :func:`stabilize`).
     """
 
     epsilon: float = 1e-6
     zero_params: tuple[str, ...] = ()
+    clip: bool = field(default=False, kw_only=True)
+    norm_scale: bool = field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "zero_params", _check_zero_params(self.zero_params))
@@ -274,7 +293,7 @@ class Epsilon:
     def backward(self, site: Site, r: Tensor) -> dict[int, Any]:
         (t,) = _parts(site, [_Part("id", "id")], self, self.zero_params)
         eps = self.epsilon if self.epsilon > 0 else 1e-12
-        return _result(site, _back(t, r / stabilize(_z(t), eps)))
+        return _result(site, _back(t, r / stabilize(_z(t), eps, self.clip, self.norm_scale)))
 
 
 @dataclass(frozen=True)
@@ -446,15 +465,78 @@ class Norm:
     :math:`R_{in,k} = a_k \odot J_k^\top (R / \mathrm{stab}(\mathrm{out}))`.
 
     ``stabilizer=0`` uses 1e-12, as ``Epsilon(0)`` (an exactly zero output would divide 0 by 0).
+    Keyword options ``clip`` and ``norm_scale`` are Zennit's ``Stabilizer`` options (see :func:`stabilize`).
     """
 
     stabilizer: float = 1e-6
+    clip: bool = field(default=False, kw_only=True)
+    norm_scale: bool = field(default=False, kw_only=True)
 
     def backward(self, site: Site, r: Tensor) -> dict[int, Any]:
         s, node = site.streams, site.node
-        ratio = r / stabilize(site.out("x"), _zero_safe(self.stabilizer))
+        ratio = r / stabilize(site.out("x"), _zero_safe(self.stabilizer), self.clip, self.norm_scale)
         grads = exact_vjp(s.program, node, s.x, s.batch, ratio, s.aux_x)
         return {ref: s.x[ref] * g for ref, g in grads.items()}
+
+
+def stacked_sum(program: Any, node: Any) -> bool:
+    """``node`` sums a ``torch.stack`` of tensors over the stacked dim (Zennit's ``Sum`` module,
+    ``torch.stack(xs, dim=-1).sum(dim=-1)``): a residual sum written with a stack."""
+    if node.op != "call" or node.packet != "sum" or not node.args or node.args[0][0] != "n":
+        return False
+    src = program.nodes[node.args[0][1]]
+    if src.op != "call" or src.packet != "stack" or src.shape is None or len(node.args) < 2:
+        return False
+    sdim = src.args[1][1] if len(src.args) > 1 and src.args[1][0] == "c" else 0
+    dims = node.args[1]
+    if dims[0] == "c" and isinstance(dims[1], int):
+        dims = [dims[1]]
+    elif dims[0] in ("l", "t") and all(d[0] == "c" for d in dims[1]):
+        dims = [d[1] for d in dims[1]]
+    else:
+        return False
+    nd = len(src.shape)
+    return isinstance(sdim, int) and len(dims) == 1 and dims[0] % nd == sdim % nd
+
+
+@dataclass(frozen=True)
+class StackedSumNorm:
+    """:class:`Norm` at a sum of stacked tensors (:func:`stacked_sum`: Zennit's ``Sum`` module,
+    ``torch.stack([a, b], -1).sum(-1)``), the exact gradient at any other op it is given.
+
+    For composites whose default is the gradient (``excitation_backprop``) on parameter-free linear
+    ops (``Kind("arithmetic")``): a residual sum gets Norm whether written ``a + b`` or as a stack.
+    """
+
+    stabilizer: float = 1e-6
+    clip: bool = field(default=False, kw_only=True)
+    norm_scale: bool = field(default=False, kw_only=True)
+
+    def backward(self, site: Site, r: Tensor) -> dict[int, Any]:
+        if stacked_sum(site.program, site.node):
+            return Norm(self.stabilizer, clip=self.clip, norm_scale=self.norm_scale).backward(site, r)
+        from .rules import Gradient  # rules imports this module
+
+        return Gradient().backward(site, r)
+
+
+@dataclass(frozen=True)
+class ReLUBetaSmooth:
+    r"""A ReLU's gradient replaced by softplus's, :math:`\sigma(\beta x)` [Dombrowski et al. 2019]
+    (Zennit's ``ReLUBetaSmooth``): :math:`g_{in} = g \odot \sigma(\beta x)`. A smooth surrogate for
+    second-order gradients through ReLU networks; see ``ax.composites.beta_smooth``.
+
+    Dombrowski et al. (2019), Explanations can be manipulated and geometry is to blame, NeurIPS.
+    """
+
+    beta_smooth: float = 10.0
+
+    def backward(self, site: Site, g: Tensor) -> dict[int, Any]:
+        node = site.node
+        if node.packet != "relu":
+            raise ValueError(f"rule ReLUBetaSmooth applies to ReLUs only, not {node.describe()}")
+        x = site.args("x")[0]
+        return {node.args[0][1]: g * torch.sigmoid(self.beta_smooth * x).to(g.dtype)}
 
 
 # ------------------------------------------------- transformers: products, normalisation, softmax

@@ -660,11 +660,11 @@ __all__ += ["BILINEAR", "ELEMENTWISE", "LINEAR", "MAXPOOL", "REDUCE_MAX", "Reduc
 
 
 # the LRP rules live in attrax.relevance; ax.rules is the one public place for all rules
-from .relevance import (AlphaBeta, Epsilon, Flat, Gamma, HoldScale, Norm, Pass, SoftmaxTaylor, Uniform,  # noqa: E402
-                        WSquare, ZBox, ZPlus, stabilize)
+from .relevance import (AlphaBeta, Epsilon, Flat, Gamma, HoldScale, Norm, Pass, ReLUBetaSmooth, SoftmaxTaylor,  # noqa: E402
+                        StackedSumNorm, Uniform, WSquare, ZBox, ZPlus, stabilize)
 
-__all__ += ["AlphaBeta", "Epsilon", "Flat", "Gamma", "HoldScale", "Norm", "Pass", "SoftmaxTaylor", "Uniform", "WSquare",
-            "ZBox", "ZPlus", "stabilize", "run_plan"]
+__all__ += ["AlphaBeta", "Epsilon", "Flat", "Gamma", "HoldScale", "Norm", "Pass", "ReLUBetaSmooth", "SoftmaxTaylor",
+            "StackedSumNorm", "Uniform", "WSquare", "ZBox", "ZPlus", "stabilize", "run_plan"]
 
 #: Built-in rule classes. Under torch.compile rules are dispatched through this tuple: a plan made at
 #: trace time holds rule objects that dynamo cannot guard on, and ``Class.backward(rule, ...)``
