@@ -206,6 +206,17 @@ def trace_program(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch:
 
 def _trace_program(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int | None,
                    fingerprint: Any) -> Program:
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+    # The model's own trace is independent of any trace around this call (ax.export traces the whole
+    # attribution): constants the model builds are real here, so they can be folded and compared.
+    with unset_fake_temporarily(), disable_proxy_modes_tracing():
+        return _trace_program_now(model_fn, spec, batch, fingerprint)
+
+
+def _trace_program_now(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int | None,
+                       fingerprint: Any) -> Program:
     with _TRACE_LOCK:  # make_fx and the fake-tensor machinery are not safe to enter from two threads at once
         if batch is not None:
             return replace(_build(_trace(model_fn, spec, batch, fingerprint), spec), batch=batch)
