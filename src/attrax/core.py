@@ -280,7 +280,7 @@ def _class_key(cls: type, seen: dict[int, Any], refs: list[Any]) -> Any:
     refs.append(cls)
     forward = cls.__dict__.get("forward") or getattr(cls, "forward", None)
     attrs = tuple((k, v) for k, v in vars(cls).items() if type(v) in _SCALAR_TYPES and not k.startswith("__"))
-    if forward is None or getattr(forward, "__module__", "").startswith("torch."):
+    if forward is None or (getattr(forward, "__module__", None) or "").startswith("torch."):
         return (id(forward), attrs)
     code = getattr(forward, "__code__", None)
     if code is None:
