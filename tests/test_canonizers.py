@@ -150,3 +150,77 @@ def test_gradients_flow_through_merged_parameters():
     # relevance sums to the score (up to the epsilon and biases), whose gradient w.r.t. the BatchNorm
     # parameters is not zero: the merged weights must carry it
     assert all(v.abs().sum() > 0 for v in g.values())
+
+
+# ------------------------------------------------------------------ user canonizers (issue 18.13)
+
+
+class AffineNorm(nn.Module):
+    """A custom normalisation layer: y = x * gamma + beta per feature."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(n) + 0.5)
+        self.beta = nn.Parameter(torch.randn(n) * 0.1)
+
+    def forward(self, x):
+        return x * self.gamma + self.beta
+
+
+def merge_affine_norm(program):
+    """Fold ``linear -> x * gamma + beta`` (an AffineNorm) into the linear layer: W' = diag(gamma) W, b' = b gamma + beta."""
+    from attrax.rewrite import ProgramBuilder
+
+    users = program.consumers()
+    b = ProgramBuilder(program)
+    folded: dict[int, int] = {}  # the add node -> its linear
+    for node in program.nodes:
+        if node.packet == "add" and (node.module_type or "").endswith("AffineNorm"):
+            mul = program.nodes[node.args[0][1]]
+            lin = program.nodes[mul.args[0][1]]
+            if mul.packet == "mul" and lin.packet == "linear" and users[lin.index] == [mul.index]:
+                folded[node.index] = lin.index
+    skip = {program.nodes[a].args[0][1] for a in folded} | set(folded.values())
+    for node in sorted(program.nodes, key=lambda n: n.op == "call"):
+        if node.index in skip:
+            continue
+        if node.index in folded:
+            lin = program.nodes[folded[node.index]]
+            mul = program.nodes[node.args[0][1]]
+            gamma, beta = mul.args[1], node.args[1]
+            g_col = b.call("aten.unsqueeze.default", (b.ref(gamma[1]), ("c", 1)), lin, "gamma_col")
+            w_new = b.call("aten.mul.Tensor", (b.ref(lin.args[1][1]), ("n", g_col)), lin, "weight")
+            bias = b.call("aten.mul.Tensor", (b.ref(lin.args[2][1]), b.ref(gamma[1])), lin, "bias_scaled")
+            b_new = b.call("aten.add.Tensor", (("n", bias), b.ref(beta[1])), lin, "bias")
+            new = b.copy(lin, args=(b.ref(lin.args[0][1]), ("n", w_new), ("n", b_new)))
+            b.alias(node.index, new)
+            continue
+        b.copy(node)
+    return b.build()
+
+
+def test_a_user_canonizer_merges_a_custom_normalisation_layer():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), AffineNorm(6), nn.ReLU(), nn.Linear(6, 3)).double().eval()
+    merged = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double().eval()
+    with torch.no_grad():
+        merged[0].weight.copy_(model[0].weight * model[1].gamma[:, None])
+        merged[0].bias.copy_(model[0].bias * model[1].gamma + model[1].beta)
+        merged[2].load_state_dict(model[3].state_dict())
+    f, p = ax.functionalize(model)
+    mf, mp = ax.functionalize(merged)
+    x = torch.randn(5, 4, dtype=D)
+    comp = ax.composites.epsilon_plus()
+    want = ax.lrp(mf, mp, x, 1, composite=comp)
+    got = ax.lrp(f, p, x, 1, composite=comp, canonize=[ax.canonizers.merge_batchnorm, merge_affine_norm])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # without it the AffineNorm's ops take the default rules: another (valid) answer
+    assert not torch.allclose(ax.lrp(f, p, x, 1, composite=comp, canonize=False), want)
+    # conditional takes the same option
+    cond = ax.conditional(f, p, x, 1, [{"3": [0, 1, 2]}], composite=comp, canonize=[merge_affine_norm],
+                          exclude_parallel=False)
+    torch.testing.assert_close(cond[0], want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(TypeError, match="canonize must be"):
+        ax.lrp(f, p, x, 1, canonize=3)
+    with pytest.raises(TypeError, match="must return a Program"):
+        ax.lrp(f, p, x, 1, canonize=[lambda prog: None])

@@ -5,7 +5,7 @@
     >>> attr = ax.integrated_gradients(model_fn, params, x, target)  # doctest: +SKIP
 """
 
-from . import composites, concepts, distributed, layer, lm, metrics, neuron, rules, serving, targets
+from . import canonizers, composites, concepts, distributed, layer, lm, metrics, neuron, rules, serving, targets
 from . import text  # token/span perturbation for language models (Captum LLMAttribution)
 from .conditional import conditional
 from .core import FunctionalModel, functionalize
@@ -72,6 +72,7 @@ __all__ = [
     "lrp",
     "metrics",
     "neuron",
+    "canonizers",
     "composites",
     "concepts",
     "rules",

@@ -14,15 +14,27 @@ DenseNet blocks and any hand-written model are handled alike:
 The merged parameters are new nodes computed from the parameters the model is called with,
 so gradients w.r.t. params flow through them; the module and its tensors are untouched.
 Residual sums need no canonizer: the LRP policy routes them through the Norm rule.
+
+**Your own canonizers** are functions of the same type, :data:`Canonizer` (``Program -> Program``),
+passed as ``ax.lrp(..., canonize=[merge_batchnorm, my_canonizer])`` (also ``conditional`` and
+``concepts``). Build the new program with :class:`attrax.rewrite.ProgramBuilder`: ``copy`` the
+nodes you keep, insert new ones with ``call`` (arguments encoded as ``("n", index)`` /
+``("c", value)``), and ``alias`` a removed node to its replacement; ``tests/test_canonizers.py``
+merges a custom affine normalisation layer into the linear layer before it this way. A canonizer must
+be pure (the same program in, the same program out): its result is memoised per model fingerprint.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from .rewrite import Node, Program, ProgramBuilder
 
-__all__ = ["merge_batchnorm"]
+__all__ = ["Canonizer", "merge_batchnorm"]
+
+#: A graph transform applied before LRP rules are chosen (``canonize=`` of ``ax.lrp``).
+Canonizer = Callable[[Program], Program]
 
 _LAYERS = {"conv1d": 3, "conv2d": 4, "conv3d": 5, "linear": 2}
 

@@ -249,13 +249,29 @@ def apply_scale(relevance: Tensor, scale: Tensor | None, batch_dim: int = 0) -> 
 
 
 @torch.compiler.assume_constant_result
-def _prepare(model_fn: Any, spec: tuple[Any, ...], batch: int | None, composite: Any, canonize: bool
+def canonizers_for(canonize: Any) -> tuple[Any, ...]:
+    """The canonizers a ``canonize=`` option asks for: ``True`` merges BatchNorm (the default), ``False`` none,
+    a callable or a sequence of callables ``Program -> Program`` (``attrax.canonizers.Canonizer``) are
+    applied in order (add ``merge_batchnorm`` to the sequence to keep it)."""
+    if canonize is True:
+        return (merge_batchnorm,)
+    if canonize is False or canonize is None:
+        return ()
+    fns = (canonize,) if callable(canonize) else tuple(canonize) if isinstance(canonize, (list, tuple)) else None
+    if fns is None or not all(callable(f) for f in fns):
+        raise TypeError(f"canonize must be True, False, or a canonizer (a function Program -> Program) or a sequence of "
+                        f"them, got {type(canonize).__name__}")
+    return fns
+
+
+def _prepare(model_fn: Any, spec: tuple[Any, ...], batch: int | None, composite: Any, canonize: tuple[Any, ...]
              ) -> tuple[Program, tuple[Any, ...]]:
     """Trace, canonize and substitute rules in one step, constant for ``torch.compile`` (it runs once,
     at trace time; its arguments are the caller's own objects, which dynamo can guard on)."""
     program = trace_program(model_fn, spec, batch)
-    if canonize:
-        program = memoised(model_fn, ("merge_batchnorm", spec, batch), lambda: merge_batchnorm(program))
+    for i, fn in enumerate(canonize):  # memoised per prefix of the sequence: each step's input is determined by it
+        program = memoised(model_fn, ("canonize", canonize[: i + 1], spec, batch),
+                           lambda p=program, f=fn: _canonized(f, p))
     comp = as_composite(composite)
 
     def plan() -> tuple[Any, ...]:
@@ -266,6 +282,13 @@ def _prepare(model_fn: Any, spec: tuple[Any, ...], batch: int | None, composite:
     if comp is None or (isinstance(comp, Composite) and _plain(comp)):
         return program, memoised(model_fn, ("lrp_plan", spec, batch, canonize, comp), plan)
     return program, plan()
+
+
+def _canonized(fn: Any, program: Program) -> Program:
+    out = fn(program)
+    if not isinstance(out, Program):
+        raise TypeError(f"canonizer {getattr(fn, '__name__', fn)!r} must return a Program, got {type(out).__name__}")
+    return out
 
 
 def _plain(composite: Composite) -> bool:
@@ -294,7 +317,7 @@ def lrp(
     target: Target,
     *,
     composite: Any = None,
-    canonize: bool = True,
+    canonize: Any = True,
     check_finite: bool = True,
 ) -> TensorOrTuple:
     r"""Layer-wise relevance propagation [1] with rules chosen per layer by a composite.
@@ -316,7 +339,10 @@ def lrp(
         composite: ``None``, an ``ax.composites`` factory result (``epsilon_plus()``,
             ``epsilon_gamma_box(low=-3, high=3)``, ...), a dict from layer type or dotted-name glob
             to rule, or any callable ``(name, layer) -> Rule | None``.
-        canonize: Fold eval-mode BatchNorm into the adjacent linear layer/convolution first
+        canonize: ``True``: fold eval-mode BatchNorm into the adjacent linear layer/convolution first
+            (``False``: no canonizer); or your own canonizers, a function ``Program -> Program`` or a
+            sequence of them applied in order (``attrax.canonizers.Canonizer``; include
+            ``attrax.canonizers.merge_batchnorm`` to keep the default). The remaining doc of the default:
             (a graph transform; the module is not modified). Unmerged BatchNorms pass relevance.
     Returns:
         Relevance with the shape, dtype and device of ``x``.
@@ -340,7 +366,7 @@ def lrp(
     xs, params, is_tuple, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
     as_composite(composite)  # validate eagerly
     spec, trace_batch = program_spec(model_fn, params, xs)
-    program, plan = _prepare(model_fn, spec, trace_batch, composite, bool(canonize))
+    program, plan = _prepare(model_fn, spec, trace_batch, composite, canonizers_for(canonize))
     with eager_no_grad():
         aux: dict[int, Any] = {}
         env = forward(program, params, xs, aux=aux)
