@@ -248,7 +248,6 @@ def apply_scale(relevance: Tensor, scale: Tensor | None, batch_dim: int = 0) -> 
     return relevance * scale.reshape(shape).to(relevance.dtype)
 
 
-@torch.compiler.assume_constant_result
 def canonizers_for(canonize: Any) -> tuple[Any, ...]:
     """The canonizers a ``canonize=`` option asks for: ``True`` merges BatchNorm (the default), ``False`` none,
     a callable or a sequence of callables ``Program -> Program`` (``attrax.canonizers.Canonizer``) are
@@ -264,10 +263,13 @@ def canonizers_for(canonize: Any) -> tuple[Any, ...]:
     return fns
 
 
-def _prepare(model_fn: Any, spec: tuple[Any, ...], batch: int | None, composite: Any, canonize: tuple[Any, ...]
+@torch.compiler.assume_constant_result
+def _prepare(model_fn: Any, spec: tuple[Any, ...], batch: int | None, composite: Any, canonize: Any
              ) -> tuple[Program, tuple[Any, ...]]:
     """Trace, canonize and substitute rules in one step, constant for ``torch.compile`` (it runs once,
-    at trace time; its arguments are the caller's own objects, which dynamo can guard on)."""
+    at trace time; its arguments are the caller's own objects, which dynamo can guard on; ``canonize`` is
+    the user's option, resolved here)."""
+    canonize = canonizers_for(canonize)
     program = trace_program(model_fn, spec, batch)
     for i, fn in enumerate(canonize):  # memoised per prefix of the sequence: each step's input is determined by it
         program = memoised(model_fn, ("canonize", canonize[: i + 1], spec, batch),
@@ -366,7 +368,8 @@ def lrp(
     xs, params, is_tuple, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
     as_composite(composite)  # validate eagerly
     spec, trace_batch = program_spec(model_fn, params, xs)
-    program, plan = _prepare(model_fn, spec, trace_batch, composite, canonizers_for(canonize))
+    canonizers_for(canonize)  # validate eagerly
+    program, plan = _prepare(model_fn, spec, trace_batch, composite, canonize)
     with eager_no_grad():
         aux: dict[int, Any] = {}
         env = forward(program, params, xs, aux=aux)
