@@ -804,7 +804,7 @@ def _describe_value(v: Any, depth: int, path: set[int]) -> Any:
 
 
 def _code_names(code: Any) -> set[str]:
-    """The global names a code object and the code nested in it (lambdas, inner functions) read."""
+    """The module-level names a code object and the code nested in it (lambdas, inner functions) read."""
     names = set(code.co_names)
     for c in code.co_consts:
         if isinstance(c, types.CodeType):

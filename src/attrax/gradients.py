@@ -417,7 +417,7 @@ def integrated_gradients(
         if check_flag(progress, "progress"):
             raise ValueError('progress=True needs a fixed n_steps; n_steps="auto" refines per sample in rounds')
         if not multiply_by_inputs:
-            raise ValueError('n_steps="auto" chooses steps by completeness, which holds for the global attributions; '
+            raise ValueError('n_steps="auto" chooses steps by completeness, which holds for attributions multiplied by the inputs; '
                              "use a fixed n_steps with multiply_by_inputs=False")
         xs, checked, is_tuple, _, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
         bs = baselines_for(call_baseline(baseline, xs, is_tuple), xs, check_finite=check_finite)  # evaluated once
@@ -445,7 +445,7 @@ def _check_delta_flags(multiply_by_inputs: Any, return_convergence_delta: Any) -
     if not check_flag(multiply_by_inputs, "multiply_by_inputs") and check_flag(
             return_convergence_delta, "return_convergence_delta"):
         raise ValueError("return_convergence_delta=True needs multiply_by_inputs=True: the completeness gap "
-                         "sum(attr) - (f(x) - f(baseline)) is defined for global attributions, not for local "
+                         "sum(attr) - (f(x) - f(baseline)) is defined for attributions multiplied by the inputs, not for local "
                          "ones (the gradients without the (x - baseline) factor)")
 
 

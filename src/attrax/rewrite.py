@@ -374,7 +374,7 @@ def _check_hooks(module: torch.nn.Module) -> None:
     found = [(f"module '{path}'" if path else "the root module", kind, h) for path, m in module.named_modules()
              for kind, d in (("forward hook", m._forward_hooks), ("forward pre-hook", m._forward_pre_hooks))
              for h in d.values() if not _torch_internal(h)]
-    found += [("every module (a global hook)", kind, h) for kind, d in (("forward hook", _m._global_forward_hooks),
+    found += [("every module (a process-wide hook)", kind, h) for kind, d in (("forward hook", _m._global_forward_hooks),
               ("forward pre-hook", _m._global_forward_pre_hooks)) for h in d.values() if not _torch_internal(h)]
     if found:
         where, kind, h = found[0]

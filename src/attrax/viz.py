@@ -349,7 +349,7 @@ def text_html(tokens: Any, relevance: Any, path: str | os.PathLike[str] | None =
 
 
 def _figure(width_in: float, height_in: float, dpi: int) -> tuple[Any, Any]:
-    """A matplotlib figure on the Agg canvas (no pyplot: no global figure registry, no display)."""
+    """A matplotlib figure on the Agg canvas (no pyplot: no process-wide figure registry, no display)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
