@@ -588,3 +588,25 @@ def test_issue_18_bad_arguments(call, exc, match):
 
     with pytest.raises(exc, match=match):
         call(f, {}, torch.randn(2, 6, dtype=D), torch.randint(0, 10, (2, 6), generator=G()))
+
+
+def test_progress_bars_on_perturbation_methods_change_nothing(capsys):
+    # issue 18.10: progress=True shows a tqdm bar counting the perturbed inputs; off by default
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).eval()
+    f, p = ax.functionalize(net)
+    x = torch.randn(3, 6)
+    calls = {
+        "occlusion": lambda **kw: ax.occlusion(f, p, x, 1, window=2, **kw),
+        "feature_ablation": lambda **kw: ax.feature_ablation(f, p, x, 1, chunk_size=2, **kw),
+        "kernel_shap": lambda **kw: ax.kernel_shap(f, p, x, 1, n_samples=20, generator=torch.Generator().manual_seed(1), **kw),
+        "shapley_values": lambda **kw: ax.shapley_values(f, p, x, 1, feature_mask=torch.tensor([[0, 0, 1, 1, 2, 2]]), **kw),
+    }
+    for name, call in calls.items():
+        quiet = call()
+        assert capsys.readouterr().err == ""
+        shown = call(progress=True)
+        assert "perturbation" in capsys.readouterr().err, name
+        torch.testing.assert_close(shown, quiet, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="progress must be True or False"):
+        ax.lime(f, p, x, 1, progress="yes")

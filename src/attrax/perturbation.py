@@ -23,6 +23,9 @@ copied between ``x`` and the baseline, never interpolated, so the baseline must 
 
 from __future__ import annotations
 
+import contextvars
+import functools
+
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -73,12 +76,40 @@ def _evaluate(model_fn: ModelFn, params: Params, target: ResolvedTarget, n_point
               make: Callable[[int, int], tuple[Tensor, ...]]) -> Tensor:
     """Scores ``(n_points, B)`` of ``make(lo, hi)`` -> inputs ``(hi - lo, B, ...)``, chunk by chunk."""
     out = []
+    bar = _BAR.get()
     for lo, hi in chunks(n_points, chunk_size):
         points = make(lo, hi)
         k, batch = points[0].shape[:2]
         flat = tuple(p.reshape(k * batch, *p.shape[2:]) for p in points)
         out.append(select(model_fn(params, *flat), repeat_target(target, k)).reshape(k, batch))
+        if bar is not None:
+            bar.update(hi - lo)
     return torch.cat(out)
+
+
+#: the progress bar of the perturbation method running in this context (``progress=True``), else None
+_BAR: contextvars.ContextVar[Any] = contextvars.ContextVar("attrax_perturbation_bar", default=None)
+
+
+def _with_progress(desc: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a perturbation method ``progress=False``: with True, a tqdm bar counts the perturbed inputs
+    evaluated (tqdm is optional; a clear ImportError when missing)."""
+
+    def decorate(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def wrapper(*args: Any, progress: bool = False, **kwargs: Any) -> Any:
+            from .gradients import progress_bar
+
+            with progress_bar(progress, None, desc, "perturbation") as bar:
+                token = _BAR.set(bar if progress else None)
+                try:
+                    return method(*args, **kwargs)
+                finally:
+                    _BAR.reset(token)
+
+        return wrapper
+
+    return decorate
 
 
 def _score(model_fn: ModelFn, params: Params, xs: tuple[Tensor, ...], target: ResolvedTarget) -> Tensor:
@@ -340,6 +371,7 @@ def _per_input(arg: Any, xs: tuple[Tensor, ...], name: str) -> list[tuple[int, .
 
 
 @forward_args
+@_with_progress("Occlusion")
 def occlusion(
     model_fn: ModelFn,
     params: Params,
@@ -439,6 +471,7 @@ def occlusion(
 
 
 @forward_args
+@_with_progress("Feature ablation")
 def feature_ablation(
     model_fn: ModelFn,
     params: Params,
@@ -496,6 +529,7 @@ def feature_ablation(
 
 
 @forward_args
+@_with_progress("Feature permutation")
 def feature_permutation(
     model_fn: ModelFn,
     params: Params,
@@ -597,6 +631,7 @@ def _batch_permutations(k: int, batch: int, generator: torch.Generator | None, d
 
 
 @forward_args
+@_with_progress("Shapley sampling")
 def shapley_sampling(
     model_fn: ModelFn,
     params: Params,
@@ -688,6 +723,7 @@ MAX_EXACT_GROUPS = 12
 
 
 @forward_args
+@_with_progress("Shapley values")
 def shapley_values(
     model_fn: ModelFn,
     params: Params,
@@ -803,6 +839,7 @@ def _weighted_ridge(z: Tensor, y: Tensor, w: Tensor, ridge: float) -> Tensor:
 
 
 @forward_args
+@_with_progress("KernelSHAP")
 def kernel_shap(
     model_fn: ModelFn,
     params: Params,
@@ -923,6 +960,7 @@ def _shapley_coalitions(k: int, n: int, generator: torch.Generator | None) -> Te
 
 
 @forward_args
+@_with_progress("LIME")
 def lime(
     model_fn: ModelFn,
     params: Params,
