@@ -350,3 +350,21 @@ def test_layer_callable_baseline_delta_and_progress(capsys):
     cond, delta = ax.layer.conductance(f, p, X, T, "conv2", baseline=lambda x: x * 0.5, n_steps=8,
                                        return_convergence_delta=True)
     torch.testing.assert_close(delta, cond.flatten(1).sum(1) - (f(p, X) - f(p, X * 0.5)).gather(1, T[:, None])[:, 0])
+
+
+def test_a_list_of_layers_with_attribute_to_layer_input_is_refused():
+    # found in review: two listed layers sharing their input got all zeros for one of them
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.o = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.o(torch.cat([torch.tanh(self.a(x)), torch.relu(self.b(x))], 1))
+
+    f, p = ax.functionalize(Two().double().eval())
+    x = torch.randn(2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="one layer at a time"):
+        ax.layer.integrated_gradients(f, p, x, 1, ["a", "b"], attribute_to_layer_input=True)
+    one = ax.layer.integrated_gradients(f, p, x, 1, "a", attribute_to_layer_input=True)
+    assert one.abs().sum() > 0

@@ -433,6 +433,11 @@ def integrated_gradients(
     """
     to_input = check_flag(attribute_to_layer_input, "attribute_to_layer_input")
     want_delta = check_flag(return_convergence_delta, "return_convergence_delta")
+    if to_input and isinstance(layer, (list, tuple)) and len(layer) > 1:
+        # inputs of several layers can be one node (shared) or lie on each other's paths: the joint split
+        # then attributes nothing to one of them (found in review); refused rather than silently zero
+        raise ValueError("attribute_to_layer_input=True takes one layer at a time; got a list of "
+                         f"{len(layer)} layers: call layer.integrated_gradients once per layer")
     xs, params, batch, t, is_tuple = _prepare(model_fn, params, x, target, layer, check_finite, many=True)
     check_quadrature(method, n_steps)
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
