@@ -222,5 +222,7 @@ def test_a_user_canonizer_merges_a_custom_normalisation_layer():
     torch.testing.assert_close(cond[0], want, rtol=1e-10, atol=1e-12)
     with pytest.raises(TypeError, match="canonize must be"):
         ax.lrp(f, p, x, 1, canonize=3)
+    with pytest.raises(TypeError, match=r"canonize\[0\] must be a function Program -> Program.*got str"):
+        ax.lrp(f, p, x, 1, canonize=["merge_batchnorm"])
     with pytest.raises(TypeError, match="must return a Program"):
         ax.lrp(f, p, x, 1, canonize=[lambda prog: None])

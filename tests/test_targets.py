@@ -238,3 +238,10 @@ def test_sum_target_only_when_asked():
         ax.gradient(f, p, x, None)  # never summed silently
     with pytest.raises(TypeError, match=r'target must be .* "sum" or None, got str \'mean\''):
         ax.gradient(f, p, x, "mean")
+
+
+def test_ragged_target_lists_are_named():
+    # found in review: ints mixed with tuples raised numpy's inhomogeneous-shape error
+    f, p = ax.functionalize(torch.nn.Linear(4, 3).eval())
+    with pytest.raises(TypeError, match=r"target sequence must be a flat sequence of ints.*output shape \(3, 3\)"):
+        ax.gradient(f, p, torch.randn(3, 4), [(1,), (2,), 1])

@@ -257,9 +257,13 @@ def canonizers_for(canonize: Any) -> tuple[Any, ...]:
     if canonize is False or canonize is None:
         return ()
     fns = (canonize,) if callable(canonize) else tuple(canonize) if isinstance(canonize, (list, tuple)) else None
-    if fns is None or not all(callable(f) for f in fns):
+    if fns is None:
         raise TypeError(f"canonize must be True, False, or a canonizer (a function Program -> Program) or a sequence of "
                         f"them, got {type(canonize).__name__}")
+    for i, f in enumerate(fns):
+        if not callable(f) or isinstance(f, torch.nn.Module):
+            raise TypeError(f"canonize[{i}] must be a function Program -> Program (attrax.canonizers.Canonizer), got "
+                            f"{type(f).__name__}; Zennit's canonizer objects patch modules and do not apply here")
     return fns
 
 

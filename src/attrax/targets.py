@@ -150,7 +150,10 @@ def check_target(target: Any, batch_size: int, out_shape: tuple[int, ...] | None
     elif isinstance(target, list) and target and all(isinstance(t, tuple) for t in target):
         resolved = ResolvedTarget("callable", _per_sample_index(target, batch_size, note), batch_size)
     elif isinstance(target, np.ndarray) or (isinstance(target, Sequence) and not isinstance(target, str)):
-        arr = np.asarray(target)
+        try:
+            arr = np.asarray(target)
+        except ValueError:  # ragged: ints mixed with tuples (found in review)
+            arr = np.asarray([], dtype=float)
         if arr.dtype.kind not in "iu" or arr.ndim != 1:
             raise TypeError(f"target sequence must be a flat sequence of ints, got {target!r}{note}")
         if arr.shape[0] != batch_size:
