@@ -211,7 +211,8 @@ def _trace_program(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch
 
     # The model's own trace is independent of any trace around this call (ax.export traces the whole
     # attribution): constants the model builds are real here, so they can be folded and compared.
-    with unset_fake_temporarily(), disable_proxy_modes_tracing():
+    # the lock first: the mode stacks these contexts change are shared by the threads that trace
+    with _TRACE_LOCK, unset_fake_temporarily(), disable_proxy_modes_tracing():
         return _trace_program_now(model_fn, spec, batch, fingerprint)
 
 
