@@ -40,19 +40,13 @@ from .core import (
     _describe,
     as_tuple,
     broadcast_baseline,
-    check_dtypes,
-    check_finite_tensor,
     check_generator,
-    check_model,
     check_positive_int,
     chunks,
-    detach_outside_transforms,
     eager_no_grad,
     is_concrete,
-    warn_training,
-    without_inference_tensors,
 )
-from .targets import ResolvedTarget, _Probe, check_target, prepare_call, repeat_target, select
+from .targets import ResolvedTarget, prepare_call, repeat_target, select
 
 __all__ = [
     "feature_ablation",
@@ -207,55 +201,13 @@ def _common_dtype(dtypes: tuple[torch.dtype, ...]) -> torch.dtype:
 
 def _prepare(model_fn: Any, params: Any, x: Any, target: Any, check_finite: bool
              ) -> tuple[tuple[Tensor, ...], Any, bool, int, ResolvedTarget]:
-    """:func:`~attrax.targets.prepare_call`, also for integer and boolean inputs.
-
-    ``prepare_call`` takes floating inputs only (every other family interpolates or
-    differentiates); perturbation methods only copy values around, so token ids and
-    categorical codes are inputs too. The same checks in the same order, with ``x`` allowed
-    to be integer or boolean; a float model given integers (a ``uint8`` image) still gets
+    """:func:`~attrax.targets.prepare_call` with integer and boolean inputs allowed: the other families
+    interpolate or differentiate x, perturbation methods only copy values around, so token ids and
+    categorical codes are inputs too. A float model given integers (a ``uint8`` image) still gets
     ``check_dtypes``' message naming the conversion.
     """
-    xs, _ = as_tuple(x)
-    if all(t.is_floating_point() for t in xs):
-        return prepare_call(model_fn, params, x, target, check_finite=check_finite)
-    check_model(model_fn, params)
-    warn_training(model_fn)
-    xs, is_tuple = as_tuple(x)
-    batch = _check_inputs(xs, check_finite)
-    params, xs = without_inference_tensors(params, xs)
-    probe = _Probe(model_fn, params, xs)
-    mismatch = check_dtypes(params, xs)
-    if mismatch is not None:
-        probe.check_dtypes(mismatch)
-    try:
-        resolved = check_target(target, batch)
-    except (TypeError, ValueError):
-        shape = probe.shape(batch)
-        if shape is None:
-            raise
-        check_target(target, batch, shape)  # raises the same error, now naming the output shape
-        raise
-    params, xs = detach_outside_transforms(params, xs)
-    return xs, params, is_tuple, batch, resolved
-
-
-def _check_inputs(xs: tuple[Tensor, ...], check_finite: bool) -> int:
-    """Floating, integer or boolean inputs sharing one batch size; returns it."""
-    batch = None
-    for i, t in enumerate(xs):
-        label = "x" if len(xs) == 1 else f"x[{i}]"
-        if t.is_complex():
-            raise TypeError(f"{label} must be a real tensor (floating, integer or boolean), got dtype {t.dtype}")
-        if t.ndim < 1:
-            raise ValueError(f"{label} must have a batch dimension, got a 0-d tensor")
-        if batch is None:
-            batch = t.shape[0]
-        elif t.shape[0] != batch:
-            raise ValueError(f"all inputs must share the batch size: {label} has {t.shape[0]}, expected {batch}")
-        if check_finite and t.is_floating_point():
-            check_finite_tensor(t, label)
-    assert batch is not None  # as_tuple refuses an empty tuple
-    return batch
+    return prepare_call(model_fn, params, x, target, check_finite=check_finite, integer_inputs=True,
+                        boolean_inputs=True)
 
 
 def _baselines(baseline: Baseline, xs: tuple[Tensor, ...], is_tuple: bool, groups: tuple[Tensor, ...] | None,

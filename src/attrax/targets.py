@@ -312,11 +312,13 @@ def prepare_call(
     detach: bool = True,
     check_output: bool = False,
     integer_inputs: bool = False,
+    boolean_inputs: bool = False,
 ) -> tuple[tuple[Tensor, ...], Any, bool, int, ResolvedTarget]:
     """The boundary checks every method starts with.
 
     With ``integer_inputs`` (layer methods, whose paths run between layer values) inputs may be
-    integer tensors, e.g. token ids; floating point inputs are checked as usual.
+    integer tensors, e.g. token ids, and with ``boolean_inputs`` also boolean ones (perturbation
+    methods, which only copy values around); floating point inputs are checked as usual.
 
     Checks ``model_fn``, ``params`` (keys, dtypes), ``x`` and ``target``. Methods
     whose first model call evaluates many points per sample (steps, samples,
@@ -350,7 +352,10 @@ def prepare_call(
     check_model(model_fn, params)
     warn_training(model_fn)
     xs, is_tuple = as_tuple(x)
-    batch = _check_integer_inputs(xs, check_finite) if integer_inputs else check_inputs(xs, check_finite=check_finite)
+    if integer_inputs or boolean_inputs:
+        batch = _check_integer_inputs(xs, check_finite, allow_bool=boolean_inputs)
+    else:
+        batch = check_inputs(xs, check_finite=check_finite)
     params, xs = without_inference_tensors(params, xs)
     probe = _Probe(model_fn, params, xs)
     mismatch = check_dtypes(params, xs)
@@ -371,21 +376,22 @@ def prepare_call(
     return xs, params, is_tuple, batch, resolved
 
 
-def _check_integer_inputs(xs: tuple[Tensor, ...], check_finite: bool) -> int:
-    """``check_inputs`` that also admits integer tensors (token ids); returns the batch size."""
-    from .core import check_inputs
+def _check_integer_inputs(xs: tuple[Tensor, ...], check_finite: bool, allow_bool: bool = False) -> int:
+    """``check_inputs`` that also admits integer tensors (token ids), and boolean ones with ``allow_bool``;
+    returns the batch size."""
+    from .core import check_finite_tensor
 
     for i, t in enumerate(xs):
         label = "x" if len(xs) == 1 else f"x[{i}]"
-        if not t.is_floating_point() and (t.is_complex() or t.dtype == torch.bool):
-            raise TypeError(f"{label} must be a floating point or integer tensor, got dtype {t.dtype}")
+        if t.is_complex() or (t.dtype == torch.bool and not allow_bool):
+            kinds = "a real tensor (floating, integer or boolean)" if allow_bool else "a floating point or integer tensor"
+            raise TypeError(f"{label} must be {kinds}, got dtype {t.dtype}")
         if t.ndim < 1:
             raise ValueError(f"{label} must have a batch dimension, got a 0-d tensor")
         if t.shape[0] != xs[0].shape[0]:
             raise ValueError(f"all inputs must share the batch size: {label} has {t.shape[0]}, expected {xs[0].shape[0]}")
-    floats = tuple(t for t in xs if t.is_floating_point())
-    if floats:
-        check_inputs(floats, check_finite=check_finite)
+        if check_finite and t.is_floating_point():
+            check_finite_tensor(t, label)
     return xs[0].shape[0]
 
 
