@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ._types import ModelFn, Params, Target, TensorOrTuple
 from .canonizers import merge_batchnorm
 from .composites import Composite, Kind, TracedOp, as_composite
-from .core import eager_no_grad, publish_output, forward_args
+from .core import FunctionalModel, eager_no_grad, forward_args, publish_output
 from .deeplift import seed
 from .relevance import (CONTRACTIONS, ELEMENTWISE_PRODUCTS, POOLS, WEIGHTED, AlphaBeta, Epsilon, Flat, Gamma, HoldScale,
                         Norm, Pass, SoftmaxTaylor, Uniform, WSquare, ZBox, ZPlus, normalization, region_source)
@@ -274,10 +274,12 @@ def _prepare(model_fn: Any, spec: tuple[Any, ...], batch: int | None, composite:
     at trace time; its arguments are the caller's own objects, which dynamo can guard on; ``canonize`` is
     the user's option, resolved here)."""
     canonize = canonizers_for(canonize)
-    program = trace_program(model_fn, spec, batch)
+    # one fingerprint for the call's three memo lookups (it walks the whole module tree)
+    fp = model_fn.fingerprint() if isinstance(model_fn, FunctionalModel) else None
+    program = trace_program(model_fn, spec, batch, fp)
     for i, fn in enumerate(canonize):  # memoised per prefix of the sequence: each step's input is determined by it
         program = memoised(model_fn, ("canonize", canonize[: i + 1], spec, batch),
-                           lambda p=program, f=fn: _canonized(f, p))
+                           lambda p=program, f=fn: _canonized(f, p), fingerprint=fp)
     comp = as_composite(composite)
 
     def plan() -> tuple[Any, ...]:
@@ -286,7 +288,7 @@ def _prepare(model_fn: Any, spec: tuple[Any, ...], batch: int | None, composite:
     # the plan is data too: memoised per composite value where that is plain data (a transformer's
     # graph has thousands of nodes to classify); a callable composite or one holding tensors is asked anew
     if comp is None or (isinstance(comp, Composite) and _plain(comp)):
-        return program, memoised(model_fn, ("lrp_plan", spec, batch, canonize, comp), plan)
+        return program, memoised(model_fn, ("lrp_plan", spec, batch, canonize, comp), plan, fingerprint=fp)
     return program, plan()
 
 

@@ -189,7 +189,8 @@ def _training_flags(model_fn: Any) -> tuple[bool, ...]:
     return tuple(m.training for m in module.modules()) if module is not None else ()
 
 
-def trace_program(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int | None) -> Program:
+def trace_program(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int | None,
+                  fingerprint: Any = _UNSET) -> Program:
     """Trace (or fetch) the program.
 
     A concrete batch size gets a program traced at exactly that size, so Python
@@ -197,9 +198,11 @@ def trace_program(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch:
     (``torch.compile(dynamic=True)``, export) gets a batch-generic program, traced
     at two sizes with the integer arguments that move with the batch stored as
     affine functions of it. Memoised programs are keyed on the model's fingerprint
-    (``FunctionalModel.fingerprint``), so a changed model is traced again.
+    (``FunctionalModel.fingerprint``), so a changed model is traced again; a caller that memoises
+    more per call passes the fingerprint it computed once.
     """
-    fingerprint = model_fn.fingerprint() if isinstance(model_fn, FunctionalModel) else None
+    if fingerprint is _UNSET:
+        fingerprint = model_fn.fingerprint() if isinstance(model_fn, FunctionalModel) else None
     return memoised(model_fn, (spec, batch), lambda: _trace_program(model_fn, spec, batch, fingerprint),
                     fingerprint=fingerprint)
 
