@@ -61,9 +61,76 @@ def test_generation_rows_equal_separate_calls(gpt2, method, kw) -> None:
         assert torch.equal(matrix[:, k, start + k:], torch.zeros_like(matrix[:, k, start + k:]))  # causal
 
 
+@pytest.mark.parametrize("strategy", ["auto", "shared", "vmap"])
+@pytest.mark.parametrize("method, kw", [(ax.integrated_gradients, {"n_steps": 8}),
+                                        (ax.lrp, {"composite": ax.composites.attn_lrp()})])
+def test_generation_rows_equal_separate_calls_for_ig_and_attn_lrp(gpt2, strategy, method, kw) -> None:
+    """Issue 17 acceptance 3: row k is the separate call with target token k at its position (1e-6)."""
+    model, f, p, ids, e = gpt2
+    start = 5
+    matrix = ax.lm.generation(method, f, p, e, ids[:, start:], start=start, strategy=strategy, **kw)
+    for k in range(ids.shape[1] - start):
+        row = method(f, p, e, ax.targets.next_token(ids[:, start + k], start + k - 1), **kw).sum(-1)
+        torch.testing.assert_close(matrix[:, k], row, rtol=1e-6, atol=1e-10)
+
+
+def test_shared_generation_runs_the_forward_once(gpt2) -> None:
+    """IG's path points are evaluated once for all rows; the rows are the separate calls' bitwise."""
+    model, f, p, ids, e = gpt2
+    calls = []
+
+    def fn(params, x):
+        calls.append(x.shape[0])
+        return f(params, x)
+
+    start = 4
+    matrix = ax.lm.generation(ax.integrated_gradients, fn, p, e, ids[:, start:], start=start, n_steps=8)
+    assert calls == [1, 2 * 8]  # the method's probe of the output on one sample, then the 8 path points
+    for k in range(ids.shape[1] - start):
+        row = ax.integrated_gradients(f, p, e, ax.targets.next_token(ids[:, start + k], start + k - 1), n_steps=8)
+        assert torch.equal(matrix[:, k], row.sum(-1))
+
+
+def test_shared_generation_with_a_mask_and_log_probs(gpt2) -> None:
+    """Bound keyword arguments (the attention mask) are part of what a kept forward must match."""
+    model, f, p, ids, e = gpt2
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding of the second sequence
+    kw = {"n_steps": 8, "additional_forward_args": {"attention_mask": mask}}
+    start = 6
+    matrix = ax.lm.generation(ax.integrated_gradients, f, p, e, ids[:, start:], start=start, log_prob=True,
+                              strategy="shared", **kw)
+    for k in range(ids.shape[1] - start):
+        target = ax.targets.next_token(ids[:, start + k], start + k - 1, log_prob=True)
+        row = ax.integrated_gradients(f, p, e, target, **kw).sum(-1)
+        torch.testing.assert_close(matrix[:, k], row, rtol=1e-6, atol=1e-10)
+    assert torch.equal(matrix[1, :, :2], torch.zeros_like(matrix[1, :, :2]))  # pads get exactly 0
+
+
+def test_shared_generation_does_not_reuse_a_forward_at_other_inputs(gpt2) -> None:
+    """A method whose inputs differ between rows (a random baseline per call) gets fresh forwards."""
+    model, f, p, ids, e = gpt2
+    gen = torch.Generator().manual_seed(3)
+    baselines = []
+
+    def method(model_fn, params, x, target, **kw):
+        b = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+        baselines.append(b)
+        return ax.integrated_gradients(model_fn, params, x, target, baseline=b, n_steps=4)
+
+    start = 7
+    matrix = ax.lm.generation(method, f, p, e, ids[:, start:], start=start, strategy="shared")
+    for k in range(ids.shape[1] - start):
+        target = ax.targets.next_token(ids[:, start + k], start + k - 1)
+        row = ax.integrated_gradients(f, p, e, target, baseline=baselines[k], n_steps=4).sum(-1)
+        torch.testing.assert_close(matrix[:, k], row, rtol=1e-6, atol=1e-10)
+
+
 def test_generation_checks_its_arguments(gpt2) -> None:
     model, f, p, ids, e = gpt2
     with pytest.raises(ValueError, match="does not fit"):
         ax.lm.generation(ax.gradient, f, p, e, ids, start=4)
     with pytest.raises(ValueError, match="start must be"):
         ax.lm.generation(ax.gradient, f, p, e, ids[:, :2], start=0)
+    with pytest.raises(ValueError, match="strategy must be"):
+        ax.lm.generation(ax.gradient, f, p, e, ids[:, 4:], start=4, strategy="loop")
