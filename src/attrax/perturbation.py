@@ -81,6 +81,31 @@ def _evaluate(model_fn: ModelFn, params: Params, target: ResolvedTarget, n_point
     return torch.cat(out)
 
 
+def _drops(model_fn: ModelFn, params: Params, target: ResolvedTarget, xs: tuple[Tensor, ...], n_points: int,
+           chunk_size: int | None, make: Callable[[int, int], tuple[Tensor, ...]]) -> Tensor:
+    """Drops ``f(x) - f(point)`` ``(n_points, B)`` of ``make(lo, hi)``'s points, ``x`` scored in each chunk's call.
+
+    Scoring ``x`` in the same model call as the points it is compared with makes a point that does
+    not change the output (a masked pad token) drop by exactly zero: the same rows in batches of
+    different sizes may round differently (HF GPT-2 and Llama, float64: 1e-17). A point equal to
+    ``x`` drops by zero by definition (rows of one call may round differently too).
+    """
+    out = []
+    bar = _BAR.get()
+    for lo, hi in chunks(n_points, chunk_size):
+        points = tuple(torch.cat([x_i.unsqueeze(0), p]) for x_i, p in zip(xs, make(lo, hi)))
+        k, batch = points[0].shape[:2]
+        flat = tuple(p.reshape(k * batch, *p.shape[2:]) for p in points)
+        scores = select(model_fn(params, *flat), repeat_target(target, k)).reshape(k, batch)
+        same = torch.ones(k - 1, batch, dtype=torch.bool, device=scores.device)
+        for p in points:  # a point equal to x (its group already holds the baseline) drops by exactly zero
+            same &= (p[1:] == p[:1]).reshape(k - 1, batch, -1).all(-1).to(scores.device)
+        out.append((scores[:1] - scores[1:]).masked_fill(same, 0))
+        if bar is not None:
+            bar.update(hi - lo)
+    return torch.cat(out)
+
+
 #: the progress bar of the perturbation method running in this context (``progress=True``), else None
 _BAR: contextvars.ContextVar[Any] = contextvars.ContextVar("attrax_perturbation_bar", default=None)
 
@@ -466,14 +491,13 @@ def feature_ablation(
     if batch == 0:
         return _empty(xs, is_tuple, params)
     with eager_no_grad():
-        full = _score(model_fn, params, xs, t)
 
         def make(lo: int, hi: int) -> tuple[Tensor, ...]:
             member = _members(groups, torch.arange(lo, hi, device=xs[0].device))
             return tuple(torch.where(m, b.unsqueeze(0), x_i.unsqueeze(0)) for m, b, x_i in zip(member, bs, xs))
 
-        drops = full.unsqueeze(0) - _evaluate(model_fn, params, t, n_groups, chunk_size, make)  # (K, B)
-        attrs = _spread(drops.T, groups, xs, _attr_dtypes(xs, full.dtype))
+        drops = _drops(model_fn, params, t, xs, n_groups, chunk_size, make)  # (K, B)
+        attrs = _spread(drops.T, groups, xs, _attr_dtypes(xs, drops.dtype))
     return _pack(attrs, is_tuple)
 
 

@@ -30,6 +30,7 @@ permutations that ``ShapleyValueSampling`` draws after ``torch.manual_seed(s)``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,6 +43,9 @@ from .lm import continuation as _continuation
 __all__ = ["span_problem", "span_attribution", "token_spans"]
 
 Span = tuple[int, int]
+
+#: span_attribution's default chunk_size: perturbed sequences per model call, about this many tokens
+_TOKENS_PER_CALL = 1536
 
 
 def token_spans(n: int, skip: Sequence[int] = ()) -> list[Span]:
@@ -136,7 +140,27 @@ def span_problem(
 
     if hasattr(model_fn, "module"):
         fn.module = model_fn.module  # type: ignore[attr-defined]  (training-mode warning)
-    return fn, x, _continuation(cont, n), mask, base
+    return fn, x, _continuation_log_prob(cont, n), mask, base
+
+
+def _continuation_log_prob(cont: Tensor, start: int) -> Callable[[Tensor], Tensor]:
+    """``ax.lm.continuation(cont, start)`` for one prompt: the log-softmax of the continuation's
+    ``m`` positions only (the general target normalises all ``T`` positions: ``T / m`` times the work
+    on ``(K * B, T, V)`` logits, one row per perturbation)."""
+    m = cont.shape[0]
+
+    def target(out: Tensor) -> Tensor:
+        if out.ndim != 3:
+            return _continuation(cont, start)(out)  # its error message
+        rows = out[:, start - 1:start - 1 + m]  # (B, m, V): the predictions of the continuation's tokens
+        toks = cont.to(out.device).view(1, m, 1).expand(out.shape[0], m, 1)
+        logp = torch.log_softmax(rows, -1).gather(2, toks).squeeze(2)
+        total = torch.zeros(out.shape[0], dtype=out.dtype, device=out.device)
+        for k in range(m):  # summed in lm.continuation's order
+            total = total + logp[:, k]
+        return total
+
+    return target
 
 
 def span_attribution(
@@ -153,10 +177,16 @@ def span_attribution(
     """``method`` (``ax.feature_ablation``, ``ax.shapley_sampling``, ...) over the spans of a prompt.
 
     Arguments as in :func:`span_problem`; ``kwargs`` go to ``method`` (``generator=``,
-    ``n_samples=``, ``additional_forward_args=`` ...). Returns ``(n_spans,)``: the attribution of
+    ``n_samples=``, ``additional_forward_args=`` ...; ``chunk_size`` defaults to about 1.5k tokens a call).
+    Returns ``(n_spans,)``: the attribution of
     each span to the continuation's log-probability, Captum's ``LLMAttribution(...).seq_attr``.
     """
     fn, x, target, mask, base = span_problem(model_fn, prompt_ids, continuation_ids, spans=spans, baseline=baseline)
+    if "chunk_size" not in kwargs and "chunk_size" in inspect.signature(method).parameters:
+        # all perturbations in one call spill the caches: about 1.5k tokens a call ran 1.8x faster than 97 x 100
+        # tokens in one call (GPT-2, hidden 128, CPU); the results do not depend on it
+        seq = _check_ids(prompt_ids, "prompt_ids").shape[0] + _check_ids(continuation_ids, "continuation_ids").shape[0]
+        kwargs["chunk_size"] = max(1, _TOKENS_PER_CALL // seq)
     attr = method(fn, params, x, target, feature_mask=mask, baseline=base, **kwargs)
     k = int(mask.max()) + 1
     first = torch.stack([(mask[0] == g).nonzero()[0, 0] for g in range(k)])
