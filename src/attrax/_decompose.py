@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["DECOMPOSITIONS"]
+__all__ = ["DECOMPOSITIONS", "FUSED_ATTENTION"]
 
 aten = torch.ops.aten
 
@@ -111,3 +111,7 @@ DECOMPOSITIONS = {
     aten.addmm.default: addmm,
     aten.baddbmm.default: baddbmm,
 }
+
+#: the table for programs that keep ``scaled_dot_product_attention`` as one node (LRP in gradient form with
+#: an attention rule: its reverse is the fused kernel's own backward, O(T) memory instead of the T x T weights)
+FUSED_ATTENTION = {k: v for k, v in DECOMPOSITIONS.items() if k is not aten.scaled_dot_product_attention.default}

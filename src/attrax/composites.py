@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .relevance import (AlphaBeta, Epsilon, Flat, Gamma, HoldScale, Norm, Pass, ReLUBetaSmooth, SoftmaxTaylor,
+from .relevance import (AlphaBeta, Attention, Epsilon, Flat, Gamma, HoldScale, Norm, Pass, ReLUBetaSmooth, SoftmaxTaylor,
                         StackedSumNorm, Uniform, ZBox, ZPlus)
 from .rules import DeconvReLU, Gradient, GuidedReLU
 
@@ -65,7 +65,8 @@ class Kind:
     ``"arithmetic"`` (other parameter-free linear ops), ``"normalize"`` (an activation times a
     normalisation scale ``rsqrt(var + eps)``, or divided by an input-dependent denominator: inside
     LayerNorm, RMSNorm, GroupNorm), ``"product"`` (other products of two activations: ``q @ k^T``,
-    ``attention @ v``, ``act(gate) * up``, squeeze-excitation), ``"*"`` (anything).
+    ``attention @ v``, ``act(gate) * up``, squeeze-excitation), ``"attention"``
+    (``scaled_dot_product_attention``, kept as one node where a composite has a rule for it), ``"*"`` (anything).
     """
 
     name: str
@@ -278,18 +279,23 @@ def beta_smooth(beta_smooth: float = 10.0) -> Composite:
 
 
 
-def _transformer(epsilon: float, product: Any) -> dict[Any, Any]:
+def _transformer(epsilon: float, product: Any, attention: Any) -> dict[Any, Any]:
     """The rule table shared by AttnLRP and CP-LRP; ``epsilon`` is the only stabiliser in it."""
-    return {Kind("layer"): Epsilon(epsilon), Kind("add"): Norm(epsilon), Kind("arithmetic"): Norm(epsilon),
+    # parameter-free ops of one activation (scaling, constant masks, casts, rotary products with constants) are
+    # LRP-0: relevance passes them whole (a constant offset keeps its share); in gradient form their plain vjp
+    return {Kind("layer"): Epsilon(epsilon), Kind("add"): Norm(epsilon), Kind("arithmetic"): Norm(0.0),
             Kind("avgpool"): Norm(epsilon), Kind("activation"): Pass(), Kind("batchnorm"): Pass(),
-            Kind("softmax"): SoftmaxTaylor(epsilon), Kind("normalize"): HoldScale(epsilon), Kind("product"): product}
+            Kind("softmax"): SoftmaxTaylor(epsilon), Kind("normalize"): HoldScale(epsilon), Kind("product"): product,
+            Kind("attention"): attention}
 
 
 def attn_lrp(epsilon: float = 1e-6) -> Composite:
     r"""AttnLRP [1]: LRP for transformers with attention-aware rules.
 
-    * ε on linear layers and convolutions (GPT-2's ``Conv1D`` included), Norm(ε) on residual sums,
-      average pooling and other parameter-free linear ops (means, scaling, masks);
+    * ε on linear layers and convolutions (GPT-2's ``Conv1D`` included), Norm(ε) on residual sums and
+      average pooling; other parameter-free linear ops of one activation (scaling, masks, means, casts,
+      products with constants such as rotary embeddings) by LRP-0 (``Norm(0)``: relevance passes whole,
+      a constant offset keeps its share), which is what ε → 0 gives and needs no stabiliser in gradient form;
     * the identity rule (:class:`~attrax.relevance.Pass`) on elementwise nonlinearities, also when
       written out (GPT-2's ``gelu_new``: one region, relevance straight to its input);
     * the uniform rule (:class:`~attrax.relevance.Uniform`, [1] Eq. 7) on products of two
@@ -308,7 +314,7 @@ def attn_lrp(epsilon: float = 1e-6) -> Composite:
         [1] Achtibat et al. AttnLRP: Attention-Aware Layer-Wise Relevance Propagation for
             Transformers. ICML 2024. arXiv:2402.05602.
     """
-    return mapping(by_type=_transformer(epsilon, Uniform(epsilon)))
+    return mapping(by_type=_transformer(epsilon, Uniform(epsilon), Attention(0.25, 0.25, 0.5, epsilon)))
 
 
 def cp_lrp(epsilon: float = 1e-6) -> Composite:
@@ -324,4 +330,4 @@ def cp_lrp(epsilon: float = 1e-6) -> Composite:
         [1] Ali et al. XAI for Transformers: Better Explanations through Conservative Propagation.
             ICML 2022. arXiv:2202.07304.
     """
-    return mapping(by_type=_transformer(epsilon, HoldScale(epsilon)))
+    return mapping(by_type=_transformer(epsilon, HoldScale(epsilon), Attention(0.0, 0.0, 1.0, epsilon)))

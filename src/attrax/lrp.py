@@ -22,14 +22,15 @@ from .canonizers import merge_batchnorm
 from .composites import Composite, Kind, TracedOp, as_composite
 from .core import FunctionalModel, eager_no_grad, forward_args, publish_output
 from .deeplift import seed
-from .relevance import (CONTRACTIONS, ELEMENTWISE_PRODUCTS, POOLS, WEIGHTED, AlphaBeta, Epsilon, Flat, Gamma, HoldScale,
-                        Norm, Pass, SoftmaxTaylor, Uniform, WSquare, ZBox, ZPlus, normalization, region_source)
-from .rewrite import Node, Program, Streams, forward, memoised, program_spec, substitute, trace_program
+from .relevance import (CONTRACTIONS, ELEMENTWISE_PRODUCTS, POOLS, WEIGHTED, AlphaBeta, Attention, Epsilon, Flat, Gamma, HoldScale,
+                        Norm, Pass, SoftmaxTaylor, Uniform, WSquare, ZBox, ZPlus, dependent_operands, normalization,
+                        region_source, scale_operand)
+from .rewrite import Node, Program, Site, Streams, forward, memoised, program_spec, reverse, substitute, trace_program
 from .rules import (MAXPOOL, SOFTMAX, DeconvReLU, Gradient, GuidedReLU, is_elementwise, is_linear, n_dep, reduces_max,
                     run_plan)
 from .targets import ResolvedTarget, prepare_call, select
 
-__all__ = ["apply_scale", "initial_relevance", "lrp", "node_kind"]
+__all__ = ["apply_scale", "gradient_form", "initial_relevance", "lrp", "node_kind"]
 
 RESHAPE = frozenset(
     """view _unsafe_view reshape flatten unflatten permute transpose t squeeze unsqueeze select slice narrow cat concat
@@ -84,6 +85,8 @@ def node_kind(program: Program, node: Node) -> str:
         return "activation"
     if p in SOFTMAX:
         return "softmax"
+    if p == "scaled_dot_product_attention":
+        return "attention"
     if p in BATCHNORM:
         return "batchnorm"
     if p in ("add", "sub") and n_dep(node) == 2:
@@ -187,6 +190,8 @@ def _applicable(rule: Any, kind: str) -> bool:
         ok = kind in ("product", "normalize")
     elif isinstance(rule, SoftmaxTaylor):
         ok = kind == "softmax"
+    elif isinstance(rule, Attention):
+        ok = kind == "attention"
     return ok
 
 
@@ -248,6 +253,52 @@ def apply_scale(relevance: Tensor, scale: Tensor | None, batch_dim: int = 0) -> 
     return relevance * scale.reshape(shape).to(relevance.dtype)
 
 
+#: rules with a gradient form (``Rule.gradient``), by exact type: a subclass may change ``backward``
+_GRADIENT_FORM = (Epsilon, Norm, Pass, Uniform, HoldScale, SoftmaxTaylor, Attention)
+
+
+def gradient_form(plan: tuple[Any, ...]) -> bool:
+    r"""Whether every rule of ``plan`` can run in gradient form.
+
+    Every rule of AttnLRP, CP-LRP and the ε composites (ε, Norm, Pass, the product rules, the softmax
+    Taylor rule, the gradient on reshapes and max pooling) sends its input :math:`R_{in} = x \odot c`
+    for some :math:`c`; with :math:`R = y \odot g` at the output, :math:`c` is a modified gradient
+    :math:`g_{in}` computed from :math:`g` without dividing by the relevance: the ε-rule is the true
+    transpose of :math:`g \odot z / (z + \epsilon\,\mathrm{sign}\,z)`, the identity rule
+    :math:`g \odot f(x)/x`, the uniform rule halves each operand's vjp, the softmax rule is its true
+    vjp. The reverse pass then carries :math:`g` (seeded with the target's plain gradient) and the
+    relevance is :math:`x \odot g_x` at the input: the same numbers to rounding (an identity rule at an
+    input that is exactly 0 gives 0 there), without the stabiliser arithmetic on every node
+    (``notes/lrp.md``). Rules without one (z+, αβ, γ, flat, w², z^B, user rules, ``zero_params``): False.
+    """
+    from .rules import Gradient
+
+    for rule in plan:
+        if rule is None or type(rule) is Gradient:
+            continue
+        if type(rule) not in _GRADIENT_FORM or getattr(rule, "zero_params", ()):
+            return False
+    return True
+
+
+def run_gradient_form(program: Program, plan: tuple[Any, ...], streams: Streams, seeds: dict[int, Any]
+                      ) -> dict[int, Any]:
+    """The reverse pass of a :func:`gradient_form` plan: ``{input position: modified gradient}``."""
+    from .rules import Gradient
+
+    def backward(node: Node, g: Any) -> dict[int, Any]:
+        rule = plan[node.index]
+        if rule is None:
+            return {}
+        site = Site(node, streams)
+        for cls in _GRADIENT_FORM:  # by class, as rules.apply_rule: what dynamo can trace
+            if isinstance(rule, cls):
+                return cls.gradient(rule, site, g)
+        return Gradient.backward(rule, site, g)
+
+    return reverse(program, seeds, backward)
+
+
 def canonizers_for(canonize: Any) -> tuple[Any, ...]:
     """The canonizers a ``canonize=`` option asks for: ``True`` merges BatchNorm (the default), ``False`` none,
     a callable or a sequence of callables ``Program -> Program`` (``attrax.canonizers.Canonizer``) are
@@ -268,17 +319,18 @@ def canonizers_for(canonize: Any) -> tuple[Any, ...]:
 
 
 @torch.compiler.assume_constant_result
-def _prepare(model_fn: Any, spec: tuple[Any, ...], batch: int | None, composite: Any, canonize: Any
-             ) -> tuple[Program, tuple[Any, ...]]:
+def _prepare(model_fn: Any, spec: tuple[Any, ...], batch: int | None, composite: Any, canonize: Any,
+             fused: bool = False, release: bool = False) -> Any:
     """Trace, canonize and substitute rules in one step, constant for ``torch.compile`` (it runs once,
     at trace time; its arguments are the caller's own objects, which dynamo can guard on; ``canonize`` is
-    the user's option, resolved here)."""
+    the user's option, resolved here). ``fused``: attention kept as one node (:func:`_fused_attention`);
+    ``release``: also return :func:`release_plan` where the plan has a gradient form (else None)."""
     canonize = canonizers_for(canonize)
     # one fingerprint for the call's three memo lookups (it walks the whole module tree)
     fp = model_fn.fingerprint() if isinstance(model_fn, FunctionalModel) else None
-    program = trace_program(model_fn, spec, batch, fp)
+    program = trace_program(model_fn, spec, batch, fp, fused_attention=fused)
     for i, fn in enumerate(canonize):  # memoised per prefix of the sequence: each step's input is determined by it
-        program = memoised(model_fn, ("canonize", canonize[: i + 1], spec, batch),
+        program = memoised(model_fn, ("canonize", canonize[: i + 1], spec, batch, fused),
                            lambda p=program, f=fn: _canonized(f, p), fingerprint=fp)
     comp = as_composite(composite)
 
@@ -287,9 +339,96 @@ def _prepare(model_fn: Any, spec: tuple[Any, ...], batch: int | None, composite:
 
     # the plan is data too: memoised per composite value where that is plain data (a transformer's
     # graph has thousands of nodes to classify); a callable composite or one holding tensors is asked anew
-    if comp is None or (isinstance(comp, Composite) and _plain(comp)):
-        return program, memoised(model_fn, ("lrp_plan", spec, batch, canonize, comp), plan, fingerprint=fp)
-    return program, plan()
+    plain = comp is None or (isinstance(comp, Composite) and _plain(comp))
+    key = (spec, batch, canonize, comp, fused)
+    rules = memoised(model_fn, ("lrp_plan", *key), plan, fingerprint=fp) if plain else plan()
+    if not release:
+        return program, rules
+    if not gradient_form(rules):
+        return program, rules, None
+    drop = memoised(model_fn, ("lrp_release", *key), lambda: release_plan(program, rules), fingerprint=fp) \
+        if plain else release_plan(program, rules)
+    return program, rules, drop
+
+
+def release_plan(program: Program, plan: tuple[Any, ...]) -> tuple[tuple[int, ...], ...]:
+    """For ``forward(drop=...)``: after node k, the values that neither a later node nor the gradient-form
+    reverse pass of ``plan`` reads.
+
+    The reverse pass visits only nodes that receive a cotangent: from the output through each rule's
+    receiving operands (an identity rule at an elementwise region sends to the region's source, not to its
+    inner nodes; a held scale or gate and an attention operand with share 0 receive nothing), and a visited
+    rule reads at most its node's output and arguments (the identity rule at a region: the output and the
+    source). So a written-out GELU's or a normalisation's inner values, and everything on held branches,
+    are released as soon as the forward is past them: peak memory near one forward + backward.
+    """
+    n = len(program.nodes)
+    reached = [False] * n
+    reached[program.output] = True
+    needed = {program.output}
+    for node in reversed(program.nodes):
+        i = node.index
+        if not reached[i] or node.op != "call" or not node.dep:
+            continue
+        rule = plan[i]
+        needed.add(i)
+        if node.target == "getitem" or rule is None:
+            needed.update(node.refs)
+            for r, d in zip(node.refs, node.dep_refs):
+                reached[r] = reached[r] or d
+            continue
+        ops = dependent_operands(node)
+        if type(rule) is Pass and (len(ops) != 1 or ops[0][0] != 0):
+            src = region_source(program, node)
+            src = ops[0][1] if src is None and len(ops) == 1 else src
+            if src is not None:
+                needed.add(src)
+                reached[src] = True
+                continue
+        needed.update(node.refs)
+        receiving = [r for r, d in zip(node.refs, node.dep_refs) if d]
+        if type(rule) in (HoldScale, Uniform) and len(ops) == 2:
+            held = scale_operand(program, node) if type(rule) is HoldScale else None
+            receiving = [ref for k, (_, ref) in enumerate(ops) if k != held]
+        elif type(rule) is Attention:
+            shares = (rule.query, rule.key, rule.value)
+            receiving = [ref for pos, ref in ops if pos < 3 and shares[pos]]
+        for r in receiving:
+            reached[r] = True
+    last = list(range(n))  # the last node that reads each value in the forward (itself if none)
+    for node in program.nodes:
+        for r in node.refs:
+            last[r] = max(last[r], node.index)
+    drop: list[list[int]] = [[] for _ in range(n)]
+    for node in program.nodes:
+        if node.op == "call" and node.index not in needed:
+            drop[last[node.index]].append(node.index)
+    return tuple(tuple(d) for d in drop)
+
+
+@torch.compiler.assume_constant_result
+def _prepare_form(model_fn: Any, spec: tuple[Any, ...], batch: int | None, composite: Any, canonize: Any, form: str
+                  ) -> tuple[Program, tuple[Any, ...], Any]:
+    """:func:`_prepare` for ``lrp(form=...)``, and ``drop`` (:func:`release_plan`) where the plan runs in gradient
+    form, else None (decided here, where ``torch.compile`` treats it as a constant)."""
+    fused = form != "relevance" and _fused_attention(composite)
+    if form == "relevance":
+        return (*_prepare(model_fn, spec, batch, composite, canonize), None)
+    program, plan, drop = _prepare(model_fn, spec, batch, composite, canonize, fused, release=True)
+    if fused and drop is None:  # another rule needs the relevance form: attention decomposed
+        program, plan = _prepare(model_fn, spec, batch, composite, canonize, False)
+    if form == "gradient" and drop is None:
+        raise ValueError("form='gradient': a rule of this composite has no gradient form (z+, alpha-beta, gamma, "
+                         "flat, w-square, z-box, zero_params or a user rule); use form='relevance' or 'auto'")
+    return program, plan, drop
+
+
+def _fused_attention(composite: Any) -> bool:
+    """The composite has a rule for ``Kind("attention")`` (``attn_lrp``, ``cp_lrp``): trace with
+    ``scaled_dot_product_attention`` kept as one node, whose rule runs the fused kernel's backward."""
+    comp = as_composite(composite)
+    return isinstance(comp, Composite) and any(
+        isinstance(k, Kind) and k.name == "attention" for k, _ in (*comp.by_type, *comp.first))
 
 
 def _canonized(fn: Any, program: Program) -> Program:
@@ -327,6 +466,7 @@ def lrp(
     composite: Any = None,
     canonize: Any = True,
     check_finite: bool = True,
+    form: str = "auto",
 ) -> TensorOrTuple:
     r"""Layer-wise relevance propagation [1] with rules chosen per layer by a composite.
 
@@ -352,6 +492,10 @@ def lrp(
             sequence of them applied in order (``attrax.canonizers.Canonizer``; include
             ``attrax.canonizers.merge_batchnorm`` to keep the default). The remaining doc of the default:
             (a graph transform; the module is not modified). Unmerged BatchNorms pass relevance.
+        form: ``"auto"`` (default): propagate modified gradients (relevance = input x modified
+            gradient, :func:`gradient_form`) where every rule of the plan has that form (AttnLRP, CP-LRP,
+            ε composites), relevance otherwise; ``"relevance"`` or ``"gradient"`` force one (the latter
+            raises where a rule has no gradient form). Both give the same numbers to rounding.
     Returns:
         Relevance with the shape, dtype and device of ``x``.
     Raises:
@@ -371,16 +515,22 @@ def lrp(
         >>> torch.allclose(r.sum(1), model_fn(params, x)[:, 1], atol=1e-5)
         True
     """
+    if form not in ("auto", "relevance", "gradient"):
+        raise ValueError(f"form must be 'auto', 'relevance' or 'gradient', got {form!r}")
     xs, params, is_tuple, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
     as_composite(composite)  # validate eagerly
     spec, trace_batch = program_spec(model_fn, params, xs)
     canonizers_for(canonize)  # validate eagerly
-    program, plan = _prepare(model_fn, spec, trace_batch, composite, canonize)
+    program, plan, drop = _prepare_form(model_fn, spec, trace_batch, composite, canonize, form)
     with eager_no_grad():
         aux: dict[int, Any] = {}
-        env = forward(program, params, xs, aux=aux)
+        env = forward(program, params, xs, aux=aux, drop=drop)
         out = env[program.output]
         publish_output(xs, out)
+        if drop is not None:
+            grads = run_gradient_form(program, plan, Streams(program, env, None, batch, aux), {program.output: seed(out, t)})
+            result = tuple(xi * grads[i].to(xi.dtype) if i in grads else torch.zeros_like(xi) for i, xi in enumerate(xs))
+            return result if is_tuple else result[0]
         start, scale = initial_relevance(out, t)
         grads = run_plan(program, plan, Streams(program, env, None, batch, aux), {program.output: start})
         result = tuple(apply_scale(grads[i], scale) if i in grads else torch.zeros_like(xi) for i, xi in enumerate(xs))

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .rewrite import Site, _ntuple, aten_op, exact_vjp
 
-__all__ = ["AlphaBeta", "Epsilon", "Flat", "Gamma", "HoldScale", "Norm", "Pass", "ReLUBetaSmooth", "SoftmaxTaylor",
+__all__ = ["AlphaBeta", "Attention", "Epsilon", "Flat", "Gamma", "HoldScale", "Norm", "Pass", "ReLUBetaSmooth", "SoftmaxTaylor",
            "StackedSumNorm", "Uniform", "WSquare", "ZBox", "ZPlus", "stabilize", "stacked_sum"]
 
 #: ops whose second/third arguments are (weight, bias): dense layers, convolutions and transposed convolutions
@@ -64,6 +64,34 @@ def stabilize(z: Tensor, epsilon: float, clip: bool = False, norm_scale: bool = 
         s = z.sign()
         shift = s.abs().neg_().add_(1).add_(s).mul_(epsilon)
     return z + shift
+
+
+def damp(g: Tensor, z: Tensor, epsilon: float, clip: bool = False, norm_scale: bool = False) -> Tensor:
+    r"""``g * z / stabilize(z)``: the ε-rule in gradient form (:math:`R = z \odot g` divided by the
+    stabilised ``z``, times ``z`` again). ``epsilon == 0`` is LRP-0: ``g`` itself (no division at all)."""
+    if clip or norm_scale:
+        return g * (z / stabilize(z, epsilon if epsilon > 0 else 1e-12, clip, norm_scale)).to(g.dtype)
+    if epsilon == 0:
+        return g
+    # g - eps g / (|z| + eps) = g |z| / (|z| + eps) = g z / (z + eps sign z) with sign(0) = 1 (0 at z = 0):
+    # three kernels (abs, add, addcdiv), two buffers; the quotient form took five
+    den = z.abs().to(g.dtype).add_(epsilon)
+    return torch.addcdiv(g, g, den, value=-epsilon)
+
+
+#: ``f(x) / x`` of activations, for the identity rule in gradient form: SiLU's is the sigmoid, exact GELU's
+#: the normal CDF
+_RATIOS: dict[str, Callable[[Tensor], Tensor]] = {"silu": torch.sigmoid, "gelu": torch.special.ndtr}
+
+
+def _ratio(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den`` with an exact zero in ``den`` replaced by the smallest normal number of its sign
+    (float16: computed in float32), so an activation with ``f(0) = 0`` has the ratio 0 there; no
+    ``torch.where`` (notes/rewrite.md), differentiable and NaN-free at any order."""
+    if den.dtype == torch.float16:
+        num, den = num.float(), den.float()
+    tiny = torch.finfo(den.dtype).tiny
+    return num / (den + torch.copysign(den.new_tensor(tiny), den))
 
 
 def _check_zero_params(zero_params: Sequence[str]) -> tuple[str, ...]:
@@ -295,6 +323,12 @@ class Epsilon:
         eps = self.epsilon if self.epsilon > 0 else 1e-12
         return _result(site, _back(t, r / stabilize(_z(t), eps, self.clip, self.norm_scale)))
 
+    def gradient(self, site: Site, g: Tensor) -> dict[int, Any]:
+        """The rule in gradient form (see :func:`gradient_form`): the true transpose of ``g * z / stab(z)``."""
+        s = site.streams
+        g = damp(g, site.out("x"), self.epsilon, self.clip, self.norm_scale)
+        return {site.node.args[0][1]: exact_vjp(s.program, site.node, s.x, s.batch, g, s.aux_x)[site.node.args[0][1]]}
+
 
 @dataclass(frozen=True)
 class Gamma:
@@ -457,6 +491,25 @@ class Pass:
             raise ValueError(f"Pass applies to shape-preserving ops only, not {node.describe()}")
         return _result(site, r)
 
+    def gradient(self, site: Site, g: Tensor) -> dict[int, Any]:
+        """Gradient form: ``g * f(x) / x`` (relevance ``x * g_in = f(x) * g`` passes unchanged)."""
+        node, s = site.node, site.streams
+        ops = dependent_operands(node)
+        src = ops[0][1] if len(ops) == 1 and ops[0][0] == 0 else None
+        if src is None:
+            src = region_source(s.program, node)
+            if src is None and len(ops) == 1:
+                src = ops[0][1]
+        out = site.out("x")
+        if src is None or s.x[src].shape != g.shape or out.shape != g.shape:
+            raise ValueError(f"Pass applies to shape-preserving elementwise functions of one tensor only, not "
+                             f"{node.describe()}")
+        x = s.x[src]
+        if src == ops[0][1] and node.packet in _RATIOS and len(node.args) == 1 and not node.kwargs:
+            # f(x) / x in one kernel, without dividing (at x = 0 the relevance x * g_in is 0 either way)
+            return {src: g * _RATIOS[node.packet](x).to(g.dtype)}
+        return {src: g * _ratio(out, x).to(g.dtype)}
+
 
 @dataclass(frozen=True)
 class Norm:
@@ -477,6 +530,12 @@ class Norm:
         ratio = r / stabilize(site.out("x"), _zero_safe(self.stabilizer), self.clip, self.norm_scale)
         grads = exact_vjp(s.program, node, s.x, s.batch, ratio, s.aux_x)
         return {ref: s.x[ref] * g for ref, g in grads.items()}
+
+    def gradient(self, site: Site, g: Tensor) -> dict[int, Any]:
+        """Gradient form: the true transpose of ``g * out / stab(out)``."""
+        s = site.streams
+        g = damp(g, site.out("x"), self.stabilizer, self.clip, self.norm_scale)
+        return exact_vjp(s.program, site.node, s.x, s.batch, g, s.aux_x)
 
 
 def stacked_sum(program: Any, node: Any) -> bool:
@@ -728,6 +787,43 @@ def _product_relevance(site: Site, r: Tensor, shares: Sequence[float], epsilon: 
     return res
 
 
+def _product_gradient(site: Site, g: Tensor, shares: Sequence[float], epsilon: float) -> dict[int, Any]:
+    """:func:`_product_relevance` in gradient form: operand k gets ``shares[k]`` times its true vjp
+    (contractions of ``g * y / stab(y)``); a denominator's share of ``a / b`` is ``-share`` times its vjp
+    (relevance ``b * g_b = share * (a / b) * g``)."""
+    node, s = site.node, site.streams
+    ops = dependent_operands(node)
+    refs = [i for _, i in ops]
+    want = [k for k in (0, 1) if shares[k]]
+    res: dict[int, Any] = {}
+
+    def put(ref: int, v: Tensor) -> None:
+        res[ref] = v if ref not in res else res[ref] + v
+
+    if node.packet in ELEMENTWISE_PRODUCTS:
+        a, b = s.x[refs[0]], s.x[refs[1]]
+        for k in want:
+            if node.packet == "mul":
+                v = g * (b if k == 0 else a).to(g.dtype)
+            elif k == 0:
+                v = g / b.to(g.dtype)
+            else:  # relevance share * (a / b) * g at b
+                v = g * _ratio(site.out("x"), b).to(g.dtype)
+            v = v.sum_to_size(s.x[refs[k]].shape)
+            put(refs[k], v * shares[k] if shares[k] != 1 else v)
+        return res
+    g = damp(g, site.out("x"), epsilon)
+    pulls = _contraction_pullbacks(node, s.x[refs[0]], s.x[refs[1]], g, want)
+    if pulls is None:
+        by_ref = exact_vjp(s.program, node, s.x, s.batch, g, s.aux_x)
+        if refs[0] == refs[1]:
+            return {refs[0]: shares[0] * by_ref[refs[0]]}
+        pulls = [by_ref[refs[0]], by_ref[refs[1]]]
+    for k in want:
+        put(refs[k], pulls[k] * shares[k] if shares[k] != 1 else pulls[k])
+    return res
+
+
 @dataclass(frozen=True)
 class Uniform:
     r"""The uniform rule for a product of two activations [AttnLRP, Eq. 7]: each operand receives
@@ -751,6 +847,12 @@ class Uniform:
         if len(ops) != 2:
             raise ValueError(f"Uniform applies to products of two activations, not {site.node.describe()}")
         return _product_relevance(site, r, (0.5, 0.5), self.epsilon)
+
+    def gradient(self, site: Site, g: Tensor) -> dict[int, Any]:
+        """Gradient form: each operand's vjp halved (LXT's ``divide_gradient``)."""
+        if len(dependent_operands(site.node)) != 2:
+            raise ValueError(f"Uniform applies to products of two activations, not {site.node.describe()}")
+        return _product_gradient(site, g, (0.5, 0.5), self.epsilon)
 
 
 @dataclass(frozen=True)
@@ -780,6 +882,14 @@ class HoldScale:
         shares = (0.5, 0.5) if held is None else (0.0, 1.0) if held == 0 else (1.0, 0.0)
         return _product_relevance(site, r, shares, self.epsilon)
 
+    def gradient(self, site: Site, g: Tensor) -> dict[int, Any]:
+        """Gradient form: the held operand's vjp is dropped (LXT's ``stop_gradient``)."""
+        if len(dependent_operands(site.node)) != 2:
+            raise ValueError(f"HoldScale applies to products of two activations, not {site.node.describe()}")
+        held = scale_operand(site.program, site.node)
+        shares = (0.5, 0.5) if held is None else (0.0, 1.0) if held == 0 else (1.0, 0.0)
+        return _product_gradient(site, g, shares, self.epsilon)
+
 
 @dataclass(frozen=True)
 class SoftmaxTaylor:
@@ -808,3 +918,79 @@ class SoftmaxTaylor:
         x = x.clamp(min=torch.finfo(x.dtype).min)
         t = torch.addcmul(r, out.to(r.dtype), r.sum(dim, keepdim=True), value=-1)
         return {node.args[0][1]: t.mul_(x) if t.dtype == x.dtype else t * x}
+
+    def gradient(self, site: Site, g: Tensor) -> dict[int, Any]:
+        """Gradient form: the true softmax vjp ``s * (g - sum(s * g))`` (log-softmax: of ``g * z / stab(z)``)."""
+        node = site.node
+        if node.packet not in ("softmax", "_softmax", "log_softmax", "_log_softmax"):
+            raise ValueError(f"SoftmaxTaylor applies to softmax and log-softmax, not {node.describe()}")
+        dim, out = site.args("x")[1], site.out("x")
+        if node.packet in ("log_softmax", "_log_softmax"):
+            g = damp(g, out, _zero_safe(self.epsilon))
+            return {node.args[0][1]: torch.addcmul(g, torch.exp(out).to(g.dtype), g.sum(dim, keepdim=True), value=-1)}
+        sg = g * out.to(g.dtype)
+        return {node.args[0][1]: torch.addcmul(sg, out.to(g.dtype), sg.sum(dim, keepdim=True), value=-1)}
+
+
+def _transformed(t: Any) -> bool:
+    """``t`` requires grad or is wrapped by a ``torch.func`` transform (grad, vmap)."""
+    if not isinstance(t, Tensor):
+        return False
+    from torch._C._functorch import is_functorch_wrapped_tensor
+
+    return t.requires_grad or is_functorch_wrapped_tensor(t)
+
+
+@dataclass(frozen=True)
+class Attention:
+    r"""``scaled_dot_product_attention`` kept as one node (``softmax(q k^T s + m) v``), in gradient form only.
+
+    AttnLRP on the decomposed attention is: ``attention @ v`` by the uniform rule (each operand half),
+    the softmax by its Taylor rule (its true vjp in gradient form), the scale and mask by LRP-0 (their
+    vjp) and ``q @ k^T`` by the uniform rule again: the fused kernel's own vjp of ``g * out / stab(out)``
+    with the query's and key's parts times 1/4 and the value's times 1/2 (the defaults). CP-LRP holds the
+    attention weights: ``(0, 0, 1)``. ``epsilon`` stabilises at the output; the uniform rule's ε inside
+    (on the scores) is the one difference from the decomposed graph (relative ε / |score|). The reverse
+    recomputes the kernel's forward inside its backward, so no T x T tensor is kept: memory as one
+    forward + backward of the model. Dropout must be off (eval mode).
+    """
+
+    query: float = 0.25
+    key: float = 0.25
+    value: float = 0.5
+    epsilon: float = 1e-6
+
+    def backward(self, site: Site, r: Tensor) -> dict[int, Any]:
+        raise ValueError(f"rule Attention at {site.node.describe()} runs in gradient form only (lrp(form='auto'), "
+                         f"with every other rule having a gradient form too)")
+
+    def gradient(self, site: Site, g: Tensor) -> dict[int, Any]:
+        node, s = site.node, site.streams
+        if node.packet != "scaled_dot_product_attention":
+            raise ValueError(f"rule Attention applies to scaled_dot_product_attention, not {node.describe()}")
+        args, kwargs = s.args(node)
+        dropout = args[4] if len(args) > 4 else kwargs.get("dropout_p", 0.0)
+        if dropout:
+            raise ValueError(f"{node.describe()} has dropout_p={dropout}: put the model in eval mode for LRP")
+        shares = (self.query, self.key, self.value)
+        wanted = [(pos, ref) for pos, ref in dependent_operands(node) if pos < 3 and shares[pos]]
+        if not wanted:
+            return {}
+        g = damp(g, site.out("x"), self.epsilon)
+        # the fused kernels have no double backward and no vmap rule for their backward: where this vjp is
+        # differentiated (torch.func.grad, autograd w.r.t. params) or batched (vmap over targets), the same
+        # attention written out (_decompose), differentiable at any order
+        op: Any = aten_op(node.target)
+        if torch.compiler.is_compiling() or any(_transformed(t) for t in (*args[:3], g)):  # (dynamo: written out)
+            from ._decompose import scaled_dot_product_attention as op
+
+        def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            return op(q, k, v, *args[3:], **kwargs)
+
+        _, pull = torch.func.vjp(attend, *args[:3])
+        grads = pull(g.to(site.out("x").dtype))
+        res: dict[int, Any] = {}
+        for pos, ref in wanted:
+            v = grads[pos].to(g.dtype) * shares[pos]
+            res[ref] = v if ref not in res else res[ref] + v
+        return res

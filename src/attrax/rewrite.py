@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._decompose import DECOMPOSITIONS
+from ._decompose import DECOMPOSITIONS, FUSED_ATTENTION
 from .core import BoundModel, FunctionalModel
 
 __all__ = [
@@ -190,7 +190,7 @@ def _training_flags(model_fn: Any) -> tuple[bool, ...]:
 
 
 def trace_program(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int | None,
-                  fingerprint: Any = _UNSET) -> Program:
+                  fingerprint: Any = _UNSET, fused_attention: bool = False) -> Program:
     """Trace (or fetch) the program.
 
     A concrete batch size gets a program traced at exactly that size, so Python
@@ -199,16 +199,19 @@ def trace_program(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch:
     at two sizes with the integer arguments that move with the batch stored as
     affine functions of it. Memoised programs are keyed on the model's fingerprint
     (``FunctionalModel.fingerprint``), so a changed model is traced again; a caller that memoises
-    more per call passes the fingerprint it computed once.
+    more per call passes the fingerprint it computed once. ``fused_attention`` keeps
+    ``scaled_dot_product_attention`` as one node (``_decompose.FUSED_ATTENTION``); only rules for it can use such a
+    program (LRP's attention rule), so it is memoised apart.
     """
     if fingerprint is _UNSET:
         fingerprint = model_fn.fingerprint() if isinstance(model_fn, FunctionalModel) else None
-    return memoised(model_fn, (spec, batch), lambda: _trace_program(model_fn, spec, batch, fingerprint),
+    key = (spec, batch, "fused_attention") if fused_attention else (spec, batch)
+    return memoised(model_fn, key, lambda: _trace_program(model_fn, spec, batch, fingerprint, fused_attention),
                     fingerprint=fingerprint)
 
 
 def _trace_program(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int | None,
-                   fingerprint: Any) -> Program:
+                   fingerprint: Any, fused_attention: bool = False) -> Program:
     from torch._subclasses.fake_tensor import unset_fake_temporarily
     from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
@@ -216,17 +219,18 @@ def _trace_program(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch
     # attribution): constants the model builds are real here, so they can be folded and compared.
     # the lock first: the mode stacks these contexts change are shared by the threads that trace
     with _TRACE_LOCK, unset_fake_temporarily(), disable_proxy_modes_tracing():
-        return _trace_program_now(model_fn, spec, batch, fingerprint)
+        return _trace_program_now(model_fn, spec, batch, fingerprint, fused_attention)
 
 
 def _trace_program_now(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int | None,
-                       fingerprint: Any) -> Program:
+                       fingerprint: Any, fused_attention: bool = False) -> Program:
+    table = FUSED_ATTENTION if fused_attention else DECOMPOSITIONS
     with _TRACE_LOCK:  # make_fx and the fake-tensor machinery are not safe to enter from two threads at once
         if batch is not None:
-            return replace(_build(_trace(model_fn, spec, batch, fingerprint), spec), batch=batch)
+            return replace(_build(_trace(model_fn, spec, batch, fingerprint, table), spec), batch=batch)
         sizes = _TRACE_BATCH_FALLBACK
-        first = _build(_trace(model_fn, spec, sizes[0], fingerprint), spec)
-        second = _build(_trace(model_fn, spec, sizes[1], fingerprint), spec)
+        first = _build(_trace(model_fn, spec, sizes[0], fingerprint, table), spec)
+        second = _build(_trace(model_fn, spec, sizes[1], fingerprint, table), spec)
     generic = _generalize(first, second, sizes)
     if generic is None:
         raise UnsupportedOperation(
@@ -259,8 +263,8 @@ def memoised(model_fn: Any, key: Any, compute: Callable[[], Any], fingerprint: A
 _program = torch.compiler.assume_constant_result(trace_program)
 
 
-def _trace(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int, fingerprint: Any = None
-           ) -> torch.fx.GraphModule:
+def _trace(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int, fingerprint: Any = None,
+           table: Any = None) -> torch.fx.GraphModule:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -309,7 +313,7 @@ def _trace(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int, f
     try:
         with torch.enable_grad():
             return make_fx(folded, tracing_mode="real", pre_dispatch=True, record_module_stack=module is not None,
-                           decomposition_table=DECOMPOSITIONS)(params, *xs)
+                           decomposition_table=DECOMPOSITIONS if table is None else table)(params, *xs)
     except UnsupportedOperation:
         raise
     except Exception as e:  # tracing failures surface as a clear argument error, with their cause
@@ -820,8 +824,13 @@ def forward(
     xs: Sequence[Tensor],
     shared: Sequence[Any] | None = None,
     aux: dict[int, Any] | None = None,
+    drop: Sequence[Sequence[int]] | None = None,
 ) -> list[Any]:
     """Evaluate every node with ordinary ops; returns the list of node values.
+
+    With ``drop``, the values listed at ``drop[k]`` are released (set to None) once node ``k`` has run:
+    values no later node and no reverse rule reads (a caller's liveness analysis), so they are not all
+    alive at once.
 
     With ``shared`` (the values of another stream of the same program), nodes
     that do not depend on the input are taken from it instead of recomputed.
@@ -852,6 +861,9 @@ def forward(
             env[i] = xs[int(node.target)]
         elif node.op == "const":
             env[i] = program.constants[int(node.target)]
+        if drop is not None:
+            for j in drop[i]:
+                env[j] = None
     return env
 
 
