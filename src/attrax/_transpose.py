@@ -140,6 +140,50 @@ def _t_identity(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Te
     return {node.args[0][1]: g.to(args[0].dtype) if g.dtype != args[0].dtype else g}
 
 
+def _t_cast(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
+    """``x.to(dtype)`` / ``x.to(other)`` / ``x.type_as(other)`` between float dtypes on one device: the
+    identity, the cotangent cast back (HF's RMSNorm casts to float32 and back at every norm)."""
+    x = args[0] if args else None
+    if not (_is_ref(node.args[0]) and isinstance(x, Tensor) and isinstance(out, Tensor) and isinstance(g, Tensor)):
+        return None
+    if not (x.is_floating_point() and out.is_floating_point()) or x.device != out.device:
+        return None
+    if node.packet in ("to", "type_as") and any(_dep(node, r) for r in _refs(node.args[1:])):
+        return None  # the target tensor's values never matter, but keep the op's own vjp for odd spellings
+    if set(kw) - {"dtype", "non_blocking", "copy", "memory_format", "layout", "device", "pin_memory"}:
+        return None
+    return {node.args[0][1]: g.to(x.dtype) if g.dtype != x.dtype else g}
+
+
+def _t_masked_fill(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
+    """``x.masked_fill(mask, v)`` with a mask and value that do not depend on the input: ``g`` where the
+    mask is False, 0 where it is True (attention's causal/padding masks). The mask becomes a 0/1 float
+    factor of the mask's own (usually T x T) size, one multiply instead of a masked write (bool selects
+    cost several float ops on the CPU builds here, notes/rewrite.md)."""
+    if kw or len(args) < 3 or not _is_ref(node.args[0]) or any(_dep(node, r) for r in _refs(node.args[1:])):
+        return None
+    x, mask = args[0], args[1]
+    if not (isinstance(mask, Tensor) and mask.dtype == torch.bool and isinstance(g, Tensor)):
+        return None
+    keep = mask.logical_not().to(g.dtype)
+    return {node.args[0][1]: (g * keep).sum_to_size(x.shape)}
+
+
+def _t_split(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Any) -> dict[int, Any] | None:
+    """``split``/``split_with_sizes`` (GPT-2's fused q/k/v): the pieces' cotangents concatenated back
+    (zeros for pieces nothing used)."""
+    if kw or not _is_ref(node.args[0]) or not isinstance(out, (tuple, list)):
+        return None
+    dim = args[2] if len(args) > 2 else 0
+    gs = g if isinstance(g, tuple) else (g,)
+    if all(gi is None for gi in gs):
+        return {}
+    pieces = [gs[k] if k < len(gs) and gs[k] is not None else torch.zeros_like(o) for k, o in enumerate(out)]
+    dt = next(gi for gi in gs if gi is not None).dtype
+    pieces = [p if p.dtype == dt else p.to(dt) for p in pieces]
+    return {node.args[0][1]: torch.cat(pieces, dim)}
+
+
 def _t_add(node: Node, args: list[Any], kw: dict[str, Any], out: Any, g: Tensor) -> dict[int, Any] | None:
     alpha = kw.get("alpha", 1)
     if set(kw) - {"alpha"}:
@@ -273,6 +317,10 @@ TRANSPOSES: dict[str, Callable[..., dict[int, Any] | None]] = {
         for op in ("clone.default", "contiguous.default", "alias.default", "lift_fresh_copy.default", "dropout.default",
                    "_to_copy.default")
     },
+    **{f"aten.{op}": _t_cast for op in ("to.dtype", "to.dtype_layout", "to.other", "type_as.default")},
+    "aten.masked_fill.Scalar": _t_masked_fill,
+    "aten.split.Tensor": _t_split,
+    "aten.split_with_sizes.default": _t_split,
     "aten.add.Tensor": _t_add,
     "aten.sub.Tensor": _t_add,
     "aten.rsub.Tensor": _t_add,

@@ -14,6 +14,7 @@ live in :mod:`attrax.lrp`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -67,6 +68,14 @@ def is_small(d: Tensor, scale: Tensor) -> Tensor:
     with torch.no_grad():
         # in-place ops that have vmap batching rules only (clamp_ has none)
         return d.abs().neg_().add_(tolerance(d) * scale).sign_().add_(1).sign_()
+
+
+def is_small_rel(d: Tensor, x: Tensor) -> Tensor:
+    """``is_small(d, 1 + |x|)`` with two allocations instead of four (the rest in place)."""
+    tol = tolerance(d)
+    with torch.no_grad():
+        # |d| - tol |x| - tol <= 0  ->  sign in {-1, 0}  ->  1; > 0  ->  0
+        return d.abs().sub_(x.abs(), alpha=tol).sub_(tol).sign_().neg_().add_(1).sign_()
 
 
 def safe_divide(num: Tensor, den: Tensor, small: Tensor, fallback: Tensor) -> Tensor:
@@ -147,6 +156,10 @@ class Rescale:
         node = site.node
         x_in = site.args("x")[0]
         x, r = upcast(x_in), upcast(site.args("ref")[0])
+        if node.packet in _CLOSED:
+            m = _closed_secant(site, x, r)
+            if m is not None:
+                return {node.args[0][1]: g * m}
         if _is_low(x_in) and node.packet != "relu":
             # float16/bfloat16 streams: f in float32 at the streams' points, so the secant is not the
             # quotient of two rounded differences (relu needs none: it is exact in any precision)
@@ -160,11 +173,52 @@ class Rescale:
             # (dx + [dx=0]): the secant, or the derivative where the input did not move.
             still = is_zero(dx)
             return {node.args[0][1]: g * (torch.addcmul(dy, still, is_positive(x)) / (dx + still))}
-        small = is_small(dx, 1 + x.abs())
+        small = is_small_rel(dx, x)
         # f'(x) differs from the secant by O(f'' dx) there, and it is a function of the input stream
         # alone: DeepLiftShap computes it once for all baselines instead of f at every midpoint
         fallback = _derivative(site, x)
         return {node.args[0][1]: g * safe_divide(dy, dx, small, fallback)}
+
+
+def _closed_secant(site: Site, x: Tensor, r: Tensor) -> Tensor | None:
+    r"""The secant :math:`(f(x) - f(x'))/(x - x')` in a closed form without cancellation, for the ops
+    that have one; None for the others.
+
+    :math:`x^2`: :math:`x + x'`; :math:`x^3`: :math:`x^2 + x x' + x'^2`; :math:`1/\sqrt{x}`:
+    :math:`-y^2 y'^2/(y + y')`; :math:`\sqrt{x}`: :math:`1/(y + y')`; :math:`1/x`: :math:`-y y'`.
+    Each is the same function as the secant (the derivative where :math:`x = x'`), so no tolerance
+    mask and no derivative fallback are needed, and :math:`m\,\Delta x = \Delta y` holds to rounding
+    (normalisation layers' variance and scale, GELU's cube).
+    """
+    node = site.node
+    target = node.target
+    if target == "aten.pow.Tensor_Scalar":
+        e = site.args("x")[1]
+        if isinstance(e, bool) or not isinstance(e, (int, float)):
+            return None
+        if e == 2:
+            return x + r
+        if e == 3:
+            return torch.addcmul(x * x, r, x + r)
+        return None
+    if target == "aten.square.default":
+        return x + r
+    if target in ("aten.rsqrt.default", "aten.sqrt.default", "aten.reciprocal.default"):
+        yx, yr = _outs(site, x, r)
+        if target == "aten.sqrt.default":
+            return 1 / (yx + yr)
+        if target == "aten.reciprocal.default":
+            return -(yx * yr)
+        p = yx * yr
+        return -(p * p) / (yx + yr)
+    return None
+
+
+def _outs(site: Site, x: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+    """The node's outputs on both streams, in float32 at the streams' points for float16/bfloat16 streams."""
+    if x.dtype != site.args("x")[0].dtype:  # upcast: f in float32, not the rounded low-precision outputs
+        return _apply(site, x), _apply(site, r)
+    return site.out("x"), site.out("ref")
 
 
 def _apply(site: Site, t: Tensor) -> Tensor:
@@ -176,10 +230,34 @@ def _apply(site: Site, t: Tensor) -> Tensor:
 
 
 def _derivative(site: Site, at: Tensor) -> Tensor:
-    """f'(at) for an elementwise node, by differentiating the op itself."""
+    """f'(at) for an elementwise node: in closed form from the node's output for the common activations
+    (``at`` is the input stream), otherwise by differentiating the op itself."""
+    node = site.node
+    if node.packet in _DERIVATIVES and at.dtype == site.args("x")[0].dtype:  # not recomputed in float32
+        d = _DERIVATIVES[node.packet](at, site.out("x"))
+        if d is not None:
+            return d
     # elementwise, so the vjp with ones is the derivative (jvp would load TorchScript decompositions)
     _, pullback = torch.func.vjp(lambda t: _apply(site, t), at)
     return pullback(torch.ones_like(at))[0]
+
+
+def _d_silu(x: Tensor, y: Tensor) -> Tensor:
+    s = torch.sigmoid(x)  # silu' = s + x s (1 - s) = s + y (1 - s)
+    return torch.addcmul(s, y, 1 - s)
+
+
+#: f'(x) from the input ``x`` and the output ``y`` of the same stream, in plain differentiable ops (the
+#: aten backward kernels are not all twice differentiable, and ``torch.func.vjp`` of the op costs a
+#: forward and a backward with functorch's wrapping at every node)
+_DERIVATIVES: dict[str, Any] = {
+    "tanh": lambda x, y: 1 - y * y,
+    "sigmoid": lambda x, y: y * (1 - y),
+    "exp": lambda x, y: y,
+    "silu": _d_silu,
+    "log": lambda x, y: 1 / x,
+}
+_CLOSED = frozenset(("pow", "square", "rsqrt", "sqrt", "reciprocal"))
 
 
 @dataclass(frozen=True)
@@ -379,35 +457,64 @@ class SoftmaxRescale:
         log = node.packet in ("log_softmax", "_log_softmax")
         # float16/bfloat16 streams: the op in float32 at the streams' points (as Rescale does)
         low = _is_low(args_x[0])
-        if log and not low:
-            z, zr = site.out("x"), site.out("ref")
+        if not log and not low:
+            # softmax: z = x - L with L = max x - log max y from the stream's own softmax (softmax is
+            # monotone, so max y is y at argmax x): row maxima instead of a log-softmax pass (whose exp of
+            # attention's masked scores, the dtype's lowest value, takes a slow path), and dL = L - L'
+            (z, big), (zr, big_r) = _log_softmax_from(x, site.out("x"), dim), _log_softmax_from(r, site.out("ref"), dim)
+            dx, dz, dl = x - r, z - zr, big - big_r
         else:
-            z, zr = torch.log_softmax(x, dim), torch.log_softmax(r, dim)
-        dx, dz = x - r, z - zr
-        # dL = dx_k - dz_k for every k: taken where z + z' is largest, where both are accurate
-        with torch.no_grad():
-            k = (z + zr).argmax(dim, keepdim=True)
-        dl = dx.gather(dim, k) - dz.gather(dim, k)
+            z, zr = (site.out("x"), site.out("ref")) if log and not low else (torch.log_softmax(x, dim),
+                                                                               torch.log_softmax(r, dim))
+            dx, dz = x - r, z - zr
+            # dL = dx_k - dz_k for every k: taken where z + z' is largest, where both are accurate
+            with torch.no_grad():
+                k = (z + zr).argmax(dim, keepdim=True)
+            dl = dx.gather(dim, k) - dz.gather(dim, k)
         # the exponent, <= 0: z + min(dL, 0) where dx >= 0, z' - max(dL, 0) where dx < 0, i.e. the larger
-        expo = torch.maximum(z - torch.relu(-dl), zr - torch.relu(dl))
-        mu = torch.exp(expo) * _phi(dx.abs()) / _phi(dl.abs())
+        if not log:  # softmax: y = exp(z), in float32 at the streams' points for float16/bfloat16 streams
+            y, yr = (_exp_clamped(z), _exp_clamped(zr)) if low else (site.out("x"), site.out("ref"))
+        if log:
+            mu = _exp_clamped(torch.maximum(z - torch.relu(-dl), zr - torch.relu(dl))) * _phi(dx.abs()) / _phi(dl.abs())
+        else:
+            # exp(z - a) = y exp(-a) with y = exp(z), y' = exp(z'): the exponentials (and 1/phi(|dL|)) are
+            # per row (exp is monotone, so the maximum commutes with it), none over attention's T x T scores
+            row = _phi(dl.abs())
+            e = torch.maximum(y * (torch.exp(-torch.relu(-dl)) / row), yr * (torch.exp(-torch.relu(dl)) / row))
+            mu = e * _phi(dx.abs())
         p = mu * dx
         # sum over j != k of p_j: the row sum less p_k, except at the row's largest |p_k|, where the
         # others are summed (one position per row: argmax, not a comparison)
         with torch.no_grad():
             top = p.abs().argmax(dim, keepdim=True)
         others = (p.sum(dim, keepdim=True) - p).scatter(dim, top, p.scatter(dim, top, 0.0).sum(dim, keepdim=True))
-        nu = safe_divide(dz + others, dx, is_small(dx, 1 + x.abs()), 1 - mu)
+        nu = safe_divide(dz + others, dx, is_small_rel(dx, x), 1 - mu)
         if not log:
-            y, yr = (torch.exp(z), torch.exp(zr)) if low else (site.out("x"), site.out("ref"))
-            g = g * safe_divide(y - yr, dz, is_small(dz, 1 + z.abs()), y)
+            # exp's secant (y - y')/(z - z') = max(y, y') phi(|dz|): no cancellation, so no tolerance mask
+            # and no fallback (phi(0) = 1 gives exp'(z) = y where z = z')
+            g = g * (torch.maximum(y, yr) * _phi(dz.abs()))
         return {node.args[0][1]: nu * g - mu * (g.sum(dim, keepdim=True) - g)}
 
 
 def _phi(d: Tensor) -> Tensor:
     r""":math:`(1 - e^{-d})/d` for :math:`d \ge 0` (1 at 0): the secant of exp over a gap ``d``, over its upper end."""
-    zero = is_zero(d)
+    with torch.no_grad():
+        zero = d.sign().neg_().add_(1)  # d >= 0: 1 - sign(d) is [d == 0]
     return (zero - torch.expm1(-d)) / (d + zero)
+
+
+def _log_softmax_from(x: Tensor, y: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """``log_softmax(x, dim)`` and ``logsumexp(x, dim, keepdim=True)`` given ``y = softmax(x, dim)``:
+    ``z = (x - max x) + log max y`` (``x - max x`` is exact near the maximum, as in the log-softmax
+    kernel), ``L = max x - log max y``."""
+    m, lm = x.amax(dim, keepdim=True), torch.log(y.amax(dim, keepdim=True))
+    return (x - m) + lm, m - lm
+
+
+def _exp_clamped(t: Tensor) -> Tensor:
+    """``exp(t)``, with ``t`` clamped at the log of the smallest normal number: below it exp takes a slow
+    path on the CPU (7-30x; attention's masked scores sit at the dtype's lowest value), for terms < 1e-38."""
+    return torch.exp(t.clamp(min=math.log(torch.finfo(t.dtype).tiny)))
 
 
 @dataclass(frozen=True)
@@ -433,11 +540,40 @@ class Bilinear:
             res[eb[1]] = res[eb[1]] + gb if eb[1] in res else gb
             return res
         assert s.ref is not None
+        if node.packet in ("mul", "mm", "bmm", "matmul") and not node.kwargs:
+            out = _midpoint_transpose(site, g)
+            if out is not None:
+                return out
         mid = list(compute_env(node, s.x, g))
         for r, d in zip(node.refs, node.dep_refs):
             if d:  # in float32 for low-precision streams: their midpoint is not a bf16/f16 number
                 mid[r] = (upcast(s.x[r]) + upcast(s.ref[r])) / 2
         return generic_vjp(s.program, node, mid, s.batch, g)
+
+
+def _midpoint_transpose(site: Site, g: Tensor) -> dict[int, Any] | None:
+    """:class:`Bilinear`'s vjp at the midpoints for ``mul`` and (batched) matrix products of two at least
+    2-d operands, written as the transposes (``g b^T``, ``a^T g``): the op's forward is not recomputed
+    (attention's scores and weighted values are the largest products of a transformer)."""
+    node = site.node
+    ea, eb = node.args[0], node.args[1]
+    if not (isinstance(ea, tuple) and ea[0] == "n" and isinstance(eb, tuple) and eb[0] == "n"):
+        return None
+    (ax, bx), (ar, br) = site.args("x")[:2], site.args("ref")[:2]
+    if not (isinstance(ax, Tensor) and isinstance(bx, Tensor) and isinstance(g, Tensor)):
+        return None
+    # in float32 for low-precision streams: their midpoint is not a bf16/f16 number
+    a, b = torch.lerp(upcast(ax), upcast(ar), 0.5), torch.lerp(upcast(bx), upcast(br), 0.5)
+    if node.packet == "mul":
+        ga, gb = g * b, g * a
+    elif a.ndim >= 2 and b.ndim >= 2 and (node.packet == "matmul" or (a.ndim == b.ndim == (2 if node.packet == "mm" else 3))):
+        ga, gb = g.matmul(b.transpose(-1, -2)), a.transpose(-1, -2).matmul(g)
+    else:
+        return None
+    ga, gb = ga.sum_to_size(a.shape), gb.sum_to_size(b.shape)
+    if ea[1] == eb[1]:
+        return {ea[1]: ga + gb}
+    return {ea[1]: ga, eb[1]: gb}
 
 
 @dataclass(frozen=True)
