@@ -137,3 +137,76 @@ def test_vmap_compile_and_export_with_fused_attention(tmp_path):
     fn = torch.compile(lambda x, t: ax.lrp(f, p, x, t, composite=comp), backend="aot_eager", fullgraph=True)
     t = torch.tensor([1, 2])
     torch.testing.assert_close(fn(x, t), ax.lrp(f, p, x, t, composite=comp))
+
+
+# ------------------------------------------------- review findings: wrong numbers the fused rule must not give
+
+
+class CrossAttention(nn.Module):
+    """Queries from x; keys/values from a learned memory (constant for the attribution), or k/v from x and
+    learned queries (Perceiver-style), or an attention bias computed from x."""
+
+    def __init__(self, mode, d=8, heads=2):
+        super().__init__()
+        self.mode, self.heads = mode, heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.memory = nn.Parameter(torch.randn(3, d))
+        self.bias = nn.Linear(d, 5)
+        self.head = nn.Linear(d, 3)
+
+    def split(self, t):
+        return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def forward(self, x):
+        b = x.shape[0]
+        mem = self.memory.expand(b, -1, -1)
+        mask = None
+        if self.mode == "memory":  # k, v constant
+            q, k, v = self.q(x), self.k(mem), self.v(mem)
+        elif self.mode == "perceiver":  # q constant
+            q, k, v = self.q(mem), self.k(x), self.v(x)
+        else:  # an input-dependent additive mask
+            q, k, v = self.q(x), self.k(x), self.v(x)
+            mask = self.bias(x).unsqueeze(1)
+        a = torch.nn.functional.scaled_dot_product_attention(self.split(q), self.split(k), self.split(v), attn_mask=mask)
+        return self.head(self.o(a.transpose(1, 2).flatten(2)).mean(1))
+
+
+@pytest.mark.parametrize("mode", ["memory", "perceiver", "mask"])
+@pytest.mark.parametrize("which", ["attn_lrp", "cp_lrp"])
+def test_fused_attention_follows_which_operands_depend_on_the_input(mode, which):
+    """Where only some of q, k, v depend on x the written-out graph's products are linear (all relevance to
+    the dependent operand); an input-dependent mask makes the program keep the attention written out."""
+    torch.manual_seed(0)
+    net = CrossAttention(mode).to(D).eval()
+    f, p = ax.functionalize(net)
+    x = torch.randn(2, 5, 8, dtype=D)
+    comp = getattr(ax.composites, which)(epsilon=0.0)
+    assert rel_err(ax.lrp(f, p, x, 1, composite=comp), ax.lrp(f, p, x, 1, composite=comp, form="relevance")) < 1e-8
+
+
+def test_identity_rule_at_an_exact_zero_sends_nothing_and_no_nan():
+    """A sigmoid whose input is exactly 0 (all ReLUs dead): f(0)/0 must not overflow into a NaN."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5, bias=False), nn.Sigmoid(), nn.Linear(5, 3))
+    with torch.no_grad():
+        net[0].bias.fill_(-100.0)
+        net[4].weight.mul_(50.0)
+    for dtype in (torch.float32, torch.float64):
+        f, p = ax.functionalize(net.to(dtype))
+        x = torch.rand(3, 4, dtype=dtype)
+        for comp in (None, ax.composites.attn_lrp()):
+            r = ax.lrp(f, p, x, 0, composite=comp)
+            assert torch.isfinite(r).all()
+            torch.testing.assert_close(r, ax.lrp(f, p, x, 0, composite=comp, form="relevance"))
+
+
+def test_dropout_in_training_keeps_the_attention_written_out():
+    m, f, p, x = lm("gpt2", layers=1)
+    m.train()
+    m.config.attn_pdrop = 0.5
+    for mod in m.modules():
+        if hasattr(mod, "attn_dropout"):
+            mod.attn_dropout.p = 0.5
+    with pytest.warns(UserWarning):
+        ax.lrp(f, p, x, 1, composite=ax.composites.attn_lrp())

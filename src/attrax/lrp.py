@@ -36,7 +36,7 @@ RESHAPE = frozenset(
     """view _unsafe_view reshape flatten unflatten permute transpose t squeeze unsqueeze select slice narrow cat concat
     concatenate stack split split_with_sizes chunk unbind clone contiguous alias dropout feature_dropout alpha_dropout
     _to_copy to lift_fresh_copy roll flip expand repeat constant_pad_nd index_select gather pixel_shuffle
-    pixel_unshuffle movedim swapaxes tensor_split repeat_interleave index""".split()
+    pixel_unshuffle movedim swapaxes tensor_split repeat_interleave index type_as""".split()
 )
 BATCHNORM = frozenset(("batch_norm", "_native_batch_norm_legit_no_training"))
 LAYER_RULES = (Epsilon, Gamma, ZPlus, AlphaBeta, Flat, WSquare, ZBox)
@@ -215,7 +215,7 @@ def plan_for(program: Program, composite: Any, module: nn.Module | None) -> tupl
         if rule is None:
             return None
         _check_applicable(rule, kind, node)
-        return rule
+        return rule.at_site(node) if type(rule) is Attention else rule
 
     return substitute(program, rule_for, "lrp")
 
@@ -351,47 +351,83 @@ def _prepare(model_fn: Any, spec: tuple[Any, ...], batch: int | None, composite:
     return program, rules, drop
 
 
-def release_plan(program: Program, plan: tuple[Any, ...]) -> tuple[tuple[int, ...], ...]:
-    """For ``forward(drop=...)``: after node k, the values that neither a later node nor the gradient-form
-    reverse pass of ``plan`` reads.
+#: ops whose transposes read their input's shape and dtype only (views, copies, casts, slices, concatenation)
+_SHAPE_OPS = frozenset(
+    """view _unsafe_view reshape permute transpose t unsqueeze squeeze expand slice select cat concat flatten
+    unflatten contiguous clone alias _to_copy to split split_with_sizes narrow""".split())
+#: parameter-free linear ops whose transposes read the constant operand, not the input-dependent one
+_LINEAR_OPS = frozenset(("add", "sub", "neg", "mul", "div"))
+
+
+def _shape_only(program: Program, node: Node, rule: Any) -> bool:
+    """The node's rule (gradient form) reads its input-dependent operands only for their shapes: the
+    gradient through a shape op, Norm through a sum or a scaling by a constant (which reads its own output
+    where ε > 0)."""
+    if type(rule) is Gradient and node.packet in _SHAPE_OPS:
+        return True
+    if type(rule) is Norm and not (rule.clip or rule.norm_scale) and node.packet in _LINEAR_OPS:
+        ops = dependent_operands(node)
+        return node.packet in ("add", "sub", "neg") or (len(ops) == 1 and (node.packet == "mul" or ops[0][0] == 0))
+    return False
+
+
+def release_plan(program: Program, plan: tuple[Any, ...]) -> tuple[tuple[tuple[int, bool], ...], ...]:
+    """For ``forward(drop=...)``: after node k, the values that no later node reads and the gradient-form
+    reverse pass of ``plan`` reads at most the shape of.
 
     The reverse pass visits only nodes that receive a cotangent: from the output through each rule's
     receiving operands (an identity rule at an elementwise region sends to the region's source, not to its
     inner nodes; a held scale or gate and an attention operand with share 0 receive nothing), and a visited
     rule reads at most its node's output and arguments (the identity rule at a region: the output and the
-    source). So a written-out GELU's or a normalisation's inner values, and everything on held branches,
-    are released as soon as the forward is past them: peak memory near one forward + backward.
+    source; shape ops and LRP-0 sums/scalings: their input-dependent arguments' shapes only, see
+    :func:`_shape_only`; the ε-rule at a dense layer: not its input). So a written-out GELU's or a
+    normalisation's inner values, rotary products and everything on held branches are released as soon as
+    the forward is past them.
     """
     n = len(program.nodes)
     reached = [False] * n
     reached[program.output] = True
-    needed = {program.output}
+    values = {program.output}  # read by value
+    shapes: set[int] = set()  # read for their shape
     for node in reversed(program.nodes):
         i = node.index
         if not reached[i] or node.op != "call" or not node.dep:
             continue
         rule = plan[i]
-        needed.add(i)
+        dep_refs = [r for r, d in zip(node.refs, node.dep_refs) if d]
         if node.target == "getitem" or rule is None:
-            needed.update(node.refs)
-            for r, d in zip(node.refs, node.dep_refs):
-                reached[r] = reached[r] or d
+            values.add(i)
+            values.update(node.refs)
+            for r in dep_refs:
+                reached[r] = True
             continue
         ops = dependent_operands(node)
         if type(rule) is Pass and (len(ops) != 1 or ops[0][0] != 0):
             src = region_source(program, node)
             src = ops[0][1] if src is None and len(ops) == 1 else src
             if src is not None:
-                needed.add(src)
+                values.update((i, src))
                 reached[src] = True
                 continue
-        needed.update(node.refs)
-        receiving = [r for r, d in zip(node.refs, node.dep_refs) if d]
+        if _shape_only(program, node, rule):
+            shapes.update(dep_refs)
+            values.update(r for r in node.refs if r not in dep_refs)
+            if type(rule) is Norm and rule.stabilizer != 0:
+                values.add(i)
+        elif type(rule) is Epsilon and node.packet == "linear" and not rule.zero_params and len(ops) == 1:
+            values.add(i)
+            shapes.update(dep_refs)
+            values.update(r for r in node.refs if r not in dep_refs)
+        else:
+            if not (type(rule) in (HoldScale, Uniform) and node.packet == "mul"):  # g * other operand: no output
+                values.add(i)
+            values.update(node.refs)
+        receiving = dep_refs
         if type(rule) in (HoldScale, Uniform) and len(ops) == 2:
             held = scale_operand(program, node) if type(rule) is HoldScale else None
             receiving = [ref for k, (_, ref) in enumerate(ops) if k != held]
         elif type(rule) is Attention:
-            shares = (rule.query, rule.key, rule.value)
+            shares = (rule.query, rule.key, rule.value)  # resolved per site by plan_for
             receiving = [ref for pos, ref in ops if pos < 3 and shares[pos]]
         for r in receiving:
             reached[r] = True
@@ -399,10 +435,10 @@ def release_plan(program: Program, plan: tuple[Any, ...]) -> tuple[tuple[int, ..
     for node in program.nodes:
         for r in node.refs:
             last[r] = max(last[r], node.index)
-    drop: list[list[int]] = [[] for _ in range(n)]
+    drop: list[list[tuple[int, bool]]] = [[] for _ in range(n)]
     for node in program.nodes:
-        if node.op == "call" and node.index not in needed:
-            drop[last[node.index]].append(node.index)
+        if node.op == "call" and node.index not in values:
+            drop[last[node.index]].append((node.index, node.index in shapes))
     return tuple(tuple(d) for d in drop)
 
 
@@ -415,20 +451,35 @@ def _prepare_form(model_fn: Any, spec: tuple[Any, ...], batch: int | None, compo
     if form == "relevance":
         return (*_prepare(model_fn, spec, batch, composite, canonize), None)
     program, plan, drop = _prepare(model_fn, spec, batch, composite, canonize, fused, release=True)
-    if fused and drop is None:  # another rule needs the relevance form: attention decomposed
-        program, plan = _prepare(model_fn, spec, batch, composite, canonize, False)
+    if fused and (drop is None or not _fusable(program)):  # attention decomposed: another rule needs the
+        # relevance form, or a mask depends on the input / dropout is on (the fused rule has no part for those)
+        program, plan, drop = _prepare(model_fn, spec, batch, composite, canonize, False, release=True)
     if form == "gradient" and drop is None:
         raise ValueError("form='gradient': a rule of this composite has no gradient form (z+, alpha-beta, gamma, "
                          "flat, w-square, z-box, zero_params or a user rule); use form='relevance' or 'auto'")
     return program, plan, drop
 
 
+def _fusable(program: Program) -> bool:
+    """Every attention node can take the fused rule: only q, k, v depend on the input (not the mask) and
+    dropout is off."""
+    for node in program.nodes:
+        if node.op == "call" and node.packet == "scaled_dot_product_attention":
+            if any(pos >= 3 for pos, _ in dependent_operands(node)):
+                return False
+            p = node.args[4] if len(node.args) > 4 else dict(node.kwargs).get("dropout_p", ("c", 0.0))
+            if not (isinstance(p, tuple) and p[0] == "c" and not p[1]):
+                return False
+    return True
+
+
 def _fused_attention(composite: Any) -> bool:
     """The composite has a rule for ``Kind("attention")`` (``attn_lrp``, ``cp_lrp``): trace with
     ``scaled_dot_product_attention`` kept as one node, whose rule runs the fused kernel's backward."""
     comp = as_composite(composite)
-    return isinstance(comp, Composite) and any(
+    return isinstance(comp, Composite) and (any(
         isinstance(k, Kind) and k.name == "attention" for k, _ in (*comp.by_type, *comp.first))
+        or any(isinstance(r, Attention) for _, r in comp.by_name))
 
 
 def _canonized(fn: Any, program: Program) -> Program:
@@ -495,7 +546,10 @@ def lrp(
         form: ``"auto"`` (default): propagate modified gradients (relevance = input x modified
             gradient, :func:`gradient_form`) where every rule of the plan has that form (AttnLRP, CP-LRP,
             ε composites), relevance otherwise; ``"relevance"`` or ``"gradient"`` force one (the latter
-            raises where a rule has no gradient form). Both give the same numbers to rounding.
+            raises where a rule has no gradient form). Both give the same numbers to rounding, except that
+            ``attn_lrp``/``cp_lrp`` keep ``scaled_dot_product_attention`` fused in gradient form (its ε is at
+            the attention output, not at the scores: relative ε/|score|) and a user's ``Attention`` rule
+            applies in gradient form only (notes/lrp.md).
     Returns:
         Relevance with the shape, dtype and device of ``x``.
     Raises:

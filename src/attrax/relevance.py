@@ -85,13 +85,13 @@ _RATIOS: dict[str, Callable[[Tensor], Tensor]] = {"silu": torch.sigmoid, "gelu":
 
 
 def _ratio(num: Tensor, den: Tensor) -> Tensor:
-    """``num / den`` with an exact zero in ``den`` replaced by the smallest normal number of its sign
-    (float16: computed in float32), so an activation with ``f(0) = 0`` has the ratio 0 there; no
-    ``torch.where`` (notes/rewrite.md), differentiable and NaN-free at any order."""
-    if den.dtype == torch.float16:
+    """``num / den``, and 0 where ``den`` is exactly 0 (relevance there is ``0 * g`` either way; a quotient
+    ``f(0) / tiny`` would overflow for activations with ``f(0) != 0``): ``num den / (den^2 + tiny)``, in
+    float32 for float16/bfloat16; no ``torch.where`` (notes/rewrite.md), differentiable and NaN-free at any
+    order. Equal to the quotient to rounding wherever ``den^2`` is a normal number (``|den| > 1e-19`` in float32)."""
+    if den.dtype in (torch.float16, torch.bfloat16):
         num, den = num.float(), den.float()
-    tiny = torch.finfo(den.dtype).tiny
-    return num / (den + torch.copysign(den.new_tensor(tiny), den))
+    return num * den / torch.addcmul(den.new_tensor(torch.finfo(den.dtype).tiny), den, den)
 
 
 def _check_zero_params(zero_params: Sequence[str]) -> tuple[str, ...]:
@@ -960,6 +960,26 @@ class Attention:
     value: float = 0.5
     epsilon: float = 1e-6
 
+    def shares(self, node: Any) -> tuple[float, float, float]:
+        """The parts of q, k and v at this call: the fields where all three depend on the input; otherwise
+        what the written-out graph gives, where a product with one input-dependent operand is linear
+        (LRP-0, all to it): with v constant the attention weights get everything, with q and k constant v
+        does, and within the scores a single input-dependent operand takes the scores' whole part."""
+        dq, dk, dv = (any(pos == k for pos, _ in dependent_operands(node)) for k in range(3))
+        weights = self.query + self.key if dv else 1.0
+        if not (dq or dk):
+            return 0.0, 0.0, 1.0 if dv else 0.0
+        if dq and dk:
+            both = self.query + self.key
+            fq = self.query / both if both else 0.5
+            return weights * fq, weights * (1 - fq), self.value if dv else 0.0
+        return (weights if dq else 0.0), (weights if dk else 0.0), self.value if dv else 0.0
+
+    def at_site(self, node: Any) -> Attention:
+        """This rule with :meth:`shares` at ``node`` as its fields (the LRP plan holds one per call site)."""
+        q, k, v = self.shares(node)
+        return Attention(q, k, v, self.epsilon)
+
     def backward(self, site: Site, r: Tensor) -> dict[int, Any]:
         raise ValueError(f"rule Attention at {site.node.describe()} runs in gradient form only (lrp(form='auto'), "
                          f"with every other rule having a gradient form too)")
@@ -972,7 +992,7 @@ class Attention:
         dropout = args[4] if len(args) > 4 else kwargs.get("dropout_p", 0.0)
         if dropout:
             raise ValueError(f"{node.describe()} has dropout_p={dropout}: put the model in eval mode for LRP")
-        shares = (self.query, self.key, self.value)
+        shares = (self.query, self.key, self.value)  # resolved for this call site by the plan (at_site)
         wanted = [(pos, ref) for pos, ref in dependent_operands(node) if pos < 3 and shares[pos]]
         if not wanted:
             return {}

@@ -828,9 +828,10 @@ def forward(
 ) -> list[Any]:
     """Evaluate every node with ordinary ops; returns the list of node values.
 
-    With ``drop``, the values listed at ``drop[k]`` are released (set to None) once node ``k`` has run:
-    values no later node and no reverse rule reads (a caller's liveness analysis), so they are not all
-    alive at once.
+    With ``drop``, the values listed at ``drop[k]`` (``(index, shape_only)`` pairs) are released once node
+    ``k`` has run: values no later node reads and the reverse pass reads at most the shape of (a caller's
+    liveness analysis), so they are not all alive at once. A released value is None, or with
+    ``shape_only`` a stand-in of its shape, dtype and device that holds no memory (a zero-stride expand).
 
     With ``shared`` (the values of another stream of the same program), nodes
     that do not depend on the input are taken from it instead of recomputed.
@@ -862,8 +863,9 @@ def forward(
         elif node.op == "const":
             env[i] = program.constants[int(node.target)]
         if drop is not None:
-            for j in drop[i]:
-                env[j] = None
+            for j, shape_only in drop[i]:
+                v = env[j]
+                env[j] = v.new_zeros(()).expand(v.shape) if shape_only and isinstance(v, Tensor) else None
     return env
 
 
