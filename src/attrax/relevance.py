@@ -997,6 +997,14 @@ class Attention:
         if not wanted:
             return {}
         g = damp(g, site.out("x"), self.epsilon)
+        pull = s.aux_x.get(node.index)
+        if pull is not None:  # the vjp taken with the forward (rewrite.forward)
+            grads = pull(g.to(site.out("x").dtype))
+            res0: dict[int, Any] = {}
+            for pos, ref in wanted:
+                v = grads[pos].to(g.dtype) * shares[pos]
+                res0[ref] = v if ref not in res0 else res0[ref] + v
+            return res0
         # the fused kernels have no double backward and no vmap rule for their backward: where this vjp is
         # differentiated (torch.func.grad, autograd w.r.t. params) or batched (vmap over targets), the same
         # attention written out (_decompose), differentiable at any order

@@ -812,6 +812,24 @@ def run_node(program: Program, node: Node, env: Sequence[Any], batch: Any) -> An
     return aten_op(node.target)(*args, **kwargs)
 
 
+_SDPA = "aten.scaled_dot_product_attention.default"
+
+
+def _transformed_call(program: Program, node: Node, env: Sequence[Any]) -> bool:
+    """A node's tensor arguments are differentiated, batched (torch.func transforms, autograd) or under
+    torch.compile: no vjp taken in the forward (the fused kernels have neither double backward nor a vmap
+    rule for their backward)."""
+    if torch.compiler.is_compiling():
+        return True
+    from torch._C._functorch import is_functorch_wrapped_tensor
+
+    for r in node.refs:
+        v = env[r]
+        if isinstance(v, Tensor) and (v.requires_grad or is_functorch_wrapped_tensor(v)):
+            return True
+    return False
+
+
 _POOL_WITH_INDICES = {
     "aten.max_pool2d.default": (torch.ops.aten.max_pool2d_with_indices.default, 2),
     "aten.max_pool3d.default": (torch.ops.aten.max_pool3d_with_indices.default, 3),
@@ -851,6 +869,12 @@ def forward(
             if pool is not None and not node.kwargs:
                 args, _ = call_args(program, node, env, batch)
                 env[i], aux[i] = pool[0](*pool_params(args, pool[1], with_input=True))
+            elif aux is not None and node.target == _SDPA and node.dep and not _transformed_call(program, node, env):
+                # attention kept fused: its vjp is taken with the forward (the kernel's saved statistics), so
+                # the reverse rule does not run the kernel's forward again
+                args, kwargs = call_args(program, node, env, batch)
+                op = aten_op(node.target)
+                env[i], aux[i] = torch.func.vjp(lambda q, k, v: op(q, k, v, *args[3:], **kwargs), *args[:3])
             else:
                 env[i] = run_node(program, node, env, batch)
         elif node.op == "param":
