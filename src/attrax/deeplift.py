@@ -207,6 +207,15 @@ def deeplift(
     return result
 
 
+def _getitems(program: Program) -> dict[int, tuple[int, ...]]:
+    """``{tuple-valued node: its getitem nodes}``."""
+    out: dict[int, list[int]] = {}
+    for node in program.nodes:
+        if node.op == "call" and node.target == "getitem":
+            out.setdefault(node.refs[0], []).append(node.index)
+    return {k: tuple(v) for k, v in out.items()}
+
+
 def _times_delta(x: Tensor, ref: Tensor, m: Tensor) -> Tensor:
     """``(x - ref) * m`` in the multipliers' precision (float32 for float16/bfloat16 inputs), in ``x``'s dtype."""
     return ((upcast(x) - upcast(ref)) * m).to(x.dtype)
@@ -221,11 +230,17 @@ def _multipliers(program: Program, plan: Any, params: Any, env_x: list[Any], aux
     seeds = {program.output: seed(upcast(env_x[program.output]), target)}
     streams = Streams(program, env_x if own_x else list(env_x), env_r, batch, aux_x, aux_r)
 
+    items = _getitems(program)
+
     def release(node: Node, grads: dict[int, Any]) -> dict[int, Any]:
         # a node's values are read by its own rule and its consumers' rules, all visited by now (reverse
         # order): dropping them lets the later rules' temporaries reuse their memory instead of fresh
-        # pages (a page fault costs ~4 us on the machines measured; ~8000 per call on a 4-layer Llama)
+        # pages (a page fault costs ~4 us on the machines measured; ~8000 per call on a 4-layer Llama).
+        # A tuple-valued node's getitem entries go with it: they are views that keep its buffer alive
+        # (GPT-2's q/k/v split of the whole c_attn output)
         streams.x[node.index] = streams.ref[node.index] = None
+        for j in items.get(node.index, ()):
+            streams.x[j] = streams.ref[j] = None
         return grads
 
     # float16/bfloat16 models: the reverse pass carries float32 cotangents (the rules compute in
