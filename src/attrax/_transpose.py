@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .rewrite import Node, _ntuple, _refs
+from ._node import Node, _ntuple, _refs
 
 def _dep(node: Node, ref: int) -> bool:
     for r, d in zip(node.refs, node.dep_refs):

@@ -29,6 +29,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
+
 from .relevance import (AlphaBeta, Attention, Epsilon, Flat, Gamma, HoldScale, Norm, Pass, ReLUBetaSmooth, SoftmaxTaylor,
                         StackedSumNorm, Uniform, ZBox, ZPlus)
 from .rules import DeconvReLU, Gradient, GuidedReLU
@@ -132,14 +134,33 @@ class Composite:
         return self.default
 
     def __call__(self, name: str, layer: Any) -> Any:
-        kind = layer.kind if isinstance(layer, TracedOp) else _module_kind(layer)
+        kind = layer.kind if isinstance(layer, TracedOp) else module_kind(layer)
         return self.select(name, layer, kind, False)
 
 
-def _module_kind(layer: Any) -> str:
-    from .lrp import module_kind
-
-    return module_kind(layer)
+def module_kind(layer: Any) -> str:
+    """The kind of a module, for calling a Composite directly with a module."""
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        return "conv"
+    if isinstance(layer, nn.Linear):
+        return "linear"
+    if isinstance(layer, nn.ReLU):
+        return "relu"
+    if isinstance(layer, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                          nn.AdaptiveAvgPool3d)):
+        return "avgpool"
+    if isinstance(layer, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
+        return "maxpool"
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        return "batchnorm"
+    if isinstance(layer, (nn.Softmax, nn.LogSoftmax)):
+        return "softmax"
+    if isinstance(layer, (nn.ELU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh,
+                          nn.ReLU6, nn.Mish, nn.SELU, nn.CELU, nn.Hardswish, nn.Hardsigmoid)):
+        return "activation"
+    if isinstance(layer, (nn.Flatten, nn.Dropout, nn.Identity)):
+        return "reshape"
+    return "other"
 
 
 def mapping(

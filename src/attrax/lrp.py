@@ -110,31 +110,6 @@ def _weights_constant(node: Node) -> bool:
     return not any(d for r, d in zip(node.refs, node.dep_refs) if first != ("n", r))
 
 
-def module_kind(layer: Any) -> str:
-    """The kind of a module, for calling a Composite directly with a module."""
-    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-        return "conv"
-    if isinstance(layer, nn.Linear):
-        return "linear"
-    if isinstance(layer, nn.ReLU):
-        return "relu"
-    if isinstance(layer, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                          nn.AdaptiveAvgPool3d)):
-        return "avgpool"
-    if isinstance(layer, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
-        return "maxpool"
-    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-        return "batchnorm"
-    if isinstance(layer, (nn.Softmax, nn.LogSoftmax)):
-        return "softmax"
-    if isinstance(layer, (nn.ELU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh,
-                          nn.ReLU6, nn.Mish, nn.SELU, nn.CELU, nn.Hardswish, nn.Hardsigmoid)):
-        return "activation"
-    if isinstance(layer, (nn.Flatten, nn.Dropout, nn.Identity)):
-        return "reshape"
-    return "other"
-
-
 def _describe(node: Node, kind: str, module: nn.Module | None) -> tuple[str, Any]:
     """``(name, layer)`` handed to a composite for one call site."""
     if module is not None and node.module is not None:

@@ -38,6 +38,8 @@ import torch
 from torch import Tensor
 
 from ._decompose import DECOMPOSITIONS, FUSED_ATTENTION
+from ._node import Node, _ntuple, _refs
+from ._transpose import TRANSPOSES, t_max_pool
 from .core import BoundModel, FunctionalModel
 
 __all__ = [
@@ -59,46 +61,6 @@ class UnsupportedOperation(ValueError):
 
 
 # --------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class Node:
-    """One operation of a traced model.
-
-    ``op`` is ``"param"``, ``"input"``, ``"const"`` or ``"call"``. For calls,
-    ``target`` is the ATen overload name (``"aten.conv2d.default"``) or
-    ``"getitem"``; ``args``/``kwargs`` are encoded (see ``_encode``); ``refs`` are
-    the node indices the arguments reference, ``dep_refs`` which of them depend
-    on the model input and are floating point (they receive cotangents), and
-    ``dep`` whether this node's value depends on the input at all.
-    """
-
-    index: int
-    op: str
-    target: str
-    args: tuple[Any, ...] = ()
-    kwargs: tuple[tuple[str, Any], ...] = ()
-    name: str = ""
-    module: str | None = None
-    module_type: str | None = None
-    layer: str | None = None
-    dep: bool = False
-    refs: tuple[int, ...] = ()
-    dep_refs: tuple[bool, ...] = ()
-    float_out: bool = True
-    shape: tuple[int, ...] | None = None
-    packet: str = ""  # "conv2d" for "aten.conv2d.default" (a field, not a property: dynamo hashes it)
-    nonneg: bool = False  # the value is >= 0 by construction (after ReLU, pooling of such, ...)
-    aliases: tuple[str, ...] = ()  # other module paths whose output this node is (a BatchNorm folded into it)
-    stack: tuple[tuple[str, str], ...] = ()  # enclosing module calls, outermost first: (call key, module path)
-
-    def __post_init__(self) -> None:
-        if not self.packet:
-            object.__setattr__(self, "packet", self.target.split(".")[1] if self.target.startswith("aten.") else self.target)
-
-    def describe(self) -> str:
-        where = f" in module '{self.module}' ({self.module_type})" if self.module else ""
-        return f"{self.target} at node '{self.name}'{where}"
 
 
 #: ops whose output is >= 0 whatever the input
@@ -617,22 +579,6 @@ def _encode(a: Any, index: dict[torch.fx.Node, int], gm: torch.fx.GraphModule, c
     raise UnsupportedOperation(f"unsupported argument {a!r} of type {type(a).__name__} in the traced graph")
 
 
-def _refs(encoded: tuple[Any, ...]) -> tuple[int, ...]:
-    out: list[int] = []
-
-    def walk(e: Any) -> None:
-        tag = e[0]
-        if tag == "n":
-            out.append(e[1])
-        elif tag in ("l", "t"):
-            for v in e[1]:
-                walk(v)
-
-    for e in encoded:
-        walk(e)
-    return tuple(out)
-
-
 def _is_float(fx_node: torch.fx.Node) -> bool:
     val = fx_node.meta.get("val")
     if isinstance(val, Tensor):
@@ -957,13 +903,6 @@ def reverse(
 # ------------------------------------------------------------------ exact transposes
 
 
-def _ntuple(v: Any, n: int) -> list[int]:
-    if isinstance(v, int):
-        return [v] * n
-    v = list(v)
-    return v * n if len(v) == 1 else v
-
-
 def exact_vjp(
     program: Program, node: Node, env: Sequence[Any], batch: Any, g: Any, aux: dict[int, Any] | None = None
 ) -> dict[int, Any]:
@@ -973,8 +912,6 @@ def exact_vjp(
     pooling backward kernels), so the layer's forward is not recomputed; any
     other op falls back to ``torch.func.vjp`` of that single op.
     """
-    from ._transpose import TRANSPOSES, t_max_pool
-
     fast = TRANSPOSES.get(node.target)
     if fast is not None:
         args, kwargs = call_args(program, node, env, batch)
