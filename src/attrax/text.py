@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .core import bind_forward_args
+from .core import FunctionalModel, bind_forward_args
 from .lm import continuation as _continuation
 
 __all__ = ["span_problem", "span_attribution", "token_spans"]
@@ -93,6 +93,15 @@ def span_problem(
         holds the span index of each position of ``x``; ``baseline`` ``(1, n_editable)`` its
         baseline id.
     """
+    return _span_problem(model_fn, prompt_ids, continuation_ids, spans, baseline, trim=False)
+
+
+def _span_problem(model_fn: Callable[..., Tensor], prompt_ids: Tensor, continuation_ids: Tensor,
+                  spans: Sequence[Span] | None, baseline: int | Sequence[int | Sequence[int]], trim: bool,
+                  ) -> tuple[Callable[..., Tensor], Tensor, Callable[[Tensor], Tensor], Tensor, Tensor]:
+    """:func:`span_problem`; with ``trim`` and a model whose forward takes ``logits_to_keep`` (HF causal
+    LMs), ``fn`` asks for the logits of the last ``m + 1`` positions only (the target reads ``m`` of
+    them: the LM head and its ``(B, T, V)`` output on the other positions are never computed)."""
     prompt = _check_ids(prompt_ids, "prompt_ids")
     cont = _check_ids(continuation_ids, "continuation_ids")
     n = prompt.shape[0]
@@ -129,30 +138,132 @@ def span_problem(
     mask = owner[editable].unsqueeze(0).to(prompt.device)
     base = per_pos[editable].unsqueeze(0).to(prompt.device)
 
+    keep = _logits_to_keep(model_fn, cont.shape[0] + 1) if trim else None
+    shared = _SharedPrefix(model_fn, torch.cat([prompt, cont]), n, keep) if keep is not None else None
+
     def fn(params: Any, ids: Tensor, *rest: Any, **kw: Any) -> Tensor:
         b = ids.shape[0]
         full = prompt.to(ids.device).unsqueeze(0).expand(b, n).clone()
         full[:, editable.to(ids.device)] = ids
         seq = torch.cat([full, cont.to(ids.device).unsqueeze(0).expand(b, -1)], 1)
+        if shared is not None and not rest and not kw:
+            out = shared(params, seq)
+            if out is not None:
+                return out
+        if keep is not None:
+            kw = {**kw, **keep}
         if kw:  # additional_forward_args given as a dict: keyword arguments, routed as attrax routes them
             return bind_forward_args(model_fn, kw, seq)(params, seq, *rest)
         return model_fn(params, seq, *rest)
 
     if hasattr(model_fn, "module"):
         fn.module = model_fn.module  # type: ignore[attr-defined]  (training-mode warning)
-    return fn, x, _continuation_log_prob(cont, n), mask, base
+    return fn, x, _continuation_log_prob(cont, n, from_end=keep is not None), mask, base
 
 
-def _continuation_log_prob(cont: Tensor, start: int) -> Callable[[Tensor], Tensor]:
+class _SharedPrefix:
+    """Perturbed copies of one sequence that agree on their first ``p`` tokens, run from the key/value cache of
+    the unperturbed sequence's first ``p`` positions (HF ``past_key_values``): each row computes positions
+    ``p..T-1`` only. A causal model's logits there do not depend on how the prefix's keys and values were
+    batched, so this changes the numbers by float rounding only; the first call checks it on one perturbed row
+    against the full forward (a model whose early positions see later tokens fails it) and otherwise turns it
+    off. Used only without gradients, on an eval-mode module whose forward names ``past_key_values``."""
+
+    def __init__(self, model_fn: Any, ref: Tensor, n: int, keep: dict[str, int]) -> None:
+        self.model_fn, self.ref, self.n, self.keep = model_fn, ref, n, keep
+        module = model_fn.module
+        self.on = "past_key_values" in inspect.signature(module.forward).parameters and not module.training
+        self.checked = False
+        self.cache: tuple[Any, Any] | None = None  # (params it was computed with, ((k, v) per layer))
+
+    def _run(self, params: Any, ids: Tensor, kwargs: dict[str, Any], select: bool) -> Any:
+        f = self.model_fn
+        with f._lock:
+            shadow = f.shadow()
+            if select:
+                return f.run(shadow, params, (ids,), kwargs)
+            return torch.func.functional_call(shadow, dict(params), (ids,), kwargs, strict=False)
+
+    def _prefix(self, params: Any, ref: Tensor) -> Any:
+        if self.cache is None or self.cache[0] is not params:
+            out = self._run(params, ref.unsqueeze(0), {"use_cache": True, "logits_to_keep": 1}, select=False)
+            past = getattr(out, "past_key_values", None)
+            legacy = past.to_legacy_cache() if hasattr(past, "to_legacy_cache") else past
+            if not isinstance(legacy, (tuple, list)) or not all(
+                    isinstance(kv, (tuple, list)) and len(kv) == 2 and all(isinstance(t, Tensor) for t in kv)
+                    for kv in legacy):
+                return None
+            self.cache = (params, tuple((k, v) for k, v in legacy))
+        return self.cache[1]
+
+    def __call__(self, params: Any, seq: Tensor) -> Tensor | None:
+        if not self.on or torch.is_grad_enabled():
+            return None
+        try:
+            from transformers.cache_utils import DynamicCache
+        except ImportError:
+            self.on = False
+            return None
+        ref = self.ref.to(seq.device)
+        differs = (seq != ref).any(0).nonzero()
+        p = min(int(differs[0, 0]) if differs.numel() else self.n, self.n - 1)
+        if p < 1:
+            return None
+        try:
+            legacy = self._prefix(params, ref)
+        except Exception:
+            legacy = None
+        if legacy is None:
+            self.on = False
+            return None
+        b = seq.shape[0]
+        cache = DynamicCache.from_legacy_cache(tuple(
+            (k[:, :, :p].expand(b, *k.shape[1:2], p, *k.shape[3:]), v[:, :, :p].expand(b, *v.shape[1:2], p, *v.shape[3:]))
+            for k, v in legacy))
+        try:
+            out = self._run(params, seq[:, p:], {"past_key_values": cache, "use_cache": True, **self.keep}, select=True)
+        except Exception:  # a forward that names past_key_values but takes no DynamicCache: the full forward
+            self.on = False
+            return None
+        rows = (seq != ref).any(1).nonzero()
+        if not self.checked and rows.numel():
+            row = int(rows[0, 0])  # a perturbed row: its suffix differs from the cached prefix's sequence
+            whole = self._run(params, seq[row:row + 1], dict(self.keep), select=True)
+            ok = isinstance(out, Tensor) and isinstance(whole, Tensor) and out.shape[1:] == whole.shape[1:] and bool(
+                torch.allclose(out[row:row + 1], whole, rtol=1e-4, atol=1e-4 * float(whole.abs().max())))
+            self.checked = True
+            if not ok:
+                self.on = False
+                return None
+        return out
+
+
+def _logits_to_keep(model_fn: Any, k: int) -> dict[str, int] | None:
+    """``{"logits_to_keep": k}`` where ``model_fn`` is ``functionalize(module, output=...)`` of a module whose
+    forward names ``logits_to_keep`` (HF causal LMs: the logits of the last ``k`` positions), else None."""
+    module = getattr(model_fn, "module", None)
+    if not isinstance(model_fn, FunctionalModel) or type(model_fn) is not FunctionalModel or module is None \
+            or getattr(model_fn, "embedding", None) is not None:
+        return None
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return {"logits_to_keep": k} if "logits_to_keep" in params else None
+
+
+def _continuation_log_prob(cont: Tensor, start: int, from_end: bool = False) -> Callable[[Tensor], Tensor]:
     """``ax.lm.continuation(cont, start)`` for one prompt: the log-softmax of the continuation's
     ``m`` positions only (the general target normalises all ``T`` positions: ``T / m`` times the work
-    on ``(K * B, T, V)`` logits, one row per perturbation)."""
+    on ``(K * B, T, V)`` logits, one row per perturbation). ``from_end``: ``out`` holds the logits of the
+    last ``L >= m + 1`` positions of ``prompt + continuation`` (``logits_to_keep``), read from its end."""
     m = cont.shape[0]
 
     def target(out: Tensor) -> Tensor:
-        if out.ndim != 3:
+        if out.ndim != 3 or (from_end and out.shape[1] < m + 1):
             return _continuation(cont, start)(out)  # its error message
-        rows = out[:, start - 1:start - 1 + m]  # (B, m, V): the predictions of the continuation's tokens
+        lo = out.shape[1] - m - 1 if from_end else start - 1
+        rows = out[:, lo:lo + m]  # (B, m, V): the predictions of the continuation's tokens
         toks = cont.to(out.device).view(1, m, 1).expand(out.shape[0], m, 1)
         logp = torch.log_softmax(rows, -1).gather(2, toks).squeeze(2)
         total = torch.zeros(out.shape[0], dtype=out.dtype, device=out.device)
@@ -181,7 +292,7 @@ def span_attribution(
     Returns ``(n_spans,)``: the attribution of
     each span to the continuation's log-probability, Captum's ``LLMAttribution(...).seq_attr``.
     """
-    fn, x, target, mask, base = span_problem(model_fn, prompt_ids, continuation_ids, spans=spans, baseline=baseline)
+    fn, x, target, mask, base = _span_problem(model_fn, prompt_ids, continuation_ids, spans, baseline, trim=True)
     if "chunk_size" not in kwargs and "chunk_size" in inspect.signature(method).parameters:
         # all perturbations in one call spill the caches: about 1.5k tokens a call ran 1.8x faster than 97 x 100
         # tokens in one call (GPT-2, hidden 128, CPU); the results do not depend on it
