@@ -34,8 +34,8 @@ from .gradients import (
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):  # lazy: these need optional dependencies
-    if name in ("testing", "viz"):
+def __getattr__(name: str):  # lazy: testing and viz need optional dependencies; relevance is the LRP rules' old home
+    if name in ("testing", "viz", "relevance"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")

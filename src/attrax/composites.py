@@ -31,9 +31,9 @@ from typing import Any
 
 from torch import nn
 
-from .relevance import (AlphaBeta, Attention, Epsilon, Flat, Gamma, HoldScale, Norm, Pass, ReLUBetaSmooth, SoftmaxTaylor,
-                        StackedSumNorm, Uniform, ZBox, ZPlus)
-from .rules import DeconvReLU, Gradient, GuidedReLU
+from .rules.deeplift import DeconvReLU, Gradient, GuidedReLU
+from .rules.lrp import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ReLUBetaSmooth, StackedSumNorm, ZBox, ZPlus
+from .rules.transformer import Attention, HoldScale, SoftmaxTaylor, Uniform
 
 __all__ = [
     "Composite",
@@ -286,7 +286,7 @@ def deconvnet() -> Composite:
 def excitation_backprop(stabilizer: float = 1e-6, zero_params: tuple[str, ...] = ()) -> Composite:
     """Excitation backprop [Zhang et al. 2016]: z⁺ on every layer, Norm on sums and average
     pools, the gradient elsewhere (Zennit ``ExcitationBackprop``). A sum written as Zennit's ``Sum``
-    module, ``torch.stack(xs, -1).sum(-1)``, gets Norm too (:class:`~attrax.relevance.StackedSumNorm`)."""
+    module, ``torch.stack(xs, -1).sum(-1)``, gets Norm too (:class:`~attrax.rules.StackedSumNorm`)."""
     return mapping(by_type={Kind("layer"): ZPlus(stabilizer, zero_params), Kind("add"): Norm(stabilizer),
                             Kind("avgpool"): Norm(stabilizer), Kind("arithmetic"): StackedSumNorm(stabilizer)},
                    default=Gradient())
@@ -294,7 +294,7 @@ def excitation_backprop(stabilizer: float = 1e-6, zero_params: tuple[str, ...] =
 
 def beta_smooth(beta_smooth: float = 10.0) -> Composite:
     """Every ReLU's gradient replaced by softplus's, ``sigmoid(beta_smooth * x)``, the exact gradient
-    elsewhere (Zennit ``BetaSmooth``; :class:`~attrax.relevance.ReLUBetaSmooth`). As for
+    elsewhere (Zennit ``BetaSmooth``; :class:`~attrax.rules.ReLUBetaSmooth`). As for
     :func:`guided_backprop`, ``ax.lrp``'s result is the target score times this modified gradient."""
     return mapping(by_type={Kind("relu"): ReLUBetaSmooth(beta_smooth)}, default=Gradient())
 
@@ -317,14 +317,14 @@ def attn_lrp(epsilon: float = 1e-6) -> Composite:
       average pooling; other parameter-free linear ops of one activation (scaling, masks, means, casts,
       products with constants such as rotary embeddings) by LRP-0 (``Norm(0)``: relevance passes whole,
       a constant offset keeps its share), which is what ε → 0 gives and needs no stabiliser in gradient form;
-    * the identity rule (:class:`~attrax.relevance.Pass`) on elementwise nonlinearities, also when
+    * the identity rule (:class:`~attrax.rules.Pass`) on elementwise nonlinearities, also when
       written out (GPT-2's ``gelu_new``: one region, relevance straight to its input);
-    * the uniform rule (:class:`~attrax.relevance.Uniform`, [1] Eq. 7) on products of two
+    * the uniform rule (:class:`~attrax.rules.Uniform`, [1] Eq. 7) on products of two
       activations: ``q @ k^T``, ``attention @ v``, ``act(gate) * up``;
     * softmax by its Taylor rule :math:`R_x = x \odot (R - s \sum R)`
-      (:class:`~attrax.relevance.SoftmaxTaylor`, [1] Prop. 3.1);
+      (:class:`~attrax.rules.SoftmaxTaylor`, [1] Prop. 3.1);
     * normalisation (LayerNorm, RMSNorm, GroupNorm, ``(x - u) / sqrt(s + eps)``) by the identity rule
-      with the scale held constant (:class:`~attrax.relevance.HoldScale`): the centring is linear (Norm),
+      with the scale held constant (:class:`~attrax.rules.HoldScale`): the centring is linear (Norm),
       the scale gets no relevance.
 
     ``epsilon`` is the only stabiliser (ε → 0 is gradient x input with the modified gradients, LXT's
@@ -342,7 +342,7 @@ def cp_lrp(epsilon: float = 1e-6) -> Composite:
     r"""CP-LRP [1]: attention weights, normalisation scales and gates held constant.
 
     As :func:`attn_lrp`, except at products of two activations
-    (:class:`~attrax.relevance.HoldScale`): relevance through ``attention @ v`` goes to ``v`` alone
+    (:class:`~attrax.rules.HoldScale`): relevance through ``attention @ v`` goes to ``v`` alone
     (none through ``q``, ``k`` or the softmax), and in a gated unit ``act(g) * u`` to ``u`` (the
     operand that went through the nonlinearity is the gate). Products with no such operand split
     uniformly. LXT 2.1's ``cp_LRP`` patches do the same (``stop_gradient`` on query, key and gate).

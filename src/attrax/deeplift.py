@@ -20,34 +20,12 @@ from torch import Tensor
 from ._types import ModelFn, Params, Target, TensorOrTuple
 from .core import baselines_for, check_positive_int, chunks, eager_no_grad, publish_output, forward_args
 from .rewrite import Node, Program, Streams, forward, program_for, substitute
-from .rules import (
-    run_plan,
-    BILINEAR,
-    MAXPOOL,
-    PIECEWISE_CONSTANT,
-    RELU,
-    SOFTMAX,
-    Bilinear,
-    CrossMax,
-    DeconvReLU,
-    DisjointCrossMax,
-    Gradient,
-    GuidedReLU,
-    NormScale,
-    ReduceCrossMax,
-    ReluMaxPool,
-    Rescale,
-    SoftmaxRescale,
-    disjoint_max_pool,
-    upcast,
-    exclusive_relu_input,
-    is_elementwise,
-    is_linear,
-    n_dep,
-    norm_scale_operand,
-    reduces_max,
-    selected_by_input,
-)
+from .rules.deeplift import (Bilinear, CrossMax, DeconvReLU, DisjointCrossMax, Gradient, GuidedReLU, NormScale,
+                             ReduceCrossMax, ReluMaxPool, Rescale, SoftmaxRescale, upcast)
+from .rules.graph import (BILINEAR, MAXPOOL, PIECEWISE_CONSTANT, RELU, SOFTMAX, disjoint_max_pool,
+                          exclusive_relu_input, is_elementwise, is_linear, n_dep, norm_scale_operand, reduces_max,
+                          selected_by_input)
+from .rules.plan import run_plan
 from .targets import ResolvedTarget, prepare_call, repeat_target, select
 from .gradients import _check_delta_flags, call_baseline, convergence_delta
 

@@ -22,12 +22,13 @@ from .canonizers import merge_batchnorm
 from .composites import Composite, Kind, TracedOp, as_composite
 from .core import FunctionalModel, eager_no_grad, forward_args, publish_output
 from .deeplift import seed
-from .relevance import (CONTRACTIONS, ELEMENTWISE_PRODUCTS, POOLS, WEIGHTED, AlphaBeta, Attention, Epsilon, Flat, Gamma, HoldScale,
-                        Norm, Pass, SoftmaxTaylor, Uniform, WSquare, ZBox, ZPlus, dependent_operands, normalization,
-                        region_source, scale_operand)
 from .rewrite import Node, Program, Site, Streams, forward, memoised, program_spec, reverse, substitute, trace_program
-from .rules import (MAXPOOL, SOFTMAX, DeconvReLU, Gradient, GuidedReLU, is_elementwise, is_linear, n_dep, reduces_max,
-                    run_plan)
+from .rules.deeplift import DeconvReLU, Gradient, GuidedReLU
+from .rules.graph import (CONTRACTIONS, ELEMENTWISE_PRODUCTS, MAXPOOL, POOLS, SOFTMAX, WEIGHTED, dependent_operands,
+                          is_elementwise, is_linear, n_dep, normalization, reduces_max, region_source, scale_operand)
+from .rules.lrp import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, WSquare, ZBox, ZPlus
+from .rules.plan import run_plan
+from .rules.transformer import Attention, HoldScale, SoftmaxTaylor, Uniform
 from .targets import ResolvedTarget, prepare_call, select
 
 __all__ = ["apply_scale", "gradient_form", "initial_relevance", "lrp", "node_kind"]
@@ -246,8 +247,6 @@ def gradient_form(plan: tuple[Any, ...]) -> bool:
     input that is exactly 0 gives 0 there), without the stabiliser arithmetic on every node
     (``notes/lrp.md``). Rules without one (z+, αβ, γ, flat, w², z^B, user rules, ``zero_params``): False.
     """
-    from .rules import Gradient
-
     for rule in plan:
         if rule is None or type(rule) is Gradient:
             continue
@@ -259,8 +258,6 @@ def gradient_form(plan: tuple[Any, ...]) -> bool:
 def run_gradient_form(program: Program, plan: tuple[Any, ...], streams: Streams, seeds: dict[int, Any]
                       ) -> dict[int, Any]:
     """The reverse pass of a :func:`gradient_form` plan: ``{input position: modified gradient}``."""
-    from .rules import Gradient
-
     def backward(node: Node, g: Any) -> dict[int, Any]:
         rule = plan[node.index]
         if rule is None:

@@ -42,7 +42,8 @@ from .gradients import (
 )
 from .layer import _Split, layer_site
 from .rewrite import Program, Streams, forward, program_for, run_node, substitute
-from .rules import run_plan, upcast
+from .rules.deeplift import upcast
+from .rules.plan import run_plan
 from .targets import ResolvedTarget, prepare_call, select
 
 __all__ = ["conductance", "deeplift", "gradient", "guided_backprop", "integrated_gradients"]

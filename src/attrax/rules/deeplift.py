@@ -1,4 +1,4 @@
-r"""Backward rules: small, stateless data that the rewrite pass substitutes at call sites.
+r"""DeepLift, guided backprop and deconvnet rules, and the exact gradient.
 
 A rule is a frozen dataclass with one method, ``backward(site, g)``, mapping the
 cotangent ``g`` arriving at a node's output to cotangents for the node's
@@ -9,37 +9,23 @@ chosen over custom ``autograd.Function`` s.
 
 This module holds the rules for the modified-gradient methods: the exact
 gradient, DeepLift's rescale family, guided backprop and deconvnet. LRP's rules
-live in :mod:`attrax.lrp`.
+live in :mod:`attrax.rules.lrp` and :mod:`attrax.rules.transformer`, the graph
+predicates in :mod:`attrax.rules.graph`; :mod:`attrax.rules` re-exports them all.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .rewrite import (Node, Program, Site, Streams, call_args, decode, exact_vjp, generic_vjp, pool_params, reverse,
-                      run_node, unpool)
+from ..rewrite import Node, Site, exact_vjp, generic_vjp, pool_params, run_node, unpool
 
-__all__ = [
-    "Bilinear",
-    "CrossMax",
-    "DeconvReLU",
-    "DisjointCrossMax",
-    "Gradient",
-    "GuidedReLU",
-    "ReluMaxPool",
-    "Rescale",
-    "Rule",
-    "SoftmaxRescale",
-]
-
-
-class Rule(Protocol):
-    def backward(self, site: Site, g: Any) -> dict[int, Any]: ...
+__all__ = ["Bilinear", "CrossMax", "DeconvReLU", "DisjointCrossMax", "Gradient", "GuidedReLU", "NormScale", "ReduceCrossMax",
+           "ReluMaxPool", "Rescale", "SoftmaxRescale", "upcast"]
 
 
 def tolerance(t: Tensor) -> float:
@@ -129,7 +115,7 @@ def compute_env(node: Node, env: list[Any], g: Any) -> list[Any]:
     return env
 
 
-# ------------------------------------------------------------------------ rules
+# ----------------------------------------------------------------------- rules
 
 
 @dataclass(frozen=True)
@@ -257,6 +243,8 @@ _DERIVATIVES: dict[str, Any] = {
     "silu": _d_silu,
     "log": lambda x, y: 1 / x,
 }
+
+
 _CLOSED = frozenset(("pow", "square", "rsqrt", "sqrt", "reciprocal"))
 
 
@@ -390,33 +378,6 @@ def _disjoint_windows(g: Tensor, yx: Tensor, yr: Tensor, ix: Tensor, ir: Tensor,
     out.scatter_add_(2, ixf, at_x)
     out.scatter_add_(2, irf, at_r)
     return out.reshape(r.shape)
-
-
-def disjoint_max_pool(program: Program, node: Node) -> bool:
-    """``node`` is a 2-d/3-d max pool of a node whose windows do not overlap (stride ≥ dilated kernel)."""
-    if node.target not in ("aten.max_pool2d.default", "aten.max_pool3d.default") or node.kwargs:
-        return False
-    src = node.args[0] if node.args else None
-    if not (isinstance(src, tuple) and src[0] == "n"):
-        return False
-    try:
-        params = [decode(a, (), None, program.constants) for a in node.args[1:]]
-    except (IndexError, TypeError):
-        return False
-    nd = 2 if node.packet == "max_pool2d" else 3
-    k, stride, _, dilation, _ = pool_params([None, *params], nd)
-    return all(st >= d * (kk - 1) + 1 for kk, st, d in zip(k, stride, dilation))
-
-
-def exclusive_relu_input(program: Program, node: Node) -> bool:
-    """``node``'s first argument is a ReLU whose output nothing else uses."""
-    src = node.args[0] if node.args else None
-    if not (isinstance(src, tuple) and src[0] == "n"):
-        return False
-    relu = program.nodes[src[1]]
-    if relu.op != "call" or relu.packet != "relu" or not is_elementwise(relu) or program.output == relu.index:
-        return False
-    return not any(relu.index in n.refs for n in program.nodes if n.index != node.index)
 
 
 @dataclass(frozen=True)
@@ -665,178 +626,3 @@ class NormScale:
             g_c = g * sx
             g_s = g * cr
         return {node.args[c_at][1]: g_c.sum_to_size(cx.shape), node.args[k][1]: g_s.sum_to_size(sx.shape)}
-
-
-#: ops a normalisation scale may pass through between its rsqrt/sqrt and the product
-_SCALE_PASS = frozenset("expand view reshape _unsafe_view unsqueeze _to_copy to alias clone contiguous".split())
-
-
-def norm_scale_operand(program: Program, node: Node) -> int | None:
-    """For ``mul(c, rsqrt(...))`` or ``div(c, sqrt(...))`` of two input-dependent values, the argument
-    position of the normalisation scale; else None."""
-    if node.packet not in ("mul", "div") or n_dep(node) != 2 or len(node.args) < 2:
-        return None
-    if any(not (isinstance(a, tuple) and a[0] == "n") for a in node.args[:2]):
-        return None
-    want = ("sqrt",) if node.packet == "div" else ("rsqrt",)
-    positions = (1,) if node.packet == "div" else (1, 0)
-    for pos in positions:
-        i = node.args[pos][1]
-        n = program.nodes[i]
-        while n.op == "call" and n.packet in _SCALE_PASS and n.args and n.args[0][0] == "n":
-            n = program.nodes[n.args[0][1]]
-        if n.op == "call" and n.packet in want:
-            return pos
-    return None
-
-
-# ------------------------------------------------------------------ op families
-
-#: ops that are affine in their input-dependent float arguments (given the rest)
-LINEAR = frozenset(
-    """conv1d conv2d conv3d convolution conv_transpose1d conv_transpose2d conv_transpose3d linear addmm mm bmm matmul
-    add sub rsub neg mul div batch_norm _native_batch_norm_legit_no_training avg_pool1d avg_pool2d avg_pool3d
-    adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d mean sum view _unsafe_view reshape flatten unflatten
-    permute transpose t expand expand_as squeeze unsqueeze select slice narrow cat concat concatenate stack split
-    split_with_sizes chunk unbind clone contiguous alias dropout feature_dropout alpha_dropout constant_pad_nd pad repeat
-    roll flip index_select gather upsample_nearest1d upsample_nearest2d upsample_nearest3d upsample_bilinear2d
-    upsample_linear1d upsample_trilinear3d _upsample_nearest_exact1d _upsample_nearest_exact2d pixel_shuffle
-    pixel_unshuffle _to_copy to lift_fresh_copy cumsum tril triu movedim swapaxes diagonal unfold view_as einsum
-    zeros_like ones_like full_like empty_like masked_fill reflection_pad1d reflection_pad2d reflection_pad3d
-    replication_pad1d replication_pad2d replication_pad3d _pad_circular repeat_interleave index tensor_split
-    index_put""".split()
-)
-#: ops whose derivative is zero almost everywhere: a gradient through them is silently zero, so even the
-#: gradient-based rule methods (guided backprop, deconvnet) refuse them
-PIECEWISE_CONSTANT = frozenset(
-    "round floor ceil trunc fix sign floor_divide remainder fmod bucketize searchsorted argmax argmin one_hot".split())
-#: elementwise nonlinearities y = f(x) (other arguments constant)
-ELEMENTWISE = frozenset(
-    """relu leaky_relu elu celu selu gelu silu mish sigmoid tanh softplus hardtanh relu6 hardsigmoid hardswish
-    logsigmoid softsign exp log log1p expm1 sqrt rsqrt abs sin cos erf pow square reciprocal clamp clamp_min clamp_max
-    threshold prelu""".split()
-)
-MAXPOOL = frozenset(("max_pool1d", "max_pool2d", "max_pool3d"))
-#: max/min over one dim and adaptive max pooling: tuple-valued (values, indices)
-REDUCE_MAX = frozenset(("max", "min", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d"))
-SOFTMAX = frozenset(("softmax", "_softmax", "log_softmax", "_log_softmax"))
-BILINEAR = frozenset(("mul", "div", "mm", "bmm", "matmul", "einsum"))
-RELU = frozenset(("relu",))
-
-
-def n_dep(node: Node) -> int:
-    """Number of argument positions holding an input-dependent float tensor (``x * x`` counts 2)."""
-    deps = {r for r, d in zip(node.refs, node.dep_refs) if d}
-    count = 0
-    for a in node.args:
-        if isinstance(a, tuple) and a[0] == "n" and a[1] in deps:
-            count += 1
-        elif isinstance(a, tuple) and a[0] in ("l", "t"):
-            count += sum(1 for e in a[1] if isinstance(e, tuple) and e[0] == "n" and e[1] in deps)
-    return count
-
-
-def selected_by_input(program: Program, node: Node) -> bool:
-    """True when a non-float argument (an index or mask) is computed from the input."""
-    return any(program.nodes[r].dep and not program.nodes[r].float_out for r in node.refs)
-
-
-def is_linear(program: Program, node: Node) -> bool:
-    """Affine in the input-dependent float arguments at this call site."""
-    p = node.packet
-    if node.target == "getitem":
-        return True
-    if node.target == "aten.view.dtype":
-        return False  # a reinterpretation of the bits
-    if p not in LINEAR or selected_by_input(program, node):
-        return False
-    args = node.args
-    deps = [isinstance(a, tuple) and a[0] == "n" and any(r == a[1] and d for r, d in zip(node.refs, node.dep_refs)) for a in args]
-    if p in ("mul", "mm", "bmm", "matmul", "einsum"):
-        return n_dep(node) <= 1
-    if p == "div":
-        if any(k == "rounding_mode" and v != ("c", None) for k, v in node.kwargs):
-            return False  # floor/trunc division: piecewise constant, no rule
-        return not (len(deps) > 1 and deps[1])
-    if p in ("conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
-             "linear"):
-        return not any(deps[1:])
-    if p == "addmm":
-        return not (deps[0] or deps[2]) if len(deps) > 2 else False
-    if p == "batch_norm":
-        return not _const_arg(node, 5, True)
-    if p == "dropout":
-        return not _const_arg(node, 2, True)
-    return True
-
-
-def reduces_max(node: Node) -> bool:
-    """``node`` is a max/min over one dim (values and indices) or an adaptive max pool of one input tensor."""
-    if node.packet not in REDUCE_MAX or n_dep(node) != 1 or not _first_is(node):
-        return False
-    return node.target.endswith(".dim") or node.packet.startswith("adaptive")
-
-
-def _const_arg(node: Node, pos: int, value: Any) -> bool:
-    return len(node.args) > pos and node.args[pos] == ("c", value)
-
-
-def is_elementwise(node: Node) -> bool:
-    return node.packet in ELEMENTWISE and node.dep_refs[:1] == (True,) and n_dep(node) == 1 and _first_is(node)
-
-
-def _first_is(node: Node) -> bool:
-    a = node.args[0] if node.args else None
-    return isinstance(a, tuple) and a[0] == "n" and a[1] == node.refs[0]
-
-
-__all__ += ["BILINEAR", "ELEMENTWISE", "LINEAR", "MAXPOOL", "REDUCE_MAX", "ReduceCrossMax", "reduces_max", "NormScale",
-            "norm_scale_operand", "RELU", "SOFTMAX", "Site", "call_args", "is_elementwise",
-            "is_linear", "selected_by_input"]
-
-
-# the LRP rules live in attrax.relevance; ax.rules is the one public place for all rules
-from .relevance import (AlphaBeta, Epsilon, Flat, Gamma, HoldScale, Norm, Pass, ReLUBetaSmooth, SoftmaxTaylor,  # noqa: E402
-                        StackedSumNorm, Uniform, WSquare, ZBox, ZPlus, stabilize)
-
-__all__ += ["AlphaBeta", "Epsilon", "Flat", "Gamma", "HoldScale", "Norm", "Pass", "ReLUBetaSmooth", "SoftmaxTaylor",
-            "StackedSumNorm", "Uniform", "WSquare", "ZBox", "ZPlus", "stabilize", "run_plan"]
-
-#: Built-in rule classes. Under torch.compile rules are dispatched through this tuple: a plan made at
-#: trace time holds rule objects that dynamo cannot guard on, and ``Class.backward(rule, ...)``
-#: through a module-level class is what it can trace. (Subclasses are dispatched to their base class there.)
-RULE_CLASSES = (Gradient, Rescale, CrossMax, DisjointCrossMax, ReluMaxPool, SoftmaxRescale, Bilinear, GuidedReLU,
-                DeconvReLU, ReduceCrossMax, NormScale, Epsilon, Gamma, ZPlus, AlphaBeta, Flat, WSquare, ZBox, Pass, Norm, Uniform,
-                HoldScale, SoftmaxTaylor)
-
-
-def apply_rule(rule: Any, site: Site, g: Any) -> dict[int, Any]:
-    if not torch.compiler.is_compiling():
-        return rule.backward(site, g)
-    for cls in RULE_CLASSES:  # isinstance is what dynamo can evaluate on an unguarded constant
-        if isinstance(rule, cls):
-            return cls.backward(rule, site, g)
-    return rule.backward(site, g)  # a user-defined rule
-
-
-def run_plan(
-    program: Program,
-    plan: Any,
-    streams: Streams,
-    seeds: dict[int, Any],
-    arrive: Any = None,
-    captured: dict[int, Any] | None = None,
-    leave: Any = None,
-) -> dict[int, Any]:
-    """Reverse pass with the substituted rules; returns ``{input position: cotangent}``.
-
-    ``arrive``/``captured`` as in :func:`attrax.rewrite.reverse`; ``leave(node, grads)`` may edit
-    the cotangents a node sends to its inputs (conditional attribution drops parallel paths there).
-    """
-
-    def backward(node: Node, g: Any) -> dict[int, Any]:
-        rule = plan[node.index]
-        out = {} if rule is None else apply_rule(rule, Site(node, streams), g)
-        return out if leave is None else leave(node, out)
-
-    return reverse(program, seeds, backward, arrive, captured)
