@@ -25,7 +25,7 @@ from .graph import (BILINEAR, ELEMENTWISE, LINEAR, MAXPOOL, REDUCE_MAX, RELU, SO
                     norm_scale_operand, reduces_max, selected_by_input)
 from .lrp import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ReLUBetaSmooth, StackedSumNorm, WSquare, ZBox, ZPlus, stabilize
 from .plan import Rule, run_plan
-from .transformer import HoldScale, SoftmaxTaylor, Uniform
+from .transformer import Attention, HoldScale, SoftmaxTaylor, Uniform
 
 __all__ = [
     "Bilinear",
@@ -42,5 +42,5 @@ __all__ = [
 __all__ += ["BILINEAR", "ELEMENTWISE", "LINEAR", "MAXPOOL", "REDUCE_MAX", "ReduceCrossMax", "reduces_max", "NormScale",
             "norm_scale_operand", "RELU", "SOFTMAX", "Site", "call_args", "is_elementwise",
             "is_linear", "selected_by_input"]
-__all__ += ["AlphaBeta", "Epsilon", "Flat", "Gamma", "HoldScale", "Norm", "Pass", "ReLUBetaSmooth", "SoftmaxTaylor",
+__all__ += ["AlphaBeta", "Attention", "Epsilon", "Flat", "Gamma", "HoldScale", "Norm", "Pass", "ReLUBetaSmooth", "SoftmaxTaylor",
             "StackedSumNorm", "Uniform", "WSquare", "ZBox", "ZPlus", "stabilize", "run_plan"]
