@@ -20,7 +20,8 @@ from torch import Tensor
 
 from ._types import ModelFn, Params, Target
 from .conditional import layer_nodes
-from .core import baselines_for, check_positive_int, chunks, eager_no_grad, forward_args
+from .core import (FunctionalModel, baselines_for, check_positive_int, chunks, eager_no_grad, forward_args,
+                   inside_transform)
 from .gradients import (
     call_baseline,
     check_flag,
@@ -30,8 +31,8 @@ from .gradients import (
     progress_bar,
     quadrature,
 )
-from .rewrite import Program, forward, program_for, run_node
-from .targets import ResolvedTarget, prepare_call, select
+from .rewrite import Program, forward, program_for, program_spec, run_node, trace_program
+from .targets import ResolvedTarget, prepare_call, repeat_target, select
 
 __all__ = ["activation", "conductance", "grad_cam", "gradient_x_activation", "guided_grad_cam", "integrated_gradients"]
 
@@ -78,16 +79,25 @@ class _Split:
     recomputing from given values at the sites only the nodes downstream of them."""
 
     def __init__(self, model_fn: ModelFn, params: Params, xs: tuple[Tensor, ...], layers: str | Sequence[str],
-                 to_input: bool = False, attribute: bool = True, env: list[Any] | None = None) -> None:
-        """``env``: the program's values at ``xs`` when the caller has them already."""
-        self.program: Program = program_for(model_fn, params, xs)
+                 to_input: bool = False, attribute: bool = True, env: list[Any] | None = None, *,
+                 program: Program | None = None, keep: str = "all") -> None:
+        """``env``: the program's values at ``xs`` when the caller has them already; ``program``: the
+        program for ``xs`` when the caller has it. ``keep``: which values the forward computes:
+        ``"all"``; ``"top"`` those ``f_top`` reads (and the sites' values); ``"sites"`` the sites' values
+        (no ``output``)."""
+        self.program: Program = program_for(model_fn, params, xs) if program is None else program
         names = [layers] if isinstance(layers, str) else list(layers)
         self.sites = [layer_site(self.program, layer, to_input) for layer in names]
         self.node = self.sites[0].node
         self.params = params
         self.batch = xs[0].shape[0]
-        self.env = forward(self.program, params, xs) if env is None else env
         self.downstream = _downstream_of(self.program, self.sites)
+        if env is None:
+            wanted = None if keep == "all" else {s.node for s in self.sites} | (
+                _reads(self.downstream, self.sites) if keep == "top" else set())
+            env = forward(self.program, params, xs) if wanted is None else _forward_to(self.program, params, xs,
+                                                                                        wanted)
+        self.env = env
         if len(self.sites) > 1:
             _check_reach(self.program, names, self.sites)
         for name, site in zip(names, self.sites):
@@ -135,6 +145,149 @@ class _Split:
     def grad(self, a: Tensor, target: ResolvedTarget, weights: Tensor | None = None) -> Tensor:
         """``d/da sum_i w_i f_top(a)_{t_i}`` (one site)."""
         return self.grads((a,), target, weights)[0]
+
+
+def _reads(downstream: Sequence[Any], sites: Sequence[_Site]) -> set[int]:
+    """The nodes ``f_top`` reads that it does not recompute (a replaced output is given, not read)."""
+    below = {n.index for n in downstream}
+    return {r for n in downstream for r in n.refs if r not in below} - {s.node for s in sites if s.readers is None}
+
+
+def _forward_to(program: Program, params: Params, xs: Sequence[Tensor], wanted: set[int]) -> list[Any]:
+    """The program's values at ``xs`` of the nodes in ``wanted`` and of those they are computed from
+    (as ``forward``, which computes all); the others are None."""
+    need = set(wanted)
+    for n in reversed(program.nodes):
+        if n.index in need:
+            need.update(n.refs)
+    batch = xs[0].shape[0]
+    env: list[Any] = [None] * len(program.nodes)
+    for n in program.nodes:
+        if n.index not in need:
+            continue
+        if n.op == "call":
+            env[n.index] = run_node(program, n, env, batch)
+        elif n.op == "param":
+            try:
+                env[n.index] = params[n.target]
+            except KeyError:
+                raise ValueError(f"params is missing '{n.target}', which model_fn uses") from None
+        elif n.op == "input":
+            env[n.index] = xs[int(n.target)]
+        elif n.op == "const":
+            env[n.index] = program.constants[int(n.target)]
+    return env
+
+
+class _Folded:
+    r"""``f_top`` of a :class:`_Split` at ``k * B`` rows, for ``k`` copies of the batch folded into it
+    (copies outermost, as ``ax.integrated_gradients`` folds its steps): the nodes downstream of the
+    sites run as in the program traced at ``k * B`` rows, from folded values at the sites; every value
+    they read that bypasses the layer (the residual stream, position embeddings, masks,
+    additional_forward_args) is the split's own value at ``x``, repeated ``k`` times where the traces
+    at ``B`` and ``k * B`` rows show one row per sample (dim 0 grows ``k``-fold), unchanged where
+    its shape does not depend on the batch; constants are the ``k * B`` program's own. One batched
+    forward and backward instead of vmapped ones (whose attention backward, among others, has no
+    batching rule and loops per step)."""
+
+    def __init__(self, program: Program, downstream: list[Any], sites: Sequence[_Site], copies: int, rows: int,
+                 plan: list[tuple[int, str]], drops: list[list[int]]) -> None:
+        self.program, self.downstream, self.sites, self.plan, self.drops = program, downstream, sites, plan, drops
+        self.copies, self.rows = copies, rows
+
+    @staticmethod
+    def plan(split: _Split, program: Program, k: int) -> _Folded | None:
+        """``split``'s ``f_top`` at ``k`` copies, ``program`` being its program traced at ``k * B``
+        rows; None where the two traces do not show that folding is exact (the graph changes with
+        the batch size, or a value read around the layer is not laid out batch first)."""
+        base = split.program
+        if program.batch is None or base.batch is None or len(program.nodes) != len(base.nodes) or (
+                program.output != base.output):
+            return None
+        for n, m in zip(program.nodes, base.nodes):
+            if (n.op, n.target, n.refs) != (m.op, m.target, m.refs):
+                return None
+        plan: list[tuple[int, str]] = []
+        for i in sorted(_reads(split.downstream, split.sites) | {s.node for s in split.sites}):
+            n, m = program.nodes[i], base.nodes[i]
+            if n.op in ("const", "param"):
+                plan.append((i, n.op))
+                continue
+            if n.shape is None or m.shape is None or len(n.shape) != len(m.shape):
+                return None  # not a tensor (or its shape unknown)
+            if n.shape == m.shape:
+                plan.append((i, "same"))
+            elif n.shape and n.shape[1:] == m.shape[1:] and n.shape[0] == m.shape[0] * k:
+                plan.append((i, "repeat"))
+            else:
+                return None
+        downstream = [program.nodes[n.index] for n in split.downstream]
+        # each value is released after its last reader (autograd keeps what the backward needs): the
+        # k-fold intermediates are not all alive at once
+        last: dict[int, int] = {}
+        for pos, n in enumerate(downstream):
+            for r in n.refs:
+                last[r] = pos
+        keep = {program.output} | {s.node for s in split.sites}
+        drops: list[list[int]] = [[] for _ in downstream]
+        for r, pos in last.items():
+            if r not in keep:
+                drops[pos].append(r)
+        return _Folded(program, downstream, split.sites, k, k * split.batch, plan, drops)
+
+    def top(self, env_x: Sequence[Any], *values: Tensor) -> Tensor:
+        env: list[Any] = [None] * len(self.program.nodes)
+        for i, how in self.plan:
+            if how == "const":
+                env[i] = self.program.constants[int(self.program.nodes[i].target)]
+            elif how == "repeat":
+                env[i] = env_x[i].repeat(self.copies, *([1] * (env_x[i].ndim - 1)))
+            else:
+                env[i] = env_x[i]
+        for s, a in zip(self.sites, values):
+            if s.readers is None:
+                env[s.node] = a
+        cut = [(s, a) for s, a in zip(self.sites, values) if s.readers is not None]
+        base = {s.node: env[s.node] for s, _ in cut}
+        for n, drop in zip(self.downstream, self.drops):
+            for s, a in cut:
+                env[s.node] = a if n.index in s.readers else base[s.node]
+            env[n.index] = run_node(self.program, n, env, self.rows)
+            if n.index in base:
+                base[n.index] = env[n.index]
+            for r in drop:
+                env[r] = None
+        return env[self.program.output]
+
+    def grads(self, env_x: Sequence[Any], values: tuple[Tensor, ...], target: ResolvedTarget, weights: Tensor
+              ) -> tuple[Tensor, ...]:
+        """As :meth:`_Split.grads` for the folded values; ``env_x``: the split's values at ``x``."""
+        return grad_of_selected(lambda _, *acts: self.top(env_x, *acts), {}, values, target, weights)
+
+
+def _fold_steps(model_fn: ModelFn, params: Params, xs: tuple[Tensor, ...], layer: Any, to_input: bool,
+                spans: Any, full: bool) -> tuple[_Split, dict[int, _Folded] | None]:
+    """The split at ``x`` and, where exact, its ``f_top`` folded for each chunk's number of steps.
+
+    Folded, ``f_top`` runs the program that keeps attention as one op (its fused kernels' own
+    backward; a vmapped one has no batching rule); otherwise (the graph changes with the batch size,
+    under torch.func transforms or torch.compile) the steps are vmapped over the plain program."""
+    keep = "all" if full else "top"
+    if torch.compiler.is_compiling() or inside_transform():
+        return _Split(model_fn, params, xs, layer, to_input, keep=keep), None
+    spec, batch = program_spec(model_fn, params, xs)
+    fingerprint = model_fn.fingerprint() if isinstance(model_fn, FunctionalModel) else None
+    program = trace_program(model_fn, spec, batch, fingerprint, fused_attention=True)
+    split = _Split(model_fn, params, xs, layer, to_input, program=program, keep=keep)
+    folds: dict[int, _Folded] = {}
+    for lo, hi in spans:
+        k = hi - lo
+        if k not in folds:
+            fold = _Folded.plan(split, trace_program(model_fn, spec, k * batch, fingerprint, fused_attention=True), k)
+            if fold is None:
+                return _Split(model_fn, params, xs, layer, to_input, keep=keep), None
+            folds[k] = fold
+    return split, folds
 
 
 def _downstream_of(program: Program, sites: Sequence[_Site]) -> list[Any]:
@@ -420,8 +573,11 @@ def integrated_gradients(
             :math:`f(x) - f(x')` together when every path passes through one of the layers.
         baseline: Reference input :math:`x'` (zeros when ``None``), as for ``ax.integrated_gradients``,
             or a callable ``baseline(x)``.
-        n_steps, method, chunk_size: As for ``ax.integrated_gradients`` (steps are vmapped, since
-            ``f_top`` may mix the layer with values that bypass it).
+        n_steps, method, chunk_size: As for ``ax.integrated_gradients``: the steps are folded into
+            the batch (``chunk_size * B`` rows per evaluation of :math:`f_{\text{top}}`, the values
+            that bypass the layer repeated per step), or vmapped where folding is not shown exact
+            (a graph that changes with the batch size; under ``torch.func`` transforms or
+            ``torch.compile``).
         attribute_to_layer_input: Attribute to the layer's input as its call sees it (a skip
             connection around the layer keeps its value at ``x``), as Captum.
         return_convergence_delta: Also return :math:`\sum a - (f_t(x) - f_t(x'))` per sample, ``(B,)``
@@ -444,8 +600,9 @@ def integrated_gradients(
     bs = _baselines(baseline, xs, is_tuple)
     alphas, weights = quadrature(method, n_steps)
     with eager_no_grad():
-        split = _Split(model_fn, params, xs, layer, to_input)
-        at_b = _Split(model_fn, params, bs, layer, to_input)
+        split, folds = _fold_steps(model_fn, params, xs, layer, to_input, chunks(n_steps, chunk_size), want_delta)
+        bs_program = split.program if program_spec(model_fn, params, bs) == program_spec(model_fn, params, xs) else None
+        at_b = _Split(model_fn, params, bs, layer, to_input, program=bs_program, keep="all" if want_delta else "sites")
         a_x, a_b = split.values, at_b.values
         diffs = tuple(ax_ - ab for ax_, ab in zip(a_x, a_b))
         totals = [torch.zeros_like(a) for a in a_x]
@@ -453,13 +610,19 @@ def integrated_gradients(
             for lo, hi in chunks(n_steps, chunk_size):
                 al = torch.tensor(alphas[lo:hi], dtype=a_x[0].dtype, device=a_x[0].device)
                 w = torch.tensor(weights[lo:hi], dtype=a_x[0].dtype, device=a_x[0].device)
+                k = hi - lo
+                if folds is not None:  # steps folded into the batch: one batched forward and backward
+                    points = tuple((ab.unsqueeze(0) + al.view(k, *([1] * ab.ndim)).to(ab.dtype) * d.unsqueeze(0))
+                                   .reshape(k * ab.shape[0], *ab.shape[1:]) for ab, d in zip(a_b, diffs))
+                    grads = folds[k].grads(split.env, points, repeat_target(t, k), w.repeat_interleave(batch))
+                    totals = [tot + g.reshape(k, *a.shape).sum(0) for tot, g, a in zip(totals, grads, a_x)]
+                else:
+                    def one(alpha: Tensor, weight: Tensor) -> tuple[Tensor, ...]:
+                        points = tuple(ab + alpha.to(ab.dtype) * d for ab, d in zip(a_b, diffs))
+                        return tuple(g * weight.to(g.dtype) for g in split.grads(points, t))
 
-                def one(alpha: Tensor, weight: Tensor) -> tuple[Tensor, ...]:
-                    points = tuple(ab + alpha.to(ab.dtype) * d for ab, d in zip(a_b, diffs))
-                    return tuple(g * weight.to(g.dtype) for g in split.grads(points, t))
-
-                totals = [tot + g.sum(0) for tot, g in zip(totals, torch.func.vmap(one)(al, w))]
-                bar.update(hi - lo)
+                    totals = [tot + g.sum(0) for tot, g in zip(totals, torch.func.vmap(one)(al, w))]
+                bar.update(k)
         attrs = [tot * d for tot, d in zip(totals, diffs)]
         if want_delta:
             span = select(split.output, t) - select(at_b.output, t)
