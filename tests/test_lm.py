@@ -134,3 +134,27 @@ def test_generation_checks_its_arguments(gpt2) -> None:
         ax.lm.generation(ax.gradient, f, p, e, ids[:, :2], start=0)
     with pytest.raises(ValueError, match="strategy must be"):
         ax.lm.generation(ax.gradient, f, p, e, ids[:, 4:], start=4, strategy="loop")
+
+
+def test_shared_generation_does_not_match_an_input_edited_in_place():
+    """A method that reuses its input buffer (edits it in place between two model calls) must not get the
+    first call's kept forward back: the kept inputs alias the caller's tensors (found in review)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    m = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=4, vocab_size=30,
+                                                              n_positions=32)).double().eval()
+    f, p = ax.functionalize(m, output="logits", embedding="transformer.wte")
+    ids = torch.randint(0, 30, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        e = f.embed(p, ids)
+
+    def method(fn, params, x, target):
+        xx = x.clone()
+        ax.input_x_gradient(fn, params, xx, target)
+        xx.mul_(0.5)
+        return ax.input_x_gradient(fn, params, xx, target)
+
+    for strategy in ("shared", "auto"):
+        g = ax.lm.generation(method, f, p, e, ids[:, 5:], start=5, strategy=strategy)
+        sep = method(f, p, e, ax.lm.next_token(ids[:, 5], 4)).sum(-1)
+        torch.testing.assert_close(g[:, 0], sep)

@@ -120,3 +120,38 @@ def test_attention_mask_keeps_the_full_forward():
                               additional_forward_args={"attention_mask": mask})[0]
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
     assert got[0] == 0
+
+
+def test_shared_prefix_is_off_for_sliding_windows_and_other_modules():
+    """Review findings: a sliding-window cache keeps only the last window of keys (wrong keys, or a crash);
+    a module that only names past_key_values may look ahead slightly and pass a numeric check."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    m = transformers.MistralForCausalLM(transformers.MistralConfig(
+        num_hidden_layers=1, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+        vocab_size=50, max_position_embeddings=64, sliding_window=4)).double().eval()
+    f, p = ax.functionalize(m, output="logits")
+    prompt, cont = torch.tensor([9, 31, 4, 17, 8, 3]), torch.tensor([22, 5])
+    fn, x, t, fm, b = ax.text.span_problem(f, prompt, cont)
+    for method, seeded in ((ax.feature_ablation, False), (ax.lime, True)):
+        kw = lambda: {"n_samples": 12, "generator": torch.Generator().manual_seed(3)} if seeded else {}  # noqa: E731
+        got = ax.text.span_attribution(method, f, p, prompt, cont, chunk_size=1, **kw())
+        ref = method(fn, p, x, t, feature_mask=fm, baseline=b, chunk_size=1, **kw())
+        torch.testing.assert_close(got, ref[0], rtol=0, atol=1e-12)
+
+
+def test_shared_prefix_follows_params_edited_in_place():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    m = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=4, vocab_size=30,
+                                                              n_positions=32)).double().eval()
+    f, p = ax.functionalize(m, output="logits")
+    prompt, cont = torch.tensor([3, 7, 1, 9, 4]), torch.tensor([2, 6])
+    fn, x, t, fm, b = ax.text.span_problem(f, prompt, cont)
+    ax.feature_ablation(fn, p, x, t, feature_mask=fm, baseline=b)
+    with torch.no_grad():
+        p["transformer.h.0.attn.c_attn.weight"].mul_(1.5)
+    got = ax.feature_ablation(fn, p, x, t, feature_mask=fm, baseline=b)
+    fresh = ax.text.span_problem(ax.functionalize(m, output="logits")[0], prompt, cont)
+    want = ax.feature_ablation(fresh[0], p, *fresh[1:3], feature_mask=fresh[3], baseline=fresh[4])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)

@@ -136,9 +136,14 @@ class _Entry:
     def __init__(self, key: Any, args: tuple[Tensor, ...], leaves: tuple[Tensor, ...], out: Tensor,
                  graph: bool = True) -> None:
         self.key, self.args, self.leaves, self.out, self.graph = key, args, leaves, out, graph
+        # the kept inputs share memory (and version counters) with the caller's tensors: an input edited in
+        # place after this forward (a method reusing its buffer) must not match the values it now shows
+        self.versions = tuple(a._version for a in args)
 
     def matches(self, key: Any, args: tuple[Tensor, ...]) -> bool:
         if key != self.key or len(args) != len(self.args):
+            return False
+        if any(a._version != v for a, v in zip(self.args, self.versions)):
             return False
         return all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
                    for a, b in zip(args, self.args))

@@ -167,12 +167,17 @@ class _SharedPrefix:
     ``p..T-1`` only. A causal model's logits there do not depend on how the prefix's keys and values were
     batched, so this changes the numbers by float rounding only; the first call checks it on one perturbed row
     against the full forward (a model whose early positions see later tokens fails it) and otherwise turns it
-    off. Used only without gradients, on an eval-mode module whose forward names ``past_key_values``."""
+    off. Used only without gradients, on an eval-mode transformers causal LM (``GenerationMixin``, not
+    encoder-decoder) without sliding-window layers (their cache keeps only the last window of keys); any other
+    module that names ``past_key_values`` takes the full forward (a slightly non-causal model could pass a numeric
+    check: found in review). The prefix cache is recomputed when a parameter tensor changes (identity, storage
+    or in-place version)."""
 
     def __init__(self, model_fn: Any, ref: Tensor, n: int, keep: dict[str, int]) -> None:
         self.model_fn, self.ref, self.n, self.keep = model_fn, ref, n, keep
         module = model_fn.module
-        self.on = "past_key_values" in inspect.signature(module.forward).parameters and not module.training
+        self.on = _causal_lm(module) and "past_key_values" in inspect.signature(module.forward).parameters \
+            and not module.training
         self.checked = False
         self.cache: tuple[Any, Any] | None = None  # (params it was computed with, ((k, v) per layer))
 
@@ -185,7 +190,7 @@ class _SharedPrefix:
             return torch.func.functional_call(shadow, dict(params), (ids,), kwargs, strict=False)
 
     def _prefix(self, params: Any, ref: Tensor) -> Any:
-        if self.cache is None or self.cache[0] is not params:
+        if self.cache is None or self.cache[0] != _signature(params):
             out = self._run(params, ref.unsqueeze(0), {"use_cache": True, "logits_to_keep": 1}, select=False)
             past = getattr(out, "past_key_values", None)
             legacy = past.to_legacy_cache() if hasattr(past, "to_legacy_cache") else past
@@ -193,7 +198,7 @@ class _SharedPrefix:
                     isinstance(kv, (tuple, list)) and len(kv) == 2 and all(isinstance(t, Tensor) for t in kv)
                     for kv in legacy):
                 return None
-            self.cache = (params, tuple((k, v) for k, v in legacy))
+            self.cache = (_signature(params), tuple((k, v) for k, v in legacy))
         return self.cache[1]
 
     def __call__(self, params: Any, seq: Tensor) -> Tensor | None:
@@ -217,6 +222,9 @@ class _SharedPrefix:
             self.on = False
             return None
         b = seq.shape[0]
+        if any(k.shape[2] != ref.shape[0] or v.shape[2] != ref.shape[0] for k, v in legacy):
+            self.on = False  # a cache that does not hold every position (a window): the full forward
+            return None
         cache = DynamicCache.from_legacy_cache(tuple(
             (k[:, :, :p].expand(b, *k.shape[1:2], p, *k.shape[3:]), v[:, :, :p].expand(b, *v.shape[1:2], p, *v.shape[3:]))
             for k, v in legacy))
@@ -236,6 +244,27 @@ class _SharedPrefix:
                 self.on = False
                 return None
         return out
+
+
+def _causal_lm(module: Any) -> bool:
+    """A transformers causal LM (generation mixin, not encoder-decoder) without sliding-window attention."""
+    try:
+        from transformers import GenerationMixin
+    except ImportError:
+        return False
+    cfg = getattr(module, "config", None)
+    if not isinstance(module, GenerationMixin) or cfg is None or getattr(cfg, "is_encoder_decoder", False):
+        return False
+    if getattr(cfg, "sliding_window", None) or getattr(cfg, "attention_chunk_size", None):
+        return False
+    return not any("sliding" in str(t) or "chunk" in str(t) for t in (getattr(cfg, "layer_types", None) or ()))
+
+
+def _signature(params: Any) -> Any:
+    """The parameter tensors a call sees (identity, storage, version): a changed or edited parameter differs."""
+    if not isinstance(params, dict):
+        return id(params)
+    return tuple((k, id(v), v.data_ptr(), v._version) if isinstance(v, Tensor) else (k, id(v)) for k, v in params.items())
 
 
 def _logits_to_keep(model_fn: Any, k: int) -> dict[str, int] | None:
