@@ -158,3 +158,19 @@ def test_shared_generation_does_not_match_an_input_edited_in_place():
         g = ax.lm.generation(method, f, p, e, ids[:, 5:], start=5, strategy=strategy)
         sep = method(f, p, e, ax.lm.next_token(ids[:, 5], 4)).sum(-1)
         torch.testing.assert_close(g[:, 0], sep)
+
+
+def test_vmapped_generation_runs_sampling_methods():
+    """strategy="vmap" draws per row (randomness="different"); the default vmap mode refused any method that
+    samples (found in review)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    m = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=4, vocab_size=30,
+                                                              n_positions=32)).eval()
+    f, p = ax.functionalize(m, output="logits", embedding="transformer.wte")
+    ids = torch.randint(0, 30, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        e = f.embed(p, ids)
+    g = ax.lm.generation(ax.gradient_shap, f, p, e, ids[:, 5:], start=5, strategy="vmap",
+                         baselines=torch.zeros(2, *e.shape[1:]), n_samples=3)
+    assert g.shape == (1, 3, 8) and torch.isfinite(g).all()

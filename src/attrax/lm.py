@@ -341,8 +341,10 @@ def generation(
         with warnings.catch_warnings():
             # torch has no batching rule for the fused attention backward yet: its fallback is exact, only slower
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
-            return torch.func.vmap(functools.partial(row, model_fn), in_dims=(0, 1), chunk_size=chunk_size)(
-                positions[first:], ids[:, first:])  # (n - first, B, T)
+            # randomness="different": a sampling method draws per row, as separate calls would (the default
+            # "error" mode refused smoothgrad, noise_tunnel, gradient_shap, shapley sampling: found in review)
+            return torch.func.vmap(functools.partial(row, model_fn), in_dims=(0, 1), chunk_size=chunk_size,
+                                   randomness="different")(positions[first:], ids[:, first:])  # (n - first, B, T)
 
     if strategy == "vmap":
         return vmapped(0).transpose(0, 1)
