@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._decompose import scaled_dot_product_attention as _written_out_attention
 from ..rewrite import Site, aten_op, exact_vjp
 from .graph import ELEMENTWISE_PRODUCTS, dependent_operands, scale_operand
 from .lrp import _ratio, _zero_safe, damp, stabilize
@@ -276,25 +277,18 @@ class Attention:
         if not wanted:
             return {}
         g = damp(g, site.out("x"), self.epsilon)
-        pull = s.aux_x.get(node.index)
-        if pull is not None:  # the vjp taken with the forward (rewrite.forward)
-            grads = pull(g.to(site.out("x").dtype))
-            res0: dict[int, Any] = {}
-            for pos, ref in wanted:
-                v = grads[pos].to(g.dtype) * shares[pos]
-                res0[ref] = v if ref not in res0 else res0[ref] + v
-            return res0
-        # the fused kernels have no double backward and no vmap rule for their backward: where this vjp is
-        # differentiated (torch.func.grad, autograd w.r.t. params) or batched (vmap over targets), the same
-        # attention written out (_decompose), differentiable at any order
-        op: Any = aten_op(node.target)
-        if torch.compiler.is_compiling() or any(_transformed(t) for t in (*args[:3], g)):  # (dynamo: written out)
-            from .._decompose import scaled_dot_product_attention as op
+        pull = s.aux_x.get(node.index)  # the vjp taken with the forward (rewrite.forward), where it was
+        if pull is None:
+            # the fused kernels have no double backward and no vmap rule for their backward: where this vjp is
+            # differentiated (torch.func.grad, autograd w.r.t. params), batched (vmap over targets) or compiled,
+            # the same attention written out (_decompose), differentiable at any order
+            written_out = torch.compiler.is_compiling() or any(_transformed(t) for t in (*args[:3], g))
+            op: Any = _written_out_attention if written_out else aten_op(node.target)
 
-        def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            return op(q, k, v, *args[3:], **kwargs)
+            def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                return op(q, k, v, *args[3:], **kwargs)
 
-        _, pull = torch.func.vjp(attend, *args[:3])
+            _, pull = torch.func.vjp(attend, *args[:3])
         grads = pull(g.to(site.out("x").dtype))
         res: dict[int, Any] = {}
         for pos, ref in wanted:
