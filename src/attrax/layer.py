@@ -160,23 +160,7 @@ def _forward_to(program: Program, params: Params, xs: Sequence[Tensor], wanted: 
     for n in reversed(program.nodes):
         if n.index in need:
             need.update(n.refs)
-    batch = xs[0].shape[0]
-    env: list[Any] = [None] * len(program.nodes)
-    for n in program.nodes:
-        if n.index not in need:
-            continue
-        if n.op == "call":
-            env[n.index] = run_node(program, n, env, batch)
-        elif n.op == "param":
-            try:
-                env[n.index] = params[n.target]
-            except KeyError:
-                raise ValueError(f"params is missing '{n.target}', which model_fn uses") from None
-        elif n.op == "input":
-            env[n.index] = xs[int(n.target)]
-        elif n.op == "const":
-            env[n.index] = program.constants[int(n.target)]
-    return env
+    return forward(program, params, xs, only=need)
 
 
 class _Folded:

@@ -41,7 +41,7 @@ from .gradients import (
     quadrature,
 )
 from .layer import _Split, layer_site
-from .rewrite import Program, Streams, forward, program_for, run_node, substitute
+from .rewrite import Program, Streams, forward, program_for, substitute
 from .rules.deeplift import upcast
 from .rules.plan import run_plan
 from .targets import ResolvedTarget, prepare_call, select
@@ -127,22 +127,7 @@ class _Layer:
 
     def value(self, params: Params, xs: tuple[Tensor, ...]) -> Tensor:
         """The layer's value at ``xs``, evaluating only the nodes it depends on."""
-        env: list[Any] = [None] * len(self.program.nodes)
-        batch = xs[0].shape[0]
-        for n in self.program.nodes:
-            if n.index not in self.needed:
-                continue
-            if n.op == "call":
-                env[n.index] = run_node(self.program, n, env, batch)
-            elif n.op == "param":
-                try:
-                    env[n.index] = params[n.target]
-                except KeyError:
-                    raise ValueError(f"params is missing '{n.target}', which model_fn uses") from None
-            elif n.op == "input":
-                env[n.index] = xs[int(n.target)]
-            elif n.op == "const":
-                env[n.index] = self.program.constants[int(n.target)]
+        env = forward(self.program, params, xs, only=self.needed)
         return self.checked(env[self.node])
 
     def checked(self, value: Any) -> Tensor:

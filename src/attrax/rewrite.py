@@ -30,7 +30,7 @@ from __future__ import annotations
 import operator
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -789,6 +789,7 @@ def forward(
     shared: Sequence[Any] | None = None,
     aux: dict[int, Any] | None = None,
     drop: Sequence[Sequence[int]] | None = None,
+    only: Container[int] | None = None,
 ) -> list[Any]:
     """Evaluate every node with ordinary ops; returns the list of node values.
 
@@ -796,6 +797,8 @@ def forward(
     ``k`` has run: values no later node reads and the reverse pass reads at most the shape of (a caller's
     liveness analysis), so they are not all alive at once. A released value is None, or with
     ``shape_only`` a stand-in of its shape, dtype and device that holds no memory (a zero-stride expand).
+    With ``only``, just the nodes it holds are evaluated (it must hold what they are computed from); the
+    others stay None.
 
     With ``shared`` (the values of another stream of the same program), nodes
     that do not depend on the input are taken from it instead of recomputed.
@@ -808,6 +811,8 @@ def forward(
     env: list[Any] = [None] * len(program.nodes)
     for node in program.nodes:
         i = node.index
+        if only is not None and i not in only:
+            continue
         if shared is not None and not node.dep:
             env[i] = shared[i]
         elif node.op == "call":

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .core import FunctionalModel, bind_forward_args
+from .lm import _param_signature
 from .lm import continuation as _continuation
 
 __all__ = ["span_problem", "span_attribution", "token_spans"]
@@ -190,7 +191,7 @@ class _SharedPrefix:
             return torch.func.functional_call(shadow, dict(params), (ids,), kwargs, strict=False)
 
     def _prefix(self, params: Any, ref: Tensor) -> Any:
-        if self.cache is None or self.cache[0] != _signature(params):
+        if self.cache is None or self.cache[0] != _param_signature(params):
             out = self._run(params, ref.unsqueeze(0), {"use_cache": True, "logits_to_keep": 1}, select=False)
             past = getattr(out, "past_key_values", None)
             legacy = past.to_legacy_cache() if hasattr(past, "to_legacy_cache") else past
@@ -198,7 +199,7 @@ class _SharedPrefix:
                     isinstance(kv, (tuple, list)) and len(kv) == 2 and all(isinstance(t, Tensor) for t in kv)
                     for kv in legacy):
                 return None
-            self.cache = (_signature(params), tuple((k, v) for k, v in legacy))
+            self.cache = (_param_signature(params), tuple((k, v) for k, v in legacy))
         return self.cache[1]
 
     def __call__(self, params: Any, seq: Tensor) -> Tensor | None:
@@ -258,13 +259,6 @@ def _causal_lm(module: Any) -> bool:
     if getattr(cfg, "sliding_window", None) or getattr(cfg, "attention_chunk_size", None):
         return False
     return not any("sliding" in str(t) or "chunk" in str(t) for t in (getattr(cfg, "layer_types", None) or ()))
-
-
-def _signature(params: Any) -> Any:
-    """The parameter tensors a call sees (identity, storage, version): a changed or edited parameter differs."""
-    if not isinstance(params, dict):
-        return id(params)
-    return tuple((k, id(v), v.data_ptr(), v._version) if isinstance(v, Tensor) else (k, id(v)) for k, v in params.items())
 
 
 def _logits_to_keep(model_fn: Any, k: int) -> dict[str, int] | None:
