@@ -268,7 +268,14 @@ def run_gradient_form(program: Program, plan: tuple[Any, ...], streams: Streams,
                 return cls.gradient(rule, site, g)
         return Gradient.backward(rule, site, g)
 
-    return reverse(program, seeds, backward)
+    def eager(node: Node, g: Any) -> dict[int, Any]:  # the same, dispatched on the exact type (gradient_form)
+        rule = plan[node.index]
+        return {} if rule is None else _GRADIENT_BY_TYPE[type(rule)](rule, Site(node, streams), g)
+
+    return reverse(program, seeds, backward if torch.compiler.is_compiling() else eager)
+
+
+_GRADIENT_BY_TYPE: dict[type, Any] = {Gradient: Gradient.backward, **{cls: cls.gradient for cls in _GRADIENT_FORM}}
 
 
 def canonizers_for(canonize: Any) -> tuple[Any, ...]:

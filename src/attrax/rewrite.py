@@ -27,15 +27,20 @@ one place:
 
 from __future__ import annotations
 
+import keyword
+import math
 import operator
 import re
 import threading
+import weakref
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch._C._functorch import is_functorch_wrapped_tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._decompose import DECOMPOSITIONS, FUSED_ATTENTION
 from ._node import Node, _ntuple, _refs
@@ -747,6 +752,9 @@ def decode(e: Any, env: Sequence[Any], batch: Any, constants: tuple[Tensor, ...]
 
 
 def call_args(program: Program, node: Node, env: Sequence[Any], batch: Any) -> tuple[list[Any], dict[str, Any]]:
+    """A call node's decoded ``(args, kwargs)`` at the values in ``env``."""
+    if not torch.compiler.is_compiling():
+        return _straight(program).builders[node.index](env, batch)
     c = program.constants
     return [decode(a, env, batch, c) for a in node.args], {k: decode(v, env, batch, c) for k, v in node.kwargs}
 
@@ -761,14 +769,12 @@ def run_node(program: Program, node: Node, env: Sequence[Any], batch: Any) -> An
 _SDPA = "aten.scaled_dot_product_attention.default"
 
 
-def _transformed_call(program: Program, node: Node, env: Sequence[Any]) -> bool:
+def _transformed_call(node: Node, env: Sequence[Any]) -> bool:
     """A node's tensor arguments are differentiated, batched (torch.func transforms, autograd) or under
     torch.compile: no vjp taken in the forward (the fused kernels have neither double backward nor a vmap
     rule for their backward)."""
     if torch.compiler.is_compiling():
         return True
-    from torch._C._functorch import is_functorch_wrapped_tensor
-
     for r in node.refs:
         v = env[r]
         if isinstance(v, Tensor) and (v.requires_grad or is_functorch_wrapped_tensor(v)):
@@ -808,6 +814,12 @@ def forward(
     if program.batch is not None and xs[0].shape[0] != program.batch:
         raise AssertionError("static program run at a different batch size")
     batch = xs[0].shape[0]
+    if only is None and not torch.compiler.is_compiling():  # the same steps as straight-line code
+        for name in _straight(program).param_names:
+            if name not in params:
+                raise ValueError(f"params is missing '{name}', which model_fn uses")
+        run = _straight(program).forward(aux is not None, shared is not None, drop)
+        return run([None] * len(program.nodes), params, xs, shared, aux, batch)
     env: list[Any] = [None] * len(program.nodes)
     for node in program.nodes:
         i = node.index
@@ -820,12 +832,8 @@ def forward(
             if pool is not None and not node.kwargs:
                 args, _ = call_args(program, node, env, batch)
                 env[i], aux[i] = pool[0](*pool_params(args, pool[1], with_input=True))
-            elif aux is not None and node.target == _SDPA and node.dep and not _transformed_call(program, node, env):
-                # attention kept fused: its vjp is taken with the forward (the kernel's saved statistics), so
-                # the reverse rule does not run the kernel's forward again
-                args, kwargs = call_args(program, node, env, batch)
-                op = aten_op(node.target)
-                env[i], aux[i] = torch.func.vjp(lambda q, k, v: op(q, k, v, *args[3:], **kwargs), *args[:3])
+            elif aux is not None and node.target == _SDPA and node.dep:
+                env[i] = _attention_with_vjp(node, env, aux, *call_args(program, node, env, batch))
             else:
                 env[i] = run_node(program, node, env, batch)
         elif node.op == "param":
@@ -839,9 +847,170 @@ def forward(
             env[i] = program.constants[int(node.target)]
         if drop is not None:
             for j, shape_only in drop[i]:
-                v = env[j]
-                env[j] = v.new_zeros(()).expand(v.shape) if shape_only and isinstance(v, Tensor) else None
+                env[j] = _standin(env[j]) if shape_only else None
     return env
+
+
+def _attention_with_vjp(node: Node, env: Sequence[Any], aux: dict[int, Any], args: list[Any], kwargs: dict[str, Any]
+                        ) -> Any:
+    """An attention node's value; where its call is not transformed, with its vjp stored in ``aux`` (attention
+    kept fused: the vjp is taken with the forward, from the kernel's saved statistics, so the reverse rule does
+    not run the kernel's forward again)."""
+    op = aten_op(node.target)
+    if _transformed_call(node, env):
+        return op(*args, **kwargs)
+    if torch.is_inference_mode_enabled():
+        out, aux[node.index] = torch.func.vjp(lambda q, k, v: op(q, k, v, *args[3:], **kwargs), *args[:3])
+        return out
+    # plain autograd on detached leaves (the call is not transformed): what torch.func.vjp does, without its
+    # per-call wrapping (~150 us a node); the graph is kept for repeated pulls (one forward, several backwards)
+    with torch.enable_grad():
+        qkv = tuple(a.detach().requires_grad_() for a in args[:3])
+        out = op(*qkv, *args[3:], **kwargs)
+    aux[node.index] = lambda g: torch.autograd.grad(out, qkv, g, retain_graph=True)
+    return out.detach()
+
+
+def _standin(v: Any) -> Any:
+    """A released value's stand-in: its shape, dtype and device, no memory (a zero-stride expand of a zero)."""
+    if not isinstance(v, Tensor):
+        return None
+    if (torch.compiler.is_compiling() or v.requires_grad or type(v) is not Tensor or is_functorch_wrapped_tensor(v)
+            or _get_current_dispatch_mode() is not None):  # transformed or traced: an op of the program
+        return v.new_zeros(()).expand(v.shape)
+    key = (v.shape, v.dtype, v.device)
+    hit = _STANDINS.get(key)
+    if hit is None:
+        if len(_STANDINS) > 4096:
+            _STANDINS.clear()
+        hit = _STANDINS[key] = v.new_zeros(()).expand(v.shape)
+    return hit
+
+
+#: stand-ins by (shape, dtype, device), shared across calls (they hold one element each, and nothing reads
+#: more than their shape)
+_STANDINS: dict[Any, Tensor] = {}
+
+
+# ------------------------------------------------------------ straight-line code
+
+class _Straight:
+    """A program as generated Python: per call node a function ``(env, batch) -> (args, kwargs)`` with every
+    encoded argument resolved at generation (constants bound, ``env`` slots indexed by literal), and the
+    forward pass as one function per mode. Same ops, same order as the interpreter; what goes is the per-node
+    decoding and dispatch in Python (about 15 us a node: a transformer's few hundred nodes cost as much as
+    its matrix products at small sizes). Not used under ``torch.compile`` (dynamo unrolls the interpreter)."""
+
+    def __init__(self, program: Program) -> None:
+        self.program = weakref.ref(program)
+        self.param_names = tuple(dict.fromkeys(n.target for n in program.nodes if n.op == "param"))
+        self.ns: dict[str, Any] = {"_pool_params": pool_params, "_standin": _standin, "_attention": _attention_with_vjp}
+        self._forwards: dict[Any, Any] = {}
+        lines = []
+        for node in program.nodes:
+            if node.op == "call":
+                args = ", ".join(self.expr(a) for a in node.args)
+                kwargs = ", ".join(f"{k!r}: {self.expr(v)}" for k, v in node.kwargs)
+                lines.append(f"def b{node.index}(e, B):\n    return [{args}], {{{kwargs}}}")
+        self.builders: list[Any] = [None] * len(program.nodes)
+        if lines:
+            exec(compile("\n".join(lines), f"<attrax program {id(program):x} arguments>", "exec"), self.ns)
+            for node in program.nodes:
+                if node.op == "call":
+                    self.builders[node.index] = self.ns[f"b{node.index}"]
+
+    def bind(self, value: Any) -> str:
+        name = f"K{len(self.ns)}"
+        self.ns[name] = value
+        return name
+
+    def expr(self, e: Any) -> str:
+        """Python source that evaluates the encoded argument ``e`` (``e``: the env list, ``B``: the batch)."""
+        tag = e[0]
+        if tag == "n":
+            return f"e[{e[1]}]"
+        if tag == "c":
+            v = e[1]
+            if v is None or type(v) in (bool, int, str) or (type(v) is float and math.isfinite(v)):
+                return repr(v)
+            return self.bind(v)
+        if tag == "l":
+            return "[" + ", ".join(self.expr(v) for v in e[1]) + "]"
+        if tag == "t":
+            return "(" + "".join(self.expr(v) + ", " for v in e[1]) + ")"
+        if tag == "b":
+            return f"({e[1]!r} * B + {e[2]!r})"
+        if tag in ("dt", "dev", "lay", "mf"):
+            return self.bind(decode(e, (), None, ()))
+        program = self.program()
+        assert program is not None
+        if tag == "k":
+            return self.bind(program.constants[e[1]])
+        if tag == "kb":
+            c = program.constants[e[1]]
+            return f"{self.bind(c)}.expand(B, *{tuple(c.shape[1:])!r})"
+        raise AssertionError(f"bad encoding {e!r}")
+
+    def forward(self, with_aux: bool, with_shared: bool, drop: Any) -> Any:
+        """``run(e, P, X, S, aux, B) -> e``: :func:`forward` in that mode, as one function."""
+        key = (with_aux, with_shared, id(drop))
+        hit = self._forwards.get(key)
+        if hit is not None and hit[0] is drop:
+            return hit[1]
+        program = self.program()
+        assert program is not None
+        ns, body = self.ns, []
+        for node in program.nodes:
+            i = node.index
+            if with_shared and not node.dep:
+                body.append(f"e[{i}] = S[{i}]")
+            elif node.op == "param":
+                body.append(f"e[{i}] = P[{node.target!r}]")
+            elif node.op == "input":
+                body.append(f"e[{i}] = X[{int(node.target)}]")
+            elif node.op == "const":
+                body.append(f"e[{i}] = {self.bind(program.constants[int(node.target)])}")
+            elif node.op != "call":
+                pass
+            elif node.target == "getitem":
+                body.append(f"e[{i}] = {self.expr(node.args[0])}[{self.expr(node.args[1])}]")
+            elif with_aux and node.target in _POOL_WITH_INDICES and not node.kwargs:
+                pool, nd = _POOL_WITH_INDICES[node.target]
+                body.append(f"e[{i}], aux[{i}] = {self.bind(pool)}(*_pool_params(b{i}(e, B)[0], {nd}, True))")
+            elif with_aux and node.target == _SDPA and node.dep:
+                body.append(f"e[{i}] = _attention({self.bind(node)}, e, aux, *b{i}(e, B))")
+            else:
+                op = self.bind(aten_op(node.target)._op)  # the C++ callable OpOverload.__call__ forwards to
+                args = ", ".join(self.expr(a) for a in node.args)
+                kwargs = "".join(f", {k}={self.expr(v)}" if k.isidentifier() and not keyword.iskeyword(k)
+                                 else f", **{{{k!r}: {self.expr(v)}}}" for k, v in node.kwargs)
+                body.append(f"e[{i}] = {op}({args}{kwargs})")
+            if drop is not None:
+                for j, shape_only in drop[i]:
+                    body.append(f"e[{j}] = _standin(e[{j}])" if shape_only else f"e[{j}] = None")
+        src = "def run(e, P, X, S, aux, B):\n" + "".join(f"    {line}\n" for line in body) + "    return e\n"
+        exec(compile(src, f"<attrax program {id(program):x} forward>", "exec"), ns)
+        run = ns.pop("run")
+        self._forwards[key] = (drop, run)
+        return run
+
+
+_STRAIGHT: dict[int, _Straight] = {}
+_STRAIGHT_LOCK = threading.Lock()
+
+
+def _straight(program: Program) -> _Straight:
+    """The program's :class:`_Straight` code, generated on first use and dropped with the program."""
+    hit = _STRAIGHT.get(id(program))
+    if hit is not None and hit.program() is program:
+        return hit
+    with _STRAIGHT_LOCK:
+        hit = _STRAIGHT.get(id(program))
+        if hit is None or hit.program() is not program:
+            hit = _STRAIGHT[id(program)] = _Straight(program)
+            key = id(program)
+            weakref.finalize(program, lambda: _STRAIGHT.pop(key, None) if _STRAIGHT.get(key) is hit else None)
+    return hit
 
 
 def pool_params(args: Sequence[Any], nd: int, with_input: bool = False) -> tuple[Any, ...]:
