@@ -62,7 +62,16 @@ class FunctionalModel:
 
     def fingerprint(self) -> Any:
         """A hashable summary of everything about the module that can change its traced graph."""
-        return module_fingerprint(self.module)
+        return self._interned(module_fingerprint(self.module))
+
+    def _interned(self, fp: Any) -> Any:
+        """``fp``, or the equal fingerprint this model returned last time: memo keys holding the same object
+        compare by identity (a fingerprint is a tuple of thousands of items, compared at every lookup)."""
+        last = self.__dict__.get("_last_fingerprint")
+        if last is not None and last == fp:
+            return last
+        self.__dict__["_last_fingerprint"] = fp
+        return fp
 
     def embed(self, params: Params, ids: Tensor) -> Tensor:
         """The output of the ``embedding`` layer for token ``ids`` (what ``model_fn`` takes as x)."""
@@ -340,7 +349,7 @@ class BoundModel(FunctionalModel):
         inner = self.inner.fingerprint() if isinstance(self.inner, FunctionalModel) else function_fingerprint(self.inner)
         refs: list[Any] = []
         args = _value_key((self.args, self.kwargs), 3, {}, refs)
-        return Fingerprint(("bound", inner, args), refs)
+        return self._interned(Fingerprint(("bound", inner, args), refs))
 
     def shadow(self, fingerprint: Any = None) -> nn.Module:
         return self.inner.shadow()
@@ -488,7 +497,7 @@ class _FunctionModel(FunctionalModel):
         self._shadow = None
 
     def fingerprint(self) -> Any:
-        return function_fingerprint(self.fn)
+        return self._interned(function_fingerprint(self.fn))
 
     def __call__(self, params: Params, *x: Tensor) -> Tensor:
         return self.fn(params, *x)

@@ -219,8 +219,9 @@ def memoised(model_fn: Any, key: Any, compute: Callable[[], Any], fingerprint: A
         return compute()
     full = (model_fn.fingerprint() if fingerprint is _UNSET else fingerprint, key)
     with model_fn._lock:
-        if full in cache:
-            return cache[full]
+        value = cache.get(full, _UNSET)
+    if value is not _UNSET:
+        return value
     value = compute()
     with model_fn._lock:
         return cache.setdefault(full, value)
