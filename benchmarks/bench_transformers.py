@@ -21,7 +21,9 @@ position's logits per sample.
   call applies them and undoes them on return (``lxt_patched``); the undo is checked (the base's
   gradient is bitwise unchanged afterwards). LXT's recipe is ``x.grad * x`` after one backward;
   here ``torch.autograd.grad`` w.r.t. the embeddings alone (as for the base: no weight gradients).
-  Its relevance is compared with attrax's AttnLRP (max |diff| / max |attrax|).
+  Its relevance is compared with attrax's AttnLRP (max |diff| / max |attrax|). LXT's efficient mode puts no
+  stabiliser on linear layers and residual sums, so it computes attrax's ``attn_lrp(epsilon=0)`` (timed as
+  ``attn_lrp_eps0``, ratio ``x_lxt``); the default ε = 1e-6 costs three elementwise passes per such site.
 * ``ax.lm.generation(ax.integrated_gradients, ...)`` for 16 new tokens (one vmapped call) against
   16 separate ``ax.integrated_gradients`` calls with ``ax.lm.next_token`` targets, on an
   ``output="logits"`` model of the same weights (batch 1, seq 128; IG n_steps=32), both timed
@@ -184,8 +186,11 @@ def fmt(row: dict) -> str:
 def methods(model_fn, params, x, t, *, full: bool):
     fns = {"input_x_gradient": lambda: ax.input_x_gradient(model_fn, params, x, t)}
     if hasattr(ax.composites, "attn_lrp"):
-        comp = ax.composites.attn_lrp()
+        comp, comp0 = ax.composites.attn_lrp(), ax.composites.attn_lrp(epsilon=0.0)
         fns["attn_lrp"] = lambda: ax.lrp(model_fn, params, x, t, composite=comp)
+        # LXT's efficient mode has no stabiliser on linear layers and residual sums: the same computation as
+        # attn_lrp(epsilon=0) (to 1.5e-7); the default epsilon = 1e-6 adds three elementwise passes per such site
+        fns["attn_lrp_eps0"] = lambda: ax.lrp(model_fn, params, x, t, composite=comp0)
     if full:
         fns["deeplift"] = lambda: ax.deeplift(model_fn, params, x, t)
         fns["integrated_gradients_32"] = lambda: ax.integrated_gradients(model_fn, params, x, t, n_steps=32)
@@ -231,9 +236,11 @@ def run_shape(name, kind, module, lxt, batch, seq, rounds, *, full: bool):
         a, b = outs["attn_lrp"].float(), outs["lxt_attn_lrp"].float()
         rows["attn_lrp"]["max_rel_diff_to_lxt"] = float((a - b).abs().max() / a.abs().max())
         rows["attn_lrp"]["x_lxt"] = ratios["attn_lrp"] / ratios["lxt_attn_lrp"]
-        if full:  # LXT's efficient mode is attrax's rules at epsilon = 0 (the default 1e-6 moves small relevances)
-            a0 = ax.lrp(model_fn, params, x, t, composite=ax.composites.attn_lrp(epsilon=0.0)).float()
-            rows["attn_lrp"]["max_rel_diff_to_lxt_eps0"] = float((a0 - b).abs().max() / a0.abs().max())
+        # LXT's efficient mode is attrax's rules at epsilon = 0 (the default 1e-6 moves small relevances)
+        a0 = outs["attn_lrp_eps0"].float()
+        rows["attn_lrp"]["max_rel_diff_to_lxt_eps0"] = float((a0 - b).abs().max() / a0.abs().max())
+        rows["attn_lrp_eps0"]["max_rel_diff_to_lxt"] = rows["attn_lrp"]["max_rel_diff_to_lxt_eps0"]
+        rows["attn_lrp_eps0"]["x_lxt"] = ratios["attn_lrp_eps0"] / ratios["lxt_attn_lrp"]
     for mname, row in rows.items():
         print(f"{name:6s} {batch}x{seq:<5d} {mname:24s} {fmt(row)}", flush=True)
     return {"batch": batch, "seq": seq, "fwd_bwd_ms": 1e3 * base_times["base"], "peak_mb_fwd_bwd": peak_base,
@@ -285,6 +292,8 @@ def targets(results: dict) -> dict:
         main_rows = entry["main"]["methods"]
         check(f"{kind}: attn_lrp / fwd+bwd", main_rows.get("attn_lrp", {}).get("x_fwd_bwd"), 1.5)
         check(f"{kind}: attn_lrp / lxt", main_rows.get("attn_lrp", {}).get("x_lxt"), 1.0)
+        check(f"{kind}: attn_lrp(epsilon=0) / lxt (the same computation)",
+              main_rows.get("attn_lrp_eps0", {}).get("x_lxt"), 1.0)
         check(f"{kind}: deeplift / fwd+bwd", main_rows.get("deeplift", {}).get("x_fwd_bwd"), 2.5)
         if "long" in entry:
             long_rows = entry["long"]["methods"]
