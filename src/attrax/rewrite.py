@@ -958,6 +958,15 @@ class _Straight:
         hit = self._forwards.get(key)
         if hit is not None and hit[0] is drop:
             return hit[1]
+        with _STRAIGHT_LOCK:  # generation binds names in the shared namespace: one thread at a time
+            hit = self._forwards.get(key)
+            if hit is not None and hit[0] is drop:
+                return hit[1]
+            run = self._generate_forward(with_aux, with_shared, drop)
+            self._forwards[key] = (drop, run)
+            return run
+
+    def _generate_forward(self, with_aux: bool, with_shared: bool, drop: Any) -> Any:
         program = self.program()
         assert program is not None
         ns, body = self.ns, []
@@ -990,14 +999,13 @@ class _Straight:
                 for j, shape_only in drop[i]:
                     body.append(f"e[{j}] = _standin(e[{j}])" if shape_only else f"e[{j}] = None")
         src = "def run(e, P, X, S, aux, B):\n" + "".join(f"    {line}\n" for line in body) + "    return e\n"
-        exec(compile(src, f"<attrax program {id(program):x} forward>", "exec"), ns)
-        run = ns.pop("run")
-        self._forwards[key] = (drop, run)
-        return run
+        local: dict[str, Any] = {}
+        exec(compile(src, f"<attrax program {id(program):x} forward>", "exec"), ns, local)
+        return local["run"]
 
 
 _STRAIGHT: dict[int, _Straight] = {}
-_STRAIGHT_LOCK = threading.Lock()
+_STRAIGHT_LOCK = threading.RLock()
 
 
 def _straight(program: Program) -> _Straight:
