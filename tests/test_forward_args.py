@@ -117,26 +117,3 @@ def test_forward_args_are_never_attributed_and_user_tensors_unchanged() -> None:
     out = ax.integrated_gradients(f, p, x, 0, n_steps=4, additional_forward_args=(keep,))
     assert isinstance(out, torch.Tensor) and out.shape == x.shape
     assert torch.equal(keep, before)
-
-
-def test_a_2d_hf_mask_is_refused_with_the_fix_in_the_message() -> None:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=4, vocab_size=30, n_positions=16)
-    model = transformers.GPT2LMHeadModel(cfg).double().eval()
-
-    class Wrapped(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, e, mask):
-            return self.model(inputs_embeds=e, attention_mask=mask).logits[:, -1]
-
-    f, p = ax.functionalize(Wrapped())
-    keep = torch.ones(2, T, dtype=torch.long)
-    keep[1, :2] = 0
-    with pytest.raises(ValueError, match="pass the 4-D mask instead"):
-        ax.deeplift(f, p, torch.randn(2, T, 16, dtype=D), 0, additional_forward_args=(keep,))
-    # gradient methods call the model for real: a 2-D mask works there
-    ax.gradient(f, p, torch.randn(2, T, 16, dtype=D), 0, additional_forward_args=(keep,))

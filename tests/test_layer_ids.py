@@ -30,7 +30,7 @@ def gpt2():
 
 def batch():
     """Two left-padded sequences (lengths 7 and 4): ids, the attention mask and position ids. The mask
-    is HF's 4-D additive one (a traced model cannot build it from a 2-D mask, see test_lm_padding)."""
+    is HF's 4-D additive one."""
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(1, V, (2, T), generator=g)
     keep = torch.ones(2, T, dtype=torch.long)

@@ -4,10 +4,10 @@ A batch of sequences of different lengths, right- and left-padded, run through
 ``ax.functionalize(model, output="logits", embedding=...)``, gives each sequence's attribution
 alone (1e-6) for IG, DeepLift, AttnLRP and feature ablation, and the pads get exactly zero.
 
-IG and feature ablation call the model for real and take HF's 2-D attention mask; the rule
-methods (DeepLift, AttnLRP) take the 4-D additive mask (HF builds the 4-D mask from a 2-D one under
-``torch.vmap``, which a trace cannot keep); BERT's forward takes 2-D or 3-D masks, so there its
-(B, T, T) 0/1 mask. Left padding passes position ids (HF counts positions
+IG and feature ablation take HF's 2-D attention mask here; the rule methods (DeepLift, AttnLRP)
+take the 4-D additive mask (BERT, whose forward takes 2-D or 3-D masks: its (B, T, T) 0/1 mask), the
+mask a user builds by hand. Rule methods take the 2-D mask as well: tests/test_hf_masks.py checks that
+path, and that it equals this one. Left padding passes position ids (HF counts positions
 from the first column otherwise), and a causal LM right-padded explains each sequence's last real
 position: ``ax.lm.next_token(tok, position=lengths - 1)``. BERT (sequence classification from its
 first token) is right-padded only: left padding moves its [CLS] token.

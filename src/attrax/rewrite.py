@@ -411,6 +411,8 @@ _SKIP_TARGETS = ("_assert_tensor_metadata", "_assert_async", "sym_constrain_rang
 
 def _build(gm: torch.fx.GraphModule, spec: tuple[Any, ...]) -> Program:
     """Convert a traced graph to a Program."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
     param_names = tuple(p[0] for p in spec[0])
     n_inputs = len(spec[1])
     index: dict[torch.fx.Node, int] = {}
@@ -424,6 +426,7 @@ def _build(gm: torch.fx.GraphModule, spec: tuple[Any, ...]) -> Program:
     def enc(a: Any) -> Any:
         return _encode(a, index, gm, constants, nodes)
 
+    _drop_transform_residue(gm)
     for fx_node in gm.graph.nodes:
         i = len(nodes)
         if fx_node.op == "placeholder":
@@ -437,18 +440,24 @@ def _build(gm: torch.fx.GraphModule, spec: tuple[Any, ...]) -> Program:
             alias_root[i] = i
             continue
         if fx_node.op == "get_attr":
-            value = getattr(gm, fx_node.target)
-            functorch = torch._C._functorch
-            # a constant the model built under an enclosing torch.func.grad is wrapped by it: its value
-            # does not depend on params or x, so the plain tensor inside is the constant
-            while isinstance(value, Tensor) and functorch.is_gradtrackingtensor(value):
-                value = functorch.get_unwrapped(value)
-            if isinstance(value, Tensor) and functorch.is_functorch_wrapped_tensor(value):
+            value = _constant_value(getattr(gm, fx_node.target))
+            if isinstance(value, FakeTensor):
+                users = ", ".join(f"'{u.name}'" for u in fx_node.users)
                 raise UnsupportedOperation(
-                    "model_fn builds a tensor under its own torch.vmap from values that do not depend on x (HF "
-                    "transformers does this to turn a 2-D attention mask into a 4-D one), and the tracer cannot keep it; "
-                    "pass the 4-D mask instead (additive, shape (B, 1, T, T), 0 where attended and the dtype's lowest "
-                    "value elsewhere), or attribute with a gradient method"
+                    f"a value model_fn computes from x or params reached the traced graph as a constant (node "
+                    f"{users}): the tracer lost how it was computed (a torch.func transform or other code the "
+                    f"model runs outside torch's ops); rule-based methods cannot explain through it. Attribute "
+                    f"with a gradient method"
+                )
+            if _in_transform(value):
+                users = ", ".join(f"'{u.name}'" for u in fx_node.users)
+                what = ("runs torch.vmap (or another torch.func transform) over values computed from x or params"
+                        if _touches_fake([value]) else
+                        "runs torch.vmap (or another torch.func transform) itself, and a value batched by it is used "
+                        "by the computation on x or params")
+                raise UnsupportedOperation(
+                    f"model_fn {what} (node {users}); the traced program has no such transform, so it cannot keep "
+                    f"that value. Apply the transform outside the model, or attribute with a gradient method"
                 )
             constants.append(value)
             nodes.append(Node(i, "const", str(len(constants) - 1), name=fx_node.name))
@@ -521,6 +530,64 @@ def _build(gm: torch.fx.GraphModule, spec: tuple[Any, ...]) -> Program:
     if not nodes[output].dep:
         raise UnsupportedOperation("model_fn's output does not depend on its input x")
     return Program(tuple(nodes), output, n_inputs, param_names, tuple(constants))
+
+
+def _constant_value(value: Any) -> Any:
+    """A traced constant's value. One the model built under an enclosing ``torch.func.grad`` is
+    wrapped by it: its value does not depend on params or x, so the plain tensor inside is the constant."""
+    functorch = torch._C._functorch
+    while isinstance(value, Tensor) and functorch.is_gradtrackingtensor(value):
+        value = functorch.get_unwrapped(value)
+    return value
+
+
+def _in_transform(value: Any) -> bool:
+    """A tensor still wrapped by a torch.func transform (a ``vmap`` level) the model ran itself."""
+    return isinstance(value, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(value)
+
+
+def _drop_transform_residue(gm: torch.fx.GraphModule) -> None:
+    """Erase the dead nodes the tracer records inside a ``torch.vmap`` the model runs on constants.
+
+    HF transformers builds the 4-D attention mask from the 2-D one under nested ``torch.vmap`` calls.
+    Every torch call in there has only real arguments, so ``_FoldConstants`` runs it eagerly and the
+    mask arrives as an ordinary constant. But leaving each vmap level, functorch itself (C++, no torch
+    function) expands an output that level did not batch, and the pre-dispatch tracer records that
+    ``expand`` on the still-batched value as a node whose constant is a dead functorch wrapper. No
+    value the model goes on to use comes from it (later calls on the mask are folded too), so such
+    nodes are dead and computed from constants alone: erasing them changes nothing the program
+    computes. A batched constant that wraps a value of x or params, or whose nodes are live or meet
+    x or params, is kept, for ``_build`` to refuse.
+    """
+    traced: set[torch.fx.Node] = set()  # nodes computed from x or params
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or any(a in traced for a in n.all_input_nodes):
+            traced.add(n)
+    for const in [n for n in gm.graph.nodes if n.op == "get_attr"]:
+        value = _constant_value(getattr(gm, const.target, None))
+        if not _in_transform(value) or _touches_fake([value]):
+            continue  # a plain constant, or one that depends on x or params: not residue
+        reach, todo = {const}, [const]
+        while todo:
+            for user in todo.pop().users:
+                if user not in reach:
+                    reach.add(user)
+                    todo.append(user)
+        if any(n.op != "call_function" or _mutates(n) or n in traced for n in reach - {const}):
+            # live (used by the output, or writing in place), or meeting x or params (the vmap's output
+            # of a computation on x or params reached the graph as a constant): no residue, refused below
+            continue
+        for n in reversed(list(gm.graph.nodes)):
+            if n in reach:
+                gm.graph.erase_node(n)
+
+
+def _mutates(fx_node: torch.fx.Node) -> bool:
+    """Whether a node may have an effect besides its output (writes in place; any call but an ATen op)."""
+    target = fx_node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.is_mutable
+    return not isinstance(target, torch._ops.OpOverloadPacket) and target is not operator.getitem
 
 
 def _check_inplace(fx_node: torch.fx.Node, mutated: int, alias_root: dict[int, int], gm: torch.fx.GraphModule,
