@@ -27,6 +27,7 @@ from .core import check_positive_int, chunks, eager_no_grad, publish_output, for
 from .lrp import _prepare, apply_scale, initial_relevance
 from .rewrite import Node, Program, Streams, forward, program_spec
 from .rules import run_plan
+from .rules.graph import channel_first
 from .targets import prepare_call
 
 __all__ = ["conditional", "layer_nodes"]
@@ -153,9 +154,7 @@ def _masks(program: Program, env: list[Any], conditions: list[dict[str, list[int
 def channel_dim(program: Program, node: int, ndim: int) -> int:
     """Where a layer's channels are: dim 1 for (B, C) and conv-style (B, C, *spatial) outputs, the last
     dim for token layouts (B, T, D) (transformer linear layers, attention, embeddings)."""
-    from .layer import _channel_first
-
-    return 1 if ndim <= 2 or _channel_first(program, node) else ndim - 1
+    return 1 if ndim <= 2 or channel_first(program, node) else ndim - 1
 
 
 @forward_args

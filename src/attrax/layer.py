@@ -10,7 +10,6 @@ Gradients with respect to the layer are gradients of :math:`f_{\text{top}}`.
 from __future__ import annotations
 
 import numbers
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +31,7 @@ from .gradients import (
     quadrature,
 )
 from .rewrite import Program, forward, program_for, program_spec, run_node, trace_program
+from .rules.graph import channel_first
 from .targets import ResolvedTarget, prepare_call, repeat_target, select
 
 __all__ = ["activation", "conductance", "grad_cam", "gradient_x_activation", "guided_grad_cam", "integrated_gradients"]
@@ -376,43 +376,6 @@ def gradient_x_activation(model_fn: ModelFn, params: Params, x: Any, target: Tar
         return split.value * split.grad(split.value, t)
 
 
-#: ops whose output is laid out (B, C, *spatial)
-_CHANNEL_FIRST_OPS = frozenset(
-    """conv1d conv2d conv3d convolution _convolution conv_transpose1d conv_transpose2d conv_transpose3d max_pool1d
-    max_pool2d max_pool3d max_pool2d_with_indices max_pool3d_with_indices avg_pool1d avg_pool2d avg_pool3d
-    adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d
-    adaptive_max_pool3d batch_norm native_batch_norm _native_batch_norm_legit_no_training instance_norm group_norm
-    upsample_nearest1d upsample_nearest2d upsample_nearest3d upsample_linear1d upsample_bilinear2d upsample_bicubic2d
-    upsample_trilinear3d pixel_shuffle pixel_unshuffle""".split()
-)
-#: module types whose outputs are (B, C, *spatial) whatever ops they trace into (GroupNorm is decomposed)
-_CHANNEL_FIRST_MODULES = re.compile(
-    r"^torch\.nn\.modules\.\w+\.(Conv\d?d|ConvTranspose\dd|GroupNorm|BatchNorm\dd|InstanceNorm\dd|\w*Pool\dd)$")
-#: ops whose output keeps the layout of their same-rank inputs (elementwise, residual adds, cat, pad)
-_SAME_LAYOUT_OPS = frozenset(
-    """relu relu6 leaky_relu elu selu celu gelu silu mish sigmoid tanh softplus hardtanh hardswish hardsigmoid prelu
-    dropout feature_dropout clone contiguous alias detach _to_copy lift_fresh_copy add sub mul div neg abs clamp
-    clamp_min clamp_max maximum minimum where pow square sqrt exp log constant_pad_nd pad getitem cat concat""".split()
-)
-
-
-def _channel_first(program: Program, node: int) -> bool:
-    """Whether ``node``'s value is (B, C, *spatial): it comes from a conv/pool/norm op through ops that keep layout."""
-    rank = len(program.nodes[node].shape or ())
-    stack, seen = [node], set[int]()
-    while stack:
-        n = program.nodes[stack.pop()]
-        if n.index in seen or n.op != "call":
-            continue
-        seen.add(n.index)
-        if n.packet in _CHANNEL_FIRST_OPS or _CHANNEL_FIRST_MODULES.search(n.module_type or "") is not None:
-            return True  # (decomposed normalisation ops keep their module: GroupNorm, LayerNorm2d-style BatchNorm)
-        if n.packet in _SAME_LAYOUT_OPS:
-            stack.extend(r for r in n.refs if program.nodes[r].dep
-                         and (program.nodes[r].shape is None or len(program.nodes[r].shape or ()) == rank))
-    return False
-
-
 @forward_args
 def grad_cam(model_fn: ModelFn, params: Params, x: Any, target: Target, layer: str, *, channel_dim: int | None = None,
              relu: bool = True, attribute_to_layer_input: bool = False, check_finite: bool = True) -> Tensor:
@@ -467,7 +430,7 @@ def grad_cam(model_fn: ModelFn, params: Params, x: Any, target: Target, layer: s
             raise ValueError(f"grad_cam needs a layer with channels and spatial (or token) dims, {layer!r} has output "
                              f"shape {tuple(a.shape)}")
         if channel_dim is None:
-            if not _channel_first(split.program, split.node):
+            if not channel_first(split.program, split.node):
                 raise ValueError(
                     f"grad_cam needs a channel dim: layer {layer!r} has output shape {tuple(a.shape)} from "
                     f"{split.program.nodes[split.node].describe()}, which is not laid out (B, C, *spatial) like a "
