@@ -706,3 +706,18 @@ def test_compiled_lrp_equals_eager_without_recompiling():
         t = torch.randint(0, 5, (2,))
         torch.testing.assert_close(explain(x, t), ax.lrp(f, p, x, t, composite=comp), rtol=1e-4, atol=1e-6)
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("make", [lambda: ax.composites.epsilon_plus_flat(), lambda: ax.composites.attn_lrp(),
+                                  lambda: {torch.nn.Linear: ax.rules.Epsilon(0.25), ax.composites.Kind("add"): ax.rules.Norm()},
+                                  lambda: ax.composites.mapping(by_type={torch.nn.Conv2d: ax.rules.ZPlus()},
+                                                                first={ax.composites.Kind("layer"): ax.rules.Flat()})],
+                         ids=["epsilon_plus_flat", "attn_lrp", "dict", "mapping_first"])
+def test_compiled_lrp_with_the_composite_built_inside_equals_eager(make) -> None:
+    # dynamo hands assume_constant_result functions a frozen dataclass built inside the compiled function as a
+    # default-constructed instance (every field lost): the composite ran silently as Composite() before
+    torch._dynamo.reset()
+    f, p = ax.functionalize(resnet_like().float())
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 3])
+    explain = torch.compile(lambda x, t: ax.lrp(f, p, x, t, composite=make()), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(explain(x, t), ax.lrp(f, p, x, t, composite=make()), rtol=1e-4, atol=1e-6)

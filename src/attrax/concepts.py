@@ -22,7 +22,7 @@ from torch import Tensor
 from ._types import ModelFn, Params, Target
 from .conditional import channel_dim, _check_conditions, _masks, layer_nodes
 from .core import eager_no_grad
-from .lrp import _prepare, apply_scale, initial_relevance
+from .lrp import _prepare, constant_arg, apply_scale, initial_relevance
 from .rewrite import Node, Program, Site, Streams, exact_vjp, forward, program_spec
 from .rules import run_plan
 from .targets import check_target, prepare_call
@@ -36,7 +36,7 @@ def _lrp_pass(model_fn: ModelFn, params: Params, x: Tensor, target: Target, laye
     """``(relevance at the layer output (B, C, ...), layer output (B, C, ...), program, layer nodes)``."""
     xs, params, _, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
     spec, trace_batch = program_spec(model_fn, params, xs)
-    program, plan = _prepare(model_fn, spec, trace_batch, composite, canonize)
+    program, plan = _prepare(model_fn, spec, trace_batch, constant_arg(composite), constant_arg(canonize))
     nodes = layer_nodes(program, layer)
     with eager_no_grad():
         aux: dict[int, Any] = {}

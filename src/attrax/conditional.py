@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ._types import ModelFn, Params, Target, TensorOrTuple
 from .core import check_positive_int, chunks, eager_no_grad, publish_output, forward_args
-from .lrp import _prepare, apply_scale, initial_relevance
+from .lrp import _prepare, constant_arg, apply_scale, initial_relevance
 from .rewrite import Node, Program, Streams, forward, program_spec
 from .rules import run_plan
 from .rules.graph import channel_first
@@ -209,7 +209,7 @@ def conditional(
     conds = _check_conditions(conditions)
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
     spec, trace_batch = program_spec(model_fn, params, xs)
-    program, plan = _prepare(model_fn, spec, trace_batch, composite, canonize)
+    program, plan = _prepare(model_fn, spec, trace_batch, constant_arg(composite), constant_arg(canonize))
     with eager_no_grad():
         aux: dict[int, Any] = {}
         env = forward(program, params, xs, aux=aux)

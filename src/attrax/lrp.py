@@ -297,13 +297,59 @@ def canonizers_for(canonize: Any) -> tuple[Any, ...]:
     return fns
 
 
+_FROZEN = "attrax: a dataclass as plain data"
+
+
+def constant_arg(value: Any) -> Any:
+    """``value`` as an argument of :func:`_prepare` / :func:`_prepare_form` (``assume_constant_result``).
+
+    Under ``torch.compile``, dynamo hands such a function a frozen dataclass that was *built inside the compiled
+    function* as a default-constructed instance (torch 2.13: ``Composite()``, every field lost), so
+    ``torch.compile(lambda x: ax.lrp(..., composite=ax.composites.attn_lrp()))`` silently ran another composite.
+    Dataclasses (composites, rules, ``Kind``) therefore cross as tuples of plain data, rebuilt there by
+    :func:`_thaw`; outside ``torch.compile`` the value passes as it is."""
+    return _freeze(value) if torch.compiler.is_compiling() else value
+
+
+def _freeze(v: Any) -> Any:
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return (_FROZEN, type(v), tuple((f.name, _freeze(getattr(v, f.name))) for f in dataclasses.fields(v)))
+    if isinstance(v, tuple):
+        return tuple(_freeze(e) for e in v)
+    if isinstance(v, list):
+        return [_freeze(e) for e in v]
+    if isinstance(v, dict):
+        return {_freeze(k): _freeze(e) for k, e in v.items()}
+    return v
+
+
+def _thaw(v: Any) -> Any:
+    if isinstance(v, tuple):
+        if len(v) == 3 and isinstance(v[0], str) and v[0] == _FROZEN:
+            cls, values = v[1], {name: _thaw(e) for name, e in v[2]}
+            fields = dataclasses.fields(cls)
+            obj = cls(**{f.name: values[f.name] for f in fields if f.init})
+            for f in fields:
+                if not f.init:
+                    object.__setattr__(obj, f.name, values[f.name])
+            return obj
+        return tuple(_thaw(e) for e in v)
+    if isinstance(v, list):
+        return [_thaw(e) for e in v]
+    if isinstance(v, dict):
+        return {_thaw(k): _thaw(e) for k, e in v.items()}
+    return v
+
+
 @torch.compiler.assume_constant_result
 def _prepare(model_fn: Any, spec: tuple[Any, ...], batch: int | None, composite: Any, canonize: Any,
              fused: bool = False, release: bool = False) -> Any:
     """Trace, canonize and substitute rules in one step, constant for ``torch.compile`` (it runs once,
     at trace time; its arguments are the caller's own objects, which dynamo can guard on; ``canonize`` is
     the user's option, resolved here). ``fused``: attention kept as one node (:func:`_fused_attention`);
-    ``release``: also return :func:`release_plan` where the plan has a gradient form (else None)."""
+    ``release``: also return :func:`release_plan` where the plan has a gradient form (else None). ``composite`` and
+    ``canonize`` may come through :func:`constant_arg`."""
+    composite, canonize = _thaw(composite), _thaw(canonize)
     canonize = canonizers_for(canonize)
     # one fingerprint for the call's three memo lookups (it walks the whole module tree)
     fp = model_fn.fingerprint() if isinstance(model_fn, FunctionalModel) else None
@@ -426,6 +472,7 @@ def _prepare_form(model_fn: Any, spec: tuple[Any, ...], batch: int | None, compo
                   ) -> tuple[Program, tuple[Any, ...], Any]:
     """:func:`_prepare` for ``lrp(form=...)``, and ``drop`` (:func:`release_plan`) where the plan runs in gradient
     form, else None (decided here, where ``torch.compile`` treats it as a constant)."""
+    composite, canonize = _thaw(composite), _thaw(canonize)
     fused = form != "relevance" and _fused_attention(composite)
     if form == "relevance":
         return (*_prepare(model_fn, spec, batch, composite, canonize), None)
@@ -554,7 +601,8 @@ def lrp(
     as_composite(composite)  # validate eagerly
     spec, trace_batch = program_spec(model_fn, params, xs)
     canonizers_for(canonize)  # validate eagerly
-    program, plan, drop = _prepare_form(model_fn, spec, trace_batch, composite, canonize, form)
+    program, plan, drop = _prepare_form(model_fn, spec, trace_batch, constant_arg(composite), constant_arg(canonize),
+                                        form)
     with eager_no_grad():
         aux: dict[int, Any] = {}
         env = forward(program, params, xs, aux=aux, drop=drop)
