@@ -732,3 +732,35 @@ def test_fused_rule_composes_with_vmap_grad_and_shap_chunks():
     by_func = torch.func.grad(loss)(weights)
     for name, g in zip(w, by_autograd):  # None: the output bias cancels in f(x) - f(x')
         torch.testing.assert_close(torch.zeros_like(w[name]) if g is None else g, by_func[name], rtol=1e-10, atol=1e-12)
+
+
+class _CausalSelfAttention(nn.Module):
+    """nanoGPT-style attention written out: scores masked with ``-inf`` before the softmax (both streams
+    have -inf at the same positions: ``inf - inf`` made whole rows NaN in the softmax rule)."""
+
+    def __init__(self, d: int = 8, t: int = 5, softmax_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.qkv, self.proj, self.head = nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, 3)
+        self.register_buffer("causal", torch.tril(torch.ones(t, t)).view(1, t, t))
+        self.softmax_dtype = softmax_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).split(x.shape[-1], dim=2)
+        att = (q @ k.transpose(-2, -1)) * k.shape[-1] ** -0.5
+        att = att.masked_fill(self.causal[:, : x.shape[1], : x.shape[1]] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1, dtype=self.softmax_dtype).to(x.dtype)
+        return self.head(F.gelu(self.proj(att @ v) + x)[:, -1])
+
+
+@pytest.mark.parametrize("dtype,softmax_dtype", [(torch.float64, None), (torch.float32, None),
+                                                 (torch.float32, torch.float64)])
+def test_deeplift_is_exact_on_attention_masked_with_minus_inf(dtype, softmax_dtype) -> None:
+    torch.manual_seed(0)
+    f, p = ax.functionalize(_CausalSelfAttention(softmax_dtype=softmax_dtype).to(dtype).eval())
+    x, b = torch.randn(3, 5, 8, dtype=dtype), torch.randn(3, 5, 8, dtype=dtype)
+    a = ax.deeplift(f, p, x, 1, baseline=b)
+    assert torch.isfinite(a).all()
+    gap = a.sum((1, 2)) - (f(p, x)[:, 1] - f(p, b)[:, 1])
+    assert gap.abs().max() <= (1e-10 if dtype == torch.float64 else 1e-5)
+    shap = ax.deeplift_shap(f, p, x, 1, torch.randn(4, 5, 8, dtype=dtype))
+    assert torch.isfinite(shap).all()

@@ -415,6 +415,9 @@ class SoftmaxRescale:
         node = site.node
         args_x = site.args("x")
         x, r, dim = upcast(args_x[0]), upcast(site.args("ref")[0]), args_x[1]
+        out_dtype = site.out("x").dtype
+        if out_dtype != x.dtype and not _is_low(site.out("x")):  # softmax(x, dtype=float64): its arithmetic in that dtype
+            x, r = x.to(out_dtype), r.to(out_dtype)
         log = node.packet in ("log_softmax", "_log_softmax")
         # float16/bfloat16 streams: the op in float32 at the streams' points (as Rescale does)
         low = _is_low(args_x[0])
@@ -423,11 +426,11 @@ class SoftmaxRescale:
             # monotone, so max y is y at argmax x): row maxima instead of a log-softmax pass (whose exp of
             # attention's masked scores, the dtype's lowest value, takes a slow path), and dL = L - L'
             (z, big), (zr, big_r) = _log_softmax_from(x, site.out("x"), dim), _log_softmax_from(r, site.out("ref"), dim)
-            dx, dz, dl = x - r, z - zr, big - big_r
+            dx, dz, dl = _gap(x, r), _gap(z, zr), big - big_r
         else:
             z, zr = (site.out("x"), site.out("ref")) if log and not low else (torch.log_softmax(x, dim),
                                                                                torch.log_softmax(r, dim))
-            dx, dz = x - r, z - zr
+            dx, dz = _gap(x, r), _gap(z, zr)
             # dL = dx_k - dz_k for every k: taken where z + z' is largest, where both are accurate
             with torch.no_grad():
                 k = (z + zr).argmax(dim, keepdim=True)
@@ -454,7 +457,14 @@ class SoftmaxRescale:
             # exp's secant (y - y')/(z - z') = max(y, y') phi(|dz|): no cancellation, so no tolerance mask
             # and no fallback (phi(0) = 1 gives exp'(z) = y where z = z')
             g = g * (torch.maximum(y, yr) * _phi(dz.abs()))
-        return {node.args[0][1]: nu * g - mu * (g.sum(dim, keepdim=True) - g)}
+        grad = nu * g - mu * (g.sum(dim, keepdim=True) - g)
+        return {node.args[0][1]: grad if _is_low(args_x[0]) else grad.to(args_x[0].dtype)}
+
+
+def _gap(a: Tensor, b: Tensor) -> Tensor:
+    """``a - b``, 0 where both are the same infinity (scores masked with -inf in both streams, as hand-written
+    attention does: ``inf - inf`` would make the whole row NaN; such a position has softmax 0 in both)."""
+    return torch.nan_to_num(a - b, nan=0.0, posinf=math.inf, neginf=-math.inf)
 
 
 def _phi(d: Tensor) -> Tensor:
