@@ -192,6 +192,26 @@ def test_another_mask_never_reuses_a_program(method: str) -> None:
     torch.testing.assert_close(call(f, p, e, t, {"attention_mask": mask}), first, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("edit", ["data", "numpy"])
+def test_a_mask_edited_without_its_version_counter_never_reuses_a_program(edit: str) -> None:
+    """Edits through ``.data`` or a shared numpy buffer leave the version counter alone: programs are keyed on
+    the bound arguments' values too (they were served the old program, 5e-4 off, before)."""
+    f, p = model_fn("gpt2")
+    ids, keep = batch("right")
+    e, t = f.embed(p, ids), target("gpt2", keep, "right")
+    array = keep.clone().numpy()
+    mask = torch.from_numpy(array) if edit == "numpy" else keep.clone()
+    first = METHODS["deeplift"](f, p, e, t, {"attention_mask": mask})
+    if edit == "numpy":
+        array[0, 2] = 0
+    else:
+        mask.data[0, 2] = 0
+    second = METHODS["deeplift"](f, p, e, t, {"attention_mask": mask})
+    g, q = ax.functionalize(f.module, output="logits", embedding=LAYER["gpt2"])
+    torch.testing.assert_close(second, METHODS["deeplift"](g, q, e, t, {"attention_mask": mask.clone()}), rtol=0, atol=0)
+    assert not torch.equal(first[0], second[0]) and torch.equal(second[0, 2], torch.zeros_like(second[0, 2]))
+
+
 def test_vmap_over_targets_with_the_2d_mask() -> None:
     """Traced under the vmap (a model of its own: no program memoised before)."""
     f, p = ax.functionalize(build("gpt2"), output="logits", embedding=LAYER["gpt2"])

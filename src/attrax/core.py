@@ -325,6 +325,34 @@ def shadow_copy(module: nn.Module) -> nn.Module:
     return copy_tree(module)
 
 
+def _tensors_in(v: Any, depth: int) -> list[Tensor]:
+    if isinstance(v, Tensor):
+        return [v]
+    if depth <= 0:
+        return []
+    if isinstance(v, (tuple, list)):
+        return [t for e in v for t in _tensors_in(e, depth - 1)]
+    if isinstance(v, Mapping):
+        return [t for e in v.values() for t in _tensors_in(e, depth - 1)]
+    return []
+
+
+def _content_key(t: Tensor) -> Any:
+    """A digest of a bound argument's values. Programs fold masks built from these arguments into constants, and
+    the version counter misses edits through ``.data`` or a shared numpy buffer (``torch.from_numpy``): keyed on
+    identity and version alone, such an edit was served the old program. None where the values are not at hand
+    (a tensor wrapped by a transform or traced)."""
+    from torch._C._functorch import is_functorch_wrapped_tensor
+
+    if is_functorch_wrapped_tensor(t) or isinstance(t, torch._subclasses.FakeTensor) or t.layout != torch.strided:
+        return None
+    with torch.no_grad():
+        c = t.detach()
+        c = (c if c.device.type == "cpu" else c.cpu()).contiguous().reshape(-1)
+        data = c.view(torch.uint8).numpy().tobytes() if c.numel() else b""
+    return (tuple(t.shape), t.dtype, hash(data))
+
+
 class BoundModel(FunctionalModel):
     """``model_fn`` with ``additional_forward_args`` bound after ``x`` (API §9).
 
@@ -349,7 +377,8 @@ class BoundModel(FunctionalModel):
         inner = self.inner.fingerprint() if isinstance(self.inner, FunctionalModel) else function_fingerprint(self.inner)
         refs: list[Any] = []
         args = _value_key((self.args, self.kwargs), 3, {}, refs)
-        return self._interned(Fingerprint(("bound", inner, args), refs))
+        contents = tuple(_content_key(t) for t in _tensors_in((self.args, self.kwargs), 3))
+        return self._interned(Fingerprint(("bound", inner, args, contents), refs))
 
     def shadow(self, fingerprint: Any = None) -> nn.Module:
         return self.inner.shadow()
