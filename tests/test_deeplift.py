@@ -764,3 +764,33 @@ def test_deeplift_is_exact_on_attention_masked_with_minus_inf(dtype, softmax_dty
     assert gap.abs().max() <= (1e-10 if dtype == torch.float64 else 1e-5)
     shap = ax.deeplift_shap(f, p, x, 1, torch.randn(4, 5, 8, dtype=dtype))
     assert torch.isfinite(shap).all()
+
+
+class _FullyMaskedRowAttention(nn.Module):
+    def __init__(self, mask: torch.Tensor, buffer: bool) -> None:
+        super().__init__()
+        self.qkv, self.head = nn.Linear(8, 24), nn.Linear(8, 2)
+        if buffer:  # an input of the program (a parameter-like value): zeroed by nodes of the program
+            self.register_buffer("mask", mask)
+        else:  # a constant of the program: zeroed where its values have such a row
+            self.mask = mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).unsqueeze(1).split(8, -1)
+        return self.head(F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask).squeeze(1).sum(1))
+
+
+@pytest.mark.parametrize("mask,buffer", [
+    (torch.tensor([[True, True, False], [False] * 3, [True, False, False]]), False),
+    (torch.tensor([[True, True, False], [False] * 3, [True, False, False]]), True),
+    (torch.tensor([[0.0, 0.0, -float("inf")], [-float("inf")] * 3, [0.0, -float("inf"), -float("inf")]]), False),
+], ids=["bool", "bool-buffer", "additive"])
+def test_deeplift_on_attention_with_a_fully_masked_query_row(mask, buffer) -> None:
+    # the kernel gives 0 for a query row whose keys are all masked; the written-out attention gave the uniform
+    # average (0.49 of completeness lost, silently)
+    torch.manual_seed(0)
+    net = _FullyMaskedRowAttention(mask.double() if mask.is_floating_point() else mask, buffer).double().eval()
+    f, p = ax.functionalize(net)
+    x, b = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 3, 8, dtype=torch.float64)
+    a = ax.deeplift(f, p, x, 1, baseline=b)
+    assert (a.sum((1, 2)) - (f(p, x)[:, 1] - f(p, b)[:, 1])).abs().max() < 1e-10

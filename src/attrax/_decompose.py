@@ -80,15 +80,39 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Ten
     if is_causal:
         keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(keep.logical_not(), lowest)
+    rows = None
     if attn_mask is not None:
+        # a query row whose keys are all masked (all False, or all -inf) gets 0 from the kernel, not the uniform
+        # average the softmax of equal lowest scores gives: zeroed here too, where such a row can occur
         if attn_mask.dtype == torch.bool:
+            rows = attn_mask.any(-1, keepdim=True) if _may_mask_a_row(attn_mask) else None
             scores = scores.masked_fill(attn_mask.logical_not(), lowest)
         else:
+            rows = (attn_mask > -math.inf).any(-1, keepdim=True) if _may_mask_a_row(attn_mask) else None
             scores = scores + attn_mask.clamp(min=lowest)
     weights = torch.softmax(scores, dim=-1)
     if dropout_p > 0.0:
         weights = torch.dropout(weights, dropout_p, True)
-    return torch.matmul(weights, v)
+    out = torch.matmul(weights, v)
+    # on the output, not the weights: the product of the softmax with v stays what the rules recognise
+    return out if rows is None else out.masked_fill(rows.logical_not(), 0.0)
+
+
+def _may_mask_a_row(mask: Tensor) -> bool:
+    """Whether some query row of a constant ``mask`` has every key masked, read from its values outside the trace
+    (no node is recorded), so the usual masks keep the graph the rules know. A boolean mask computed from x or
+    params (fake while tracing) is zeroed by nodes of the program; a float one is not (its comparison with -inf
+    would be an op without a rule): such a row gets the uniform average."""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    if torch.compiler.is_compiling():  # the written-out attention's vjp at run time: always (the same values
+        return True                    # where no row is fully masked)
+    if is_fake(mask):  # computed from x or params (buffers included): checked in the program where that needs no
+        return mask.dtype == torch.bool  # rule (any of a bool); a float mask's comparison would: not zeroed
+    with _disable_current_modes(), torch._C.DisableTorchFunction():
+        keep = mask if mask.dtype == torch.bool else mask > -math.inf
+        return not bool(keep.any(-1).all())
 
 
 def addmm(bias: Tensor, mat1: Tensor, mat2: Tensor, *, beta: Any = 1, alpha: Any = 1) -> Tensor:

@@ -92,7 +92,7 @@ def node_kind(program: Program, node: Node) -> str:
         return "batchnorm"
     if p in ("add", "sub") and n_dep(node) == 2:
         return "activation" if region_source(program, node) is not None else "add"
-    if p in RESHAPE or node.target == "getitem":
+    if p in RESHAPE or node.target == "getitem" or _zeroing(node):
         return "reshape"
     if is_linear(program, node):
         return "arithmetic"
@@ -104,6 +104,15 @@ def node_kind(program: Program, node: Node) -> str:
         if n_dep(node) == 2:
             return "normalize" if normalization(program, node) else "product"
     return "other"
+
+
+def _zeroing(node: Node) -> bool:
+    """``masked_fill(x, mask, 0)`` with a constant mask: a selection of entries (as zero padding is), so the
+    per-kind default is the exact gradient, not ε (the written-out attention zeroes fully masked query rows so)."""
+    if node.packet != "masked_fill" or len(node.args) < 3:
+        return False
+    value = node.args[2]
+    return value[0] == "c" and value[1] == 0 and [pos for pos, _ in dependent_operands(node)] == [0]
 
 
 def _weights_constant(node: Node) -> bool:

@@ -442,7 +442,7 @@ def _build(gm: torch.fx.GraphModule, spec: tuple[Any, ...]) -> Program:
         if fx_node.op == "get_attr":
             value = _constant_value(getattr(gm, fx_node.target))
             if isinstance(value, FakeTensor):
-                users = ", ".join(f"'{u.name}'" for u in fx_node.users)
+                users = ", ".join(f"'{u.name}'" for u in fx_node.users) or f"'{fx_node.name}'"
                 raise UnsupportedOperation(
                     f"a value model_fn computes from x or params reached the traced graph as a constant (node "
                     f"{users}): the tracer lost how it was computed (a torch.func transform or other code the "
@@ -450,7 +450,7 @@ def _build(gm: torch.fx.GraphModule, spec: tuple[Any, ...]) -> Program:
                     f"with a gradient method"
                 )
             if _in_transform(value):
-                users = ", ".join(f"'{u.name}'" for u in fx_node.users)
+                users = ", ".join(f"'{u.name}'" for u in fx_node.users) or f"'{fx_node.name}'"
                 what = ("runs torch.vmap (or another torch.func transform) over values computed from x or params"
                         if _touches_fake([value]) else
                         "runs torch.vmap (or another torch.func transform) itself, and a value batched by it is used "
