@@ -40,6 +40,10 @@ def hf_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
         cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                                        intermediate_size=48, vocab_size=40, max_position_embeddings=16)
         return Logits(transformers.LlamaForCausalLM(cfg)), (3, 7, 32)
+    if name == "gemma":  # RMSNorm in float32, cast back with type_as(x): a cast whose dtype source depends on x
+        cfg = transformers.GemmaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                       intermediate_size=48, vocab_size=40, max_position_embeddings=16, head_dim=8)
+        return Logits(transformers.GemmaForCausalLM(cfg)), (3, 7, 32)
     if name == "bert":
         cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=48,
                                       vocab_size=40, max_position_embeddings=16, num_labels=3)
@@ -125,7 +129,7 @@ LOCAL = {
     "se_block": (SEBlock, (3, 3, 9, 9)),
     "swiglu": (SwiGLU, (3, 7, 16)),
 }
-MODELS = ["gpt2", "bert", "llama", "vit", *LOCAL]
+MODELS = ["gpt2", "bert", "llama", "gemma", "vit", *LOCAL]
 
 
 def build(name: str) -> tuple[nn.Module, tuple[int, ...]]:

@@ -33,7 +33,7 @@ LINEAR = frozenset(
     pixel_unshuffle _to_copy to lift_fresh_copy cumsum tril triu movedim swapaxes diagonal unfold view_as einsum
     zeros_like ones_like full_like empty_like masked_fill reflection_pad1d reflection_pad2d reflection_pad3d
     replication_pad1d replication_pad2d replication_pad3d _pad_circular repeat_interleave index tensor_split
-    index_put""".split()
+    index_put type_as""".split()
 )
 
 
