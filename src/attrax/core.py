@@ -343,11 +343,12 @@ def _content_key(t: Tensor) -> Any:
     identity and version alone, such an edit was served the old program. None where the values are not at hand
     (a tensor wrapped by a transform or traced)."""
     from torch._C._functorch import is_functorch_wrapped_tensor
+    from torch._subclasses.fake_tensor import FakeTensor
 
-    if is_functorch_wrapped_tensor(t) or isinstance(t, torch._subclasses.FakeTensor) or t.layout != torch.strided:
+    if is_functorch_wrapped_tensor(t) or isinstance(t, FakeTensor) or t.layout != torch.strided:
         return None
     with torch.no_grad():
-        c = t.detach()
+        c = t.detach().resolve_conj().resolve_neg()
         c = (c if c.device.type == "cpu" else c.cpu()).contiguous().reshape(-1)
         data = c.view(torch.uint8).numpy().tobytes() if c.numel() else b""
     return (tuple(t.shape), t.dtype, hash(data))
