@@ -325,33 +325,44 @@ def shadow_copy(module: nn.Module) -> nn.Module:
     return copy_tree(module)
 
 
-def _tensors_in(v: Any, depth: int) -> list[Tensor]:
+def _tensors_in(v: Any, depth: int, seen: set[int] | None = None) -> list[Tensor]:
+    """The tensors inside a bound argument: nested containers, dataclasses and plain objects, to ``depth``."""
     if isinstance(v, Tensor):
         return [v]
-    if depth <= 0:
+    seen = set() if seen is None else seen
+    if depth <= 0 or id(v) in seen or isinstance(v, (str, bytes, int, float, bool, type(None))):
         return []
-    if isinstance(v, (tuple, list)):
-        return [t for e in v for t in _tensors_in(e, depth - 1)]
+    seen.add(id(v))
     if isinstance(v, Mapping):
-        return [t for e in v.values() for t in _tensors_in(e, depth - 1)]
-    return []
+        items: Any = v.values()
+    elif isinstance(v, (tuple, list, set, frozenset)):
+        items = v
+    elif hasattr(v, "__dict__") and not callable(v) and not isinstance(v, nn.Module):
+        items = vars(v).values()
+    else:
+        return []
+    return [t for e in items for t in _tensors_in(e, depth - 1, seen)]
 
 
 def _content_key(t: Tensor) -> Any:
     """A digest of a bound argument's values. Programs fold masks built from these arguments into constants, and
-    the version counter misses edits through ``.data`` or a shared numpy buffer (``torch.from_numpy``): keyed on
-    identity and version alone, such an edit was served the old program. None where the values are not at hand
-    (a tensor wrapped by a transform or traced)."""
+    the version counter misses edits through ``.data`` or a shared numpy buffer (``torch.from_numpy``) and edits
+    of tensors nested deeper than the argument key looks: keyed on identity and version alone, such an edit was
+    served the old program. None where the values are not at hand (a tensor wrapped by a transform, fake, meta)."""
+    import hashlib
+
     from torch._C._functorch import is_functorch_wrapped_tensor
     from torch._subclasses.fake_tensor import FakeTensor
 
-    if is_functorch_wrapped_tensor(t) or isinstance(t, FakeTensor) or t.layout != torch.strided:
+    if (is_functorch_wrapped_tensor(t) or isinstance(t, FakeTensor) or t.layout != torch.strided
+            or t.device.type == "meta"):
         return None
-    with torch.no_grad():
+    # outside any functorch level: under torch.func.grad even t.detach() of a plain tensor comes back wrapped
+    with torch.no_grad(), torch._C._DisableFuncTorch():
         c = t.detach().resolve_conj().resolve_neg()
         c = (c if c.device.type == "cpu" else c.cpu()).contiguous().reshape(-1)
-        data = c.view(torch.uint8).numpy().tobytes() if c.numel() else b""
-    return (tuple(t.shape), t.dtype, hash(data))
+        digest = hashlib.sha1(c.view(torch.uint8).numpy(), usedforsecurity=False).digest() if c.numel() else b""
+    return (tuple(t.shape), t.dtype, digest)
 
 
 class BoundModel(FunctionalModel):
@@ -378,7 +389,7 @@ class BoundModel(FunctionalModel):
         inner = self.inner.fingerprint() if isinstance(self.inner, FunctionalModel) else function_fingerprint(self.inner)
         refs: list[Any] = []
         args = _value_key((self.args, self.kwargs), 3, {}, refs)
-        contents = tuple(_content_key(t) for t in _tensors_in((self.args, self.kwargs), 3))
+        contents = tuple(_content_key(t) for t in _tensors_in((self.args, self.kwargs), 8))
         return self._interned(Fingerprint(("bound", inner, args, contents), refs))
 
     def shadow(self, fingerprint: Any = None) -> nn.Module:
