@@ -883,10 +883,11 @@ def forward(
         raise AssertionError("static program run at a different batch size")
     batch = xs[0].shape[0]
     if only is None and not torch.compiler.is_compiling():  # the same steps as straight-line code
-        for name in _straight(program).param_names:
+        code = _straight(program)
+        for name in code.param_names:
             if name not in params:
                 raise ValueError(f"params is missing '{name}', which model_fn uses")
-        run = _straight(program).forward(aux is not None, shared is not None, drop)
+        run = code.forward(aux is not None, shared is not None, drop)
         return run([None] * len(program.nodes), params, xs, shared, aux, batch)
     env: list[Any] = [None] * len(program.nodes)
     for node in program.nodes:
@@ -939,12 +940,18 @@ def _attention_with_vjp(node: Node, env: Sequence[Any], aux: dict[int, Any], arg
     return out.detach()
 
 
+def plain_eager(*ts: Tensor) -> bool:
+    """Plain eager tensors: not compiled, traced (a dispatch mode), transformed (functorch) or differentiated,
+    and no subclass. Only for those may a value be cached across calls or a kernel write with ``out=``."""
+    return not (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None) and all(
+        type(t) is Tensor and not t.requires_grad and not is_functorch_wrapped_tensor(t) for t in ts)
+
+
 def _standin(v: Any) -> Any:
     """A released value's stand-in: its shape, dtype and device, no memory (a zero-stride expand of a zero)."""
     if not isinstance(v, Tensor):
         return None
-    if (torch.compiler.is_compiling() or v.requires_grad or type(v) is not Tensor or is_functorch_wrapped_tensor(v)
-            or _get_current_dispatch_mode() is not None):  # transformed or traced: an op of the program
+    if not plain_eager(v):  # transformed or traced: an op of the program
         return v.new_zeros(()).expand(v.shape)
     key = (v.shape, v.dtype, v.device)
     hit = _STANDINS.get(key)

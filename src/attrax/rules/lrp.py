@@ -29,11 +29,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch._C._functorch import is_functorch_wrapped_tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .._node import _ntuple
-from ..rewrite import Site, aten_op, exact_vjp
+from ..rewrite import Site, aten_op, exact_vjp, plain_eager
 from .deeplift import Gradient
 from .graph import POOLS, WEIGHTED, dependent_operands, region_source, stacked_sum
 
@@ -77,15 +75,9 @@ def damp(g: Tensor, z: Tensor, epsilon: float, clip: bool = False, norm_scale: b
     # g - eps g / (|z| + eps) = g |z| / (|z| + eps) = g z / (z + eps sign z) with sign(0) = 1 (0 at z = 0):
     # three kernels (abs, add, addcdiv), two buffers; the quotient form took five
     den = z.abs().to(g.dtype).add_(epsilon)
-    if den.shape == g.shape and _plain(g, z):  # eager: the result written over the buffer made here
+    if den.shape == g.shape and plain_eager(g, z):  # eager: the result written over the buffer made here
         return torch.addcdiv(g, g, den, value=-epsilon, out=den)
     return torch.addcdiv(g, g, den, value=-epsilon)
-
-
-def _plain(*ts: Tensor) -> bool:
-    """Plain eager tensors (not traced, transformed or differentiated), where ``out=`` kernels may run."""
-    return not (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or any(
-        t.requires_grad or is_functorch_wrapped_tensor(t) for t in ts))
 
 
 #: ``f(x) / x`` of activations, for the identity rule in gradient form: SiLU's is the sigmoid, exact GELU's
