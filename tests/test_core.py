@@ -175,3 +175,80 @@ def test_value_checks_skip_captured_constants_while_tracing():
                  tracing_mode="symbolic", _allow_non_fake_inputs=True)(torch.randn(2, 4))
     x = torch.randn(3, 4)
     torch.testing.assert_close(gm(x), ax.integrated_gradients(model_fn, params, x, 0, baseline=const, n_steps=2))
+
+
+WATCHED_SCALE = 1.0
+
+
+class _Cfg:
+    def __init__(self) -> None:
+        self.slope, self.extra = 0.1, {"a": {"b": 1.0}}
+
+
+class _Watched(nn.Module):
+    k = 1.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.cfg, self.names, self.tags, self.t = _Cfg(), [1, 2], {"x"}, torch.ones(6)
+
+    def forward(self, x):
+        return self.l2(torch.nn.functional.leaky_relu(self.l1(x), self.cfg.slope) * self.t * WATCHED_SCALE * self.k)
+
+
+def test_watched_fingerprint_equals_the_full_one_after_every_kind_of_edit() -> None:
+    """FunctionalModel.fingerprint() re-checks what the last full fingerprint read (core._Watch) instead of
+    computing it again: after each edit it must equal the full computation, and differ from before."""
+    from attrax.core import module_fingerprint
+
+    global WATCHED_SCALE
+    model = _Watched()
+    f, _ = ax.functionalize(model)
+    sub = type("_WatchedSub", (_Watched,), {})
+    edits = {
+        "scalar": lambda: setattr(model.cfg, "slope", 0.2),
+        "nested dict": lambda: model.cfg.extra["a"].__setitem__("b", 2.0),
+        "list": lambda: model.names.append(3),
+        "set": lambda: model.tags.add("y"),
+        "tensor in place": lambda: model.t.mul_(2),
+        "class attribute": lambda: setattr(_Watched, "k", 2.0),
+        "global": lambda: globals().__setitem__("WATCHED_SCALE", 2.0),
+        "hook": lambda: model.l1.register_forward_hook(lambda *a: None),
+        "parameter replaced": lambda: setattr(model.l1, "weight", nn.Parameter(model.l1.weight.detach().clone())),
+        "training": lambda: model.l2.train(not model.l2.training),
+        "child replaced": lambda: setattr(model, "l2", nn.Linear(6, 3)),
+        "class swapped": lambda: setattr(model, "__class__", sub),
+        "forward on the instance": lambda: setattr(model.l1, "forward", lambda x: x),
+        "attribute renamed": lambda: (setattr(model.cfg, "other", model.cfg.__dict__.pop("extra"))),
+    }
+    try:
+        for name, edit in edits.items():
+            before = f.fingerprint()
+            assert f.fingerprint() is before and f.__dict__["_watched"] is not None, name  # the watched path
+            edit()
+            after = f.fingerprint()
+            assert after != before, name
+            assert after == module_fingerprint(model), name
+    finally:
+        WATCHED_SCALE, _Watched.k = 1.0, 1.0
+
+
+def test_fingerprint_is_computed_once_per_method_call(monkeypatch) -> None:
+    import attrax.core as core
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    f, p = ax.functionalize(model)
+    x = torch.randn(2, 4)
+    ax.lrp(f, p, x, 1)
+    calls = []
+    real = core.FunctionalModel._fingerprint_now
+    monkeypatch.setattr(core.FunctionalModel, "_fingerprint_now", lambda self: calls.append(1) or real(self))
+    for method in (ax.lrp, ax.deeplift, ax.guided_backprop):
+        calls.clear()
+        method(f, p, x, 1)
+        assert len(calls) == 1, method
+    model[0].weight.data.mul_(1)  # values are not part of it; structure is:
+    model[1] = nn.Tanh()
+    calls.clear()
+    torch.testing.assert_close(ax.deeplift(f, p, x, 1), ax.deeplift(*ax.functionalize(model), x, 1))

@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import itertools
 import numbers
+import operator
 import threading
 import warnings
 from collections import OrderedDict
@@ -61,8 +63,43 @@ class FunctionalModel:
         self._injected = _Injected()
 
     def fingerprint(self) -> Any:
-        """A hashable summary of everything about the module that can change its traced graph."""
-        return self._interned(module_fingerprint(self.module))
+        """A hashable summary of everything about the module that can change its traced graph. Within one call
+        of a method (:func:`one_fingerprint`) it is computed once."""
+        scope = _CALL_FINGERPRINTS.get()
+        if scope is None:
+            return self._fingerprint_now()
+        hit = scope.get(id(self))
+        if hit is None:
+            hit = scope[id(self)] = (self, self._fingerprint_now())  # self held: its id stays this model's
+        return hit[1]
+
+    def derived(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()``, computed once per fingerprint: what follows from the module's structure alone (its
+        parameter names, training flags)."""
+        fp = self.fingerprint()
+        memo = self.__dict__.get("_derived")
+        if memo is None or memo[0] is not fp:
+            memo = self.__dict__["_derived"] = (fp, {})
+        table = memo[1]
+        if key not in table:
+            table[key] = compute()
+        return table[key]
+
+    def _fingerprint_now(self) -> Any:
+        """The last fingerprint where nothing it was computed from changed since (``_Watch``), else a new one."""
+        last = self.__dict__.get("_watched")
+        if last is not None and last[1].unchanged():
+            return last[0]
+        watch = _Watch()
+        fp = self._interned(module_fingerprint(self.module, watch))
+        # kept only if the model read again after the watch took its state gives the same fingerprint (another
+        # thread may change the module meanwhile): the state is then one this fingerprint is right for
+        keep = False
+        if watch.valid:
+            watch.seal()
+            keep = module_fingerprint(self.module) == fp
+        self.__dict__["_watched"] = (fp, watch) if keep else None
+        return fp
 
     def _interned(self, fp: Any) -> Any:
         """``fp``, or the equal fingerprint this model returned last time: memo keys holding the same object
@@ -185,17 +222,23 @@ _SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torc
             torch.memory_format)
 
 
-def _value_key(v: Any, depth: int, seen: dict[int, Any], refs: list[Any]) -> Any:
+def _value_key(v: Any, depth: int, seen: dict[int, Any], refs: list[Any], watch: _Watch | None = None) -> Any:
     """What about attribute value ``v`` can change a trace: scalars by value, tensors by identity and
     version, containers and plain objects (configs) by their items, other objects by identity.
     Every object keyed by identity is appended to ``refs``, which the fingerprint keeps alive, so
-    an identity is never reused by another object while a memo entry holds the key."""
+    an identity is never reused by another object while a memo entry holds the key. ``watch``, if
+    given, is told every mutable thing read (:class:`_Watch`)."""
     if isinstance(v, _SCALARS):
         return v
     refs.append(v)
     if isinstance(v, Tensor):
+        if watch is not None:
+            watch.tensors.append(v)
         return ("T", id(v), v._version)
     if isinstance(v, nn.Module):  # a module outside the tree (kept in a plain list): its own settings
+        if watch is not None:
+            watch.typed.append(v)
+            watch.mapping(vars(v))
         return ("M", id(v), type(v), tuple((k, e) for k, e in vars(v).items() if type(e) in _SCALAR_TYPES))
     if callable(v) or depth <= 0:
         return ("O", id(v))
@@ -204,20 +247,94 @@ def _value_key(v: Any, depth: int, seen: dict[int, Any], refs: list[Any]) -> Any
         return seen[key]
     seen[key] = ("O", key)  # cycles
     if isinstance(v, (tuple, list)):
-        out: Any = (type(v).__name__, tuple(_value_key(e, depth - 1, seen, refs) for e in v))
+        if watch is not None and type(v) is not tuple:
+            watch.sequence(v)
+        out: Any = (type(v).__name__, tuple(_value_key(e, depth - 1, seen, refs, watch) for e in v))
     elif isinstance(v, (set, frozenset)):
-        out = ("set", tuple(sorted(repr(_value_key(e, depth - 1, seen, refs)) for e in v)))
+        if watch is not None and type(v) is not frozenset:
+            watch.sequence(v)
+        out = ("set", tuple(sorted(repr(_value_key(e, depth - 1, seen, refs, watch)) for e in v)))
     elif isinstance(v, Mapping):
-        out = ("map", tuple((repr(k), _value_key(e, depth - 1, seen, refs)) for k, e in v.items()))
+        if watch is not None:
+            watch.mapping(v)
+        out = ("map", tuple((repr(k), _value_key(e, depth - 1, seen, refs, watch)) for k, e in v.items()))
     elif hasattr(v, "__dict__"):
-        out = (type(v), key, tuple((k, _value_key(e, depth - 1, seen, refs)) for k, e in vars(v).items()))
+        if watch is not None:
+            watch.typed.append(v)
+            watch.mapping(vars(v))
+        out = (type(v), key, tuple((k, _value_key(e, depth - 1, seen, refs, watch)) for k, e in vars(v).items()))
     elif getattr(type(v), "__slots__", None):  # slotted objects (dataclass(slots=True) configs)
+        if watch is not None:
+            watch.valid = False
         names = [n for cls in type(v).__mro__ for n in getattr(cls, "__slots__", ()) if hasattr(v, n)]
-        out = (type(v), key, tuple((n, _value_key(getattr(v, n), depth - 1, seen, refs)) for n in names))
+        out = (type(v), key, tuple((n, _value_key(getattr(v, n), depth - 1, seen, refs, watch)) for n in names))
     else:
         out = ("O", key)
     seen[key] = out
     return out
+
+
+class _Watch:
+    """Everything a :func:`module_fingerprint` read that can change without changing identity, to tell cheaply
+    whether the fingerprint would come out the same (:meth:`unchanged`; the full walk costs ~10 us a module).
+
+    The fingerprint reads attribute values by identity (objects), by value (scalars: immutable, so
+    identity implies value) or by content (containers, plain objects' attributes, tensors' versions,
+    types). So: the same objects in every dict it read (module ``__dict__``, parameter/buffer/child
+    dicts, hooks, configs' ``vars``), in every list and set, the same types of the modules and objects
+    it read, the same tensor versions, and per module class the same class attributes, ``forward``,
+    code and named globals. Where equal, every value the fingerprint reads is equal, so it is. A
+    container type it cannot check at C speed (a Mapping other than dict, a slotted object) makes the
+    watch invalid: the fingerprint is then computed in full every time, as before.
+    """
+
+    __slots__ = ("dicts", "seqs", "typed", "tensors", "classes", "valid", "_state")
+
+    def __init__(self) -> None:
+        self.dicts: list[dict[Any, Any]] = []
+        self.seqs: list[Any] = []
+        self.typed: list[Any] = []
+        self.tensors: list[Tensor] = []
+        self.classes: list[Any] = []  # (cls, forward, class values, code, globals, names, their values)
+        self.valid = True
+        self._state: Any = None
+
+    def mapping(self, d: Any) -> None:
+        if type(d) is dict or type(d) is OrderedDict:
+            self.dicts.append(d)
+        else:
+            self.valid = False
+
+    def sequence(self, v: Any) -> None:
+        self.seqs.append(v)
+
+    def seal(self) -> _Watch:
+        self._state = self._now()
+        return self
+
+    def _now(self) -> Any:
+        chain, dicts, seqs = itertools.chain.from_iterable, self.dicts, self.seqs
+        return (tuple(map(len, dicts)), tuple(chain(dicts)), tuple(chain(map(dict.values, dicts))),
+                tuple(map(len, seqs)), tuple(chain(seqs)), tuple(map(type, self.typed)),
+                tuple(t._version for t in self.tensors))
+
+    def unchanged(self) -> bool:
+        """Every watched thing is as when :meth:`seal` was called (identities compared, never values)."""
+        lens, keys, vals, seq_lens, seq_vals, types, versions = self._state
+        chain, dicts, seqs, is_ = itertools.chain.from_iterable, self.dicts, self.seqs, operator.is_
+        if tuple(map(len, dicts)) != lens or tuple(map(len, seqs)) != seq_lens:
+            return False
+        if not (all(map(is_, chain(dicts), keys)) and all(map(is_, chain(map(dict.values, dicts)), vals))
+                and all(map(is_, chain(seqs), seq_vals)) and all(map(is_, map(type, self.typed), types))):
+            return False
+        if tuple(t._version for t in self.tensors) != versions:
+            return False
+        for cls, forward, values, code, globs, names, named in self.classes:
+            if (_forward_of(cls) is not forward or getattr(forward, "__code__", None) is not code
+                    or not all(map(is_, vars(cls).values(), values)) or len(vars(cls)) != len(values)
+                    or not all(map(is_, map(globs.get, names), named))):
+                return False
+        return True
 
 
 class Fingerprint:
@@ -235,7 +352,7 @@ class Fingerprint:
         return self._hash
 
 
-def module_fingerprint(module: nn.Module) -> Fingerprint:
+def module_fingerprint(module: nn.Module, watch: _Watch | None = None) -> Fingerprint:
     """Everything about ``module`` that can change what a trace of it records.
 
     Per submodule, in tree order: its identity and type, the names and identities of its
@@ -256,6 +373,9 @@ def module_fingerprint(module: nn.Module) -> Fingerprint:
         refs.append(m)
         parts.append(id(m))
         parts.append(type(m))
+        if watch is not None:
+            watch.typed.append(m)
+            watch.mapping(m.__dict__)
         for k, v in m.__dict__.items():
             tv = type(v)
             if tv in scalars:
@@ -263,39 +383,55 @@ def module_fingerprint(module: nn.Module) -> Fingerprint:
             elif k in _STRUCTURAL:
                 refs.append(tuple(v.values()))
                 parts.append(tuple((n, id(t)) for n, t in v.items()))
+                if watch is not None:
+                    watch.mapping(v)
                 if k == "_modules":
                     stack.extend(c for c in reversed(v.values()) if c is not None)
             elif (tv is dict or tv is OrderedDict or tv is set) and not v:
                 parts.append(0)
+                if watch is not None:
+                    watch.sequence(v) if tv is set else watch.mapping(v)
             elif tv is tuple and all(type(e) in scalars for e in v):
                 parts.append(v)
             else:
-                parts.append((k, _value_key(v, 3, seen, refs)))
+                parts.append((k, _value_key(v, 3, seen, refs, watch)))
         cls = type(m)
         if cls not in classes:
-            classes[cls] = _class_key(cls, seen, refs)
+            classes[cls] = _class_key(cls, seen, refs, watch)
     parts.append(tuple(classes.items()))
     for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                  "_global_backward_pre_hooks"):
-        hooks = tuple(getattr(_m, name, {}).values())
+        table = getattr(_m, name, {})
+        hooks = tuple(table.values())
         refs.append(hooks)
         parts.append(tuple(map(id, hooks)))
+        if watch is not None:
+            watch.mapping(table)
     return Fingerprint(tuple(parts), refs)
 
 
-def _class_key(cls: type, seen: dict[int, Any], refs: list[Any]) -> Any:
+def _forward_of(cls: type) -> Any:
+    return cls.__dict__.get("forward") or getattr(cls, "forward", None)
+
+
+def _class_key(cls: type, seen: dict[int, Any], refs: list[Any], watch: _Watch | None = None) -> Any:
     """What a module class contributes besides its instances: its ``forward`` (code, defaults, closure, and
     the module-level globals it names, e.g. a ``SCALE`` constant) and its plain class attributes."""
     refs.append(cls)
-    forward = cls.__dict__.get("forward") or getattr(cls, "forward", None)
+    forward = _forward_of(cls)
     attrs = tuple((k, v) for k, v in vars(cls).items() if type(v) in _SCALAR_TYPES and not k.startswith("__"))
+    code = getattr(forward, "__code__", None)
+    globs = getattr(forward, "__globals__", None)
+    if watch is not None:
+        names = tuple(code.co_names) if code is not None and isinstance(globs, dict) else ()
+        watch.classes.append((cls, forward, tuple(vars(cls).values()), code, globs if names else {}, names,
+                              tuple(map(globs.get, names)) if names else ()))
     if forward is None or (getattr(forward, "__module__", None) or "").startswith("torch."):
         return (id(forward), attrs)
-    code = getattr(forward, "__code__", None)
     if code is None:
         return (id(forward), attrs)
-    globs = getattr(forward, "__globals__", {})
-    named = tuple((n, _value_key(globs[n], 2, seen, refs)) for n in code.co_names
+    globs = globs if globs is not None else {}
+    named = tuple((n, _value_key(globs[n], 2, seen, refs, watch)) for n in code.co_names
                   if n in globs and not _is_module_object(globs[n]) and not isinstance(globs[n], type))
     return (id(forward), attrs, named)
 
@@ -385,7 +521,7 @@ class BoundModel(FunctionalModel):
         self._programs = model_fn._programs if inner_memo else _Memo(self.memo_size)
         self._shadow = None
 
-    def fingerprint(self) -> Any:
+    def _fingerprint_now(self) -> Any:
         inner = self.inner.fingerprint() if isinstance(self.inner, FunctionalModel) else function_fingerprint(self.inner)
         refs: list[Any] = []
         args = _value_key((self.args, self.kwargs), 3, {}, refs)
@@ -445,6 +581,26 @@ def bind_forward_args(model_fn: Any, args: Any, x: Any) -> BoundModel:
     return BoundModel(model_fn, args, int(first.shape[0]), kwargs)
 
 
+#: within a method call: ``{id(model): (model, fingerprint)}`` (:func:`one_fingerprint`)
+_CALL_FINGERPRINTS: contextvars.ContextVar[dict[int, Any] | None] = contextvars.ContextVar(
+    "attrax_call_fingerprints", default=None)
+
+
+@contextlib.contextmanager
+def one_fingerprint() -> Iterator[None]:
+    """Within: each model's fingerprint is computed once (a method's checks, its program, shadow and plan
+    lookups all read it; computing it walks the module tree). Entered by every public method (``forward_args``);
+    a nested call shares the outer one's. Not under torch.compile (the methods' program lookups run once there)."""
+    if _CALL_FINGERPRINTS.get() is not None:
+        yield
+        return
+    token = _CALL_FINGERPRINTS.set({})
+    try:
+        yield
+    finally:
+        _CALL_FINGERPRINTS.reset(token)
+
+
 def forward_args(method: Callable[..., Any]) -> Callable[..., Any]:
     """Give a method the ``additional_forward_args=`` keyword (API §9): extra model arguments after
     ``x``, never attributed, repeated alongside ``x`` wherever the method folds copies into the batch."""
@@ -464,7 +620,10 @@ def forward_args(method: Callable[..., Any]) -> Callable[..., Any]:
                 args[m_at] = bind_forward_args(args[m_at], additional_forward_args, x)
             else:
                 kwargs["model_fn"] = bind_forward_args(kwargs["model_fn"], additional_forward_args, x)
-        return method(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            return method(*args, **kwargs)
+        with one_fingerprint():
+            return method(*args, **kwargs)
 
     return wrapper
 
@@ -537,7 +696,7 @@ class _FunctionModel(FunctionalModel):
         self._programs = _Memo(self.memo_size)
         self._shadow = None
 
-    def fingerprint(self) -> Any:
+    def _fingerprint_now(self) -> Any:
         return self._interned(function_fingerprint(self.fn))
 
     def __call__(self, params: Params, *x: Tensor) -> Tensor:
@@ -602,7 +761,10 @@ def warn_training(model_fn: Any) -> None:
     """One ``UserWarning`` naming the layers of ``model_fn``'s module that are in training mode and make
     attributions random or batch-dependent (dropout, BatchNorm); silent in ``value_and_attribution``."""
     module = getattr(model_fn, "module", None)
-    if not isinstance(module, nn.Module) or not module.training and not any(m.training for m in module.modules()):
+    if not isinstance(module, nn.Module) or not module.training and not (
+            model_fn.derived("any_training", lambda: any(m.training for m in module.modules()))
+            if isinstance(model_fn, FunctionalModel) and not torch.compiler.is_compiling()
+            else any(m.training for m in module.modules())):
         return
     if keeps_graph() or torch.compiler.is_compiling() or _TRAINING_WARNED.get():
         return
@@ -773,13 +935,14 @@ def check_param_names(model_fn: Any, params: Mapping[str, Tensor]) -> None:
     module = model_fn.module if isinstance(model_fn, FunctionalModel) else None
     if not isinstance(module, nn.Module) or torch.compiler.is_compiling():
         return
-    modules = dict(module.named_modules(remove_duplicate=False))  # one walk: 2x faster than named_parameters
-    unknown = []
-    for k in params:
-        prefix, _, name = k.rpartition(".")
-        owner = modules.get(prefix)
-        if owner is None or (name not in owner._parameters and name not in owner._buffers):
-            unknown.append(k)
+
+    def names() -> frozenset[str]:  # every slot a module has for a parameter or buffer, by every path to it
+        return frozenset(f"{prefix}.{name}" if prefix else name
+                         for prefix, owner in module.named_modules(remove_duplicate=False)
+                         for name in (*owner._parameters, *owner._buffers))
+
+    known_names = model_fn.derived("param_names", names)
+    unknown = [k for k in params if k not in known_names]
     if unknown:
         import difflib
 
