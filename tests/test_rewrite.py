@@ -188,3 +188,56 @@ def test_functional_spellings_share_one_program_shape():
     x = torch.randn(2, 3)
     pa, pb = program_for(a, p, (x,)), program_for(b, p, (x,))
     assert [n.target for n in pa.nodes] == [n.target for n in pb.nodes]
+
+
+class _Head(nn.Module):
+    """A language-model-shaped toy: (B, T, D) -> (B, T, V) with a dense head over every position."""
+
+    def __init__(self, pick):
+        super().__init__()
+        self.body, self.head, self.pick = nn.Linear(6, 8), nn.Linear(8, 5, bias=False), pick
+
+    def forward(self, x):
+        return self.pick(self.head(F.gelu(self.body(x))))
+
+
+def _heads(pick):
+    torch.manual_seed(0)
+    f, p = ax.functionalize(_Head(pick).double().eval())
+    return f, p, torch.randn(3, 4, 6, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("pick, plain", [(lambda h: h[:, -1], True), (lambda h: h[:, 1:3].sum(1), False),
+                                         (lambda h: h[:, 2], True)])
+def test_selected_head_runs_on_the_selected_rows(pick, plain):
+    from attrax.rewrite import select_before_linear
+
+    f, p, x = _heads(pick)
+    program = select_before_linear(program_for(f, p, (x,)))
+    head = next(n for n in program.nodes if n.module == "head")
+    assert head.shape[1] != 4 and program.nodes[head.args[0][1]].packet in ("select", "slice")
+    env = forward(program, p, (x,))
+    torch.testing.assert_close(env[program.output], f(p, x), rtol=1e-12, atol=1e-12)
+    # lrp (gradient form, the moved head) equals the relevance form (traced as is) and, for a plain
+    # selection, the same head explained over every position with the selection in the target
+    for comp in (None, ax.composites.attn_lrp(), ax.composites.epsilon_plus()):
+        moved = ax.lrp(f, p, x, 2, composite=comp)
+        torch.testing.assert_close(moved, ax.lrp(f, p, x, 2, composite=comp, form="relevance"), rtol=1e-10, atol=1e-13)
+        if not plain:
+            continue
+        whole, pw = ax.functionalize(_Head(lambda h: h).double().eval())
+        pw = {k: p[k] for k in pw}
+        torch.testing.assert_close(moved, ax.lrp(whole, pw, x, lambda out: pick(out)[:, 2], composite=comp),
+                                   rtol=1e-10, atol=1e-13)
+    # the program other methods use keeps the head whole: CRP over the head's channels after an lrp call
+    kept = ax.conditional(f, p, x, 2, [{"head": list(range(5))}], exclude_parallel=False)
+    torch.testing.assert_close(kept[0], ax.lrp(f, p, x, 2), rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("pick", [lambda h: h[..., :3], lambda h: h[:, -1] + h.mean(1), lambda h: h[0]])
+def test_head_stays_where_the_selection_is_not_along_rows_of_it_alone(pick):
+    from attrax.rewrite import select_before_linear
+
+    f, p, x = _heads(pick)
+    program = program_for(f, p, (x,))
+    assert select_before_linear(program) is program

@@ -22,7 +22,8 @@ from .canonizers import merge_batchnorm
 from .composites import Composite, Kind, TracedOp, as_composite
 from .core import FunctionalModel, eager_no_grad, forward_args, publish_output
 from .deeplift import seed
-from .rewrite import Node, Program, Site, Streams, forward, memoised, program_spec, reverse, substitute, trace_program
+from .rewrite import (Node, Program, Site, Streams, forward, memoised, program_spec, reverse, select_before_linear, substitute,
+                      trace_program)
 from .rules.deeplift import DeconvReLU, Gradient, GuidedReLU
 from .rules.graph import (CONTRACTIONS, ELEMENTWISE_PRODUCTS, MAXPOOL, POOLS, SOFTMAX, WEIGHTED, dependent_operands,
                           is_elementwise, is_linear, n_dep, normalization, reduces_max, region_source, scale_operand)
@@ -366,6 +367,9 @@ def _prepare(model_fn: Any, spec: tuple[Any, ...], batch: int | None, composite:
     for i, fn in enumerate(canonize):  # memoised per prefix of the sequence: each step's input is determined by it
         program = memoised(model_fn, ("canonize", canonize[: i + 1], spec, batch, fused),
                            lambda p=program, f=fn: _canonized(f, p), fingerprint=fp)
+    if release:  # lrp: relevance at the input only, so a selected head may run on the selected rows
+        program = memoised(model_fn, ("select_first", spec, batch, canonize, fused),
+                           lambda p=program: select_before_linear(p), fingerprint=fp)
     comp = as_composite(composite)
 
     def plan() -> tuple[Any, ...]:
@@ -374,7 +378,7 @@ def _prepare(model_fn: Any, spec: tuple[Any, ...], batch: int | None, composite:
     # the plan is data too: memoised per composite value where that is plain data (a transformer's
     # graph has thousands of nodes to classify); a callable composite or one holding tensors is asked anew
     plain = comp is None or (isinstance(comp, Composite) and _plain(comp))
-    key = (spec, batch, canonize, comp, fused)
+    key = (spec, batch, canonize, comp, fused, release)  # release: the program with the head moved (above)
     rules = memoised(model_fn, ("lrp_plan", *key), plan, fingerprint=fp) if plain else plan()
     if not release:
         return program, rules
