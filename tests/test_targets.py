@@ -245,3 +245,17 @@ def test_ragged_target_lists_are_named():
     f, p = ax.functionalize(torch.nn.Linear(4, 3).eval())
     with pytest.raises(TypeError, match=r"target sequence must be a flat sequence of ints.*output shape \(3, 3\)"):
         ax.gradient(f, p, torch.randn(3, 4), [(1,), (2,), 1])
+
+
+def test_out_of_range_targets_raise_under_vmap_over_targets() -> None:
+    """The seed's range check reads the targets' values; vmapped targets have none at hand, and there the
+    selection's own index check must still fail (a wrapped index would pick another class silently)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3)).double().eval()
+    f, p = ax.functionalize(model)
+    x = torch.randn(2, 5, dtype=torch.float64)
+    for method in (ax.lrp, ax.deeplift):
+        with pytest.raises((RuntimeError, ValueError), match="out of (bounds|range)"):
+            torch.vmap(lambda t: method(f, p, x, t))(torch.tensor([[0, 1], [7, 1]]))
+        with pytest.raises(ValueError, match=r"must lie in \[-3, 3\)"):
+            method(f, p, x, torch.tensor([7, 1]))

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ._types import ModelFn, Params, Target, TensorOrTuple
-from .core import baselines_for, check_positive_int, chunks, eager_no_grad, publish_output, forward_args
+from .core import baselines_for, check_positive_int, chunks, eager_no_grad, forward_args, is_concrete, publish_output
 from .rewrite import Node, Program, Streams, forward, program_for, substitute
 from .rules.deeplift import (Bilinear, CrossMax, DeconvReLU, DisjointCrossMax, Gradient, GuidedReLU, NormScale,
                              ReduceCrossMax, ReluMaxPool, Rescale, SoftmaxRescale, upcast)
@@ -26,7 +26,7 @@ from .rules.graph import (BILINEAR, MAXPOOL, PIECEWISE_CONSTANT, RELU, SOFTMAX, 
                           exclusive_relu_input, is_elementwise, is_linear, n_dep, norm_scale_operand, reduces_max,
                           selected_by_input)
 from .rules.plan import run_plan
-from .targets import ResolvedTarget, prepare_call, repeat_target, select
+from .targets import ResolvedTarget, check_selects, prepare_call, repeat_target, select
 from .gradients import _check_delta_flags, call_baseline, convergence_delta
 
 __all__ = ["deconvnet", "deeplift", "deeplift_shap", "guided_backprop"]
@@ -103,7 +103,12 @@ def seed(out: Tensor, target: ResolvedTarget) -> Tensor:
     if target.kind == "callable":
         selected, pullback = torch.func.vjp(lambda o: select(o, target), out)
         return pullback(torch.ones_like(selected))[0]
-    select(out, target)  # validates the target against the output's shape
+    if target.kind == "tensor" and (torch.compiler.is_compiling() or not is_concrete(target.value)):
+        # no values to check the range on (compiled, vmapped over targets): the selection's own index check
+        # fails instead (a compiled explainer reruns eagerly for the method's error)
+        select(out, target)
+    else:
+        check_selects(out, target)  # the target against the output's shape and range
     if target.kind == "none":
         return torch.ones_like(out)
     if target.kind == "tensor":

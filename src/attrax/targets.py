@@ -190,14 +190,9 @@ def select(out: Tensor, target: ResolvedTarget) -> Tensor:
     ``out`` may hold several stacked copies of the user's batch (steps, samples,
     perturbations); errors still name the output shape of the user's call.
     """
-    if not isinstance(out, Tensor):
-        raise TypeError(f"model_fn must return a Tensor of shape (B, ...), got {_describe(out)}")
-    if out.ndim == 0:
-        raise ValueError("model_fn returned a 0-d tensor; the output must have a batch dimension (B, ...)")
+    check_selects(out, target)
     batch = out.shape[0]
     kind, t = target.kind, target.value
-    shape = lambda: _user_shape(out, target)  # noqa: E731 - only built for an error message
-    _check_against(target, tuple(out.shape[1:]), shape, values=not target.checked)
     if kind == "none":
         return out.reshape(batch)
     if kind == "int":
@@ -206,14 +201,28 @@ def select(out: Tensor, target: ResolvedTarget) -> Tensor:
         return out[(slice(None),) + t]
     if kind == "tensor":
         idx = t.to(out.device)
-        if idx.ndim == 1 and idx.shape[0] != batch:
-            raise ValueError(f"target has {idx.shape[0]} entries but the output of shape {tuple(out.shape)} has {batch} rows")
         idx = torch.where(idx < 0, idx + out.shape[1], idx)  # Python indexing: -1 is the last class
         return out.gather(1, idx.expand(batch).unsqueeze(1)).squeeze(1)
     fn: Callable[[Tensor], Tensor] = t
     value = fn(out)
-    _check_callable_value(value, batch, shape)
+    _check_callable_value(value, batch, lambda: _user_shape(out, target))
     return value
+
+
+def check_selects(out: Tensor, target: ResolvedTarget) -> None:
+    """The checks of :func:`select` that need no selection: ``out`` is a batched tensor and ``target`` fits
+    its shape (a callable target is checked when called)."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"model_fn must return a Tensor of shape (B, ...), got {_describe(out)}")
+    if out.ndim == 0:
+        raise ValueError("model_fn returned a 0-d tensor; the output must have a batch dimension (B, ...)")
+    batch = out.shape[0]
+    shape = lambda: _user_shape(out, target)  # noqa: E731 - only built for an error message
+    _check_against(target, tuple(out.shape[1:]), shape, values=not target.checked)
+    if target.kind == "tensor":
+        idx = target.value
+        if idx.ndim == 1 and idx.shape[0] != batch:
+            raise ValueError(f"target has {idx.shape[0]} entries but the output of shape {tuple(out.shape)} has {batch} rows")
 
 
 def _check_callable_value(value: Any, rows: int, shape: Callable[[], tuple[int, ...]]) -> None:
@@ -278,11 +287,19 @@ def _check_against(
     elif kind == "tensor":
         _need_2d(dims, shape, "a tensor")
         n = dims[0]
-        if values and is_concrete(t) and t.numel() and bool(((t < -n) | (t >= n)).any()):
+        if values and is_concrete(t) and t.numel() and _out_of_range(t, n):
             raise ValueError(
                 f"target values must lie in [{-n}, {n}) for output of shape {shape()}, got "
                 f"min {int(t.min())} and max {int(t.max())}"
             )
+
+
+def _out_of_range(t: Tensor, n: int) -> bool:
+    """Some entry of the index tensor ``t`` lies outside ``[-n, n)`` (a short CPU tensor: read as Python ints,
+    one op instead of four)."""
+    if t.device.type == "cpu" and t.numel() <= 4096 and not t.is_floating_point() and not torch.compiler.is_compiling():
+        return any(v < -n or v >= n for v in t.reshape(-1).tolist())
+    return bool(((t < -n) | (t >= n)).any())
 
 
 def repeat_target(target: ResolvedTarget, times: int) -> ResolvedTarget:
