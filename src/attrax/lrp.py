@@ -22,8 +22,8 @@ from .canonizers import merge_batchnorm
 from .composites import Composite, Kind, TracedOp, as_composite
 from .core import FunctionalModel, eager_no_grad, forward_args, publish_output
 from .deeplift import seed
-from .rewrite import (Node, Program, Site, Streams, forward, memoised, program_spec, reverse, select_before_linear, substitute,
-                      trace_program)
+from .rewrite import (Node, Program, Site, Streams, consumable, forward, memoised, per_program, plain_eager, program_spec,
+                      reverse, select_before_linear, substitute, trace_program)
 from .rules.deeplift import DeconvReLU, Gradient, GuidedReLU
 from .rules.graph import (CONTRACTIONS, ELEMENTWISE_PRODUCTS, MAXPOOL, POOLS, SOFTMAX, WEIGHTED, dependent_operands,
                           is_elementwise, is_linear, n_dep, normalization, reduces_max, region_source, scale_operand)
@@ -278,11 +278,56 @@ def run_gradient_form(program: Program, plan: tuple[Any, ...], streams: Streams,
                 return cls.gradient(rule, site, g)
         return Gradient.backward(rule, site, g)
 
+    if torch.compiler.is_compiling():
+        return reverse(program, seeds, backward)
+    moves = per_program(program, "gradient_moves", _gradient_moves)
+    env = streams.x
+
     def eager(node: Node, g: Any) -> dict[int, Any]:  # the same, dispatched on the exact type (gradient_form)
         rule = plan[node.index]
-        return {} if rule is None else _GRADIENT_BY_TYPE[type(rule)](rule, Site(node, streams), g)
+        if rule is None:
+            return {}
+        if type(rule) is Gradient:
+            move = moves.get(node.index)
+            if move is not None and isinstance(g, Tensor):
+                kind, ref, a, b = move
+                if kind == "reshape":
+                    return {ref: g.reshape(env[ref].shape)}
+                if kind == "transpose":
+                    return {ref: g.transpose(a, b)}
+                if g.dtype == env[ref].dtype:  # identity
+                    return {ref: g}
+        return _GRADIENT_BY_TYPE[type(rule)](rule, Site(node, streams), g)
 
-    return reverse(program, seeds, backward if torch.compiler.is_compiling() else eager)
+    return reverse(program, seeds, eager)
+
+
+_RESHAPES = frozenset(("view.default", "_unsafe_view.default", "reshape.default", "flatten.using_ints", "unflatten.int",
+                       "squeeze.default", "squeeze.dim", "squeeze.dims"))
+_IDENTITIES = frozenset(("clone.default", "contiguous.default", "alias.default", "lift_fresh_copy.default"))
+
+
+def _gradient_moves(program: Program) -> dict[int, tuple[str, int, Any, Any]]:
+    """``{node: (kind, input, a, b)}``: the nodes whose exact gradient only moves the cotangent (``_transpose``'s
+    reshape, transpose and identity transposes), for :func:`run_gradient_form` to apply directly. A transformer
+    has a hundred of them (head splits, transposes, eval dropout); the general path costs ~8 us of Python each.
+    Only where the input is the node's single tensor argument and the rest are constants."""
+    moves: dict[int, tuple[str, int, Any, Any]] = {}
+    for node in program.nodes:
+        if node.op != "call" or not node.dep or not node.target.startswith("aten.") or node.args[0][0] != "n":
+            continue
+        op, ref, rest = node.target[5:], node.args[0][1], node.args[1:]
+        if len(node.refs) != 1 or node.kwargs and op not in _RESHAPES:
+            continue
+        if op in _RESHAPES:
+            moves[node.index] = ("reshape", ref, None, None)
+        elif op == "transpose.int" and all(a[0] == "c" and type(a[1]) is int for a in rest[:2]):
+            moves[node.index] = ("transpose", ref, rest[0][1], rest[1][1])
+        elif op == "t.default":
+            moves[node.index] = ("transpose", ref, 0, -1) if node.shape is not None and len(node.shape) == 2 else None
+        elif op in _IDENTITIES or op == "dropout.default" and len(rest) == 2 and rest[1] == ("c", False):
+            moves[node.index] = ("identity", ref, None, None)
+    return {k: v for k, v in moves.items() if v is not None}
 
 
 _GRADIENT_BY_TYPE: dict[type, Any] = {Gradient: Gradient.backward, **{cls: cls.gradient for cls in _GRADIENT_FORM}}
@@ -490,7 +535,7 @@ def _prepare_form(model_fn: Any, spec: tuple[Any, ...], batch: int | None, compo
     if form == "relevance":
         return (*_prepare(model_fn, spec, batch, composite, canonize), None)
     program, plan, drop = _prepare(model_fn, spec, batch, composite, canonize, fused, release=True)
-    if fused and (drop is None or not _fusable(program)):  # attention decomposed: another rule needs the
+    if fused and (drop is None or not per_program(program, "fusable", _fusable)):  # attention decomposed: another rule needs the
         # relevance form, or a mask depends on the input / dropout is on (the fused rule has no part for those)
         program, plan, drop = _prepare(model_fn, spec, batch, composite, canonize, False, release=True)
     if form == "gradient" and drop is None:
@@ -622,7 +667,11 @@ def lrp(
         out = env[program.output]
         publish_output(xs, out)
         if drop is not None:
-            grads = run_gradient_form(program, plan, Streams(program, env, None, batch, aux), {program.output: seed(out, t)})
+            g = seed(out, t)
+            plain = plain_eager(out, g)  # then so is every value the pass makes (no grad, no transform)
+            streams = Streams(program, env, None, batch, aux, consume=consumable(program) if plain else frozenset(),
+                              plain=plain)  # one reverse pass: a rule may write over its node's value
+            grads = run_gradient_form(program, plan, streams, {program.output: g})
             result = tuple(xi * grads[i].to(xi.dtype) if i in grads else torch.zeros_like(xi) for i, xi in enumerate(xs))
             return result if is_tuple else result[0]
         start, scale = initial_relevance(out, t)

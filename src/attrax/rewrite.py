@@ -1001,6 +1001,8 @@ class _Straight:
         self.param_names = tuple(dict.fromkeys(n.target for n in program.nodes if n.op == "param"))
         self.ns: dict[str, Any] = {"_pool_params": pool_params, "_standin": _standin, "_attention": _attention_with_vjp}
         self._forwards: dict[Any, Any] = {}
+        self.consumable: frozenset[int] | None = None  # rewrite.consumable's answer
+        self.derived: dict[str, Any] = {}  # per_program's answers
         lines = []
         for node in program.nodes:
             if node.op == "call":
@@ -1116,6 +1118,16 @@ def _straight(program: Program) -> _Straight:
     return hit
 
 
+def per_program(program: Program, key: str, compute: Callable[[Program], Any]) -> Any:
+    """``compute(program)``, computed once per program (kept while the program lives): for what callers ask of
+    a program at every call (a whole-graph scan costs ~0.1 ms on a transformer)."""
+    table = _straight(program).derived
+    hit = table.get(key, _UNSET)
+    if hit is _UNSET:
+        hit = table[key] = compute(program)
+    return hit
+
+
 def pool_params(args: Sequence[Any], nd: int, with_input: bool = False) -> tuple[Any, ...]:
     """``(kernel, stride, padding, dilation, ceil_mode)`` of a ``max_poolNd`` call, normalised."""
     k = _ntuple(args[1], nd)
@@ -1150,7 +1162,8 @@ def reverse(
     """
     cot: dict[int, Any] = dict(seeds)
     result: dict[int, Any] = {}
-    for node in reversed(program.nodes):
+    order = reversed(program.nodes) if torch.compiler.is_compiling() else per_program(program, "reverse", _reverse_order)
+    for node in order:
         g = cot.pop(node.index, None)
         if g is None or not node.dep:
             continue
@@ -1175,6 +1188,11 @@ def reverse(
                 continue
             cot[ref] = grad if ref not in cot else cot[ref] + grad
     return result
+
+
+def _reverse_order(program: Program) -> tuple[Node, ...]:
+    """The nodes a reverse pass can visit (input-dependent calls and inputs), last first."""
+    return tuple(n for n in reversed(program.nodes) if n.dep and n.op in ("call", "input"))
 
 
 # ------------------------------------------------------------------ exact transposes
@@ -1245,6 +1263,11 @@ class Streams:
     batch: Any = None
     aux_x: dict[int, Any] = field(default_factory=dict)  # per-node extras of the x stream (pool indices)
     aux_ref: dict[int, Any] = field(default_factory=dict)
+    #: nodes of the x stream whose value its rule may overwrite (:func:`consumable`; one reverse pass only)
+    consume: frozenset[int] = frozenset()
+    #: every value of the pass is a plain eager tensor (:func:`plain_eager`), known by the caller: rules need
+    #: not ask per tensor; False: they ask
+    plain: bool = False
 
     def args(self, node: Node, which: str = "x") -> tuple[list[Any], dict[str, Any]]:
         env = self.x if which == "x" else self.ref
@@ -1270,6 +1293,41 @@ class Site:
         env = self.streams.x if which == "x" else self.streams.ref
         assert env is not None
         return env[self.node.index]
+
+    def consumable(self) -> bool:
+        """Whether the rule may write over this node's value of the x stream (:func:`consumable`)."""
+        return self.node.index in self.streams.consume
+
+
+#: ops whose value is a new buffer of its own (never a view of an argument, never an argument itself), whose
+#: exact transposes read only their arguments
+_FRESH_OUTPUT = frozenset(("linear", "addmm", "add"))
+
+
+def consumable(program: Program) -> frozenset[int]:
+    """Nodes whose value nothing reads once the reverse pass has run their rule, so the rule may write over it:
+    a reverse pass visits nodes after every node that reads them (their users come later in the program), so
+    a value is dead after its own node's rule unless another value shares its memory or it is returned. So:
+    ops that make a buffer of their own (``_FRESH_OUTPUT``), except the output and what it is a view of. Only
+    for a caller that runs one reverse pass over the stream and keeps nothing else of it (``lrp``)."""
+    hit = _straight(program).consumable
+    if hit is not None:
+        return hit
+    kept = set()
+    i = program.output
+    while True:  # the output and the values it views
+        kept.add(i)
+        node = program.nodes[i]
+        if node.op != "call" or node.packet not in _VIEW_OPS and node.packet not in ("to", "_to_copy", "clone", "contiguous"):
+            break
+        refs = [r for r in node.refs]
+        if len(refs) != 1:
+            break
+        i = refs[0]
+    out = frozenset(n.index for n in program.nodes
+                    if n.op == "call" and n.packet in _FRESH_OUTPUT and n.index not in kept and n.dep)
+    _straight(program).consumable = out
+    return out
 
 
 def substitute(program: Program, rule_for: Callable[[Program, Node], Any], method: str) -> tuple[Any, ...]:

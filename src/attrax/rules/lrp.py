@@ -65,17 +65,25 @@ def stabilize(z: Tensor, epsilon: float, clip: bool = False, norm_scale: bool = 
     return z + shift
 
 
-def damp(g: Tensor, z: Tensor, epsilon: float, clip: bool = False, norm_scale: bool = False) -> Tensor:
+def damp(g: Tensor, z: Tensor, epsilon: float, clip: bool = False, norm_scale: bool = False,
+         consume: bool = False, plain: bool = False) -> Tensor:
     r"""``g * z / stabilize(z)``: the ε-rule in gradient form (:math:`R = z \odot g` divided by the
-    stabilised ``z``, times ``z`` again). ``epsilon == 0`` is LRP-0: ``g`` itself (no division at all)."""
+    stabilised ``z``, times ``z`` again). ``epsilon == 0`` is LRP-0: ``g`` itself (no division at all).
+    ``consume``: nothing reads ``z`` after this (``Site.consumable``), so the result may be written over it;
+    ``plain``: the caller knows both are plain eager tensors (``Streams.plain``)."""
     if clip or norm_scale:
         return g * (z / stabilize(z, epsilon if epsilon > 0 else 1e-12, clip, norm_scale)).to(g.dtype)
     if epsilon == 0:
         return g
     # g - eps g / (|z| + eps) = g |z| / (|z| + eps) = g z / (z + eps sign z) with sign(0) = 1 (0 at z = 0):
-    # three kernels (abs, add, addcdiv), two buffers; the quotient form took five
+    # three kernels (abs, add, addcdiv), two buffers; the quotient form took five. Over z where it is
+    # consumed: no new buffer (on CPU a new one costs a pass of page faults, ~80 us for an MLP's activations)
+    plain = plain or plain_eager(g, z)
+    if consume and plain and z.dtype == g.dtype and z.shape == g.shape and z.is_contiguous():
+        den = z.abs_().add_(epsilon)
+        return torch.addcdiv(g, g, den, value=-epsilon, out=den)
     den = z.abs().to(g.dtype).add_(epsilon)
-    if den.shape == g.shape and plain_eager(g, z):  # eager: the result written over the buffer made here
+    if den.shape == g.shape and plain:  # eager: the result written over the buffer made here
         return torch.addcdiv(g, g, den, value=-epsilon, out=den)
     return torch.addcdiv(g, g, den, value=-epsilon)
 
@@ -332,7 +340,7 @@ class Epsilon:
     def gradient(self, site: Site, g: Tensor) -> dict[int, Any]:
         """The rule in gradient form (see :func:`gradient_form`): the true transpose of ``g * z / stab(z)``."""
         s = site.streams
-        g = damp(g, site.out("x"), self.epsilon, self.clip, self.norm_scale)
+        g = damp(g, site.out("x"), self.epsilon, self.clip, self.norm_scale, site.consumable(), site.streams.plain)
         return {site.node.args[0][1]: exact_vjp(s.program, site.node, s.x, s.batch, g, s.aux_x)[site.node.args[0][1]]}
 
 
@@ -511,9 +519,14 @@ class Pass:
             raise ValueError(f"Pass applies to shape-preserving elementwise functions of one tensor only, not "
                              f"{node.describe()}")
         x = s.x[src]
+        # in place where plain eager in one dtype: each new buffer costs a pass of page faults on CPU (an MLP's
+        # activations at seq 128: ~80 us each); the same operations in the same order, so the same values
+        own = g.dtype == x.dtype == out.dtype and x.dtype not in (torch.float16, torch.bfloat16) and (s.plain or plain_eager(g, x, out))
         if src == ops[0][1] and node.packet in _RATIOS and len(node.args) == 1 and not node.kwargs:
             # f(x) / x in one kernel, without dividing (at x = 0 the relevance x * g_in is 0 either way)
-            return {src: g * _RATIOS[node.packet](x).to(g.dtype)}
+            return {src: _RATIOS[node.packet](x).mul_(g) if own else g * _RATIOS[node.packet](x).to(g.dtype)}
+        if own:  # _ratio(out, x) * g
+            return {src: (out * x).div_(torch.addcmul(x.new_tensor(torch.finfo(x.dtype).tiny), x, x)).mul_(g)}
         return {src: g * _ratio(out, x).to(g.dtype)}
 
 
@@ -540,7 +553,7 @@ class Norm:
     def gradient(self, site: Site, g: Tensor) -> dict[int, Any]:
         """Gradient form: the true transpose of ``g * out / stab(out)``."""
         s = site.streams
-        g = damp(g, site.out("x"), self.stabilizer, self.clip, self.norm_scale)
+        g = damp(g, site.out("x"), self.stabilizer, self.clip, self.norm_scale, site.consumable(), site.streams.plain)
         return exact_vjp(s.program, site.node, s.x, s.batch, g, s.aux_x)
 
 
