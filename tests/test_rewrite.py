@@ -241,3 +241,72 @@ def test_head_stays_where_the_selection_is_not_along_rows_of_it_alone(pick):
     f, p, x = _heads(pick)
     program = program_for(f, p, (x,))
     assert select_before_linear(program) is program
+
+
+@pytest.mark.parametrize("case", ["causal", "float_mask", "scale", "gqa_flag", "float64", "noncontiguous"])
+def test_fused_attention_vjp_by_the_flash_kernel_equals_autograds(case):
+    """Where scaled_dot_product_attention runs the CPU flash kernel, the fused attention rule calls that kernel
+    and its backward directly (no autograd graph); the value and the vjp equal autograd's through SDPA."""
+    from attrax._node import Node
+    from attrax.rewrite import _attention_with_vjp, _flash_call
+
+    dtype = torch.float64 if case == "float64" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g, dtype=dtype) for _ in range(3))
+    if case == "noncontiguous":
+        q = torch.randn(2, 5, 3, 8, generator=g, dtype=dtype).transpose(1, 2)
+    mask = torch.randn(2, 1, 5, 5, generator=g, dtype=dtype) if case == "float_mask" else None
+    args = [q, k, v, mask, 0.0, case == "causal"]
+    kwargs = {"scale": 0.3} if case == "scale" else {"enable_gqa": True} if case == "gqa_flag" else {}
+    assert _flash_call(args, kwargs) is not None
+    aux = {}
+    node = Node(0, "call", "aten.scaled_dot_product_attention.default")
+    out = _attention_with_vjp(node, [None], aux, args, kwargs)
+    want, pull = torch.func.vjp(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, *args[3:], **kwargs), q, k, v)
+    torch.testing.assert_close(out, want)
+    cot = torch.randn(out.shape, generator=g, dtype=dtype).transpose(1, 2).contiguous().transpose(1, 2)
+    for got, exp in zip(aux[0](cot), pull(cot)):
+        torch.testing.assert_close(got, exp)
+
+
+def test_attention_outside_the_flash_kernels_reach_keeps_autograd():
+    from attrax.rewrite import _flash_call
+
+    q = torch.randn(2, 3, 5, 8)
+    assert _flash_call([q, q, q, torch.ones(5, 5, dtype=torch.bool)], {}) is None  # boolean mask
+    assert _flash_call([q, q, q, None, 0.1], {}) is None  # dropout
+    assert _flash_call([q, q[:, :1], q[:, :1]], {"enable_gqa": True}) is None  # grouped heads
+    assert _flash_call([q, q, q.half()], {}) is None  # mixed dtypes
+    assert _flash_call([q[..., ::2], q[..., ::2], q[..., ::2]], {}) is None  # last dim strided
+
+
+def test_head_with_a_rule_over_all_rows_stays_whole():
+    """Epsilon(norm_scale=True) scales its stabiliser by the whole output's norm: moved onto the selected rows it
+    gave another relevance (a reviewer's find); such a head is not moved."""
+    f, p, x = _heads(lambda h: h[:, -1])
+    comp = {nn.Linear: ax.rules.Epsilon(0.5, norm_scale=True)}
+    torch.testing.assert_close(ax.lrp(f, p, x, 2, composite=comp), ax.lrp(f, p, x, 2, composite=comp, form="relevance"),
+                               rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("tail", ["dropout", "type_as"])
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_published_output_survives_the_pass_that_writes_over_dead_values(tail, mode):
+    """lrp's reverse pass writes over values nothing reads any more; an output that *is* such a value (eval
+    dropout and a same-dtype type_as hand back their argument) must come back intact (a reviewer's find)."""
+
+    class Tail(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2, self.drop = nn.Linear(5, 6), nn.Linear(6, 4), nn.Dropout(0.2)
+
+        def forward(self, x):
+            h = self.l2(torch.relu(self.l1(x)))
+            return self.drop(h) if tail == "dropout" else h.type_as(x)
+
+    torch.manual_seed(0)
+    f, p = ax.functionalize(Tail().eval())
+    x = torch.randn(3, 5)
+    with mode():
+        out, _ = ax.value_and_attribution(ax.lrp, f, p, x, 1)
+        torch.testing.assert_close(out, f(p, x), rtol=0, atol=0)

@@ -243,6 +243,8 @@ def memoised(model_fn: Any, key: Any, compute: Callable[[], Any], fingerprint: A
     if value is not _UNSET:
         return value
     value = compute()
+    if isinstance(model_fn, FunctionalModel) and model_fn._fingerprint_now() != full[0]:
+        return value  # the model changed while this was computed (another thread): for this call, not for the memo
     with model_fn._lock:
         return cache.setdefault(full, value)
 
@@ -951,6 +953,9 @@ def _attention_with_vjp(node: Node, env: Sequence[Any], aux: dict[int, Any], arg
     if torch.is_inference_mode_enabled():
         out, aux[node.index] = torch.func.vjp(lambda q, k, v: op(q, k, v, *args[3:], **kwargs), *args[:3])
         return out
+    flash = _flash_call(args, kwargs)
+    if flash is not None:
+        return _flash_with_vjp(node, aux, *flash)
     # plain autograd on detached leaves (the call is not transformed): what torch.func.vjp does, without its
     # per-call wrapping (~150 us a node); the graph is kept for repeated pulls (one forward, several backwards)
     with torch.enable_grad():
@@ -958,6 +963,42 @@ def _attention_with_vjp(node: Node, env: Sequence[Any], aux: dict[int, Any], arg
         out = op(*qkv, *args[3:], **kwargs)
     aux[node.index] = lambda g: torch.autograd.grad(out, qkv, g, retain_graph=True)
     return out.detach()
+
+
+def _flash_call(args: list[Any], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
+    """``(q, k, v, is_causal, attn_mask, scale)`` where ``scaled_dot_product_attention`` runs the CPU flash kernel
+    (its choice on CPU, ``select_sdp_backend_cpp``: dense 4-d q/k/v of one float dtype with equal batch, heads
+    and head dims, unit last stride, no dropout, a float mask of their dtype or none, flash enabled),
+    else None. Called directly, the kernel's own backward is the vjp: no autograd graph (~100 us a node)."""
+    names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    extra = dict(zip(names, args[3:]))
+    if len(args) > 8 or set(extra) & set(kwargs) or set(kwargs) - set(names):
+        return None
+    extra.update(kwargs)
+    q, k, v = args[:3]
+    mask, causal, scale = extra.get("attn_mask"), extra.get("is_causal", False), extra.get("scale")
+    if extra.get("dropout_p", 0.0) or not isinstance(causal, bool):  # enable_gqa: a no-op at equal head counts
+        return None
+    if not all(type(t) is Tensor and t.device.type == "cpu" and t.dim() == 4 and t.stride(-1) == 1 for t in (q, k, v)):
+        return None
+    if (q.dtype not in (torch.float32, torch.float64, torch.bfloat16) or not q.dtype == k.dtype == v.dtype
+            or not q.shape[:2] == k.shape[:2] == v.shape[:2] or not q.shape[-1] == k.shape[-1] == v.shape[-1]
+            or 0 in q.shape or 0 in k.shape or not torch.backends.cuda.flash_sdp_enabled()):
+        return None
+    if mask is not None and not (type(mask) is Tensor and mask.dtype == q.dtype and not causal):
+        return None
+    if scale is not None and not isinstance(scale, float):
+        return None
+    return q, k, v, causal, mask, scale
+
+
+def _flash_with_vjp(node: Node, aux: dict[int, Any], q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Any,
+                    scale: Any) -> Tensor:
+    fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+    out, lse = fwd(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+    aux[node.index] = lambda g: bwd(g, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
+    return out
 
 
 def plain_eager(*ts: Tensor) -> bool:
@@ -1302,6 +1343,13 @@ class Site:
 #: ops whose value is a new buffer of its own (never a view of an argument, never an argument itself), whose
 #: exact transposes read only their arguments
 _FRESH_OUTPUT = frozenset(("linear", "addmm", "add"))
+#: ops known to return a new buffer (never an argument or a view of one), for :func:`consumable`'s alias walk
+_NEW_BUFFER = frozenset(
+    """linear addmm mm bmm matmul baddbmm einsum add sub rsub mul div neg pow exp log log1p expm1 sqrt rsqrt abs tanh
+    sigmoid relu gelu silu softplus hardswish hardsigmoid elu leaky_relu softmax _softmax log_softmax _log_softmax
+    layer_norm native_layer_norm rms_norm group_norm batch_norm mean sum cat stack scaled_dot_product_attention conv1d
+    conv2d conv3d convolution embedding max_pool2d max_pool3d avg_pool2d avg_pool3d adaptive_avg_pool2d
+    adaptive_avg_pool3d gather index_select masked_fill where clamp clamp_min clamp_max erf sin cos""".split())
 
 
 def consumable(program: Program) -> frozenset[int]:
@@ -1313,17 +1361,18 @@ def consumable(program: Program) -> frozenset[int]:
     hit = _straight(program).consumable
     if hit is not None:
         return hit
-    kept = set()
-    i = program.output
-    while True:  # the output and the values it views
+    # the output and every value it may share memory with: through any op not known to return a new buffer
+    # (views, and ops that may hand back an argument itself: eval dropout, a cast to the dtype it has, ...)
+    kept: set[int] = set()
+    todo = [program.output]
+    while todo:
+        i = todo.pop()
+        if i in kept:
+            continue
         kept.add(i)
         node = program.nodes[i]
-        if node.op != "call" or node.packet not in _VIEW_OPS and node.packet not in ("to", "_to_copy", "clone", "contiguous"):
-            break
-        refs = [r for r in node.refs]
-        if len(refs) != 1:
-            break
-        i = refs[0]
+        if node.op == "call" and node.packet not in _NEW_BUFFER:
+            todo.extend(node.refs)
     out = frozenset(n.index for n in program.nodes
                     if n.op == "call" and n.packet in _FRESH_OUTPUT and n.index not in kept and n.dep)
     _straight(program).consumable = out
@@ -1418,7 +1467,7 @@ class ProgramBuilder:
         return replace(self.src, nodes=tuple(self.nodes), output=self.remap[self.src.output])
 
 
-def select_before_linear(program: Program) -> Program:
+def select_before_linear(program: Program, allow: Callable[[int], bool] | None = None) -> Program:
     """Move a ``select``/``slice`` of a dense layer's output before the layer: ``linear(x)[:, -1]`` becomes
     ``linear(x[:, -1])``.
 
@@ -1430,7 +1479,8 @@ def select_before_linear(program: Program) -> Program:
     layer (ε, z+, the gradient, ...) sees the rows it would have seen, minus rows whose relevance is zero.
     Done where the layer's output feeds the selection only, along a non-batch dimension other than the last;
     the layer node keeps its module and name, so composites assign it the same rule. Only for methods that
-    return relevance at the input (``lrp``): a layer's own output changes shape.
+    return relevance at the input (``lrp``): a layer's own output changes shape. ``allow(layer index)``: whether
+    the layer's rule treats rows alone (a stabiliser scaled by the whole output's norm does not).
     """
     users = program.consumers()
     moves: dict[int, int] = {}  # linear index -> selection index
@@ -1450,7 +1500,8 @@ def select_before_linear(program: Program) -> Program:
         if (not isinstance(dim, int) or not 1 <= dim < nd - 1 or source.shape is None or len(source.shape) != nd
                 or tuple(source.shape[:-1]) != tuple(layer.shape[:-1])):
             continue
-        moves[layer.index] = node.index
+        if allow is None or allow(layer.index):
+            moves[layer.index] = node.index
     if not moves:
         return program
     selections = {s: l for l, s in moves.items()}

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .._node import _ntuple
-from ..rewrite import Site, aten_op, exact_vjp, plain_eager
+from ..rewrite import Site, aten_op, exact_vjp, per_program, plain_eager
 from .deeplift import Gradient
 from .graph import POOLS, WEIGHTED, dependent_operands, region_source, stacked_sum
 
@@ -480,6 +480,16 @@ class ZBox:
         return _result(site, _back(t1, s) - _back(t2, s) - _back(t3, s))
 
 
+def _pass_source(program: Any, node: Any, ops: list[tuple[int, int]]) -> int | None:
+    """The tensor :class:`Pass` hands relevance to: the op's single input, or the source of an elementwise region."""
+    src = ops[0][1] if len(ops) == 1 and ops[0][0] == 0 else None
+    if src is None:
+        src = region_source(program, node)
+        if src is None and len(ops) == 1:
+            src = ops[0][1]
+    return src
+
+
 @dataclass(frozen=True)
 class Pass:
     """Relevance passes through unchanged (the identity rule, for elementwise functions such as
@@ -509,11 +519,13 @@ class Pass:
         """Gradient form: ``g * f(x) / x`` (relevance ``x * g_in = f(x) * g`` passes unchanged)."""
         node, s = site.node, site.streams
         ops = dependent_operands(node)
-        src = ops[0][1] if len(ops) == 1 and ops[0][0] == 0 else None
-        if src is None:
-            src = region_source(s.program, node)
-            if src is None and len(ops) == 1:
-                src = ops[0][1]
+        if torch.compiler.is_compiling():
+            src = _pass_source(s.program, node, ops)
+        else:  # a written-out GELU's region is found by walking it: once per program
+            sources = per_program(s.program, "pass_sources", lambda p: {})
+            src = sources.get(node.index, -1)
+            if src == -1:
+                src = sources[node.index] = _pass_source(s.program, node, ops)
         out = site.out("x")
         if src is None or s.x[src].shape != g.shape or out.shape != g.shape:
             raise ValueError(f"Pass applies to shape-preserving elementwise functions of one tensor only, not "
