@@ -24,6 +24,10 @@ position's logits per sample.
   Its relevance is compared with attrax's AttnLRP (max |diff| / max |attrax|). LXT's efficient mode puts no
   stabiliser on linear layers and residual sums, so it computes attrax's ``attn_lrp(epsilon=0)`` (timed as
   ``attn_lrp_eps0``, ratio ``x_lxt``); the default ε = 1e-6 costs three elementwise passes per such site.
+* attrax's ``lrp`` runs a head whose output is only read at selected rows on those rows
+  (``rewrite.select_before_linear``: here the vocabulary head at the last position), while HF (the base) and
+  LXT map every position to the vocabulary; ``attn_lrp_all_positions`` is the same relevance with the
+  selection moved into a callable target, so the head runs on every position as theirs does (informational).
 * ``ax.lm.generation(ax.integrated_gradients, ...)`` for 16 new tokens (one vmapped call) against
   16 separate ``ax.integrated_gradients`` calls with ``ax.lm.next_token`` targets, on an
   ``output="logits"`` model of the same weights (batch 1, seq 128; IG n_steps=32), both timed
@@ -208,6 +212,14 @@ def run_shape(name, kind, module, lxt, batch, seq, rounds, *, full: bool):
     base = fwd_bwd(module, x, t)
     reference = base()
     fns = methods(model_fn, params, x, t, full=full)
+    if "attn_lrp" in fns:
+        # the head on every position, as HF (the base) and LXT compute it: attn_lrp's own call moves the head after
+        # the selection of the last position (rewrite.select_before_linear); this is the same relevance with the
+        # selection in a callable target instead, so the head maps all positions (informational, no target)
+        all_fn, _ = ax.functionalize(module, output="logits", embedding=EMBEDDING[kind])
+        comp = ax.composites.attn_lrp()
+        last = lambda o: o[:, -1].gather(1, t[:, None])[:, 0]  # noqa: E731
+        fns["attn_lrp_all_positions"] = lambda: ax.lrp(all_fn, params, x, last, composite=comp)
     rows: dict = {}
     outs = {}
     for mname, fn in fns.items():
@@ -241,6 +253,10 @@ def run_shape(name, kind, module, lxt, batch, seq, rounds, *, full: bool):
         rows["attn_lrp"]["max_rel_diff_to_lxt_eps0"] = float((a0 - b).abs().max() / a0.abs().max())
         rows["attn_lrp_eps0"]["max_rel_diff_to_lxt"] = rows["attn_lrp"]["max_rel_diff_to_lxt_eps0"]
         rows["attn_lrp_eps0"]["x_lxt"] = ratios["attn_lrp_eps0"] / ratios["lxt_attn_lrp"]
+        if "attn_lrp_all_positions" in outs:
+            rows["attn_lrp_all_positions"]["x_lxt"] = ratios["attn_lrp_all_positions"] / ratios["lxt_attn_lrp"]
+            a1 = outs["attn_lrp_all_positions"].float()
+            rows["attn_lrp_all_positions"]["max_rel_diff_to_attn_lrp"] = float((a1 - a).abs().max() / a.abs().max())
     for mname, row in rows.items():
         print(f"{name:6s} {batch}x{seq:<5d} {mname:24s} {fmt(row)}", flush=True)
     return {"batch": batch, "seq": seq, "fwd_bwd_ms": 1e3 * base_times["base"], "peak_mb_fwd_bwd": peak_base,
@@ -292,8 +308,10 @@ def targets(results: dict) -> dict:
         main_rows = entry["main"]["methods"]
         check(f"{kind}: attn_lrp / fwd+bwd", main_rows.get("attn_lrp", {}).get("x_fwd_bwd"), 1.5)
         check(f"{kind}: attn_lrp / lxt", main_rows.get("attn_lrp", {}).get("x_lxt"), 1.0)
-        check(f"{kind}: attn_lrp(epsilon=0) / lxt (the same computation)",
+        check(f"{kind}: attn_lrp(epsilon=0) / lxt (no epsilon, as LXT)",
               main_rows.get("attn_lrp_eps0", {}).get("x_lxt"), 1.0)
+        check(f"{kind}: attn_lrp with the head on every position / lxt (info)",
+              main_rows.get("attn_lrp_all_positions", {}).get("x_lxt"), 1.0)
         check(f"{kind}: deeplift / fwd+bwd", main_rows.get("deeplift", {}).get("x_fwd_bwd"), 2.5)
         if "long" in entry:
             long_rows = entry["long"]["methods"]

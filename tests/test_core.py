@@ -221,6 +221,8 @@ def test_watched_fingerprint_equals_the_full_one_after_every_kind_of_edit() -> N
         "class swapped": lambda: setattr(model, "__class__", sub),
         "forward on the instance": lambda: setattr(model.l1, "forward", lambda x: x),
         "attribute renamed": lambda: (setattr(model.cfg, "other", model.cfg.__dict__.pop("extra"))),
+        "tensor memory swapped": lambda: setattr(model.t, "data", torch.full((6,), 3.0)),  # no version bump
+        "forward code swapped": lambda: setattr(_Watched.forward, "__code__", _watched_forward_2.__code__),
     }
     try:
         for name, edit in edits.items():
@@ -232,6 +234,31 @@ def test_watched_fingerprint_equals_the_full_one_after_every_kind_of_edit() -> N
             assert after == module_fingerprint(model), name
     finally:
         WATCHED_SCALE, _Watched.k = 1.0, 1.0
+        _Watched.forward.__code__ = _WATCHED_CODE
+
+
+_WATCHED_CODE = _Watched.forward.__code__
+
+
+def _watched_forward_2(self, x):
+    return self.l2(torch.nn.functional.leaky_relu(self.l1(x), self.cfg.slope) * self.t * WATCHED_SCALE * self.k * 2)
+
+
+def test_a_program_traced_while_the_model_changes_is_not_memoised() -> None:
+    """Another thread may change the module while a program is traced for the fingerprint taken before: the
+    program (possibly of the new state) must not be stored under the old fingerprint (a reviewer's race)."""
+    from attrax.rewrite import memoised
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.LeakyReLU(0.1), nn.Linear(6, 3)).eval()
+    f, _ = ax.functionalize(model)
+
+    def compute():
+        model[1].negative_slope = 0.5  # the change lands while the value is computed
+        return "traced"
+
+    assert memoised(f, "key", compute) == "traced"
+    model[1].negative_slope = 0.1  # back to the state the fingerprint was taken in
+    assert memoised(f, "key", lambda: "again") == "again"  # not served what was traced meanwhile
 
 
 def test_fingerprint_is_computed_once_per_method_call(monkeypatch) -> None:

@@ -259,3 +259,21 @@ def test_out_of_range_targets_raise_under_vmap_over_targets() -> None:
             torch.vmap(lambda t: method(f, p, x, t))(torch.tensor([[0, 1], [7, 1]]))
         with pytest.raises(ValueError, match=r"must lie in \[-3, 3\)"):
             method(f, p, x, torch.tensor([7, 1]))
+
+
+def test_compiled_explainers_refuse_out_of_range_tensor_targets() -> None:
+    """Compiled, the seed's range check has no values and the selection that checked it is dead code: an
+    out-of-range index wrapped around to another class silently (a reviewer's find). Asserted in the graph."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval()
+    f, p = ax.functionalize(model)
+    x = torch.randn(3, 5)
+    explain = ax.compile(ax.lrp, f, p, backend="eager")
+    torch.testing.assert_close(explain(x, torch.tensor([0, 3, -1])), ax.lrp(f, p, x, torch.tensor([0, 3, -1])))
+    for bad in ([0, 4, 1], [0, -5, 1]):
+        with pytest.raises(ValueError, match=r"must lie in \[-4, 4\)"):
+            explain(x, torch.tensor(bad))
+    compiled = torch.compile(lambda x, t: ax.deeplift(f, p, x, t), fullgraph=True, backend="eager")
+    compiled(x, torch.tensor([0, 3, -1]))
+    with pytest.raises(RuntimeError, match="out of (range|bounds)"):  # inductor drops the gather: the assert
+        compiled(x, torch.tensor([0, 4, 1]))

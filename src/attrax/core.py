@@ -234,7 +234,7 @@ def _value_key(v: Any, depth: int, seen: dict[int, Any], refs: list[Any], watch:
     if isinstance(v, Tensor):
         if watch is not None:
             watch.tensors.append(v)
-        return ("T", id(v), v._version)
+        return ("T", id(v), v._version, _storage_key(v))
     if isinstance(v, nn.Module):  # a module outside the tree (kept in a plain list): its own settings
         if watch is not None:
             watch.typed.append(v)
@@ -272,6 +272,14 @@ def _value_key(v: Any, depth: int, seen: dict[int, Any], refs: list[Any], watch:
         out = ("O", key)
     seen[key] = out
     return out
+
+
+def _storage_key(t: Tensor) -> Any:
+    """Which memory a tensor reads: ``t.data = other`` swaps it without a version bump."""
+    try:
+        return t.data_ptr()
+    except Exception:  # no storage (a transform's wrapper, a fake or sparse tensor)
+        return None
 
 
 class _Watch:
@@ -316,7 +324,7 @@ class _Watch:
         chain, dicts, seqs = itertools.chain.from_iterable, self.dicts, self.seqs
         return (tuple(map(len, dicts)), tuple(chain(dicts)), tuple(chain(map(dict.values, dicts))),
                 tuple(map(len, seqs)), tuple(chain(seqs)), tuple(map(type, self.typed)),
-                tuple(t._version for t in self.tensors))
+                tuple((t._version, _storage_key(t)) for t in self.tensors))
 
     def unchanged(self) -> bool:
         """Every watched thing is as when :meth:`seal` was called (identities compared, never values)."""
@@ -327,7 +335,7 @@ class _Watch:
         if not (all(map(is_, chain(dicts), keys)) and all(map(is_, chain(map(dict.values, dicts)), vals))
                 and all(map(is_, chain(seqs), seq_vals)) and all(map(is_, map(type, self.typed), types))):
             return False
-        if tuple(t._version for t in self.tensors) != versions:
+        if tuple((t._version, _storage_key(t)) for t in self.tensors) != versions:
             return False
         for cls, forward, values, code, globs, names, named in self.classes:
             if (_forward_of(cls) is not forward or getattr(forward, "__code__", None) is not code
@@ -430,10 +438,11 @@ def _class_key(cls: type, seen: dict[int, Any], refs: list[Any], watch: _Watch |
         return (id(forward), attrs)
     if code is None:
         return (id(forward), attrs)
+    refs.append(code)
     globs = globs if globs is not None else {}
     named = tuple((n, _value_key(globs[n], 2, seen, refs, watch)) for n in code.co_names
                   if n in globs and not _is_module_object(globs[n]) and not isinstance(globs[n], type))
-    return (id(forward), attrs, named)
+    return (id(forward), id(code), attrs, named)
 
 
 _SCALAR_TYPES = frozenset((type(None), bool, int, float, str))

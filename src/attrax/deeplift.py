@@ -105,8 +105,13 @@ def seed(out: Tensor, target: ResolvedTarget) -> Tensor:
         return pullback(torch.ones_like(selected))[0]
     if target.kind == "tensor" and (torch.compiler.is_compiling() or not is_concrete(target.value)):
         # no values to check the range on (compiled, vmapped over targets): the selection's own index check
-        # fails instead (a compiled explainer reruns eagerly for the method's error)
+        # fails instead (a compiled explainer reruns eagerly for the method's error); compiled, that selection is
+        # dead code, so the range is asserted in the graph (a runtime error, never a wrapped index)
         select(out, target)
+        if torch.compiler.is_compiling():
+            n = out.shape[1]
+            idx = target.value
+            torch._assert_async(((idx >= -n) & (idx < n)).all(), "target out of range")
     else:
         check_selects(out, target)  # the target against the output's shape and range
     if target.kind == "none":

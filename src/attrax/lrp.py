@@ -12,6 +12,7 @@ user's module is never touched.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 import torch
@@ -295,8 +296,14 @@ def run_gradient_form(program: Program, plan: tuple[Any, ...], streams: Streams,
                     return {ref: g.reshape(env[ref].shape)}
                 if kind == "transpose":
                     return {ref: g.transpose(a, b)}
-                if g.dtype == env[ref].dtype:  # identity
+                if kind == "slice":
+                    return {ref: torch.ops.aten.slice_backward(g, list(env[ref].shape), *a)}
+                x = env[ref]
+                if g.dtype == x.dtype:  # identity, or a cast to the dtype it already has
                     return {ref: g}
+                if kind == "cast" and g.dtype in _PLAIN_FLOATS and x.dtype in _PLAIN_FLOATS and (
+                        env[node.index].is_floating_point() and x.device == g.device):
+                    return {ref: g.to(x.dtype)}  # _transpose._t_cast (float16/bfloat16: the general path)
         return _GRADIENT_BY_TYPE[type(rule)](rule, Site(node, streams), g)
 
     return reverse(program, seeds, eager)
@@ -305,6 +312,8 @@ def run_gradient_form(program: Program, plan: tuple[Any, ...], streams: Streams,
 _RESHAPES = frozenset(("view.default", "_unsafe_view.default", "reshape.default", "flatten.using_ints", "unflatten.int",
                        "squeeze.default", "squeeze.dim", "squeeze.dims"))
 _IDENTITIES = frozenset(("clone.default", "contiguous.default", "alias.default", "lift_fresh_copy.default"))
+_PLAIN_FLOATS = frozenset((torch.float32, torch.float64))
+_CAST_KWARGS = frozenset(("dtype", "non_blocking", "copy", "memory_format", "layout", "device", "pin_memory"))
 
 
 def _gradient_moves(program: Program) -> dict[int, tuple[str, int, Any, Any]]:
@@ -317,7 +326,7 @@ def _gradient_moves(program: Program) -> dict[int, tuple[str, int, Any, Any]]:
         if node.op != "call" or not node.dep or not node.target.startswith("aten.") or node.args[0][0] != "n":
             continue
         op, ref, rest = node.target[5:], node.args[0][1], node.args[1:]
-        if len(node.refs) != 1 or node.kwargs and op not in _RESHAPES:
+        if len(node.refs) != 1 or node.kwargs and op not in _RESHAPES and not op.startswith("to."):
             continue
         if op in _RESHAPES:
             moves[node.index] = ("reshape", ref, None, None)
@@ -327,6 +336,11 @@ def _gradient_moves(program: Program) -> dict[int, tuple[str, int, Any, Any]]:
             moves[node.index] = ("transpose", ref, 0, -1) if node.shape is not None and len(node.shape) == 2 else None
         elif op in _IDENTITIES or op == "dropout.default" and len(rest) == 2 and rest[1] == ("c", False):
             moves[node.index] = ("identity", ref, None, None)
+        elif op == "slice.Tensor" and all(a[0] == "c" and (a[1] is None or type(a[1]) is int) for a in rest):
+            dim, start, end, step = ([a[1] for a in rest] + [0, None, None, 1][len(rest):])[:4]
+            moves[node.index] = ("slice", ref, (dim, start or 0, sys.maxsize if end is None else end, step), None)
+        elif op in ("to.dtype", "to.dtype_layout") and not set(k for k, _ in node.kwargs) - _CAST_KWARGS:
+            moves[node.index] = ("cast", ref, None, None)
     return {k: v for k, v in moves.items() if v is not None}
 
 
@@ -412,19 +426,22 @@ def _prepare(model_fn: Any, spec: tuple[Any, ...], batch: int | None, composite:
     for i, fn in enumerate(canonize):  # memoised per prefix of the sequence: each step's input is determined by it
         program = memoised(model_fn, ("canonize", canonize[: i + 1], spec, batch, fused),
                            lambda p=program, f=fn: _canonized(f, p), fingerprint=fp)
-    if release:  # lrp: relevance at the input only, so a selected head may run on the selected rows
-        program = memoised(model_fn, ("select_first", spec, batch, canonize, fused),
-                           lambda p=program: select_before_linear(p), fingerprint=fp)
     comp = as_composite(composite)
-
-    def plan() -> tuple[Any, ...]:
-        return plan_for(program, comp, getattr(model_fn, "module", None))
-
+    module = getattr(model_fn, "module", None)
     # the plan is data too: memoised per composite value where that is plain data (a transformer's
     # graph has thousands of nodes to classify); a callable composite or one holding tensors is asked anew
     plain = comp is None or (isinstance(comp, Composite) and _plain(comp))
-    key = (spec, batch, canonize, comp, fused, release)  # release: the program with the head moved (above)
-    rules = memoised(model_fn, ("lrp_plan", *key), plan, fingerprint=fp) if plain else plan()
+    key = (spec, batch, canonize, comp, fused, False)
+    if release and plain:  # lrp: relevance at the input only, so a selected head may run on the selected rows
+        # where the head's rule treats rows alone (norm_scale's stabiliser is a mean over all of them, ZBox's
+        # bounds may be shaped like them, a user's rule may do anything)
+        whole = memoised(model_fn, ("lrp_plan", *key), lambda p=program: plan_for(p, comp, module), fingerprint=fp)
+        moved = memoised(model_fn, ("select_first", *key),
+                         lambda p=program: select_before_linear(p, lambda i: _row_local(whole[i])), fingerprint=fp)
+        key = (*key[:-1], moved is not program)  # the moved program's plan apart from the traced one's
+        program = moved
+    rules = memoised(model_fn, ("lrp_plan", *key), lambda p=program: plan_for(p, comp, module), fingerprint=fp) \
+        if plain else plan_for(program, comp, module)
     if not release:
         return program, rules
     if not gradient_form(rules):
@@ -542,6 +559,12 @@ def _prepare_form(model_fn: Any, spec: tuple[Any, ...], batch: int | None, compo
         raise ValueError("form='gradient': a rule of this composite has no gradient form (z+, alpha-beta, gamma, "
                          "flat, w-square, z-box, zero_params or a user rule); use form='relevance' or 'auto'")
     return program, plan, drop
+
+
+def _row_local(rule: Any) -> bool:
+    """The rule at a dense layer treats each row of its output alone (what :func:`select_before_linear` needs)."""
+    return type(rule) in (Epsilon, Norm, Gradient, ZPlus, AlphaBeta, Gamma, Flat, WSquare) and not getattr(
+        rule, "norm_scale", False)
 
 
 def _fusable(program: Program) -> bool:
