@@ -1342,7 +1342,7 @@ class Site:
 
 #: ops whose value is a new buffer of its own (never a view of an argument, never an argument itself), whose
 #: exact transposes read only their arguments
-_FRESH_OUTPUT = frozenset(("linear", "addmm", "add", "sub", "mul", "div", "mean", "sum"))
+_FRESH_OUTPUT = frozenset(("linear", "addmm", "add", "sub", "mul", "div", "mean", "sum", "silu", "gelu"))
 #: ops known to return a new buffer (never an argument or a view of one), for :func:`consumable`'s alias walk
 _NEW_BUFFER = frozenset(
     """linear addmm mm bmm matmul baddbmm einsum add sub rsub mul div neg pow exp log log1p expm1 sqrt rsqrt abs tanh

@@ -534,11 +534,17 @@ class Pass:
         # in place where plain eager in one dtype: each new buffer costs a pass of page faults on CPU (an MLP's
         # activations at seq 128: ~80 us each); the same operations in the same order, so the same values
         own = g.dtype == x.dtype == out.dtype and x.dtype not in (torch.float16, torch.bfloat16) and (s.plain or plain_eager(g, x, out))
+        # the node's own value is dead once this rule ran (Site.consumable): the ratio is written over it
+        over = own and out.is_contiguous() and site.consumable()
         if src == ops[0][1] and node.packet in _RATIOS and len(node.args) == 1 and not node.kwargs:
             # f(x) / x in one kernel, without dividing (at x = 0 the relevance x * g_in is 0 either way)
-            return {src: _RATIOS[node.packet](x).mul_(g) if own else g * _RATIOS[node.packet](x).to(g.dtype)}
+            ratio = _RATIOS[node.packet]
+            if own:
+                return {src: (ratio(x, out=out) if over else ratio(x)).mul_(g)}
+            return {src: g * ratio(x).to(g.dtype)}
         if own:  # _ratio(out, x) * g
-            return {src: (out * x).div_(torch.addcmul(x.new_tensor(torch.finfo(x.dtype).tiny), x, x)).mul_(g)}
+            num = out.mul_(x) if over else out * x
+            return {src: num.div_(torch.addcmul(x.new_tensor(torch.finfo(x.dtype).tiny), x, x)).mul_(g)}
         return {src: g * _ratio(out, x).to(g.dtype)}
 
 
