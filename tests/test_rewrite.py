@@ -278,6 +278,29 @@ def test_attention_outside_the_flash_kernels_reach_keeps_autograd():
     assert _flash_call([q, q[:, :1], q[:, :1]], {"enable_gqa": True}) is None  # grouped heads
     assert _flash_call([q, q, q.half()], {}) is None  # mixed dtypes
     assert _flash_call([q[..., ::2], q[..., ::2], q[..., ::2]], {}) is None  # last dim strided
+    assert _flash_call([q, q, q, torch.zeros(1, 5, 5)], {}) is None  # a 3-d mask: the kernel refuses it (review)
+    assert _flash_call([q, q, q, torch.zeros(5, 5)], {}) is not None
+
+
+def test_attention_with_a_three_dimensional_mask_runs_fused():
+    """SDPA broadcasts a (1, T, S) mask; the flash kernel takes 2-d and 4-d ones only (a reviewer's crash)."""
+
+    class Att(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.out = nn.Linear(8, 24), nn.Linear(8, 3)
+            self.register_buffer("mask", torch.randn(1, 5, 5))
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+            return self.out(F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask).transpose(1, 2).flatten(2))[:, -1]
+
+    torch.manual_seed(0)
+    f, p = ax.functionalize(Att().double().eval())
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    a = ax.lrp(f, p, x, 1, composite=ax.composites.attn_lrp())
+    b = ax.lrp(f, p, x, 1, composite=ax.composites.attn_lrp(), form="relevance")
+    assert torch.isfinite(a).all() and (a - b).abs().max() < 1e-3 * b.abs().max()
 
 
 def test_head_with_a_rule_over_all_rows_stays_whole():
@@ -289,7 +312,7 @@ def test_head_with_a_rule_over_all_rows_stays_whole():
                                rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("tail", ["dropout", "type_as"])
+@pytest.mark.parametrize("tail", ["dropout", "type_as", "einsum"])
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
 def test_published_output_survives_the_pass_that_writes_over_dead_values(tail, mode):
     """lrp's reverse pass writes over values nothing reads any more; an output that *is* such a value (eval
@@ -302,6 +325,8 @@ def test_published_output_survives_the_pass_that_writes_over_dead_values(tail, m
 
         def forward(self, x):
             h = self.l2(torch.relu(self.l1(x)))
+            if tail == "einsum":  # one operand: a view of h
+                return torch.einsum("bi->bi", h)
             return self.drop(h) if tail == "dropout" else h.type_as(x)
 
     torch.manual_seed(0)

@@ -985,8 +985,8 @@ def _flash_call(args: list[Any], kwargs: dict[str, Any]) -> tuple[Any, ...] | No
             or not q.shape[:2] == k.shape[:2] == v.shape[:2] or not q.shape[-1] == k.shape[-1] == v.shape[-1]
             or 0 in q.shape or 0 in k.shape or not torch.backends.cuda.flash_sdp_enabled()):
         return None
-    if mask is not None and not (type(mask) is Tensor and mask.dtype == q.dtype and not causal):
-        return None
+    if mask is not None and not (type(mask) is Tensor and mask.dtype == q.dtype and mask.dim() in (2, 4) and not causal):
+        return None  # the kernel takes 2-d and 4-d masks only (SDPA's other paths broadcast a 3-d one)
     if scale is not None and not isinstance(scale, float):
         return None
     return q, k, v, causal, mask, scale
@@ -1344,8 +1344,9 @@ class Site:
 #: exact transposes read only their arguments
 _FRESH_OUTPUT = frozenset(("linear", "addmm", "add", "sub", "mul", "div", "mean", "sum", "silu", "gelu"))
 #: ops known to return a new buffer (never an argument or a view of one), for :func:`consumable`'s alias walk
+#: (not einsum: with one operand it returns a view, e.g. "bi->bi", "ii->i")
 _NEW_BUFFER = frozenset(
-    """linear addmm mm bmm matmul baddbmm einsum add sub rsub mul div neg pow exp log log1p expm1 sqrt rsqrt abs tanh
+    """linear addmm mm bmm matmul baddbmm add sub rsub mul div neg pow exp log log1p expm1 sqrt rsqrt abs tanh
     sigmoid relu gelu silu softplus hardswish hardsigmoid elu leaky_relu softmax _softmax log_softmax _log_softmax
     layer_norm native_layer_norm rms_norm group_norm batch_norm mean sum cat stack scaled_dot_product_attention conv1d
     conv2d conv3d convolution embedding max_pool2d max_pool3d avg_pool2d avg_pool3d adaptive_avg_pool2d
