@@ -332,8 +332,8 @@ def _gradient_moves(program: Program) -> dict[int, tuple[str, int, Any, Any]]:
             moves[node.index] = ("reshape", ref, None, None)
         elif op == "transpose.int" and all(a[0] == "c" and type(a[1]) is int for a in rest[:2]):
             moves[node.index] = ("transpose", ref, rest[0][1], rest[1][1])
-        elif op == "t.default":
-            moves[node.index] = ("transpose", ref, 0, -1) if node.shape is not None and len(node.shape) == 2 else None
+        elif op == "t.default" and node.shape is not None and len(node.shape) == 2:
+            moves[node.index] = ("transpose", ref, 0, 1)
         elif op in _IDENTITIES or op == "dropout.default" and len(rest) == 2 and rest[1] == ("c", False):
             moves[node.index] = ("identity", ref, None, None)
         elif op == "slice.Tensor" and all(a[0] == "c" and (a[1] is None or type(a[1]) is int) for a in rest):
@@ -341,7 +341,7 @@ def _gradient_moves(program: Program) -> dict[int, tuple[str, int, Any, Any]]:
             moves[node.index] = ("slice", ref, (dim, start or 0, sys.maxsize if end is None else end, step), None)
         elif op in ("to.dtype", "to.dtype_layout") and not set(k for k, _ in node.kwargs) - _CAST_KWARGS:
             moves[node.index] = ("cast", ref, None, None)
-    return {k: v for k, v in moves.items() if v is not None}
+    return moves
 
 
 _GRADIENT_BY_TYPE: dict[type, Any] = {Gradient: Gradient.backward, **{cls: cls.gradient for cls in _GRADIENT_FORM}}
@@ -552,8 +552,9 @@ def _prepare_form(model_fn: Any, spec: tuple[Any, ...], batch: int | None, compo
     if form == "relevance":
         return (*_prepare(model_fn, spec, batch, composite, canonize), None)
     program, plan, drop = _prepare(model_fn, spec, batch, composite, canonize, fused, release=True)
-    if fused and (drop is None or not per_program(program, "fusable", _fusable)):  # attention decomposed: another rule needs the
-        # relevance form, or a mask depends on the input / dropout is on (the fused rule has no part for those)
+    if fused and (drop is None or not per_program(program, "fusable", _fusable)):
+        # attention decomposed: another rule needs the relevance form, or a mask depends on the input / dropout is
+        # on (the fused rule has no part for those)
         program, plan, drop = _prepare(model_fn, spec, batch, composite, canonize, False, release=True)
     if form == "gradient" and drop is None:
         raise ValueError("form='gradient': a rule of this composite has no gradient form (z+, alpha-beta, gamma, "

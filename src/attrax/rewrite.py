@@ -1042,8 +1042,7 @@ class _Straight:
         self.param_names = tuple(dict.fromkeys(n.target for n in program.nodes if n.op == "param"))
         self.ns: dict[str, Any] = {"_pool_params": pool_params, "_standin": _standin, "_attention": _attention_with_vjp}
         self._forwards: dict[Any, Any] = {}
-        self.consumable: frozenset[int] | None = None  # rewrite.consumable's answer
-        self.derived: dict[str, Any] = {}  # per_program's answers
+        self.derived: dict[str, Any] = {}  # per_program's answers (consumable nodes, reverse order, ...)
         lines = []
         for node in program.nodes:
             if node.op == "call":
@@ -1358,10 +1357,12 @@ def consumable(program: Program) -> frozenset[int]:
     a reverse pass visits nodes after every node that reads them (their users come later in the program), so
     a value is dead after its own node's rule unless another value shares its memory or it is returned. So:
     ops that make a buffer of their own (``_FRESH_OUTPUT``), except the output and what it is a view of. Only
-    for a caller that runs one reverse pass over the stream and keeps nothing else of it (``lrp``)."""
-    hit = _straight(program).consumable
-    if hit is not None:
-        return hit
+    for a caller that runs one reverse pass over the stream and keeps nothing else of it (``lrp``). Once per
+    program."""
+    return per_program(program, "consumable", _consumable)
+
+
+def _consumable(program: Program) -> frozenset[int]:
     # the output and every value it may share memory with: through any op not known to return a new buffer
     # (views, and ops that may hand back an argument itself: eval dropout, a cast to the dtype it has, ...)
     kept: set[int] = set()
@@ -1374,10 +1375,8 @@ def consumable(program: Program) -> frozenset[int]:
         node = program.nodes[i]
         if node.op == "call" and node.packet not in _NEW_BUFFER:
             todo.extend(node.refs)
-    out = frozenset(n.index for n in program.nodes
-                    if n.op == "call" and n.packet in _FRESH_OUTPUT and n.index not in kept and n.dep)
-    _straight(program).consumable = out
-    return out
+    return frozenset(n.index for n in program.nodes
+                     if n.op == "call" and n.packet in _FRESH_OUTPUT and n.index not in kept and n.dep)
 
 
 def substitute(program: Program, rule_for: Callable[[Program, Node], Any], method: str) -> tuple[Any, ...]:
