@@ -1,5 +1,7 @@
 """The rewrite engine: tracing, programs, interpreter, errors."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -335,3 +337,82 @@ def test_published_output_survives_the_pass_that_writes_over_dead_values(tail, m
     with mode():
         out, _ = ax.value_and_attribution(ax.lrp, f, p, x, 1)
         torch.testing.assert_close(out, f(p, x), rtol=0, atol=0)
+
+
+class _Act(nn.Module):
+    """A two-layer MLP whose activation is a function of the hidden layer, written however the case says."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.fc, self.out, self.act = nn.Linear(6, 8), nn.Linear(8, 3), act
+
+    def forward(self, x):
+        return self.out(self.act(self.fc(x)))
+
+
+_C = math.sqrt(2.0 / math.pi)
+_WRITTEN = {  # activations written out in steps -> the op they are
+    "gelu_new": (lambda h: 0.5 * h * (1.0 + torch.tanh(_C * (h + 0.044715 * torch.pow(h, 3.0)))), "gelu", "tanh"),
+    "gelu_erf": (lambda h: h * 0.5 * (1.0 + torch.erf(h / math.sqrt(2.0))), "gelu", None),
+    "swish": (lambda h: h * torch.sigmoid(h), "silu", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_WRITTEN))
+def test_activation_written_out_runs_as_its_one_op(case):
+    """fuse_elementwise: an elementwise region that computes a known activation becomes that op; the program's
+    value is unchanged (to rounding), and LRP on it equals LRP on the model built with the op itself."""
+    from attrax.rewrite import fuse_elementwise
+
+    fn, packet, approximate = _WRITTEN[case]
+    torch.manual_seed(0)
+    m = _Act(_Lambda(fn)).double().eval()
+    f, p = ax.functionalize(m)
+    x = torch.randn(4, 6, dtype=D)
+    program = program_for(f, p, (x,))
+    fused = fuse_elementwise(program)
+    calls = [n.packet for n in fused.nodes if n.op == "call"]
+    assert calls.count(packet) == 1 and not {"tanh", "erf", "sigmoid", "pow"} & set(calls)
+    node = next(n for n in fused.nodes if n.packet == packet)
+    assert dict(node.kwargs).get("approximate", ("c", None))[1] == approximate
+    torch.testing.assert_close(forward(fused, p, (x,))[fused.output], m(x), rtol=1e-13, atol=1e-13)
+    op = nn.GELU(approximate=approximate or "none") if packet == "gelu" else nn.SiLU()
+    m2 = _Act(op).double().eval()
+    m2.load_state_dict(m.state_dict())
+    f2, p2 = ax.functionalize(m2)
+    for comp in (ax.composites.attn_lrp(), ax.composites.epsilon_plus()):
+        torch.testing.assert_close(ax.lrp(f, p, x, 1, composite=comp), ax.lrp(f2, p2, x, 1, composite=comp),
+                                   rtol=1e-12, atol=1e-14)
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, h):
+        return self.fn(h)
+
+
+@pytest.mark.parametrize("case", ["rounded_constant", "inner_value_read_elsewhere", "unknown_function", "tensor_operand"])
+def test_elementwise_region_that_is_no_known_op_stays_written_out(case):
+    from attrax.rewrite import fuse_elementwise
+
+    w = torch.linspace(0.5, 1.5, 8, dtype=D)
+    acts = {
+        # a rounded constant computes another function (by ~1e-8): not GELU
+        "rounded_constant": lambda h: 0.5 * h * (1.0 + torch.tanh(0.7978845 * (h + 0.044715 * torch.pow(h, 3.0)))),
+        # the tanh's value is also used outside the region: the steps must stay
+        "inner_value_read_elsewhere": lambda h: (lambda t: 0.5 * h * (1.0 + t) + t.sum(-1, keepdim=True))(
+            torch.tanh(_C * (h + 0.044715 * torch.pow(h, 3.0)))),
+        "unknown_function": lambda h: h * torch.tanh(h),
+        "tensor_operand": lambda h: h * torch.sigmoid(h * w),  # a per-unit slope: not a function of h alone
+    }
+    torch.manual_seed(0)
+    m = _Act(_Lambda(acts[case])).double().eval()
+    f, p = ax.functionalize(m)
+    x = torch.randn(4, 6, dtype=D)
+    program = program_for(f, p, (x,))
+    assert fuse_elementwise(program) is program
+    # and LRP still runs on the steps (the region rule) with the same values as before
+    ax.lrp(f, p, x, 1, composite=ax.composites.attn_lrp())

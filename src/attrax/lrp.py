@@ -23,8 +23,8 @@ from .canonizers import merge_batchnorm
 from .composites import Composite, Kind, TracedOp, as_composite
 from .core import FunctionalModel, eager_no_grad, forward_args, publish_output
 from .deeplift import seed
-from .rewrite import (Node, Program, Site, Streams, consumable, forward, memoised, per_program, plain_eager, program_spec,
-                      reverse, select_before_linear, substitute, trace_program)
+from .rewrite import (Node, Program, Site, Streams, consumable, forward, fuse_elementwise, memoised, per_program,
+                      plain_eager, program_spec, reverse, select_before_linear, substitute, trace_program)
 from .rules.deeplift import DeconvReLU, Gradient, GuidedReLU
 from .rules.graph import (CONTRACTIONS, ELEMENTWISE_PRODUCTS, MAXPOOL, POOLS, SOFTMAX, WEIGHTED, dependent_operands,
                           is_elementwise, is_linear, n_dep, normalization, reduces_max, region_source, scale_operand)
@@ -423,6 +423,9 @@ def _prepare(model_fn: Any, spec: tuple[Any, ...], batch: int | None, composite:
     # one fingerprint for the call's three memo lookups (it walks the whole module tree)
     fp = model_fn.fingerprint() if isinstance(model_fn, FunctionalModel) else None
     program = trace_program(model_fn, spec, batch, fp, fused_attention=fused)
+    # activations written out in steps run as their one op (every LRP rule treats such a region as one activation)
+    program = memoised(model_fn, ("fuse_elementwise", spec, batch, fused),
+                       lambda p=program: fuse_elementwise(p), fingerprint=fp)
     for i, fn in enumerate(canonize):  # memoised per prefix of the sequence: each step's input is determined by it
         program = memoised(model_fn, ("canonize", canonize[: i + 1], spec, batch, fused),
                            lambda p=program, f=fn: _canonized(f, p), fingerprint=fp)
