@@ -87,7 +87,10 @@ def test_shared_generation_runs_the_forward_once(gpt2) -> None:
     matrix = ax.lm.generation(ax.integrated_gradients, fn, p, e, ids[:, start:], start=start, n_steps=8)
     assert calls == [1, 2 * 8]  # the method's probe of the output on one sample, then the 8 path points
     for k in range(ids.shape[1] - start):
-        row = ax.integrated_gradients(f, p, e, ax.targets.next_token(ids[:, start + k], start + k - 1), n_steps=8)
+        # the same model function: bitwise (a FunctionalModel's separate calls compute the head at the target's
+        # position only, rewrite.gradient_program: equal to rounding, test above)
+        row = ax.integrated_gradients(lambda pp, x: f(pp, x), p, e, ax.targets.next_token(ids[:, start + k], start + k - 1),
+                                      n_steps=8)
         assert torch.equal(matrix[:, k], row.sum(-1))
 
 

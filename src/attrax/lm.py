@@ -24,7 +24,8 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._types import ModelFn, Params
-from .core import BoundModel, FunctionalModel, inside_transform, keeps_graph
+from .core import BoundModel, FunctionalModel, inside_transform, is_concrete, keeps_graph
+from .rewrite import forward, gradient_program
 
 __all__ = ["continuation", "contrast", "generation", "next_token"]
 
@@ -40,12 +41,25 @@ def _per_sample(value: Any, out: Tensor, name: str) -> Tensor:
     return t.long().expand(rows)
 
 
-def _at(out: Tensor, position: Any) -> Tensor:
-    """``out[i, position_i]`` for every sample: the (B, V) logits at one position per sample."""
+def _at(out: Tensor, position: Any, name: str = "position", low: int | None = None) -> Tensor:
+    """``out[i, position_i]`` for every sample: the (B, V) logits at one position per sample. A position
+    outside ``[low, T)`` (``low`` = -T: negative ones count from the end) is an error, not wrapped to
+    another position."""
     if out.ndim != 3:
         raise ValueError(f"LM targets need logits of shape (B, T, V), got {tuple(out.shape)}; "
                          f"functionalize(lm, output='logits')")
-    pos = _per_sample(position, out, "position") % out.shape[1]
+    n = out.shape[1]
+    low = -n if low is None else low
+    if isinstance(position, int) and not isinstance(position, bool):
+        if not low <= position < n:
+            raise ValueError(f"{name} {position} is outside the {n} positions of the logits (B, T, V) = "
+                             f"{tuple(out.shape)}; expected {low} <= {name} < {n}")
+    elif isinstance(position, Tensor) and is_concrete(position) and position.numel() and not position.is_floating_point():
+        if bool(((position < low) | (position >= n)).any()):
+            bad = position[(position < low) | (position >= n)].reshape(-1)[0].item()
+            raise ValueError(f"{name} {bad} is outside the {n} positions of the logits (B, T, V) = "
+                             f"{tuple(out.shape)}; expected {low} <= {name} < {n}")
+    pos = _per_sample(position, out, "position") % n
     index = pos.view(-1, 1, 1).expand(out.shape[0], 1, out.shape[2])
     return out.gather(1, index).squeeze(1)
 
@@ -67,20 +81,34 @@ def next_token(token: Any, position: Any = -1, *, log_prob: bool = False) -> Cal
         A target ``g(logits) -> (B,)``.
     """
 
-    def target(out: Tensor) -> Tensor:
-        row = _at(out, position)
+    def on_row(row: Tensor) -> Tensor:
         return _pick(torch.log_softmax(row, -1) if log_prob else row, token)
 
-    return target
+    def target(out: Tensor) -> Tensor:
+        return on_row(_at(out, position))
+
+    return _reads_row(target, position, on_row)
 
 
 def contrast(token: Any, foil: Any, position: Any = -1) -> Callable[[Tensor], Tensor]:
     """The logit difference ``token - foil`` at ``position`` (why this token rather than that one)."""
 
-    def target(out: Tensor) -> Tensor:
-        row = _at(out, position)
+    def on_row(row: Tensor) -> Tensor:
         return _pick(row, token) - _pick(row, foil)
 
+    def target(out: Tensor) -> Tensor:
+        return on_row(_at(out, position))
+
+    return _reads_row(target, position, on_row)
+
+
+def _reads_row(target: Callable[[Tensor], Tensor], position: Any, on_row: Callable[[Tensor], Tensor]
+               ) -> Callable[[Tensor], Tensor]:
+    """``target`` marked with the one position it reads (an int), ``attrax_rows = (1, position, on_row)``:
+    ``target(out) == on_row(out[:, position])``, so a gradient method may compute the LM head at that position
+    only (``rewrite.gradient_program``)."""
+    if isinstance(position, int) and not isinstance(position, bool):
+        target.attrax_rows = (1, position, on_row)  # type: ignore[attr-defined]
     return target
 
 
@@ -102,7 +130,10 @@ def continuation(tokens: Tensor, start: Any) -> Callable[[Tensor], Tensor]:
         logp = torch.log_softmax(out, -1)
         total = torch.zeros(out.shape[0], dtype=out.dtype, device=out.device)
         for k in range(toks.shape[1]):
-            total = total + _pick(_at(logp, s + k - 1), toks[:, k])
+            # token k is predicted at start + k - 1: a start of 0 (no prediction for the first token) or a
+            # continuation longer than the logits is an error, not a wrap to other positions
+            total = total + _pick(_at(logp, s + k - 1, "start + k - 1 (the position predicting token k)", 0),
+                                  toks[:, k])
         return total
 
     return target
@@ -224,11 +255,18 @@ def _shared_type(cls: type) -> type:
     if cls not in _SHARED_TYPES:
         def run(self: Any, module: Any, params: Params, x: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Any:
             def compute(p: Params, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+                # the forward a gradient method would run the model with (rewrite.gradient_program: activations
+                # written out in steps fused), else the model itself
+                fast = None if kw else gradient_program(self._shared_base, p, args)
+                if fast is not None:
+                    return forward(fast[0], p, args, drop=fast[1])[fast[0].output]
                 return cls.run(self, module, p, args, kw or None)
 
             return self._shared_state.call(compute, params, tuple(x), dict(kwargs or {}), key=id(module))
 
-        _SHARED_TYPES[cls] = type(cls.__name__, (cls,), {"run": run, "__module__": cls.__module__})
+        # program_gradients: gradient methods call this model_fn (its forwards are shared), not a program of it
+        _SHARED_TYPES[cls] = type(cls.__name__, (cls,), {"run": run, "__module__": cls.__module__,
+                                                         "program_gradients": False})
     return _SHARED_TYPES[cls]
 
 
@@ -243,6 +281,7 @@ def _share(model_fn: Any, state: _SharedForward) -> Any:
         obj = object.__new__(_shared_type(type(model_fn)))
         obj.__dict__.update(model_fn.__dict__)
         obj._shared_state = state
+        obj._shared_base = model_fn
         return obj
     if isinstance(model_fn, (types.FunctionType, functools.partial, types.MethodType)):
         def shared(params: Params, *x: Any, **kwargs: Any) -> Any:
@@ -290,8 +329,10 @@ def generation(
 
     * ``"shared"``: the rows are computed one after the other, with a ``model_fn`` that keeps the
       graph of the first row's forward and answers every later call at equal inputs (equal values,
-      the same parameters) with a backward pass through it. The rows are the separate calls' numbers
-      bitwise (the same kernels run on the same values). Methods that differentiate ``model_fn``
+      the same parameters) with a backward pass through it. For a plain function the rows are the separate
+      calls' numbers bitwise (the same kernels run on the same values); a ``FunctionalModel``'s separate
+      calls compute its LM head at their one position only (``rewrite.gradient_program``), equal to the
+      shared rows to the head's rounding. Methods that differentiate ``model_fn``
       with autograd (gradient, input x gradient, IG, ...) share it; others just run as separate calls.
     * ``"vmap"``: all rows at once with ``torch.func.vmap`` over the continuation's positions
       (``chunk_size`` rows at a time): the forward is not batched, the backward passes are. This is
