@@ -142,3 +142,58 @@ def test_lm_positions_outside_the_logits_are_errors_not_wraps():
     with pytest.raises(ValueError, match="predicting token k"):
         ax.saliency(f, p, x, ax.lm.continuation(torch.tensor([1, 2]), 7))
     ax.saliency(f, p, x, ax.lm.continuation(torch.tensor([1, 2]), 5))  # positions 4 and 5: fine
+
+
+def llama() -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=24, vocab_size=40, max_position_embeddings=16)
+    return transformers.LlamaForCausalLM(cfg).double().eval()
+
+
+@pytest.mark.parametrize("make, layer", [(gpt2, "transformer.wte"), (llama, "model.embed_tokens")])
+def test_lm_target_at_one_position_runs_the_last_rows_only(make, layer):
+    """select_pushdown: the selection of the target's position moves up through the head, the final norm, the last
+    block's MLP and its attention output projection; the gradients are the model's."""
+    model = make()
+    f, p = ax.functionalize(model, output="logits", embedding=layer)
+    x = _embeddings(f, p, batch=3, seq=9)
+    for position in (-1, 4):
+        t = ax.lm.next_token(torch.tensor([1, 2, 3]), position, log_prob=True)
+        program, _, selected = gradient_program(f, p, (x,), t.attrax_rows[:2])
+        assert selected
+        dense = [n for n in program.nodes if n.op == "call" and n.packet in ("linear", "addmm", "mm", "matmul")]
+        assert len(dense[-1].shape) == 2 and len(dense[-2].shape) == 2  # head and the last MLP projection: one row
+        assert len(dense[0].shape) == 3  # the first block: every position
+        torch.testing.assert_close(ax.integrated_gradients(f, p, x, t, n_steps=4),
+                                   ax.integrated_gradients(eager(f), p, x, t, n_steps=4), rtol=1e-10, atol=1e-12)
+
+
+class _Rows(nn.Module):
+    """Row-local steps whose selection moves (a broadcast mask, a value read twice) and one it must not pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 5)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 5)[None, :, None])  # (1, T, 1): selected too
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.a(x), approximate="tanh")
+        h = self.b(h) * self.scale + h.mean(1, keepdim=True)  # the mean over positions reads every row of h
+        h = h * torch.linspace(1.0, 2.0, 6, dtype=x.dtype)  # a constant without the dim
+        return self.head(torch.layer_norm(h, (6,)))
+
+
+def test_selection_stops_where_a_row_needs_other_rows():
+    from attrax.rewrite import select_pushdown  # noqa: F401 - the pass under test
+
+    torch.manual_seed(0)
+    m = _Rows().double().eval()
+    f, p = ax.functionalize(m)
+    x = torch.randn(2, 5, 4, dtype=D)
+    t = ax.lm.next_token(3, 2)
+    program, _, selected = gradient_program(f, p, (x,), t.attrax_rows[:2])
+    assert selected
+    shapes = {n.module: n.shape for n in program.nodes if n.op == "call" and n.packet == "linear"}
+    assert shapes == {"a": (2, 5, 6), "b": (2, 6), "head": (2, 5)}  # a's output is read by the mean: whole
+    torch.testing.assert_close(ax.saliency(f, p, x, t), ax.saliency(eager(f), p, x, t), rtol=1e-12, atol=1e-14)

@@ -1680,7 +1680,8 @@ def gradient_program(model_fn: Any, params: Any, xs: Sequence[Tensor], rows: tup
         return None
     program, fused = hit
     if rows is not None:
-        moved = per_program(program, ("rows", *rows), lambda p: _select_rows(p, *rows))
+        shapes = {name: shape for name, shape, *_ in spec[0]}
+        moved = per_program(program, ("rows", *rows), lambda p: _select_rows(p, *rows, shapes))
         if moved is not None:
             return moved, per_program(moved, "last_reads", _last_reads), True
     if not fused:
@@ -1709,7 +1710,7 @@ def _dense_output(program: Program) -> bool:
     return out.op == "call" and out.packet == "linear"
 
 
-def _select_rows(program: Program, dim: int, index: int) -> Program | None:
+def _select_rows(program: Program, dim: int, index: int, shapes: dict[str, tuple[int, ...]]) -> Program | None:
     """``program`` with ``out.select(dim, index)`` as its output and the dense layer before it moved after the
     selection; None where it is not moved (nothing gained)."""
     out = program.nodes[program.output]
@@ -1723,8 +1724,223 @@ def _select_rows(program: Program, dim: int, index: int) -> Program | None:
                          module_type=out.module_type, layer=out.layer, float_out=out.float_out, shape=shape),
                     (("n", b.remap[out.index]), ("c", dim), ("c", index)), ())
     selected = replace(b.build(), output=picked)
-    moved = select_before_linear(selected)
+    moved = select_pushdown(_dense_layers(selected, shapes), shapes)
     return None if moved is selected else moved
+
+
+def _dense_layers(program: Program, shapes: dict[str, tuple[int, ...]]) -> Program:
+    """GPT-2's ``Conv1D``, ``addmm(b, x.view(-1, D), W).view(*x.shape[:-1], O)``, as ``linear(x, W.t(), b)``: one
+    node that acts on the last dim alone (the same kernel: ``linear`` flattens a contiguous input for ``addmm``),
+    so :func:`select_pushdown` can move a selection before it. ``shapes``: the parameters' shapes."""
+    nodes, users = program.nodes, program.consumers()
+
+    def shape(i: int) -> Any:
+        node = nodes[i]
+        return shapes.get(node.target) if node.op == "param" else node.shape
+
+    found: dict[int, tuple[int, int, Any]] = {}  # outer view -> (x, W, bias encoding)
+    for v in nodes:
+        if v.op != "call" or v.packet != "view" or v.args[0][0] != "n" or v.shape is None:
+            continue
+        mm = nodes[v.args[0][1]]
+        if mm.op != "call" or mm.target != "aten.addmm.default" or mm.kwargs or users[mm.index] != [v.index]:
+            continue
+        (tb, bias), (tz, z), (tw, w) = mm.args
+        if tz != "n" or tw != "n" or nodes[w].dep or shape(w) is None or len(shape(w)) != 2:
+            continue
+        if tb != "n" or nodes[bias].dep or shape(bias) is None or len(shape(bias)) != 1:
+            continue  # (linear's bias is one row; addmm's may be a matrix)
+        flat = nodes[z]
+        if flat.op != "call" or flat.packet != "view" or users[z] != [mm.index] or flat.args[0][0] != "n":
+            continue
+        x = nodes[flat.args[0][1]]
+        if x.shape is None or len(x.shape) < 2 or tuple(x.shape[:-1]) != tuple(v.shape[:-1]):
+            continue
+        found[v.index] = (x.index, w, mm.args[0])
+    if not found:
+        return program
+    skip = {nodes[v].args[0][1] for v in found} | {nodes[nodes[v].args[0][1]].args[1][1] for v in found}
+    b = ProgramBuilder(program)
+    for node in nodes:
+        if node.index in skip:
+            continue
+        if node.index in found:
+            x, w, bias = found[node.index]
+            weight = nodes[w]
+            t = b._add(Node(0, "call", "aten.t.default", name=f"{weight.name}_t", module=node.module,
+                            module_type=node.module_type, layer=node.layer, shape=tuple(reversed(shape(w)))),
+                       (b.ref(w),), ())
+            mm = nodes[node.args[0][1]]
+            b.copy(mm, target="aten.linear.default", packet="linear",
+                   args=(b.ref(x), ("n", t), b._renumber(bias)), shape=node.shape)
+            b.alias(node.index, b.remap[mm.index])
+        else:
+            b.copy(node)
+    return b.build()
+
+
+#: ops computed element by element from their first operand (other arguments: options)
+_ROW_UNARY = frozenset("""gelu relu silu tanh sigmoid neg exp log pow rsqrt sqrt reciprocal abs square erf softplus
+    clone contiguous alias _to_copy to dropout feature_dropout alpha_dropout""".split())
+_ROW_BINARY = frozenset("add sub mul div".split())
+
+
+def select_pushdown(program: Program, shapes: dict[str, tuple[int, ...]] | None = None) -> Program:
+    """Move ``select(v, d, i)`` before the ops that computed ``v`` where each row along ``d`` of ``v`` is computed
+    from that row of their operands alone: dense layers (``d`` not the feature dim), ``layer_norm`` (``d`` before the
+    normalised dims), elementwise ops. An LM target at the last position needs the last position of the last
+    block's MLP, final norm and head only: those then run on one row, forward and backward (the gradient's
+    value is the same; the products round as products of fewer rows do). A value is moved past only where every
+    reader of it selects the same row; operands read elsewhere stay whole and are selected. For the plain
+    gradient (:func:`gradient_program`); rule methods keep :func:`select_before_linear` (rules see node shapes).
+    ``shapes``: the parameters' shapes (a parameter's node has none).
+    """
+    for _ in range(len(program.nodes)):
+        moved = _push_one(program, shapes or {})
+        if moved is None:
+            return program
+        program = moved
+    return program
+
+
+def _selection(node: Node) -> tuple[int, int, int] | None:
+    """``(source, dim, index)`` of a ``select.int`` with constant dim and index (index >= 0), else None."""
+    if node.op != "call" or node.target != "aten.select.int" or node.kwargs or len(node.args) != 3:
+        return None
+    (ts, src), (td, dim), (ti, index) = node.args
+    if ts != "n" or td != "c" or ti != "c" or type(dim) is not int or type(index) is not int:
+        return None
+    return src, dim, index
+
+
+def _push_one(program: Program, shapes: dict[str, tuple[int, ...]]) -> Program | None:
+    users = program.consumers()
+    nodes = program.nodes
+    for node in nodes:
+        sel = _selection(node)
+        if sel is None:
+            continue
+        src, dim, index = sel
+        v = nodes[src]
+        if v.op != "call" or not v.dep or v.shape is None or src == program.output:
+            continue
+        nd = len(v.shape)
+        dim = dim + nd if dim < 0 else dim
+        if not 0 <= dim < nd:
+            continue
+        index = index + v.shape[dim] if index < 0 else index
+        readers = [nodes[u] for u in users[src]]
+        if not all((r := _selection(u)) is not None and (r[1] + nd if r[1] < 0 else r[1]) == dim
+                   and (r[2] + v.shape[dim] if r[2] < 0 else r[2]) == index for u in readers):
+            continue
+        plan = _row_operands(program, v, dim, shapes)
+        if plan is None:
+            continue
+        b = ProgramBuilder(program)
+        for n in nodes:
+            if n.index == src:
+                args = list(b._renumber(a) for a in v.args)
+                for pos, d in plan:
+                    operand = nodes[v.args[pos][1]]
+                    whole = _shape_of(operand, shapes, program)
+                    size = whole[d]
+                    shape = (*whole[:d], *whole[d + 1:])
+                    picked = b._add(Node(0, "call", "aten.select.int", name=f"{operand.name}_row", module=v.module,
+                                         module_type=v.module_type, layer=v.layer, float_out=operand.float_out,
+                                         shape=shape), (b._renumber(v.args[pos]), ("c", d), ("c", index if size > 1 else 0)), ())
+                    args[pos] = ("n", picked)
+                shape = (*v.shape[:dim], *v.shape[dim + 1:])
+                if v.packet in ("view", "reshape", "_unsafe_view"):
+                    args[1] = ("l", tuple(("c", d) for d in shape))
+                new = b.copy(v, args=tuple(args), kwargs=tuple((k, b._renumber(a)) for k, a in v.kwargs), shape=shape)
+                for r in readers:
+                    b.alias(r.index, new)
+            elif n.index in {r.index for r in readers}:
+                continue
+            else:
+                b.copy(n)
+        return b.build()
+    return None
+
+
+def _shape_of(node: Node, shapes: dict[str, tuple[int, ...]], program: Program | None = None) -> Any:
+    if node.op == "param":
+        return shapes.get(node.target)
+    if node.op == "const" and node.shape is None and program is not None:
+        return tuple(program.constants[int(node.target)].shape)
+    return node.shape
+
+
+def _row_operands(program: Program, v: Node, dim: int, shapes: dict[str, tuple[int, ...]]) -> list[tuple[int, int]] | None:
+    """For ``v`` computed row by row along ``dim``: ``(argument position, its dim)`` of every tensor operand that
+    has the dim (an operand broadcast along it, or without it, is read whole); None where ``v`` is not."""
+    nd = len(v.shape)  # type: ignore[arg-type]
+    packet, nodes = v.packet, program.nodes
+    if any(k not in ("alpha", "approximate", "dtype", "memory_format", "layout", "device", "pin_memory", "non_blocking",
+                     "copy") for k, _ in v.kwargs):
+        return None
+    tensors = [(pos, a[1]) for pos, a in enumerate(v.args) if a[0] == "n"]
+    if packet in ("view", "reshape", "_unsafe_view"):
+        x = nodes[v.args[0][1]] if v.args[0][0] == "n" else None
+        if x is None or x.shape is None or len(tensors) != 1 or tuple(x.shape[:dim + 1]) != tuple(v.shape[:dim + 1]):
+            return None  # the dims up to the selected one are not kept as they are
+        return [(0, dim)]
+    # elementwise ops: operands, numbers and options; a tensor constant only as a binary op's operand without the
+    # selected dim (read whole, as is); no batch-affine size
+    allowed = ("n", "c", "dt", "mf", "lay", "dev", "k") if packet in _ROW_BINARY else ("n", "c", "dt", "mf", "lay", "dev")
+    if packet not in ("linear", "layer_norm", "mean", "sum") and any(
+            a[0] not in allowed or (a[0] == "k" and program.constants[a[1]].dim() >= nd - dim) for a in v.args):
+        return None
+    if packet in _ROW_UNARY:
+        if v.args[0][0] != "n" or nodes[v.args[0][1]].shape != v.shape or len(tensors) != 1:
+            return None
+        if packet in ("dropout", "feature_dropout", "alpha_dropout") and v.args[2:] != (("c", False),):
+            return None
+        return [(0, dim)]
+    if packet == "linear":
+        x = nodes[v.args[0][1]] if v.args[0][0] == "n" else None
+        if x is None or x.shape is None or len(x.shape) != nd or dim == nd - 1 or x.shape[:-1] != v.shape[:-1]:
+            return None
+        if any(pos > 0 and nodes[i].dep for pos, i in tensors) or any(a[0] not in ("n", "c") for a in v.args):
+            return None  # weights computed from x: not a dense layer
+        return [(0, dim)]
+    if packet == "layer_norm":
+        x = nodes[v.args[0][1]] if v.args[0][0] == "n" else None
+        shape = v.args[1][1] if len(v.args) > 1 and v.args[1][0] in ("c",) else None
+        if shape is None and len(v.args) > 1 and v.args[1][0] == "l":
+            shape = tuple(e[1] for e in v.args[1][1] if e[0] == "c")
+        if x is None or x.shape != v.shape or shape is None or dim >= nd - len(tuple(shape)):
+            return None
+        if any(pos > 0 and nodes[i].dep for pos, i in tensors) or any(a[0] not in ("n", "c", "l") for a in v.args):
+            return None
+        return [(0, dim)]
+    if v.target in ("aten.mean.dim", "aten.sum.dim_IntList"):
+        # a reduction over other dims, keeping them (RMSNorm's mean of squares over the features)
+        x = nodes[v.args[0][1]] if v.args[0][0] == "n" else None
+        opts = dict(zip(("dims", "keepdim"), v.args[1:3]))
+        dims = opts.get("dims")
+        dims = tuple(e[1] for e in dims[1]) if dims is not None and dims[0] == "l" else None
+        if (x is None or x.shape is None or len(x.shape) != nd or opts.get("keepdim") != ("c", True) or dims is None
+                or any(a[0] not in ("n", "c", "l") for a in v.args)
+                or not all(type(d) is int for d in dims) or dim in {d % nd for d in dims} or len(v.args) > 3
+                or any(k != "dtype" for k, _ in v.kwargs)):
+            return None
+        return [(0, dim)]
+    if packet in _ROW_BINARY and v.target.endswith(".Tensor"):
+        plan = []
+        for pos, i in tensors:
+            shape = _shape_of(nodes[i], shapes, program)
+            if shape is None or len(shape) > nd:
+                return None
+            d = dim - (nd - len(shape))
+            if d < 0:
+                continue  # broadcast: the operand has no such dim
+            if shape[d] == v.shape[dim] or shape[d] == 1:  # type: ignore[index]
+                plan.append((pos, d))
+            else:
+                return None
+        return plan
+    return None
 
 
 def _random(node: Node) -> bool:
