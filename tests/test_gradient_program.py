@@ -17,6 +17,12 @@ transformers = pytest.importorskip("transformers")
 D = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def trace_at_first_call(monkeypatch):
+    """Gradient methods trace for the program at the third call of a spec; here at the first, to test it."""
+    monkeypatch.setattr("attrax.rewrite.GRADIENT_PROGRAM_AFTER", 1)
+
+
 def gpt2(n_embd: int = 16) -> nn.Module:
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_layer=2, n_embd=n_embd, n_head=4, vocab_size=40, n_positions=16)
@@ -131,16 +137,22 @@ def test_lm_positions_outside_the_logits_are_errors_not_wraps():
     model = gpt2()
     f, p = ax.functionalize(model, output="logits", embedding="transformer.wte")
     x = _embeddings(f, p)
-    with pytest.raises(ValueError, match="position 7 is outside the 7 positions"):
+    with pytest.raises(ValueError, match="position = 7 is outside the 7 positions"):
         ax.saliency(f, p, x, ax.lm.next_token(5, 7))
-    with pytest.raises(ValueError, match="position -8 is outside"):
+    with pytest.raises(ValueError, match="position = -8 is outside"):
         ax.saliency(f, p, x, ax.lm.next_token(5, -8))
-    with pytest.raises(ValueError, match="position 9 is outside"):
+    with pytest.raises(ValueError, match="position = 9 is outside"):
         ax.saliency(f, p, x, ax.lm.next_token(5, torch.tensor([1, 9])))
-    with pytest.raises(ValueError, match="predicting token k"):
+    with pytest.raises(ValueError, match=r"start \+ k - 1 = -1 is outside"):
         ax.saliency(f, p, x, ax.lm.continuation(torch.tensor([1, 2]), 0))
-    with pytest.raises(ValueError, match="predicting token k"):
+    with pytest.raises(ValueError, match=r"start \+ k - 1 = 7 is outside"):
         ax.saliency(f, p, x, ax.lm.continuation(torch.tensor([1, 2]), 7))
+    import numpy as np
+
+    with pytest.raises(ValueError, match="position = 9 is outside"):  # numpy ints and lists are checked too
+        ax.saliency(f, p, x, ax.lm.next_token(5, np.int64(9)))
+    with pytest.raises(ValueError, match="position = 9 is outside"):
+        ax.saliency(f, p, x, ax.lm.next_token(5, [1, 9]))
     ax.saliency(f, p, x, ax.lm.continuation(torch.tensor([1, 2]), 5))  # positions 4 and 5: fine
 
 
@@ -197,3 +209,140 @@ def test_selection_stops_where_a_row_needs_other_rows():
     shapes = {n.module: n.shape for n in program.nodes if n.op == "call" and n.packet == "linear"}
     assert shapes == {"a": (2, 5, 6), "b": (2, 6), "head": (2, 5)}  # a's output is read by the mean: whole
     torch.testing.assert_close(ax.saliency(f, p, x, t), ax.saliency(eager(f), p, x, t), rtol=1e-12, atol=1e-14)
+
+
+def test_a_selection_the_model_makes_itself_moves_up_too():
+    model = gpt2()
+    f, p = ax.functionalize(model, output=lambda o: o.logits[:, -1], embedding="transformer.wte")
+    x = _embeddings(f, p)
+    program, _, selected = gradient_program(f, p, (x,))
+    assert not selected and program.nodes[program.output].shape == (2, 40)
+    last_mlp = [n for n in program.nodes if n.op == "call" and n.packet == "linear" and n.module == "transformer.h.1.mlp.c_proj"]
+    assert [n.shape for n in last_mlp] == [(2, 16)]
+    torch.testing.assert_close(ax.integrated_gradients(f, p, x, 7, n_steps=4),
+                               ax.integrated_gradients(eager(f), p, x, 7, n_steps=4), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("make, layer", [(gpt2, "transformer.wte"), (llama, "model.embed_tokens")])
+def test_lrp_with_a_selected_output_runs_the_last_rows_only(make, layer):
+    """lrp moves the output's selection up through the nodes whose rules treat rows alone (lrp._rows_first): the
+    relevance equals the same model explained over every position with the selection in the target."""
+    from attrax.lrp import _prepare
+    from attrax.rewrite import program_spec
+
+    model = make()
+    f, p = ax.functionalize(model, output=lambda o: o.logits[:, -1], embedding=layer)
+    whole, pw = ax.functionalize(model, output="logits", embedding=layer)
+    x = _embeddings(f, p, batch=2, seq=8)
+    t = torch.tensor([3, 7])
+    spec, batch = program_spec(f, p, (x,))
+    for comp in (ax.composites.attn_lrp(), ax.composites.cp_lrp(), ax.composites.attn_lrp(epsilon=0.0)):
+        program = _prepare(f, spec, batch, comp, None, False, release=True)[0]
+        mlp_out = [n for n in program.nodes if n.op == "call" and n.packet == "linear"][-2]
+        assert len(mlp_out.shape) == 2  # the last block's MLP projection on the selected row
+        got = ax.lrp(f, p, x, t, composite=comp)
+        want = ax.lrp(whole, pw, x, lambda o: o[:, -1].gather(1, t[:, None])[:, 0], composite=comp)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+
+
+def test_lrp_keeps_every_row_where_a_rule_reads_them_all():
+    model = llama()
+    f, p = ax.functionalize(model, output=lambda o: o.logits[:, -1], embedding="model.embed_tokens")
+    whole, pw = ax.functionalize(model, output="logits", embedding="model.embed_tokens")
+    x = _embeddings(f, p, batch=2, seq=8)
+    t = torch.tensor([3, 7])
+    comp = {nn.Linear: ax.rules.Epsilon(0.25, norm_scale=True)}  # a stabiliser scaled by the whole output's norm
+    got = ax.lrp(f, p, x, t, composite=comp)
+    want = ax.lrp(whole, pw, x, lambda o: o[:, -1].gather(1, t[:, None])[:, 0], composite=comp)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+
+
+class _Cast(nn.Module):
+    """In-place ops that keep their operand's dtype (CodeGen adds a float32 mask into float64 scores in place)."""
+
+    def __init__(self, case):
+        super().__init__()
+        self.a, self.b, self.case = nn.Linear(4, 4), nn.Linear(4, 2), case
+        self.register_buffer("shift", torch.ones(4, dtype=torch.float64))
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.case == "narrow":  # float64 model, a float32 accumulator
+            z = h.float()
+            z += h
+            h = z.to(x.dtype)
+        else:  # float32 model, a float64 buffer added in place
+            h += self.shift
+        return self.b(h * torch.sigmoid(h))
+
+
+@pytest.mark.parametrize("case", ["narrow", "wide_buffer"])
+def test_in_place_ops_keep_their_dtype_in_programs(case):
+    torch.manual_seed(0)
+    m = _Cast(case).eval()
+    dtype = D if case == "narrow" else torch.float32
+    m = m.double() if case == "narrow" else m
+    if case == "wide_buffer":
+        m.shift = m.shift.double()
+    f, p = ax.functionalize(m)
+    x = torch.randn(3, 4, dtype=dtype)
+    assert gradient_program(f, p, (x,)) is not None
+    got, want = ax.saliency(f, p, x, 0, abs=False), ax.saliency(eager(f), p, x, 0, abs=False)
+    tol = 1e-12 if case == "narrow" else 1e-6
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    ax.lrp(f, p, x, 0)  # the rule methods' program too (a dtype clash crashed it)
+
+
+class _Noisy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.seen = nn.Linear(4, 4), nn.Linear(4, 2), []
+
+    def forward(self, x):
+        h = self.a(x)
+        h = h * torch.sigmoid(h)
+        return self.b(h + 0.1 * torch.empty_like(h).normal_())
+
+
+class _Recorder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.seen = nn.Linear(4, 4), nn.Linear(4, 2), []
+
+    def forward(self, x):
+        h = self.a(x)
+        self.seen.append(h.detach())
+        return self.b(h * torch.sigmoid(h))
+
+
+def test_a_trace_draws_nothing_and_a_model_writing_its_state_runs_as_it_is():
+    torch.manual_seed(0)
+    m = _Noisy().double().eval()
+    f, p = ax.functionalize(m)
+    x = torch.randn(3, 4, dtype=D)
+    torch.manual_seed(123)
+    got = ax.saliency(f, p, x, 0, abs=False)
+    after = torch.rand(())
+    torch.manual_seed(123)
+    want = ax.saliency(eager(f), p, x, 0, abs=False)
+    assert torch.equal(got, want) and torch.equal(after, torch.rand(()))
+    m = _Recorder().double().eval()
+    f, p = ax.functionalize(m)
+    ax.saliency(f, p, x, 0)
+    ax.saliency(f, p, x, 0)
+    assert gradient_program(f, p, (x,)) is None  # its forward wrote into the model while traced: not again
+    assert type(m.seen[-1]) is torch.Tensor and type(m.seen[-2]) is torch.Tensor
+
+
+def test_traced_for_gradients_at_the_third_call_of_a_spec(monkeypatch):
+    monkeypatch.setattr("attrax.rewrite.GRADIENT_PROGRAM_AFTER", 3)
+    torch.manual_seed(0)
+    f, p = ax.functionalize(_Mlp().double().eval())
+    x = torch.randn(3, 5, dtype=D)
+    for call in range(3):
+        ax.saliency(f, p, x, 1)
+        assert (len(f._programs) > 0) == (call == 2)  # the first two calls run the model; the third traces
+    y = torch.randn(4, 5, dtype=D)  # another batch: its own count
+    ax.saliency(f, p, y, 1)
+    assert gradient_program(f, p, (y,), count=True) is None

@@ -94,7 +94,7 @@ def grad_of_selected(
         # has such; not in value_and_attribution, whose graph w.r.t. params is the model's own
         # an LM target at one position names the rows it reads (attrax_rows = (dim, index, fn of those rows))
         rows = getattr(target.value, "attrax_rows", None) if target.kind == "callable" and not publish else None
-        fast = None if keep else gradient_program(model_fn, params, xs, None if rows is None else rows[:2])
+        fast = None if keep else gradient_program(model_fn, params, xs, None if rows is None else rows[:2], count=True)
         leaves = tuple(x if keep and x.requires_grad else x.detach().requires_grad_() for x in xs)
         with torch.enable_grad():
             total, out = weighted_sum(*leaves)

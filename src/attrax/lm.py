@@ -13,6 +13,7 @@ shared and only the backward passes are batched.
 from __future__ import annotations
 
 import functools
+import operator
 import types
 import warnings
 from collections.abc import Callable
@@ -50,14 +51,18 @@ def _at(out: Tensor, position: Any, name: str = "position", low: int | None = No
                          f"functionalize(lm, output='logits')")
     n = out.shape[1]
     low = -n if low is None else low
+    if isinstance(position, (list, tuple)):
+        position = torch.as_tensor(position, device=out.device)
+    elif not isinstance(position, (int, Tensor)) and hasattr(position, "__index__"):
+        position = operator.index(position)  # a numpy integer
     if isinstance(position, int) and not isinstance(position, bool):
         if not low <= position < n:
-            raise ValueError(f"{name} {position} is outside the {n} positions of the logits (B, T, V) = "
+            raise ValueError(f"{name} = {position} is outside the {n} positions of the logits (B, T, V) = "
                              f"{tuple(out.shape)}; expected {low} <= {name} < {n}")
     elif isinstance(position, Tensor) and is_concrete(position) and position.numel() and not position.is_floating_point():
         if bool(((position < low) | (position >= n)).any()):
             bad = position[(position < low) | (position >= n)].reshape(-1)[0].item()
-            raise ValueError(f"{name} {bad} is outside the {n} positions of the logits (B, T, V) = "
+            raise ValueError(f"{name} = {bad} is outside the {n} positions of the logits (B, T, V) = "
                              f"{tuple(out.shape)}; expected {low} <= {name} < {n}")
     pos = _per_sample(position, out, "position") % n
     index = pos.view(-1, 1, 1).expand(out.shape[0], 1, out.shape[2])
@@ -132,7 +137,7 @@ def continuation(tokens: Tensor, start: Any) -> Callable[[Tensor], Tensor]:
         for k in range(toks.shape[1]):
             # token k is predicted at start + k - 1: a start of 0 (no prediction for the first token) or a
             # continuation longer than the logits is an error, not a wrap to other positions
-            total = total + _pick(_at(logp, s + k - 1, "start + k - 1 (the position predicting token k)", 0),
+            total = total + _pick(_at(logp, s + k - 1, "start + k - 1", 0),
                                   toks[:, k])
         return total
 
@@ -257,7 +262,7 @@ def _shared_type(cls: type) -> type:
             def compute(p: Params, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
                 # the forward a gradient method would run the model with (rewrite.gradient_program: activations
                 # written out in steps fused), else the model itself
-                fast = None if kw else gradient_program(self._shared_base, p, args)
+                fast = None if kw else gradient_program(self._shared_base, p, args, count=True)
                 if fast is not None:
                     return forward(fast[0], p, args, drop=fast[1])[fast[0].output]
                 return cls.run(self, module, p, args, kw or None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,8 +24,9 @@ from .canonizers import merge_batchnorm
 from .composites import Composite, Kind, TracedOp, as_composite
 from .core import FunctionalModel, eager_no_grad, forward_args, publish_output
 from .deeplift import seed
-from .rewrite import (Node, Program, Site, Streams, consumable, forward, fuse_elementwise, memoised, per_program,
-                      plain_eager, program_spec, reverse, select_before_linear, substitute, trace_program)
+from .rewrite import (Node, Program, Site, Streams, dense_layers, consumable, forward, fuse_elementwise, memoised,
+                      per_program, plain_eager, program_spec, reverse, select_before_linear, select_pushdown, substitute,
+                      trace_program)
 from .rules.deeplift import DeconvReLU, Gradient, GuidedReLU
 from .rules.graph import (CONTRACTIONS, ELEMENTWISE_PRODUCTS, MAXPOOL, POOLS, SOFTMAX, WEIGHTED, dependent_operands,
                           is_elementwise, is_linear, n_dep, normalization, reduces_max, region_source, scale_operand)
@@ -439,8 +441,9 @@ def _prepare(model_fn: Any, spec: tuple[Any, ...], batch: int | None, composite:
         # where the head's rule treats rows alone (norm_scale's stabiliser is a mean over all of them, ZBox's
         # bounds may be shaped like them, a user's rule may do anything)
         whole = memoised(model_fn, ("lrp_plan", *key), lambda p=program: plan_for(p, comp, module), fingerprint=fp)
-        moved = memoised(model_fn, ("select_first", *key),
-                         lambda p=program: select_before_linear(p, lambda i: _row_local(whole[i])), fingerprint=fp)
+        shapes = {name: shape for name, shape, *_ in spec[0]}
+        moved = memoised(model_fn, ("select_first", *key), lambda p=program: _rows_first(p, whole, shapes),
+                         fingerprint=fp)
         key = (*key[:-1], moved is not program)  # the moved program's plan apart from the traced one's
         program = moved
     rules = memoised(model_fn, ("lrp_plan", *key), lambda p=program: plan_for(p, comp, module), fingerprint=fp) \
@@ -563,6 +566,25 @@ def _prepare_form(model_fn: Any, spec: tuple[Any, ...], batch: int | None, compo
         raise ValueError("form='gradient': a rule of this composite has no gradient form (z+, alpha-beta, gamma, "
                          "flat, w-square, z-box, zero_params or a user rule); use form='relevance' or 'auto'")
     return program, plan, drop
+
+
+def _rows_first(program: Program, rules: Sequence[Any], shapes: dict[str, tuple[int, ...]]) -> Program:
+    """The program with a selection of the output's rows (``output=lambda o: o.logits[:, -1]``) moved up through every
+    node computed row by row whose rule treats rows alone (:func:`rewrite.select_pushdown`): the head, final norm
+    and last block's MLP of an LM run on the selected position; where nothing moves that way, the head alone
+    (:func:`rewrite.select_before_linear`). Relevance at the input is the same (rows outside the selection get none)."""
+    by_name = {n.name: rules[n.index] for n in program.nodes}
+    dense = dense_layers(program, shapes)
+    pushed = select_pushdown(dense, shapes, lambda node: node.name in by_name and _rows_alone(by_name[node.name]))
+    if pushed is not dense:
+        return pushed
+    return select_before_linear(program, lambda i: _row_local(rules[i]))
+
+
+def _rows_alone(rule: Any) -> bool:
+    """A node's rule treats each row of its output alone: a dense layer's row-local rule, or an elementwise one."""
+    return rule is None or _row_local(rule) or (type(rule) in (Pass, HoldScale, Uniform) and not getattr(
+        rule, "norm_scale", False))
 
 
 def _row_local(rule: Any) -> bool:

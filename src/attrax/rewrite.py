@@ -27,13 +27,16 @@ one place:
 
 from __future__ import annotations
 
+import contextlib
 import keyword
 import math
 import operator
+import random
 import re
+import sys
 import threading
 import weakref
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -303,13 +306,31 @@ def _trace(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int, f
         folded._orig_mod = fn._orig_mod  # type: ignore[attr-defined]
 
     try:
-        with torch.enable_grad():
+        # a trace draws nothing: the random states a forward may advance (torch's CPU generator, Python's and
+        # numpy's) are as they were after it (a reviewer found a first gradient call's trace consumed the draw)
+        with torch.enable_grad(), _random_states_kept():
             return make_fx(folded, tracing_mode="real", pre_dispatch=True, record_module_stack=module is not None,
                            decomposition_table=DECOMPOSITIONS if table is None else table)(params, *xs)
     except UnsupportedOperation:
         raise
     except Exception as e:  # tracing failures surface as a clear argument error, with their cause
         raise UnsupportedOperation(_trace_failure(e, batch, input_spec)) from e
+
+
+@contextlib.contextmanager
+def _random_states_kept() -> Iterator[None]:
+    py = random.getstate()
+    np_state = None
+    np_random = sys.modules.get("numpy.random")
+    if np_random is not None:
+        np_state = np_random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(py)
+        if np_state is not None:
+            np_random.set_state(np_state)  # type: ignore[union-attr]
 
 
 class _FoldConstants(torch.overrides.TorchFunctionMode):
@@ -509,7 +530,9 @@ def _build(gm: torch.fx.GraphModule, spec: tuple[Any, ...]) -> Program:
         name = _target_name(target)
         if any(s in name for s in _SKIP_TARGETS):
             continue
+        inplace = False
         if name.startswith("aten.") and name.split(".")[1].endswith("_") and not name.split(".")[1].startswith("_"):
+            inplace = True
             name = _functional_variant(name, fx_node)
             src = fx_node.args[0]
             if isinstance(src, torch.fx.Node):
@@ -544,6 +567,14 @@ def _build(gm: torch.fx.GraphModule, spec: tuple[Any, ...]) -> Program:
                  stack=_stack_of(fx_node))
         )
         index[fx_node] = i
+        cast = _inplace_dtype(fx_node) if inplace else None
+        if cast is not None:  # a.add_(b) keeps a's dtype where add(a, b) promotes: cast back, as the op wrote into a
+            i = len(nodes)
+            nodes.append(replace(nodes[-1], index=i, target="aten._to_copy.default", packet="_to_copy",
+                                 args=(("n", i - 1),), kwargs=(("dtype", ("dt", str(cast))),), name=f"{fx_node.name}_cast",
+                                 refs=(i - 1,), dep_refs=(nodes[-1].dep and nodes[-1].float_out,),
+                                 nonneg=nodes[-1].nonneg))
+            index[fx_node] = i
         first = fx_node.args[0] if fx_node.args else None
         if (packet in _VIEW_OPS or packet == "getitem") and isinstance(first, torch.fx.Node) and first in index:
             alias_root[i] = alias_root[index[first]]
@@ -632,6 +663,28 @@ def _check_inplace(fx_node: torch.fx.Node, mutated: int, alias_root: dict[int, i
             f"{fx_node.target} at node '{fx_node.name}' writes in place into a view of another tensor that is used "
             f"afterwards (e.g. `h[:, 0] = v`); rule-based methods need the write out of place (e.g. torch.cat/where)"
         )
+
+
+def _inplace_dtype(fx_node: torch.fx.Node) -> torch.dtype | None:
+    """The dtype an in-place op kept (its first operand's) where the out-of-place op would promote to another, else
+    None: ``z += h`` on a float32 ``z`` and a float64 ``h`` stays float32."""
+    val = fx_node.meta.get("val")
+    if not isinstance(val, Tensor) or len(fx_node.args) < 2:
+        return None
+    operands = []
+    for a in fx_node.args[:2]:
+        v = a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+        if isinstance(v, Tensor):  # a stand-in of its dtype and rank (promotion reads only these)
+            operands.append(torch.empty((1,) * v.dim(), dtype=v.dtype))
+        elif isinstance(v, (bool, int, float, complex)):
+            operands.append(v)
+        else:
+            return None
+    try:
+        promoted = torch.result_type(*operands)
+    except (RuntimeError, TypeError):
+        return None
+    return val.dtype if promoted != val.dtype else None
 
 
 def _functional_variant(name: str, fx_node: torch.fx.Node) -> str:
@@ -1611,8 +1664,9 @@ def _identify(program: Program, s: int, region: list[int]) -> Any:
 
     # plain float64 values, outside any trace around this call (ax.export, make_fx): nothing of it is recorded
     with unset_fake_temporarily(), disable_proxy_modes_tracing(), torch.no_grad():
-        probe = torch.cat([torch.linspace(-20.0, 20.0, 4001, dtype=torch.float64),
-                           torch.tensor([0.0, 1e-30, -1e-30, 1e-8, -1e-8, 1e3, -1e3, 1e6, -1e6], dtype=torch.float64)])
+        wide = torch.logspace(-8, 6, 400, dtype=torch.float64)
+        probe = torch.cat([torch.linspace(-20.0, 20.0, 4001, dtype=torch.float64), wide, -wide,
+                           torch.tensor([0.0, 1e-30, -1e-30], dtype=torch.float64)])
         values: dict[int, Any] = {s: probe}
         try:
             for i in region:
@@ -1633,8 +1687,14 @@ def _identify(program: Program, s: int, region: list[int]) -> Any:
 # ------------------------------------------------------------ the plain gradient on a program
 
 
-def gradient_program(model_fn: Any, params: Any, xs: Sequence[Tensor], rows: tuple[int, int] | None = None
-                     ) -> tuple[Program, Any, bool] | None:
+#: a gradient method traces a model for :func:`gradient_program` at its third call with the same input spec, batch
+#: and target rows (before: the model itself): a trace costs ~0.5 s on a small GPT-2, what one call of saliency or
+#: a few of IG gain at most, so inputs of ever new shapes (prompts of every length) are never traced for it
+GRADIENT_PROGRAM_AFTER = 3
+
+
+def gradient_program(model_fn: Any, params: Any, xs: Sequence[Tensor], rows: tuple[int, int] | None = None,
+                     count: bool = False) -> tuple[Program, Any, bool] | None:
     """``(program, drop, selected)`` to evaluate ``model_fn`` with for a plain gradient, where that is faster than
     the model itself; else None (the caller runs the model).
 
@@ -1648,16 +1708,28 @@ def gradient_program(model_fn: Any, params: Any, xs: Sequence[Tensor], rows: tup
     the program), memoised under the model's fingerprint like every program. A model with neither is remembered
     per fingerprint and input spec, so it is traced once, not at every batch size; a model the tracer refuses is
     run as it is. ``drop``: each value is released after its last reader (autograd keeps what the backward needs).
+    ``count``: a method's call, counted per spec (:data:`GRADIENT_PROGRAM_AFTER`). A model whose fingerprint a trace
+    changed (its forward writes into its own state) is never traced for this again.
     """
     if (not isinstance(model_fn, FunctionalModel) or isinstance(model_fn, BoundModel)
             or not getattr(model_fn, "program_gradients", True) or torch.compiler.is_compiling()
             or _get_current_dispatch_mode() is not None or any(_training_flags(model_fn))):
         return None  # (bound arguments: a program per mask, where the model runs as it is for any)
+    if model_fn.__dict__.get("_no_gradient_program"):
+        return None
     if rows is None and not model_fn.derived("writes_out_activations", lambda: _writes_out_activations(model_fn)):
         return None  # nothing to fuse: not traced at all
     fp = model_fn.fingerprint()
     spec, batch = program_spec(model_fn, params, xs)
     key = ("gradient_program", spec, batch)
+    shapes = {name: shape for name, shape, *_ in spec[0]}
+    if count:
+        calls = model_fn.derived("gradient_calls", dict)
+        seen = calls[(spec, batch, rows)] = calls.get((spec, batch, rows), 0) + 1
+        if len(calls) > 1024:
+            calls.clear()
+        if seen < GRADIENT_PROGRAM_AFTER:
+            return None
 
     def compute() -> tuple[Program, bool] | None:
         try:
@@ -1667,20 +1739,27 @@ def gradient_program(model_fn: Any, params: Any, xs: Sequence[Tensor], rows: tup
         if any(_random(n) for n in traced.nodes):
             return None
         program = fuse_elementwise(traced)
+        # a selection the model makes itself (output=lambda o: o.logits[:, -1]) moves up as a target's does
+        dense = dense_layers(program, shapes)
+        pushed = select_pushdown(dense, shapes)
+        program = program if pushed is dense else pushed  # (nothing moved: the model's own layers)
         return program, program is not traced
 
     def gain() -> bool:
         hit = memoised(model_fn, key, compute, fingerprint=fp)
         return hit is not None and (hit[1] or (rows is not None and _dense_output(hit[0])))
 
-    if not memoised(model_fn, ("gradient_gain", spec[0], spec[1], rows is not None), gain, fingerprint=fp):
+    useful = memoised(model_fn, ("gradient_gain", spec[0], spec[1], rows is not None), gain, fingerprint=fp)
+    if model_fn._fingerprint_now() != fp:  # the trace wrote into the model (a list its forward appends to)
+        model_fn.__dict__["_no_gradient_program"] = True
+        return None
+    if not useful:
         return None
     hit = memoised(model_fn, key, compute, fingerprint=fp)
     if hit is None:
         return None
     program, fused = hit
     if rows is not None:
-        shapes = {name: shape for name, shape, *_ in spec[0]}
         moved = per_program(program, ("rows", *rows), lambda p: _select_rows(p, *rows, shapes))
         if moved is not None:
             return moved, per_program(moved, "last_reads", _last_reads), True
@@ -1724,11 +1803,11 @@ def _select_rows(program: Program, dim: int, index: int, shapes: dict[str, tuple
                          module_type=out.module_type, layer=out.layer, float_out=out.float_out, shape=shape),
                     (("n", b.remap[out.index]), ("c", dim), ("c", index)), ())
     selected = replace(b.build(), output=picked)
-    moved = select_pushdown(_dense_layers(selected, shapes), shapes)
+    moved = select_pushdown(dense_layers(selected, shapes), shapes)
     return None if moved is selected else moved
 
 
-def _dense_layers(program: Program, shapes: dict[str, tuple[int, ...]]) -> Program:
+def dense_layers(program: Program, shapes: dict[str, tuple[int, ...]]) -> Program:
     """GPT-2's ``Conv1D``, ``addmm(b, x.view(-1, D), W).view(*x.shape[:-1], O)``, as ``linear(x, W.t(), b)``: one
     node that acts on the last dim alone (the same kernel: ``linear`` flattens a contiguous input for ``addmm``),
     so :func:`select_pushdown` can move a selection before it. ``shapes``: the parameters' shapes."""
@@ -1738,34 +1817,48 @@ def _dense_layers(program: Program, shapes: dict[str, tuple[int, ...]]) -> Progr
         node = nodes[i]
         return shapes.get(node.target) if node.op == "param" else node.shape
 
-    found: dict[int, tuple[int, int, Any]] = {}  # outer view -> (x, W, bias encoding)
+    found: dict[int, tuple[int, int | None, Any, int]] = {}  # outer view -> (x, W of an addmm, bias, inner view)
     for v in nodes:
         if v.op != "call" or v.packet != "view" or v.args[0][0] != "n" or v.shape is None:
             continue
         mm = nodes[v.args[0][1]]
-        if mm.op != "call" or mm.target != "aten.addmm.default" or mm.kwargs or users[mm.index] != [v.index]:
+        if mm.op != "call" or mm.kwargs or users[mm.index] != [v.index]:
             continue
-        (tb, bias), (tz, z), (tw, w) = mm.args
-        if tz != "n" or tw != "n" or nodes[w].dep or shape(w) is None or len(shape(w)) != 2:
+        if mm.target == "aten.linear.default":  # the same, decomposed for the rule methods: linear(x2d, W.t(), b)
+            (tz, z) = mm.args[0]
+            if tz != "n" or any(a[0] != "n" or nodes[a[1]].dep for a in mm.args[1:]):
+                continue
+            w, bias = None, None
+        elif mm.target == "aten.addmm.default":
+            (tb, bias), (tz, z), (tw, w) = mm.args
+            if tz != "n" or tw != "n" or nodes[w].dep or shape(w) is None or len(shape(w)) != 2:
+                continue
+            if tb != "n" or nodes[bias].dep or shape(bias) is None or len(shape(bias)) != 1:
+                continue  # (linear's bias is one row; addmm's may be a matrix)
+            bias = mm.args[0]
+        else:
             continue
-        if tb != "n" or nodes[bias].dep or shape(bias) is None or len(shape(bias)) != 1:
-            continue  # (linear's bias is one row; addmm's may be a matrix)
         flat = nodes[z]
         if flat.op != "call" or flat.packet != "view" or users[z] != [mm.index] or flat.args[0][0] != "n":
             continue
         x = nodes[flat.args[0][1]]
         if x.shape is None or len(x.shape) < 2 or tuple(x.shape[:-1]) != tuple(v.shape[:-1]):
             continue
-        found[v.index] = (x.index, w, mm.args[0])
+        found[v.index] = (x.index, w, bias, z)
     if not found:
         return program
-    skip = {nodes[v].args[0][1] for v in found} | {nodes[nodes[v].args[0][1]].args[1][1] for v in found}
+    skip = {nodes[v].args[0][1] for v in found} | {f[3] for f in found.values()}
     b = ProgramBuilder(program)
     for node in nodes:
         if node.index in skip:
             continue
-        if node.index in found:
-            x, w, bias = found[node.index]
+        if node.index in found and found[node.index][1] is None:  # a linear: on x itself
+            mm = nodes[node.args[0][1]]
+            b.copy(mm, args=(b.ref(found[node.index][0]), *(b._renumber(a) for a in mm.args[1:])), shape=node.shape)
+            b.alias(node.index, b.remap[mm.index])
+        elif node.index in found:
+            x, w, bias, _ = found[node.index]
+            assert w is not None
             weight = nodes[w]
             t = b._add(Node(0, "call", "aten.t.default", name=f"{weight.name}_t", module=node.module,
                             module_type=node.module_type, layer=node.layer, shape=tuple(reversed(shape(w)))),
@@ -1785,7 +1878,8 @@ _ROW_UNARY = frozenset("""gelu relu silu tanh sigmoid neg exp log pow rsqrt sqrt
 _ROW_BINARY = frozenset("add sub mul div".split())
 
 
-def select_pushdown(program: Program, shapes: dict[str, tuple[int, ...]] | None = None) -> Program:
+def select_pushdown(program: Program, shapes: dict[str, tuple[int, ...]] | None = None,
+                    allow: Callable[[Node], bool] | None = None) -> Program:
     """Move ``select(v, d, i)`` before the ops that computed ``v`` where each row along ``d`` of ``v`` is computed
     from that row of their operands alone: dense layers (``d`` not the feature dim), ``layer_norm`` (``d`` before the
     normalised dims), elementwise ops. An LM target at the last position needs the last position of the last
@@ -1793,10 +1887,11 @@ def select_pushdown(program: Program, shapes: dict[str, tuple[int, ...]] | None 
     value is the same; the products round as products of fewer rows do). A value is moved past only where every
     reader of it selects the same row; operands read elsewhere stay whole and are selected. For the plain
     gradient (:func:`gradient_program`); rule methods keep :func:`select_before_linear` (rules see node shapes).
-    ``shapes``: the parameters' shapes (a parameter's node has none).
+    ``shapes``: the parameters' shapes (a parameter's node has none). ``allow(node)``: whether a node may be moved
+    past (LRP: its rule treats rows alone).
     """
     for _ in range(len(program.nodes)):
-        moved = _push_one(program, shapes or {})
+        moved = _push_one(program, shapes or {}, allow)
         if moved is None:
             return program
         program = moved
@@ -1813,7 +1908,8 @@ def _selection(node: Node) -> tuple[int, int, int] | None:
     return src, dim, index
 
 
-def _push_one(program: Program, shapes: dict[str, tuple[int, ...]]) -> Program | None:
+def _push_one(program: Program, shapes: dict[str, tuple[int, ...]], allow: Callable[[Node], bool] | None = None
+              ) -> Program | None:
     users = program.consumers()
     nodes = program.nodes
     for node in nodes:
@@ -1822,7 +1918,7 @@ def _push_one(program: Program, shapes: dict[str, tuple[int, ...]]) -> Program |
             continue
         src, dim, index = sel
         v = nodes[src]
-        if v.op != "call" or not v.dep or v.shape is None or src == program.output:
+        if v.op != "call" or not v.dep or v.shape is None or src == program.output or (allow is not None and not allow(v)):
             continue
         nd = len(v.shape)
         dim = dim + nd if dim < 0 else dim
