@@ -5,6 +5,7 @@ model's own gradients (to rounding), and every case the program cannot serve run
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -346,3 +347,33 @@ def test_traced_for_gradients_at_the_third_call_of_a_spec(monkeypatch):
     y = torch.randn(4, 5, dtype=D)  # another batch: its own count
     ax.saliency(f, p, y, 1)
     assert gradient_program(f, p, (y,), count=True) is None
+
+
+_COEF = 0.044715
+
+
+def _helper_gelu(h):  # a module-level helper a forward calls, reading a global
+    return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + _COEF * torch.pow(h, 3.0))))
+
+
+class _Helped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(_helper_gelu(torch.sigmoid(self.a(x))))
+
+
+def test_a_global_read_by_a_helper_the_forward_calls_is_part_of_the_fingerprint(monkeypatch):
+    """A reviewer's find: programs were kept after a global read by a called helper changed."""
+    torch.manual_seed(0)
+    f, p = ax.functionalize(_Helped().double().eval())
+    x = torch.randn(3, 4, dtype=D)
+    first = ax.saliency(f, p, x, 1)
+    before = ax.lrp(f, p, x, 1)
+    monkeypatch.setattr(sys.modules[__name__], "_COEF", 0.5)
+    got = ax.saliency(f, p, x, 1)
+    assert not torch.allclose(got, first)
+    torch.testing.assert_close(got, ax.saliency(eager(f), p, x, 1), rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(ax.lrp(f, p, x, 1), before)

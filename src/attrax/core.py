@@ -17,6 +17,7 @@ import itertools
 import numbers
 import operator
 import threading
+import types
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
@@ -240,6 +241,16 @@ def _value_key(v: Any, depth: int, seen: dict[int, Any], refs: list[Any], watch:
             watch.typed.append(v)
             watch.mapping(vars(v))
         return ("M", id(v), type(v), tuple((k, e) for k, e in vars(v).items() if type(e) in _SCALAR_TYPES))
+    if type(v) is types.FunctionType and depth > 0 and not (v.__module__ or "").startswith("torch"):
+        # a helper a forward calls (a module-level GELU, a mask builder): its code and the globals it names, as for
+        # forward itself, so a global it reads (a constant, a flag) is part of the key
+        code, globs = v.__code__, v.__globals__
+        names = tuple(n for n in code.co_names if n in globs and not _is_module_object(globs[n])
+                      and not isinstance(globs[n], type))
+        if watch is not None:
+            watch.functions.append((v, code, globs, names, tuple(map(globs.get, names))))
+        refs.append(code)
+        return ("F", id(v), id(code), tuple((n, _value_key(globs[n], depth - 1, seen, refs, watch)) for n in names))
     if callable(v) or depth <= 0:
         return ("O", id(v))
     key = id(v)
@@ -296,7 +307,7 @@ class _Watch:
     watch invalid: the fingerprint is then computed in full every time, as before.
     """
 
-    __slots__ = ("dicts", "seqs", "typed", "tensors", "classes", "valid", "_state")
+    __slots__ = ("dicts", "seqs", "typed", "tensors", "classes", "functions", "valid", "_state")
 
     def __init__(self) -> None:
         self.dicts: list[dict[Any, Any]] = []
@@ -304,6 +315,7 @@ class _Watch:
         self.typed: list[Any] = []
         self.tensors: list[Tensor] = []
         self.classes: list[Any] = []  # (cls, forward, class values, code, globals, names, their values)
+        self.functions: list[Any] = []  # (function, code, globals, names, their values): helpers a forward names
         self.valid = True
         self._state: Any = None
 
@@ -341,6 +353,9 @@ class _Watch:
             if (_forward_of(cls) is not forward or getattr(forward, "__code__", None) is not code
                     or not all(map(is_, vars(cls).values(), values)) or len(vars(cls)) != len(values)
                     or not all(map(is_, map(globs.get, names), named))):
+                return False
+        for fn, code, globs, names, named in self.functions:
+            if fn.__code__ is not code or not all(map(is_, map(globs.get, names), named)):
                 return False
         return True
 
@@ -747,8 +762,6 @@ def _cell_full(cell: Any) -> bool:
 
 
 def _is_module_object(v: Any) -> bool:
-    import types
-
     return isinstance(v, types.ModuleType)
 
 
