@@ -154,6 +154,10 @@ def test_lm_positions_outside_the_logits_are_errors_not_wraps():
         ax.saliency(f, p, x, ax.lm.next_token(5, np.int64(9)))
     with pytest.raises(ValueError, match="position = 9 is outside"):
         ax.saliency(f, p, x, ax.lm.next_token(5, [1, 9]))
+    with pytest.raises(ValueError, match="position = 9 is outside"):
+        ax.saliency(f, p, x, ax.lm.next_token(5, np.array([1, 9])))
+    torch.testing.assert_close(ax.saliency(f, p, x, ax.lm.next_token(5, np.array([4, 3]))),
+                               ax.saliency(f, p, x, ax.lm.next_token(5, torch.tensor([4, 3]))))
     ax.saliency(f, p, x, ax.lm.continuation(torch.tensor([1, 2]), 5))  # positions 4 and 5: fine
 
 
@@ -198,8 +202,6 @@ class _Rows(nn.Module):
 
 
 def test_selection_stops_where_a_row_needs_other_rows():
-    from attrax.rewrite import select_pushdown  # noqa: F401 - the pass under test
-
     torch.manual_seed(0)
     m = _Rows().double().eval()
     f, p = ax.functionalize(m)
@@ -377,3 +379,60 @@ def test_a_global_read_by_a_helper_the_forward_calls_is_part_of_the_fingerprint(
     assert not torch.allclose(got, first)
     torch.testing.assert_close(got, ax.saliency(eager(f), p, x, 1), rtol=1e-12, atol=1e-14)
     assert not torch.allclose(ax.lrp(f, p, x, 1), before)
+
+
+class _Cumsum(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.l1(x).cumsum(1)  # mixes positions: the selection cannot move past h
+        return self.head(h * torch.tanh(h) + h)[:, -1]
+
+
+@pytest.mark.parametrize("comp", ["excitation_backprop", "epsilon_plus", "attn_lrp", None])
+def test_a_partial_move_keeps_an_elementwise_expression_of_one_tensor_whole(comp):
+    """A reviewer's find: moved past h * tanh(h) + h but not past h, the expression read two selections of h and got
+    other rules (excitation backprop: half the relevance). One selection per (tensor, row) now."""
+    torch.manual_seed(0)
+    m = _Cumsum().double().eval()
+    f, p = ax.functionalize(m)
+
+    class Whole(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            h = self.inner.l1(x).cumsum(1)
+            return self.inner.head(h * torch.tanh(h) + h)
+
+    fw, pw = ax.functionalize(Whole(m))
+    x = torch.randn(2, 5, 4, dtype=D)
+    c = getattr(ax.composites, comp)() if comp else None
+    torch.testing.assert_close(ax.lrp(f, p, x, 1, composite=c), ax.lrp(fw, pw, x, lambda o: o[:, -1, 1], composite=c),
+                               rtol=1e-10, atol=1e-13)
+
+
+class _LostAdd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.l1(x)
+        z = torch.zeros_like(h, dtype=torch.float32)
+        z += h  # traced as a constant (the program loses this path): caught by the program's check
+        q = z.to(h.dtype) + h
+        return self.head(q * torch.sigmoid(q))[:, -1]
+
+
+def test_a_program_that_disagrees_with_the_model_is_not_used():
+    torch.manual_seed(0)
+    f, p = ax.functionalize(_LostAdd().double().eval())
+    x = torch.randn(2, 5, 4, dtype=D)
+    assert gradient_program(f, p, (x,)) is None
+    for _ in range(3):
+        torch.testing.assert_close(ax.saliency(f, p, x, 1, abs=False), ax.saliency(eager(f), p, x, 1, abs=False),
+                                   rtol=1e-12, atol=1e-14)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._types import ModelFn, Params, TensorOrTuple
+from ._types import ModelFn, Params, TensorOrTuple  # noqa: F401 - ModelFn re-exported (distributed)
 
 __all__ = ["FunctionalModel", "functionalize"]
 
@@ -243,7 +243,7 @@ def _value_key(v: Any, depth: int, seen: dict[int, Any], refs: list[Any], watch:
         return ("M", id(v), type(v), tuple((k, e) for k, e in vars(v).items() if type(e) in _SCALAR_TYPES))
     if type(v) is types.FunctionType and depth > 0 and not (v.__module__ or "").startswith("torch"):
         # a helper a forward calls (a module-level GELU, a mask builder): its code and the globals it names, as for
-        # forward itself, so a global it reads (a constant, a flag) is part of the key
+        # forward itself, so a module-level value it reads (a constant, a flag) is part of the key
         code, globs = v.__code__, v.__globals__
         names = tuple(n for n in code.co_names if n in globs and not _is_module_object(globs[n])
                       and not isinstance(globs[n], type))

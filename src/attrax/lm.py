@@ -51,8 +51,8 @@ def _at(out: Tensor, position: Any, name: str = "position", low: int | None = No
                          f"functionalize(lm, output='logits')")
     n = out.shape[1]
     low = -n if low is None else low
-    if isinstance(position, (list, tuple)):
-        position = torch.as_tensor(position, device=out.device)
+    if isinstance(position, (list, tuple)) or (not isinstance(position, (int, Tensor)) and getattr(position, "ndim", 0)):
+        position = torch.as_tensor(position, device=out.device)  # a list or a numpy array
     elif not isinstance(position, (int, Tensor)) and hasattr(position, "__index__"):
         position = operator.index(position)  # a numpy integer
     if isinstance(position, int) and not isinstance(position, bool):

@@ -1759,13 +1759,47 @@ def gradient_program(model_fn: Any, params: Any, xs: Sequence[Tensor], rows: tup
     if hit is None:
         return None
     program, fused = hit
+    if torch.is_inference_mode_enabled():
+        return None  # (grad_of_selected takes gradients outside it; a check here could not run)
     if rows is not None:
         moved = per_program(program, ("rows", *rows), lambda p: _select_rows(p, *rows, shapes))
-        if moved is not None:
+        if moved is not None and per_program(moved, "agrees", lambda m: _agrees(m, model_fn, params, xs, rows)):
             return moved, per_program(moved, "last_reads", _last_reads), True
-    if not fused:
+    if not fused or not per_program(program, "agrees", lambda m: _agrees(m, model_fn, params, xs, None)):
         return None
     return program, per_program(program, "last_reads", _last_reads), False
+
+
+def _agrees(program: Program, model_fn: Any, params: Any, xs: Sequence[Tensor], rows: tuple[int, int] | None) -> bool:
+    """At its first use, a program's value and one vector-Jacobian product equal the model's own at these inputs (to
+    the dtype's rounding): a trace that lost a dependency (a reviewer found an in-place add into a cast copy
+    replaced by a constant, half the gradient) is never used, the model runs as it is."""
+    try:
+        with torch.enable_grad():
+            a = tuple(x.detach().requires_grad_() for x in xs)
+            b = tuple(x.detach().requires_grad_() for x in xs)
+            ref = model_fn(params, *a)
+            if rows is not None:
+                ref = ref.select(*rows)
+            got = forward(program, params, b)[program.output]
+            if not isinstance(ref, Tensor) or not isinstance(got, Tensor) or ref.shape != got.shape or ref.dtype != got.dtype:
+                return False
+            if not ref.is_floating_point() or not ref.requires_grad or not got.requires_grad:
+                return False
+            cot = torch.sin(torch.arange(ref.numel(), dtype=torch.float64, device=ref.device) * 0.7 + 0.3)
+            cot = cot.to(ref.dtype).reshape(ref.shape)
+            want = torch.autograd.grad(ref, a, cot, allow_unused=True, materialize_grads=True)
+            have = torch.autograd.grad(got, b, cot, allow_unused=True, materialize_grads=True)
+    except Exception:  # noqa: BLE001 - anything the check cannot run: the model as it is
+        return False
+    tol = {torch.float64: 1e-7, torch.float32: 1e-3}.get(ref.dtype, 5e-2)
+
+    def close(u: Tensor, v: Tensor) -> bool:
+        scale = float(v.detach().abs().max()) if v.numel() else 0.0
+        return u.shape == v.shape and bool(torch.isfinite(u).all() == torch.isfinite(v).all()) and float(
+            (u.detach() - v.detach()).abs().nan_to_num(0.0).max() if u.numel() else 0.0) <= tol * max(scale, 1e-30)
+
+    return close(got, ref) and all(close(u, v) for u, v in zip(have, want))
 
 
 #: names whose presence in a forward's code suggests an activation written out in steps
@@ -1932,19 +1966,44 @@ def _push_one(program: Program, shapes: dict[str, tuple[int, ...]], allow: Calla
         plan = _row_operands(program, v, dim, shapes)
         if plan is None:
             continue
-        b = ProgramBuilder(program)
+        # one selection per (operand, dim, row): an operand read twice (h * h), or selected already by an earlier
+        # move (h * tanh(h) + h), is read through one node, so the rules still see one tensor (a reviewer found an
+        # elementwise expression of h split into two and given other rules)
+        same: dict[tuple[int, int, int], list[int]] = {}
         for n in nodes:
+            s_ = _selection(n)
+            if s_ is not None and nodes[s_[0]].shape is not None:
+                k = nodes[s_[0]]
+                d_ = s_[1] + len(k.shape) if s_[1] < 0 else s_[1]  # type: ignore[arg-type]
+                if 0 <= d_ < len(k.shape):  # type: ignore[arg-type]
+                    same.setdefault((s_[0], d_, s_[2] + k.shape[d_] if s_[2] < 0 else s_[2]), []).append(n.index)  # type: ignore[index]
+        b = ProgramBuilder(program)
+        merged: set[int] = set()
+        for n in nodes:
+            if n.index in merged:
+                continue
             if n.index == src:
                 args = list(b._renumber(a) for a in v.args)
+                made: dict[tuple[int, int, int], int] = {}
                 for pos, d in plan:
                     operand = nodes[v.args[pos][1]]
                     whole = _shape_of(operand, shapes, program)
                     size = whole[d]
-                    shape = (*whole[:d], *whole[d + 1:])
-                    picked = b._add(Node(0, "call", "aten.select.int", name=f"{operand.name}_row", module=v.module,
-                                         module_type=v.module_type, layer=v.layer, float_out=operand.float_out,
-                                         shape=shape), (b._renumber(v.args[pos]), ("c", d), ("c", index if size > 1 else 0)), ())
-                    args[pos] = ("n", picked)
+                    row = index if size > 1 else 0
+                    earlier = [o for o in same.get((operand.index, d, row), ()) if o < src]
+                    if earlier and (operand.index, d, row) not in made:
+                        made[(operand.index, d, row)] = b.remap[earlier[0]]
+                    if (operand.index, d, row) not in made:
+                        shape = (*whole[:d], *whole[d + 1:])
+                        made[(operand.index, d, row)] = picked = b._add(
+                            Node(0, "call", "aten.select.int", name=f"{operand.name}_row", module=v.module,
+                                 module_type=v.module_type, layer=v.layer, float_out=operand.float_out, shape=shape),
+                            (b._renumber(v.args[pos]), ("c", d), ("c", row)), ())
+                        for old in same.get((operand.index, d, row), ()):
+                            if old != node.index and old > src:  # a later selection of the same row: this one
+                                b.alias(old, picked)
+                                merged.add(old)
+                    args[pos] = ("n", made[(operand.index, d, row)])
                 shape = (*v.shape[:dim], *v.shape[dim + 1:])
                 if v.packet in ("view", "reshape", "_unsafe_view"):
                     args[1] = ("l", tuple(("c", d) for d in shape))
