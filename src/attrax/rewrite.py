@@ -344,10 +344,17 @@ class _FoldConstants(torch.overrides.TorchFunctionMode):
     functions are never folded: a constant would freeze their draw.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        # storages of real tensors that an in-place op wrote a traced value into (``z = zeros_like(h, dtype=...);
+        # z += h``): their contents are no longer the constant's, so nothing reading them is folded (a reviewer
+        # found ``z.to(dtype)`` folded from the zeros: the write lost, half the gradient)
+        self.written: set[int] = set()
+
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if _RANDOM.search(name) is None and not _touches_fake((args, kwargs)):
+        if _RANDOM.search(name) is None and not _touches_fake((args, kwargs)) and not self._reads_written((args, kwargs)):
             from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
             with torch._C.DisableTorchFunction(), disable_proxy_modes_tracing():
@@ -361,7 +368,35 @@ class _FoldConstants(torch.overrides.TorchFunctionMode):
             with torch._C.DisableTorchFunction(), disable_proxy_modes_tracing():
                 stand_in = torch.empty(tuple(like.shape), dtype=like.dtype, device=like.device)
                 return func(stand_in, *args[1:], **kwargs)
+        target = args[0] if args else None
+        if (isinstance(target, Tensor) and not _touches_fake(target)
+                and ((name.endswith("_") and not name.startswith("_")) or name in _SETTERS)):
+            self.written.add(_storage_id(target))
         return func(*args, **kwargs)
+
+    def _reads_written(self, tree: Any) -> bool:
+        if not self.written:
+            return False
+        found = False
+
+        def visit(v: Any) -> None:
+            nonlocal found
+            if isinstance(v, Tensor) and _storage_id(v) in self.written:
+                found = True
+
+        torch.utils._pytree.tree_map(visit, tree)
+        return found
+
+
+#: in-place writes by Python operators and item assignment (their names do not end with "_")
+_SETTERS = frozenset("__setitem__ __iadd__ __isub__ __imul__ __itruediv__ __ifloordiv__ __imod__ __ipow__ __iand__ __ior__ __ixor__ __ilshift__ __irshift__".split())
+
+
+def _storage_id(t: Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return id(t)
 
 
 #: torch calls whose result depends on their first tensor argument's shape, dtype and device only
