@@ -250,7 +250,9 @@ def _value_key(v: Any, depth: int, seen: dict[int, Any], refs: list[Any], watch:
         if watch is not None:
             watch.functions.append((v, code, globs, names, tuple(map(globs.get, names))))
         refs.append(code)
-        return ("F", id(v), id(code), tuple((n, _value_key(globs[n], depth - 1, seen, refs, watch)) for n in names))
+        # numbers, strings and flags by value, other helpers in turn; other objects (registries, loggers) by
+        # identity only: walking them would cost every call its watch (a non-dict mapping makes it invalid)
+        return ("F", id(v), id(code), tuple((n, _helper_global(globs[n], depth - 1, seen, refs, watch)) for n in names))
     if callable(v) or depth <= 0:
         return ("O", id(v))
     key = id(v)
@@ -283,6 +285,13 @@ def _value_key(v: Any, depth: int, seen: dict[int, Any], refs: list[Any], watch:
         out = ("O", key)
     seen[key] = out
     return out
+
+
+def _helper_global(v: Any, depth: int, seen: dict[int, Any], refs: list[Any], watch: _Watch | None) -> Any:
+    if isinstance(v, _SCALARS) or type(v) is types.FunctionType:
+        return _value_key(v, depth, seen, refs, watch)
+    refs.append(v)
+    return ("O", id(v))
 
 
 def _storage_key(t: Tensor) -> Any:
