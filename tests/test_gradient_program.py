@@ -300,7 +300,7 @@ def test_in_place_ops_keep_their_dtype_in_programs(case):
 class _Noisy(nn.Module):
     def __init__(self):
         super().__init__()
-        self.a, self.b, self.seen = nn.Linear(4, 4), nn.Linear(4, 2), []
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
 
     def forward(self, x):
         h = self.a(x)

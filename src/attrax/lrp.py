@@ -583,8 +583,7 @@ def _rows_first(program: Program, rules: Sequence[Any], shapes: dict[str, tuple[
 
 def _rows_alone(rule: Any) -> bool:
     """A node's rule treats each row of its output alone: a dense layer's row-local rule, or an elementwise one."""
-    return rule is None or _row_local(rule) or (type(rule) in (Pass, HoldScale, Uniform) and not getattr(
-        rule, "norm_scale", False))
+    return rule is None or _row_local(rule) or type(rule) in (Pass, HoldScale, Uniform)
 
 
 def _row_local(rule: Any) -> bool:

@@ -1737,9 +1737,10 @@ def gradient_program(model_fn: Any, params: Any, xs: Sequence[Tensor], rows: tup
     and then :func:`fuse_elementwise` (GPT-2's written-out GELU: 9 ops forward and their backward, about a fifth
     of Integrated Gradients' time on GPT-2 at seq 96), the gradient through it being the model's own to the float
     rounding of the activation. ``rows = (dim, index)``: the target reads ``out.select(dim, index)`` only (an LM
-    target at one position); where the output is a dense layer's (an LM head), the program computes that layer at
-    those rows only (:func:`select_before_linear`) and returns them (``selected``). Offered only where one of the
-    two applies; only to eager calls on a :class:`FunctionalModel` in eval mode (no training flag; no random op in
+    target at one position); the program then ends in that selection, moved up through the ops computed row by row
+    (:func:`select_pushdown`: the head, final norm and last block's MLP on those rows), and returns those rows
+    (``selected``); a selection the model's output makes itself moves the same way. Offered only where one of these
+    applies; only to eager calls on a :class:`FunctionalModel` in eval mode (no training flag; no random op in
     the program), memoised under the model's fingerprint like every program. A model with neither is remembered
     per fingerprint and input spec, so it is traced once, not at every batch size; a model the tracer refuses is
     run as it is. ``drop``: each value is released after its last reader (autograd keeps what the backward needs).
@@ -1748,8 +1749,10 @@ def gradient_program(model_fn: Any, params: Any, xs: Sequence[Tensor], rows: tup
     """
     if (not isinstance(model_fn, FunctionalModel) or isinstance(model_fn, BoundModel)
             or not getattr(model_fn, "program_gradients", True) or torch.compiler.is_compiling()
-            or _get_current_dispatch_mode() is not None or any(_training_flags(model_fn))):
-        return None  # (bound arguments: a program per mask, where the model runs as it is for any)
+            or _get_current_dispatch_mode() is not None or torch.is_inference_mode_enabled()
+            or any(_training_flags(model_fn))):
+        return None  # (bound arguments: a program per mask, where the model runs as it is for any; inference mode:
+        # grad_of_selected takes gradients outside it, and the first-use check could not run in it)
     if model_fn.__dict__.get("_no_gradient_program"):
         return None
     if rows is None and not model_fn.derived("writes_out_activations", lambda: _writes_out_activations(model_fn)):
@@ -1778,7 +1781,7 @@ def gradient_program(model_fn: Any, params: Any, xs: Sequence[Tensor], rows: tup
         dense = dense_layers(program, shapes)
         pushed = select_pushdown(dense, shapes)
         program = program if pushed is dense else pushed  # (nothing moved: the model's own layers)
-        return program, program is not traced
+        return program, program is not traced  # (changed: fused or moved, a gain of its own)
 
     def gain() -> bool:
         hit = memoised(model_fn, key, compute, fingerprint=fp)
@@ -1793,14 +1796,12 @@ def gradient_program(model_fn: Any, params: Any, xs: Sequence[Tensor], rows: tup
     hit = memoised(model_fn, key, compute, fingerprint=fp)
     if hit is None:
         return None
-    program, fused = hit
-    if torch.is_inference_mode_enabled():
-        return None  # (grad_of_selected takes gradients outside it; a check here could not run)
+    program, changed = hit
     if rows is not None:
         moved = per_program(program, ("rows", *rows), lambda p: _select_rows(p, *rows, shapes))
         if moved is not None and per_program(moved, "agrees", lambda m: _agrees(m, model_fn, params, xs, rows)):
             return moved, per_program(moved, "last_reads", _last_reads), True
-    if not fused or not per_program(program, "agrees", lambda m: _agrees(m, model_fn, params, xs, None)):
+    if not changed or not per_program(program, "agrees", lambda m: _agrees(m, model_fn, params, xs, None)):
         return None
     return program, per_program(program, "last_reads", _last_reads), False
 
@@ -1859,18 +1860,15 @@ def _dense_output(program: Program) -> bool:
 
 
 def _select_rows(program: Program, dim: int, index: int, shapes: dict[str, tuple[int, ...]]) -> Program | None:
-    """``program`` with ``out.select(dim, index)`` as its output and the dense layer before it moved after the
-    selection; None where it is not moved (nothing gained)."""
+    """``program`` with ``out.select(dim, index)`` as its output, moved up by :func:`select_pushdown`; None where it
+    does not move (nothing gained)."""
     out = program.nodes[program.output]
     if out.shape is None or not 0 < dim < len(out.shape) or not -out.shape[dim] <= index < out.shape[dim]:
         return None
     b = ProgramBuilder(program)
     for node in program.nodes:
         b.copy(node)
-    shape = (*out.shape[:dim], *out.shape[dim + 1:])
-    picked = b._add(Node(0, "call", "aten.select.int", name=f"{out.name}_rows", module=out.module,
-                         module_type=out.module_type, layer=out.layer, float_out=out.float_out, shape=shape),
-                    (("n", b.remap[out.index]), ("c", dim), ("c", index)), ())
+    picked = _add_select(b, out, out.shape, out, dim, index, f"{out.name}_rows")
     selected = replace(b.build(), output=picked)
     moved = select_pushdown(dense_layers(selected, shapes), shapes)
     return None if moved is selected else moved
@@ -1883,8 +1881,7 @@ def dense_layers(program: Program, shapes: dict[str, tuple[int, ...]]) -> Progra
     nodes, users = program.nodes, program.consumers()
 
     def shape(i: int) -> Any:
-        node = nodes[i]
-        return shapes.get(node.target) if node.op == "param" else node.shape
+        return _shape_of(nodes[i], shapes, program)
 
     found: dict[int, tuple[int, int | None, Any, int]] = {}  # outer view -> (x, W of an addmm, bias, inner view)
     for v in nodes:
@@ -2029,11 +2026,8 @@ def _push_one(program: Program, shapes: dict[str, tuple[int, ...]], allow: Calla
                     if earlier and (operand.index, d, row) not in made:
                         made[(operand.index, d, row)] = b.remap[earlier[0]]
                     if (operand.index, d, row) not in made:
-                        shape = (*whole[:d], *whole[d + 1:])
-                        made[(operand.index, d, row)] = picked = b._add(
-                            Node(0, "call", "aten.select.int", name=f"{operand.name}_row", module=v.module,
-                                 module_type=v.module_type, layer=v.layer, float_out=operand.float_out, shape=shape),
-                            (b._renumber(v.args[pos]), ("c", d), ("c", row)), ())
+                        made[(operand.index, d, row)] = picked = _add_select(b, operand, whole, v, d, row,
+                                                                             f"{operand.name}_row")
                         for old in same.get((operand.index, d, row), ()):
                             if old != node.index and old > src:  # a later selection of the same row: this one
                                 b.alias(old, picked)
@@ -2051,6 +2045,15 @@ def _push_one(program: Program, shapes: dict[str, tuple[int, ...]], allow: Calla
                 b.copy(n)
         return b.build()
     return None
+
+
+def _add_select(b: ProgramBuilder, source: Node, shape: tuple[int, ...], like: Node, dim: int, index: int, name: str
+                ) -> int:
+    """A new ``select(source, dim, index)`` node in ``b`` (``source``: an old node of ``shape``), placed in ``like``'s
+    module."""
+    return b._add(Node(0, "call", "aten.select.int", name=name, module=like.module, module_type=like.module_type,
+                       layer=like.layer, float_out=source.float_out, shape=(*shape[:dim], *shape[dim + 1:])),
+                  (b.ref(source.index), ("c", dim), ("c", index)), ())
 
 
 def _shape_of(node: Node, shapes: dict[str, tuple[int, ...]], program: Program | None = None) -> Any:
