@@ -25,8 +25,8 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._types import ModelFn, Params
-from .core import BoundModel, FunctionalModel, inside_transform, is_concrete, keeps_graph
-from .rewrite import forward, gradient_program
+from .core import BoundModel, FunctionalModel, _Memo, inside_transform, is_concrete, keeps_graph
+from .rewrite import forward, gradient_program, memoised, take_rows
 
 __all__ = ["continuation", "contrast", "generation", "next_token"]
 
@@ -206,8 +206,11 @@ class _SharedForward:
     of the output); calls it cannot answer run the model as usual,
     and so do calls under tracing (fake or proxy tensors, a dispatch mode, torch.func transforms)."""
 
-    def __init__(self, capacity: int = 1) -> None:
+    def __init__(self, capacity: int = 1, rows: tuple[int, tuple[int, int]] | None = None) -> None:
         self.capacity = capacity
+        #: ``(dim, (start, stop))``: every forward returns these rows of the model's output only (the positions
+        #: ``generation`` explains), so a traced program computes the head and last block's MLP on them alone
+        self.rows = rows
         self.entries: list[_Entry] = []
         self.filling = True
         self.hits = 0
@@ -246,6 +249,16 @@ class _SharedForward:
         self.entries.append(entry)
         return _Replay.apply(entry, *args)
 
+    def take(self, out: Any) -> Any:
+        """The rows of a model output this state keeps (all where it keeps all)."""
+        if self.rows is None:
+            return out
+        dim, (start, stop) = self.rows
+        if not isinstance(out, Tensor) or out.ndim <= dim or out.shape[dim] < stop:
+            raise ValueError(f"generation explains positions {start}..{stop - 1} of the model's output along dim "
+                             f"{dim}; it returned {getattr(out, 'shape', type(out).__name__)}")
+        return take_rows(out, dim, (start, stop))
+
     @property
     def kept_graphs(self) -> int:
         return sum(e.graph for e in self.entries)
@@ -261,11 +274,15 @@ def _shared_type(cls: type) -> type:
         def run(self: Any, module: Any, params: Params, x: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Any:
             def compute(p: Params, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
                 # the forward a gradient method would run the model with (rewrite.gradient_program: activations
-                # written out in steps fused), else the model itself
-                fast = None if kw else gradient_program(self._shared_base, p, args, count=True)
+                # written out in steps fused; the rows the state keeps, moved up past the ops computed row by
+                # row), else the model itself
+                rows = self._shared_state.rows
+                fast = None if kw or inside_transform() else gradient_program(self._shared_base, p, args, rows=rows,
+                                                                               count=True)
                 if fast is not None:
-                    return forward(fast[0], p, args, drop=fast[1])[fast[0].output]
-                return cls.run(self, module, p, args, kw or None)
+                    out = forward(fast[0], p, args, drop=fast[1])[fast[0].output]
+                    return out if fast[2] else self._shared_state.take(out)
+                return self._shared_state.take(cls.run(self, module, p, args, kw or None))
 
             return self._shared_state.call(compute, params, tuple(x), dict(kwargs or {}), key=id(module))
 
@@ -287,10 +304,15 @@ def _share(model_fn: Any, state: _SharedForward) -> Any:
         obj.__dict__.update(model_fn.__dict__)
         obj._shared_state = state
         obj._shared_base = model_fn
+        if state.rows is not None:
+            # this model returns some rows of the output only, another function than model_fn's: programs traced
+            # from it (a rule or layer method run with strategy="shared") are kept apart from model_fn's, in a memo
+            # of their own per rows (a program of the whole output read at a row's relative position was wrong)
+            obj._programs = memoised(model_fn, ("rows memo", state.rows), lambda: _Memo(model_fn.memo_size))
         return obj
     if isinstance(model_fn, (types.FunctionType, functools.partial, types.MethodType)):
         def shared(params: Params, *x: Any, **kwargs: Any) -> Any:
-            return state.call(lambda p, args, kw: model_fn(p, *args, **kw), params, x, kwargs)
+            return state.call(lambda p, args, kw: state.take(model_fn(p, *args, **kw)), params, x, kwargs)
 
         return shared
     return None
@@ -383,27 +405,31 @@ def generation(
     def row(fn: ModelFn, pos: Any, tok: Tensor) -> Tensor:
         return attribute(fn, params, x, next_token(tok, pos, log_prob=log_prob), **method_kwargs).sum(-1)
 
+    # every row reads the explained positions' rows of the output only (row k's target reads row k of them),
+    # through a model returning those rows: a traced program then runs the head and last block's MLP on n rows,
+    # not T (the shared forward and every backward pass of IG; LRP's program under vmap)
+    state = _SharedForward(rows=(1, (start - 1, start - 1 + n)))
+    shared = _share(model_fn, state)
+    if shared is None and strategy == "shared":
+        raise TypeError(f"strategy='shared' needs a FunctionalModel or a function as model_fn, got {type(model_fn)}")
+    sliced, offset = (model_fn, 0) if shared is None else (shared, start - 1)
+
     def vmapped(first: int) -> Tensor:
+        state.filling = False  # (calls under vmap run the model anyway)
         with warnings.catch_warnings():
             # torch has no batching rule for the fused attention backward yet: its fallback is exact, only slower
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
             # randomness="different": a sampling method draws per row, as separate calls would (the default
             # "error" mode refused smoothgrad, noise_tunnel, gradient_shap, shapley sampling: found in review)
-            return torch.func.vmap(functools.partial(row, model_fn), in_dims=(0, 1), chunk_size=chunk_size,
-                                   randomness="different")(positions[first:], ids[:, first:])  # (n - first, B, T)
+            return torch.func.vmap(functools.partial(row, sliced), in_dims=(0, 1), chunk_size=chunk_size,
+                                   randomness="different")(positions[first:] - offset, ids[:, first:])  # (n - first, B, T)
 
-    if strategy == "vmap":
+    if strategy == "vmap" or shared is None:
         return vmapped(0).transpose(0, 1)
-    state = _SharedForward()
-    shared = _share(model_fn, state)
-    if shared is None:
-        if strategy == "shared":
-            raise TypeError(f"strategy='shared' needs a FunctionalModel or a function as model_fn, got {type(model_fn)}")
-        return vmapped(0).transpose(0, 1)
-    rows = [row(shared, start - 1, ids[:, 0])]
+    rows = [row(shared, 0, ids[:, 0])]
     state.filling = False
     if strategy == "auto" and not state.kept_graphs:
         return torch.cat([rows[0].unsqueeze(1), vmapped(1).transpose(0, 1)], 1) if n > 1 else rows[0].unsqueeze(1)
-    rows += [row(shared, start - 1 + k, ids[:, k]) for k in range(1, n)]
+    rows += [row(shared, k, ids[:, k]) for k in range(1, n)]
     state.entries.clear()
     return torch.stack(rows, 1)

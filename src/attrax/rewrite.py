@@ -1728,7 +1728,7 @@ def _identify(program: Program, s: int, region: list[int]) -> Any:
 GRADIENT_PROGRAM_AFTER = 3
 
 
-def gradient_program(model_fn: Any, params: Any, xs: Sequence[Tensor], rows: tuple[int, int] | None = None,
+def gradient_program(model_fn: Any, params: Any, xs: Sequence[Tensor], rows: tuple[int, Any] | None = None,
                      count: bool = False) -> tuple[Program, Any, bool] | None:
     """``(program, drop, selected)`` to evaluate ``model_fn`` with for a plain gradient, where that is faster than
     the model itself; else None (the caller runs the model).
@@ -1806,7 +1806,12 @@ def gradient_program(model_fn: Any, params: Any, xs: Sequence[Tensor], rows: tup
     return program, per_program(program, "last_reads", _last_reads), False
 
 
-def _agrees(program: Program, model_fn: Any, params: Any, xs: Sequence[Tensor], rows: tuple[int, int] | None) -> bool:
+def take_rows(out: Tensor, dim: int, index: Any) -> Tensor:
+    """``out.select(dim, index)`` for an int ``index``, ``out.narrow`` to the block ``index = (start, stop)``."""
+    return out.select(dim, index) if isinstance(index, int) else out[(slice(None),) * dim + (slice(*index),)]
+
+
+def _agrees(program: Program, model_fn: Any, params: Any, xs: Sequence[Tensor], rows: tuple[int, Any] | None) -> bool:
     """At its first use, a program's value and one vector-Jacobian product equal the model's own at these inputs (to
     the dtype's rounding): a trace that lost a dependency (a reviewer found an in-place add into a cast copy
     replaced by a constant, half the gradient) is never used, the model runs as it is."""
@@ -1816,7 +1821,7 @@ def _agrees(program: Program, model_fn: Any, params: Any, xs: Sequence[Tensor], 
             b = tuple(x.detach().requires_grad_() for x in xs)
             ref = model_fn(params, *a)
             if rows is not None:
-                ref = ref.select(*rows)
+                ref = take_rows(ref, *rows)
             got = forward(program, params, b)[program.output]
             if not isinstance(ref, Tensor) or not isinstance(got, Tensor) or ref.shape != got.shape or ref.dtype != got.dtype:
                 return False
@@ -1859,16 +1864,20 @@ def _dense_output(program: Program) -> bool:
     return out.op == "call" and out.packet == "linear"
 
 
-def _select_rows(program: Program, dim: int, index: int, shapes: dict[str, tuple[int, ...]]) -> Program | None:
-    """``program`` with ``out.select(dim, index)`` as its output, moved up by :func:`select_pushdown`; None where it
-    does not move (nothing gained)."""
+def _select_rows(program: Program, dim: int, index: Any, shapes: dict[str, tuple[int, ...]]) -> Program | None:
+    """``program`` with ``out.select(dim, index)`` (or the block ``index = (start, stop)`` of rows) as its output,
+    moved up by :func:`select_pushdown`; None where it does not move (nothing gained)."""
     out = program.nodes[program.output]
-    if out.shape is None or not 0 < dim < len(out.shape) or not -out.shape[dim] <= index < out.shape[dim]:
+    if out.shape is None or not 0 < dim < len(out.shape):
+        return None
+    if isinstance(index, int) and not -out.shape[dim] <= index < out.shape[dim]:
+        return None
+    if not isinstance(index, int) and not 0 <= index[0] < index[1] <= out.shape[dim]:
         return None
     b = ProgramBuilder(program)
     for node in program.nodes:
         b.copy(node)
-    picked = _add_select(b, out, out.shape, out, dim, index, f"{out.name}_rows")
+    picked = _add_rows(b, out, out.shape, out, dim, index, f"{out.name}_rows")
     selected = replace(b.build(), output=picked)
     moved = select_pushdown(dense_layers(selected, shapes), shapes)
     return None if moved is selected else moved
@@ -1964,14 +1973,31 @@ def select_pushdown(program: Program, shapes: dict[str, tuple[int, ...]] | None 
     return program
 
 
-def _selection(node: Node) -> tuple[int, int, int] | None:
-    """``(source, dim, index)`` of a ``select.int`` with constant dim and index (index >= 0), else None."""
-    if node.op != "call" or node.target != "aten.select.int" or node.kwargs or len(node.args) != 3:
+def _selection(node: Node) -> tuple[int, int, Any] | None:
+    """``(source, dim, index)`` of a ``select.int`` with constant dim and index, or ``(source, dim, (start, stop))``
+    of a ``slice.Tensor`` with constant bounds and step 1 (a block of rows: the positions ``ax.lm.generation``
+    explains); else None. Indices as written (negative ones normalised by the caller)."""
+    if node.op != "call" or node.kwargs:
         return None
-    (ts, src), (td, dim), (ti, index) = node.args
-    if ts != "n" or td != "c" or ti != "c" or type(dim) is not int or type(index) is not int:
-        return None
-    return src, dim, index
+    if node.target == "aten.select.int" and len(node.args) == 3:
+        (ts, src), (td, dim), (ti, index) = node.args
+        if ts != "n" or td != "c" or ti != "c" or type(dim) is not int or type(index) is not int:
+            return None
+        return src, dim, index
+    if node.target == "aten.slice.Tensor" and 4 <= len(node.args) <= 5 and node.args[0][0] == "n":
+        if any(a[0] != "c" or type(a[1]) is not int for a in node.args[1:]) or node.args[4:] not in ((), (("c", 1),)):
+            return None
+        return node.args[0][1], node.args[1][1], (node.args[2][1], node.args[3][1])
+    return None
+
+
+def _normal_rows(index: Any, size: int) -> Any:
+    """A select's index or a slice's ``(start, stop)`` with negative and out-of-range bounds resolved for a dim of
+    ``size``; None where that selects nothing (an empty slice)."""
+    if isinstance(index, int):
+        return index + size if index < 0 else index
+    start, stop = (min(max(e + size if e < 0 else e, 0), size) for e in index)
+    return (start, stop) if start < stop else None
 
 
 def _push_one(program: Program, shapes: dict[str, tuple[int, ...]], allow: Callable[[Node], bool] | None = None
@@ -1990,10 +2016,10 @@ def _push_one(program: Program, shapes: dict[str, tuple[int, ...]], allow: Calla
         dim = dim + nd if dim < 0 else dim
         if not 0 <= dim < nd:
             continue
-        index = index + v.shape[dim] if index < 0 else index
+        index = _normal_rows(index, v.shape[dim])
         readers = [nodes[u] for u in users[src]]
-        if not all((r := _selection(u)) is not None and (r[1] + nd if r[1] < 0 else r[1]) == dim
-                   and (r[2] + v.shape[dim] if r[2] < 0 else r[2]) == index for u in readers):
+        if index is None or not all((r := _selection(u)) is not None and (r[1] + nd if r[1] < 0 else r[1]) == dim
+                                    and _normal_rows(r[2], v.shape[dim]) == index for u in readers):
             continue
         plan = _row_operands(program, v, dim, shapes)
         if plan is None:
@@ -2008,7 +2034,7 @@ def _push_one(program: Program, shapes: dict[str, tuple[int, ...]], allow: Calla
                 k = nodes[s_[0]]
                 d_ = s_[1] + len(k.shape) if s_[1] < 0 else s_[1]  # type: ignore[arg-type]
                 if 0 <= d_ < len(k.shape):  # type: ignore[arg-type]
-                    same.setdefault((s_[0], d_, s_[2] + k.shape[d_] if s_[2] < 0 else s_[2]), []).append(n.index)  # type: ignore[index]
+                    same.setdefault((s_[0], d_, _normal_rows(s_[2], k.shape[d_])), []).append(n.index)  # type: ignore[index]
         b = ProgramBuilder(program)
         merged: set[int] = set()
         for n in nodes:
@@ -2021,19 +2047,21 @@ def _push_one(program: Program, shapes: dict[str, tuple[int, ...]], allow: Calla
                     operand = nodes[v.args[pos][1]]
                     whole = _shape_of(operand, shapes, program)
                     size = whole[d]
+                    if size == 1 and not isinstance(index, int):
+                        continue  # broadcast along the dim: read whole by a block of rows
                     row = index if size > 1 else 0
                     earlier = [o for o in same.get((operand.index, d, row), ()) if o < src]
                     if earlier and (operand.index, d, row) not in made:
                         made[(operand.index, d, row)] = b.remap[earlier[0]]
                     if (operand.index, d, row) not in made:
-                        made[(operand.index, d, row)] = picked = _add_select(b, operand, whole, v, d, row,
-                                                                             f"{operand.name}_row")
+                        made[(operand.index, d, row)] = picked = _add_rows(b, operand, whole, v, d, row,
+                                                                           f"{operand.name}_row")
                         for old in same.get((operand.index, d, row), ()):
                             if old != node.index and old > src:  # a later selection of the same row: this one
                                 b.alias(old, picked)
                                 merged.add(old)
                     args[pos] = ("n", made[(operand.index, d, row)])
-                shape = (*v.shape[:dim], *v.shape[dim + 1:])
+                shape = _rows_shape(v.shape, dim, index)
                 if v.packet in ("view", "reshape", "_unsafe_view"):
                     args[1] = ("l", tuple(("c", d) for d in shape))
                 new = b.copy(v, args=tuple(args), kwargs=tuple((k, b._renumber(a)) for k, a in v.kwargs), shape=shape)
@@ -2047,13 +2075,23 @@ def _push_one(program: Program, shapes: dict[str, tuple[int, ...]], allow: Calla
     return None
 
 
-def _add_select(b: ProgramBuilder, source: Node, shape: tuple[int, ...], like: Node, dim: int, index: int, name: str
-                ) -> int:
-    """A new ``select(source, dim, index)`` node in ``b`` (``source``: an old node of ``shape``), placed in ``like``'s
-    module."""
-    return b._add(Node(0, "call", "aten.select.int", name=name, module=like.module, module_type=like.module_type,
-                       layer=like.layer, float_out=source.float_out, shape=(*shape[:dim], *shape[dim + 1:])),
-                  (b.ref(source.index), ("c", dim), ("c", index)), ())
+def _rows_shape(shape: Sequence[int], dim: int, index: Any) -> tuple[int, ...]:
+    """The shape of ``shape``'s rows ``index`` along ``dim``: a select drops the dim, a ``(start, stop)`` block
+    keeps it."""
+    if isinstance(index, int):
+        return (*shape[:dim], *shape[dim + 1:])
+    return (*shape[:dim], index[1] - index[0], *shape[dim + 1:])
+
+
+def _add_rows(b: ProgramBuilder, source: Node, shape: tuple[int, ...], like: Node, dim: int, index: Any, name: str
+              ) -> int:
+    """A new ``select(source, dim, index)`` (an int index) or ``slice(source, dim, start, stop)`` (a ``(start,
+    stop)`` block) node in ``b`` (``source``: an old node of ``shape``), placed in ``like``'s module."""
+    node = Node(0, "call", "aten.select.int" if isinstance(index, int) else "aten.slice.Tensor", name=name,
+                module=like.module, module_type=like.module_type, layer=like.layer, float_out=source.float_out,
+                shape=_rows_shape(shape, dim, index))
+    bounds = (("c", index),) if isinstance(index, int) else (("c", index[0]), ("c", index[1]))
+    return b._add(node, (b.ref(source.index), ("c", dim), *bounds), ())
 
 
 def _shape_of(node: Node, shapes: dict[str, tuple[int, ...]], program: Program | None = None) -> Any:
