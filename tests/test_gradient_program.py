@@ -451,3 +451,68 @@ def test_an_in_place_write_into_a_folded_constant_is_traced_and_checked():
     spec, batch = program_spec(f, p, (x,))
     assert _agrees(trace_program(f, spec, batch, native=True), f, p, (x,), None)
     assert not _agrees(trace_program(f, spec, batch, native=True), g, q, (x,), None)
+
+
+@pytest.mark.parametrize("make, layer", [(gpt2, "transformer.wte"), (llama, "model.embed_tokens")])
+def test_a_block_of_rows_moves_up_as_one_row_does(make, layer):
+    """A slice of the output's positions (the rows ax.lm.generation explains) moves up like a select: the head and
+    the last block's MLP run on those rows; values and gradients are the model's."""
+    from attrax.rewrite import take_rows
+
+    model = make()
+    f, p = ax.functionalize(model, output="logits", embedding=layer)
+    x = _embeddings(f, p, batch=2, seq=9)
+    for block in ((3, 7), (0, 9), (8, 9)):
+        program, _, selected = gradient_program(f, p, (x,), (1, block))
+        assert selected and program.nodes[program.output].shape == (2, block[1] - block[0], 40)
+        dense = [n for n in program.nodes if n.op == "call" and n.packet == "linear"]
+        rows = block[1] - block[0]
+        assert dense[-1].shape[1] == rows and dense[-2].shape[1] == rows  # head and the last MLP projection
+        assert dense[0].shape[1] == 9  # the first block: every position
+        a = x.detach().requires_grad_()
+        b = x.detach().requires_grad_()
+        from attrax.rewrite import forward
+        got = forward(program, p, (a,))[program.output]
+        want = take_rows(f(p, b), 1, block)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+        cot = torch.randn(got.shape, dtype=D, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(torch.autograd.grad(got, a, cot)[0], torch.autograd.grad(want, b, cot)[0],
+                                   rtol=1e-10, atol=1e-12)
+
+
+def test_a_block_keeps_broadcast_operands_whole_and_stops_at_row_mixing():
+    torch.manual_seed(0)
+    m = _Rows().double().eval()
+    f, p = ax.functionalize(m)
+    x = torch.randn(2, 5, 4, dtype=D)
+    program, _, selected = gradient_program(f, p, (x,), (1, (1, 4)))
+    assert selected
+    shapes = {n.module: n.shape for n in program.nodes if n.op == "call" and n.packet == "linear"}
+    assert shapes == {"a": (2, 5, 6), "b": (2, 3, 6), "head": (2, 3, 5)}
+    t = lambda o: o[:, 1:4].sum((1, 2))  # noqa: E731
+    from attrax.rewrite import forward
+    torch.testing.assert_close(forward(program, p, (x,))[program.output], f(p, x)[:, 1:4], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ax.saliency(f, p, x, t), ax.saliency(eager(f), p, x, t), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "shared", "vmap"])
+def test_generation_on_the_block_of_rows_equals_separate_calls_and_keeps_programs_apart(strategy):
+    """generation runs its rows through a model returning the explained positions only; a rule method run with
+    that model (strategy="shared") traces it into a memo of its own, never the whole model's (a program of the
+    whole output read at a relative position gave wrong rows), and later separate calls get the whole model."""
+    model = llama()
+    f, p = ax.functionalize(model, output="logits", embedding="model.embed_tokens")
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        x = f.embed(p, ids)
+    start = 5
+    comp = ax.composites.attn_lrp()
+    for method, kw in ((ax.integrated_gradients, {"n_steps": 4}), (ax.lrp, {"composite": comp})):
+        sep = lambda: torch.stack([method(f, p, x, ax.lm.next_token(ids[:, start + k], start + k - 1), **kw).sum(-1)  # noqa: E731
+                                   for k in range(4)], 1)
+        before = sep()
+        for _ in range(3):  # the third call traces the programs
+            got = ax.lm.generation(method, f, p, x, ids[:, start:], start=start, strategy=strategy, **kw)
+            torch.testing.assert_close(got, before, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(sep(), before, rtol=1e-9, atol=1e-12)
+        assert f(p, x).shape == (2, 9, 40)

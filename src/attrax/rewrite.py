@@ -48,7 +48,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from ._decompose import DECOMPOSITIONS, FUSED_ATTENTION
 from ._node import Node, _ntuple, _refs
 from ._transpose import TRANSPOSES, t_max_pool
-from .core import BoundModel, FunctionalModel
+from .core import BoundModel, FunctionalModel, is_concrete
 
 __all__ = [
     "Node",
@@ -1750,9 +1750,10 @@ def gradient_program(model_fn: Any, params: Any, xs: Sequence[Tensor], rows: tup
     if (not isinstance(model_fn, FunctionalModel) or isinstance(model_fn, BoundModel)
             or not getattr(model_fn, "program_gradients", True) or torch.compiler.is_compiling()
             or _get_current_dispatch_mode() is not None or torch.is_inference_mode_enabled()
-            or any(_training_flags(model_fn))):
-        return None  # (bound arguments: a program per mask, where the model runs as it is for any; inference mode:
-        # grad_of_selected takes gradients outside it, and the first-use check could not run in it)
+            or any(_training_flags(model_fn)) or not is_concrete(*xs)):
+        return None  # (a trace around this call, fake or batched inputs: the model as it is; bound arguments: a
+        # program per mask, where the model runs as it is for any; inference mode: grad_of_selected takes gradients
+        # outside it, and the first-use check could not run in it)
     if model_fn.__dict__.get("_no_gradient_program"):
         return None
     if rows is None and not model_fn.derived("writes_out_activations", lambda: _writes_out_activations(model_fn)):
