@@ -334,8 +334,30 @@ def test_a_trace_draws_nothing_and_a_model_writing_its_state_runs_as_it_is():
     f, p = ax.functionalize(m)
     ax.saliency(f, p, x, 0)
     ax.saliency(f, p, x, 0)
-    assert gradient_program(f, p, (x,)) is None  # its forward wrote into the model while traced: not again
-    assert type(m.seen[-1]) is torch.Tensor and type(m.seen[-2]) is torch.Tensor
+    assert gradient_program(f, p, (x,)) is None  # its forward writes into the model: run as it is
+    assert m.seen and all(type(t) is torch.Tensor for t in m.seen)  # the trace's fake tensors were taken back out
+
+
+class _Counter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.calls, self.last = nn.Linear(4, 2), 0, {}
+
+    def forward(self, x):
+        self.calls += 1
+        self.last["x"] = x
+        return self.a(x).tanh()
+
+
+def test_a_trace_leaves_the_modules_attributes_as_they_were():
+    m = _Counter().double().eval()
+    f, p = ax.functionalize(m)
+    x = torch.randn(3, 4, dtype=D)
+    ax.lrp(f, p, x, 0)  # a rule method's trace: nothing written
+    ax.deeplift(f, p, x, 0)
+    assert m.calls == 0 and m.last == {} and f.shadow().calls == 0
+    f(p, x)  # an eager call runs the forward (on the shadow copy, whose dict is the user's own)
+    assert m.last["x"] is x
 
 
 def test_traced_for_gradients_at_the_third_call_of_a_spec(monkeypatch):

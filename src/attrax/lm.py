@@ -369,6 +369,12 @@ def generation(
       with ``"shared"``; if the method's forward was kept there, the other rows with ``"shared"`` too,
       else with ``"vmap"``.
 
+    Either way the rows run through ``model_fn`` returning the explained positions' rows of its output only
+    (``start - 1 .. start + n_new - 2``; row ``k``'s target reads row ``k`` of them): for a ``FunctionalModel`` a
+    traced program then computes the head, the final norm and the last block's MLP on those ``n_new`` rows, not
+    all ``T``, in the shared forward and in every backward pass (``rewrite.select_pushdown``), and LRP's program
+    does the same. Programs traced from that model are kept apart from ``model_fn``'s own.
+
     Measured on CPU (benchmarks/bench_generation.py, batch 1, seq 128, 16 new tokens, 4-layer HF
     models): the vmapped backward passes of IG's steps (a ``(16, 32 steps, T, V)`` cotangent) ran at
     twice the time of the same backward passes one after the other, so IG takes ``"shared"``; LRP's

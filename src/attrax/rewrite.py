@@ -28,6 +28,7 @@ one place:
 from __future__ import annotations
 
 import contextlib
+import copy
 import keyword
 import math
 import operator
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch._C._functorch import is_functorch_wrapped_tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -308,13 +309,62 @@ def _trace(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int, f
     try:
         # a trace draws nothing: the random states a forward may advance (torch's CPU generator, Python's and
         # numpy's) are as they were after it (a reviewer found a first gradient call's trace consumed the draw)
-        with torch.enable_grad(), _random_states_kept():
+        with torch.enable_grad(), _random_states_kept(), _module_state_kept(shadow if module is not None else None,
+                                                                             model_fn):
             return make_fx(folded, tracing_mode="real", pre_dispatch=True, record_module_stack=module is not None,
                            decomposition_table=DECOMPOSITIONS if table is None else table)(params, *xs)
     except UnsupportedOperation:
         raise
     except Exception as e:  # tracing failures surface as a clear argument error, with their cause
         raise UnsupportedOperation(_trace_failure(e, batch, input_spec)) from e
+
+
+@contextlib.contextmanager
+def _module_state_kept(root: nn.Module | None, model_fn: Any = None) -> Iterator[None]:
+    """A trace writes nothing into the model: the attributes of every module of ``root`` (the shadow, whose lists,
+    dicts and sets are the user's own objects) are as they were after it, and so are the contents of the lists,
+    dicts and sets among them. A forward that records its inputs (``self.seen.append(x)``) got the trace's fake
+    tensors appended (found in review). Such a model is marked (``_writes_state`` on ``model_fn``): its eager
+    calls write, so gradient methods keep running it as it is, not a program of it."""
+    if root is None:
+        yield
+        return
+    saved = []
+    for m in root.modules():
+        attrs = {k: v for k, v in m.__dict__.items() if k not in _MODULE_TABLES}
+        contents = {k: copy.copy(v) for k, v in attrs.items() if type(v) in (list, dict, set)}
+        saved.append((m, attrs, contents))
+    try:
+        yield
+    finally:
+        wrote = False
+        for m, attrs, contents in saved:
+            d = m.__dict__
+            for k in [k for k in d if k not in attrs and k not in _MODULE_TABLES]:
+                del d[k]
+                wrote = True
+            wrote = wrote or any(d.get(k) is not v for k, v in attrs.items())
+            d.update(attrs)
+            for k, c in contents.items():
+                v = attrs[k]
+                if isinstance(v, list):
+                    changed = len(v) != len(c) or any(a is not b for a, b in zip(v, c))
+                elif isinstance(v, dict):
+                    changed = v.keys() != c.keys() or any(v[e] is not c[e] for e in c)
+                else:
+                    changed = v != c
+                wrote = wrote or changed
+                if changed and isinstance(v, list):
+                    v[:] = c
+                elif changed:
+                    v.clear()
+                    v.update(c)
+        if wrote and isinstance(model_fn, FunctionalModel):
+            model_fn.__dict__["_writes_state"] = True
+
+
+#: a module's own tables of parameters, buffers and children (functional_call swaps their entries and puts them back)
+_MODULE_TABLES = frozenset(("_parameters", "_buffers", "_modules"))
 
 
 @contextlib.contextmanager
@@ -1737,7 +1787,8 @@ def gradient_program(model_fn: Any, params: Any, xs: Sequence[Tensor], rows: tup
     and then :func:`fuse_elementwise` (GPT-2's written-out GELU: 9 ops forward and their backward, about a fifth
     of Integrated Gradients' time on GPT-2 at seq 96), the gradient through it being the model's own to the float
     rounding of the activation. ``rows = (dim, index)``: the target reads ``out.select(dim, index)`` only (an LM
-    target at one position); the program then ends in that selection, moved up through the ops computed row by row
+    target at one position), or with ``index = (start, stop)`` that block of rows (the positions ``ax.lm.generation``
+    explains); the program then ends in that selection, moved up through the ops computed row by row
     (:func:`select_pushdown`: the head, final norm and last block's MLP on those rows), and returns those rows
     (``selected``); a selection the model's output makes itself moves the same way. Offered only where one of these
     applies; only to eager calls on a :class:`FunctionalModel` in eval mode (no training flag; no random op in
@@ -1754,7 +1805,7 @@ def gradient_program(model_fn: Any, params: Any, xs: Sequence[Tensor], rows: tup
         return None  # (a trace around this call, fake or batched inputs: the model as it is; bound arguments: a
         # program per mask, where the model runs as it is for any; inference mode: grad_of_selected takes gradients
         # outside it, and the first-use check could not run in it)
-    if model_fn.__dict__.get("_no_gradient_program"):
+    if model_fn.__dict__.get("_no_gradient_program") or model_fn.__dict__.get("_writes_state"):
         return None
     if rows is None and not model_fn.derived("writes_out_activations", lambda: _writes_out_activations(model_fn)):
         return None  # nothing to fuse: not traced at all
@@ -1961,8 +2012,10 @@ def select_pushdown(program: Program, shapes: dict[str, tuple[int, ...]] | None 
     normalised dims), elementwise ops. An LM target at the last position needs the last position of the last
     block's MLP, final norm and head only: those then run on one row, forward and backward (the gradient's
     value is the same; the products round as products of fewer rows do). A value is moved past only where every
-    reader of it selects the same row; operands read elsewhere stay whole and are selected. For the plain
-    gradient (:func:`gradient_program`); rule methods keep :func:`select_before_linear` (rules see node shapes).
+    reader of it selects the same row; operands read elsewhere stay whole and are selected. A ``slice(v, d, a, b)``
+    (step 1) moves the same way, keeping the dim (``ax.lm.generation``'s block of positions); an operand of size 1
+    along it is read whole (broadcast). For the plain gradient (:func:`gradient_program`) and LRP's rows
+    (``lrp._rows_first``).
     ``shapes``: the parameters' shapes (a parameter's node has none). ``allow(node)``: whether a node may be moved
     past (LRP: its rule treats rows alone).
     """
