@@ -110,6 +110,11 @@ def test_target_errors_name_the_output_shape_of_the_users_call(call):
         call(None)
     with pytest.raises(ValueError, match=r"callable target must return one scalar per sample, shape \(4,\); got \(4, 3\) for output of shape \(4, 3\)"):
         call(lambda o: o)
+    # a target closing over one index per sample, given the folded batch: named as such (was "(4,); got (4,)")
+    idx = torch.tensor([0, 2, 1, 0])
+    with pytest.raises(ValueError, match=r"callable target must return one scalar per") as e:
+        call(lambda o: o.gather(1, idx[:, None])[:, 0])
+    assert "(4,); got (4,)" not in str(e.value)
 
 
 def test_plain_function_bad_target_rejected_before_heavy_work():
