@@ -650,3 +650,34 @@ def test_constants_built_in_forward_under_an_enclosing_grad() -> None:
         fd = (method(f, {**p, "l.weight": w["l.weight"] + bump}, x, 1).pow(2).sum()
               - method(f, {**p, "l.weight": w["l.weight"] - bump}, x, 1).pow(2).sum()) / (2 * eps)
         torch.testing.assert_close(g[1, 2], fd, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "orthogonal"])
+def test_parametrized_modules_are_explained_as_their_plain_equivalent(kind: str) -> None:
+    """torch.nn.utils.parametrizations (weight_norm, orthogonal): the shadow copy used to crash (parametrized
+    modules refuse copy.copy); the methods now equal the same model with the computed weight written in."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    first = nn.Linear(4, 4)
+    first = parametrizations.weight_norm(first) if kind == "weight_norm" else parametrizations.orthogonal(first)
+    m = nn.Sequential(first, nn.ReLU(), nn.Linear(4, 3)).double().eval()
+    plain = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)).double().eval()
+    with torch.no_grad():
+        plain[0].weight.copy_(m[0].weight)
+        plain[0].bias.copy_(m[0].bias)
+        plain[2].load_state_dict(m[2].state_dict())
+    snap = module_snapshot(m)
+    f, p = ax.functionalize(m)
+    g, q = ax.functionalize(plain)
+    x = torch.randn(5, 4, dtype=D, generator=torch.Generator().manual_seed(1))
+    for method in (ax.saliency, ax.integrated_gradients, ax.lrp, ax.deeplift):
+        torch.testing.assert_close(method(f, p, x, 1), method(g, q, x, 1), rtol=1e-10, atol=1e-12)
+    # the parametrization's own parameters are the params: gradients reach them, and new values are used
+    name = next(k for k in p if "original" in k)
+    leaf = p[name].detach().requires_grad_()
+    (grad,) = torch.autograd.grad(f({**p, name: leaf}, x).sum(), leaf)
+    assert grad.abs().sum() > 0
+    moved = {**p, name: p[name] + 0.1}
+    assert not torch.allclose(f(moved, x), f(p, x))
+    assert_unchanged(m, snap)

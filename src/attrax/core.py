@@ -484,7 +484,11 @@ def shadow_copy(module: nn.Module) -> nn.Module:
     def copy_tree(m: nn.Module) -> nn.Module:
         if id(m) in memo:
             return memo[id(m)]
-        c = copy.copy(m)
+        try:
+            c = copy.copy(m)
+        except RuntimeError:  # parametrized modules (weight_norm, orthogonal) refuse to be copied by reduction
+            c = type(m).__new__(type(m))
+            c.__dict__.update(m.__dict__)
         memo[id(m)] = c
         c.__dict__["_parameters"] = dict(m._parameters)
         c.__dict__["_buffers"] = dict(m._buffers)
