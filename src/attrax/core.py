@@ -737,7 +737,15 @@ class _FunctionModel(FunctionalModel):
         return self._interned(function_fingerprint(self.fn))
 
     def __call__(self, params: Params, *x: Tensor) -> Tensor:
-        return self.fn(params, *x)
+        return self.run(None, params, x)
+
+    def run(self, module: Any, params: Params, x: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Tensor:
+        """The function itself (``module`` is None): every call goes here, as a module's calls go to its ``run``
+        (``ax.lm.generation``'s shared forward, keyword ``additional_forward_args``)."""
+        return self.fn(params, *x, **(kwargs or {}))
+
+    def shadow(self, fingerprint: Any = None) -> Any:
+        return None
 
     def __repr__(self) -> str:
         return f"FunctionalModel({getattr(self.fn, '__name__', 'fn')})"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import sys
 import types
 import warnings
 from collections.abc import Callable
@@ -286,8 +287,13 @@ def _shared_type(cls: type) -> type:
 
             return self._shared_state.call(compute, params, tuple(x), dict(kwargs or {}), key=id(module))
 
+        def call(self: Any, params: Params, *x: Any) -> Any:
+            if torch.compiler.is_compiling():  # (FunctionalModel's compiled call skips run for a plain module)
+                return self.run(self.shadow(), params, x)
+            return cls.__call__(self, params, *x)
+
         # program_gradients: gradient methods call this model_fn (its forwards are shared), not a program of it
-        _SHARED_TYPES[cls] = type(cls.__name__, (cls,), {"run": run, "__module__": cls.__module__,
+        _SHARED_TYPES[cls] = type(cls.__name__, (cls,), {"run": run, "__call__": call, "__module__": cls.__module__,
                                                          "program_gradients": False})
     return _SHARED_TYPES[cls]
 
@@ -320,6 +326,12 @@ def _share(model_fn: Any, state: _SharedForward) -> Any:
 
 STRATEGIES = ("auto", "shared", "vmap")
 _OWN_PROGRAM = ("attrax.lrp", "attrax.deeplift")
+
+
+def np_integer() -> tuple[type, ...]:
+    """numpy's integer scalar type, where numpy is loaded."""
+    np = sys.modules.get("numpy")
+    return (np.integer,) if np is not None else ()
 
 
 def _runs_own_program(attribute: Any) -> bool:
@@ -393,7 +405,9 @@ def generation(
     """
     if not isinstance(x, Tensor) or x.ndim != 3:
         raise ValueError(f"x must be the sequence's embedding of shape (B, T, D), got {getattr(x, 'shape', x)}")
-    if not isinstance(start, int) or not 0 < start < x.shape[1] + 1:
+    if not isinstance(start, bool) and (isinstance(start, (np_integer(), Tensor)) and getattr(start, "ndim", 0) == 0):
+        start = int(start)  # a numpy or 0-d tensor position
+    if not isinstance(start, int) or isinstance(start, bool) or not 0 < start < x.shape[1] + 1:
         raise ValueError(f"start must be an int position in (0, {x.shape[1]}], got {start!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -415,7 +429,8 @@ def generation(
     # through a model returning those rows: a traced program then runs the head and last block's MLP on n rows,
     # not T (the shared forward and every backward pass of IG; LRP's program under vmap)
     state = _SharedForward(rows=(1, (start - 1, start - 1 + n)))
-    shared = _share(model_fn, state)
+    # (inside value_and_attribution the model's output at x is part of the result: the whole one, as the user's)
+    shared = None if keeps_graph() else _share(model_fn, state)
     if shared is None and strategy == "shared":
         raise TypeError(f"strategy='shared' needs a FunctionalModel or a function as model_fn, got {type(model_fn)}")
     sliced, offset = (model_fn, 0) if shared is None else (shared, start - 1)

@@ -235,17 +235,22 @@ def _check_callable_value(value: Any, rows: int, shape: Callable[[], tuple[int, 
         got = tuple(value.shape)
         if got and got[0] == rows:
             got = (user[0], *got[1:])
-        elif rows != user[0]:  # a fixed-size tensor the target closes over did not follow the folded batch
+        elif rows != user[0]:  # the method called it on other rows than the user's batch: a probe of the first
+            # rows, or steps/samples folded into the batch, which a fixed-size tensor the target closes over cannot follow
+            why = (f"{rows // user[0]} copies of the batch of {user[0]}: steps or samples folded into the batch"
+                   if rows > user[0] > 0 and rows % user[0] == 0 else f"the first {rows} of the batch of {user[0]}")
             raise ValueError(
                 f"a callable target must return one scalar per row of the output it is given; this method gives it "
-                f"{rows} rows at once ({rows // max(user[0], 1)} copies of the batch of {user[0]}: steps or samples "
-                f"folded into the batch), so shape ({rows},), and it returned {got}. A target that closes over a "
+                f"{rows} rows ({why}), so shape ({rows},), and it returned {got}. A target that closes over a "
                 f"tensor with one entry per sample cannot follow that: pass those indices as the target itself (a "
                 f"tensor of shape ({user[0]},)), or compute them from the output it is given"
             )
+    hint = ("; a target that closes over a tensor with one entry per sample cannot follow a method that folds steps "
+            "or samples into the batch (noise_tunnel): pass those indices as the target itself, or compute them from "
+            "the output it is given") if isinstance(got, tuple) and len(got) == 1 else ""
     raise ValueError(
         f"a callable target must return one scalar per sample, shape ({user[0]},); got {got} for output "
-        f"of shape {user}"
+        f"of shape {user}{hint}"
     )
 
 
