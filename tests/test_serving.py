@@ -375,3 +375,23 @@ def test_export_when_the_example_batch_equals_another_dim():
         prog = ax.export(ax.saliency, f, p, x, t)
         torch.testing.assert_close(prog.module()(x, t), ax.saliency(f, p, x, t))
         torch.testing.assert_close(prog.module()(x[:2], t[:2]), ax.saliency(f, p, x[:2], t[:2]))
+
+
+@pytest.mark.parametrize("args", ["tuple", "dict"])
+def test_value_and_attribution_output_sees_the_additional_forward_args(args):
+    """Methods that never evaluate the model at x itself (IG's Gauss-Legendre nodes, SmoothGrad) add one forward
+    for the output; it dropped additional_forward_args and returned net(x), not net(x, s) (found in review)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+
+    def fn(p, x, s):
+        return torch.func.functional_call(net, p, (x * s,))
+
+    f, p = ax.functionalize(fn)
+    p = dict(net.named_parameters())
+    x = torch.randn(5, 4, dtype=torch.float64)
+    s = torch.rand(5, 4, dtype=torch.float64) + 0.5
+    extra = (s,) if args == "tuple" else {"s": s}
+    for method, kw in ((ax.integrated_gradients, {}), (ax.smoothgrad, {"n_samples": 3, "stdev": 0.1})):
+        out, _ = ax.value_and_attribution(method, f, p, x, 1, additional_forward_args=extra, **kw)
+        torch.testing.assert_close(out, net(x * s))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import keyword
 import math
 import operator
@@ -309,8 +310,8 @@ def _trace(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int, f
     try:
         # a trace draws nothing: the random states a forward may advance (torch's CPU generator, Python's and
         # numpy's) are as they were after it (a reviewer found a first gradient call's trace consumed the draw)
-        with torch.enable_grad(), _random_states_kept(), _module_state_kept(shadow if module is not None else None,
-                                                                             model_fn):
+        roots = [shadow] if module is not None else _modules_read_by(getattr(model_fn, "fn", model_fn))
+        with torch.enable_grad(), _random_states_kept(), _module_state_kept(roots, model_fn):
             return make_fx(folded, tracing_mode="real", pre_dispatch=True, record_module_stack=module is not None,
                            decomposition_table=DECOMPOSITIONS if table is None else table)(params, *xs)
     except UnsupportedOperation:
@@ -319,18 +320,36 @@ def _trace(model_fn: Callable[..., Tensor], spec: tuple[Any, ...], batch: int, f
         raise UnsupportedOperation(_trace_failure(e, batch, input_spec)) from e
 
 
+def _modules_read_by(fn: Any) -> list[nn.Module]:
+    """The modules a plain function reads directly: in its closure, defaults, the globals it names, its ``self``."""
+    target = getattr(fn, "__func__", fn)
+    code = getattr(target, "__code__", None)
+    values: list[Any] = [getattr(fn, "__self__", None), *(getattr(target, "__defaults__", None) or ())]
+    for cell in getattr(target, "__closure__", None) or ():
+        try:
+            values.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            pass
+    if code is not None:
+        globs = getattr(target, "__globals__", {})
+        values += [globs[n] for n in code.co_names if n in globs]
+    if isinstance(fn, functools.partial):
+        values += [*fn.args, *fn.keywords.values(), *_modules_read_by(fn.func)]
+    return list({id(v): v for v in values if isinstance(v, nn.Module)}.values())
+
+
 @contextlib.contextmanager
-def _module_state_kept(root: nn.Module | None, model_fn: Any = None) -> Iterator[None]:
-    """A trace writes nothing into the model: the attributes of every module of ``root`` (the shadow, whose lists,
-    dicts and sets are the user's own objects) are as they were after it, and so are the contents of the lists,
+def _module_state_kept(roots: Sequence[nn.Module], model_fn: Any = None) -> Iterator[None]:
+    """A trace writes nothing into the model: the attributes of every module of ``roots`` (the shadow, whose lists,
+    dicts and sets are the user's own objects; the modules a plain function reads) are as they were after it, and so are the contents of the lists,
     dicts and sets among them. A forward that records its inputs (``self.seen.append(x)``) got the trace's fake
     tensors appended (found in review). Such a model is marked (``_writes_state`` on ``model_fn``): its eager
     calls write, so gradient methods keep running it as it is, not a program of it."""
-    if root is None:
+    if not roots:
         yield
         return
     saved = []
-    for m in root.modules():
+    for m in {id(m): m for root in roots for m in root.modules()}.values():
         attrs = {k: v for k, v in m.__dict__.items() if k not in _MODULE_TABLES}
         contents = {k: copy.copy(v) for k, v in attrs.items() if type(v) in (list, dict, set)}
         saved.append((m, attrs, contents))

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ._types import ModelFn, Params, Target, TensorOrTuple
-from .core import FunctionalModel, as_tuple, check_positive_int, training_call
+from .core import FunctionalModel, as_tuple, bind_forward_args, check_positive_int, training_call
 from .targets import prepare_call, select
 
 __all__ = ["Explainer", "compile", "export", "seeded_normal", "value_and_attribution"]
@@ -372,5 +372,7 @@ def value_and_attribution(
     xs, _ = as_tuple(x)
     with training_call(xs) as call:
         attr = attribute(model_fn, params, x, target, **method_kwargs)
-    out = call.output if call.seen else model_fn(params, *xs)
-    return out, attr
+    if not call.seen:  # one forward at x, with the arguments the method passed after it (additional_forward_args)
+        extra = method_kwargs.get("additional_forward_args")
+        out = (model_fn if extra is None else bind_forward_args(model_fn, extra, x))(params, *xs)
+    return (call.output if call.seen else out), attr
