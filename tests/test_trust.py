@@ -681,3 +681,25 @@ def test_parametrized_modules_are_explained_as_their_plain_equivalent(kind: str)
     moved = {**p, name: p[name] + 0.1}
     assert not torch.allclose(f(moved, x), f(p, x))
     assert_unchanged(m, snap)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # (training mode is warned about)
+def test_an_out_argument_writes_into_no_buffer_of_the_users() -> None:
+    """spectral_norm in training mode runs its power iteration with out= into its _u/_v buffers: a rule method's
+    program wrote the user's buffers (found in review). Programs now compute those ops without out=."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    parametrizations.spectral_norm(net[0])
+    net.train()
+    snap = module_snapshot(net)
+    f, p = ax.functionalize(net)
+    x = torch.randn(6, 4, dtype=D, generator=torch.Generator().manual_seed(1))
+    for method in (ax.lrp, ax.deeplift, ax.saliency):
+        attr = method(f, p, x, 1)
+        assert_unchanged(net, snap)
+    # DeepLift is complete against the model as eager calls run it (the same power iteration from the same _u)
+    gap = f(p, x)[:, 1] - f(p, torch.zeros_like(x))[:, 1]
+    torch.testing.assert_close(ax.deeplift(f, p, x, 1).sum(1), gap, rtol=1e-9, atol=1e-10)
+    assert attr.shape == x.shape

@@ -641,8 +641,13 @@ def _build(gm: torch.fx.GraphModule, spec: tuple[Any, ...]) -> Program:
             src = fx_node.args[0]
             if isinstance(src, torch.fx.Node):
                 _check_inplace(fx_node, index[src], alias_root, gm, index)
+        out_kw = isinstance(fx_node.target, torch._ops.OpOverload) and "out" in fx_node.kwargs
+        if out_kw:  # torch.div(a, b, out=t) (spectral_norm's power iteration into its buffers): the op without
+            # out=, which make_fx already points later reads of t at; writing into t wrote into the user's buffer
+            inplace = True
+            name = _out_free_variant(name, fx_node)
         args = tuple(enc(a) for a in fx_node.args)
-        kwargs = tuple((k, enc(v)) for k, v in fx_node.kwargs.items())
+        kwargs = tuple((k, enc(v)) for k, v in fx_node.kwargs.items() if not (out_kw and k == "out"))
         if name == "aten.batch_norm.default" and len(args) > 5 and args[5] == ("c", True):
             # training mode: batch statistics, and no write into the running-stat buffers (API §1)
             args = (*args[:3], ("c", None), ("c", None), *args[5:])
@@ -798,6 +803,20 @@ def _functional_variant(name: str, fx_node: torch.fx.Node) -> str:
     if hasattr(ns, base) and overload in getattr(ns, base).overloads():
         return f"aten.{base}.{overload}"
     raise UnsupportedOperation(f"in-place {name} at node '{fx_node.name}' has no out-of-place equivalent")
+
+
+def _out_free_variant(name: str, fx_node: torch.fx.Node) -> str:
+    """The overload of an ``out=`` op's packet that takes the same arguments without ``out`` and returns a new
+    tensor (``aten.div.out`` -> ``aten.div.Tensor``)."""
+    packet = name.split(".")[1]
+    want = [a.name for a in fx_node.target._schema.arguments if not a.is_out]
+    op = getattr(torch.ops.aten, packet, None)
+    for overload in op.overloads() if op is not None else ():
+        schema = getattr(op, overload)._schema
+        if not schema.is_mutable and [a.name for a in schema.arguments] == want:
+            return f"aten.{packet}.{overload}"
+    raise UnsupportedOperation(f"{name} at node '{fx_node.name}' writes into an out= tensor and has no equivalent "
+                               f"that returns a new one")
 
 
 def _target_name(target: Any) -> str:
