@@ -703,3 +703,27 @@ def test_an_out_argument_writes_into_no_buffer_of_the_users() -> None:
     gap = f(p, x)[:, 1] - f(p, torch.zeros_like(x))[:, 1]
     torch.testing.assert_close(ax.deeplift(f, p, x, 1).sum(1), gap, rtol=1e-9, atol=1e-10)
     assert attr.shape == x.shape
+
+
+class _DeepConfig(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.cfg = {"a": {"b": {"c": {"d": 2.0}}}}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.a(x) * self.cfg["a"]["b"]["c"]["d"])
+
+
+def test_a_value_deep_in_an_attribute_is_part_of_the_fingerprint() -> None:
+    """A value four levels down an attribute (self.cfg["a"]["b"]["c"]["d"]) changed and the old program was served:
+    attributes are fingerprinted by content to depth 8 now (found in review)."""
+    m = _DeepConfig().double().eval()
+    f, p = ax.functionalize(m)
+    x = torch.randn(2, 4, dtype=D)
+    before = ax.lrp(f, p, x, 0)
+    m.cfg["a"]["b"]["c"]["d"] = 5.0
+    after = ax.lrp(f, p, x, 0)
+    fresh, q = ax.functionalize(m)
+    torch.testing.assert_close(after, ax.lrp(fresh, q, x, 0))
+    assert not torch.allclose(before, after)

@@ -223,6 +223,11 @@ _SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torc
             torch.memory_format)
 
 
+#: how deep attribute values (nested dicts, lists, config objects) are fingerprinted by content; below it by identity
+#: (a reviewer's value four levels down, ``self.cfg["a"]["b"]["c"]["d"]``, changed and the old program was served)
+_ATTR_DEPTH = 8
+
+
 def _value_key(v: Any, depth: int, seen: dict[int, Any], refs: list[Any], watch: _Watch | None = None) -> Any:
     """What about attribute value ``v`` can change a trace: scalars by value, tensors by identity and
     version, containers and plain objects (configs) by their items, other objects by identity.
@@ -426,7 +431,7 @@ def module_fingerprint(module: nn.Module, watch: _Watch | None = None) -> Finger
             elif tv is tuple and all(type(e) in scalars for e in v):
                 parts.append(v)
             else:
-                parts.append((k, _value_key(v, 3, seen, refs, watch)))
+                parts.append((k, _value_key(v, _ATTR_DEPTH, seen, refs, watch)))
         cls = type(m)
         if cls not in classes:
             classes[cls] = _class_key(cls, seen, refs, watch)
@@ -760,7 +765,7 @@ def function_fingerprint(fn: Any) -> Any:
     def key(v: Any) -> Any:
         if isinstance(v, FunctionalModel):
             return v.fingerprint()
-        return module_fingerprint(v) if isinstance(v, nn.Module) else _value_key(v, 2, seen, refs)
+        return module_fingerprint(v) if isinstance(v, nn.Module) else _value_key(v, _ATTR_DEPTH, seen, refs)
 
     target = getattr(fn, "__func__", fn)
     code = getattr(target, "__code__", None)
