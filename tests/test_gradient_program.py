@@ -403,6 +403,43 @@ def test_a_global_read_by_a_helper_the_forward_calls_is_part_of_the_fingerprint(
     assert not torch.allclose(ax.lrp(f, p, x, 1), before)
 
 
+_SCALE = 2.0
+
+
+def _inner(h):
+    return torch.tanh(h * _SCALE)
+
+
+def _middle(h):
+    return _inner(h) + 1.0
+
+
+def _outer(h):
+    return _middle(h) * 0.5
+
+
+class _Chained(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return _outer(self.a(x))
+
+
+def test_a_global_read_three_helpers_down_is_part_of_the_fingerprint(monkeypatch):
+    """forward -> _outer -> _middle -> _inner reads _SCALE: a change was served stale (found in review)."""
+    torch.manual_seed(0)
+    f, p = ax.functionalize(_Chained().double().eval())
+    x = torch.randn(3, 4, dtype=D)
+    before = ax.lrp(f, p, x, 1)
+    monkeypatch.setattr(sys.modules[__name__], "_SCALE", 5.0)
+    after = ax.lrp(f, p, x, 1)
+    assert not torch.allclose(after, before)
+    fresh, q = ax.functionalize(f.module)
+    torch.testing.assert_close(after, ax.lrp(fresh, q, x, 1))
+
+
 class _Cumsum(nn.Module):
     def __init__(self):
         super().__init__()

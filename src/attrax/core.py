@@ -249,15 +249,21 @@ def _value_key(v: Any, depth: int, seen: dict[int, Any], refs: list[Any], watch:
     if type(v) is types.FunctionType and depth > 0 and not (v.__module__ or "").startswith("torch"):
         # a helper a forward calls (a module-level GELU, a mask builder): its code and the globals it names, as for
         # forward itself, so a module-level value it reads (a constant, a flag) is part of the key
+        if ("F", id(v)) in seen:  # a helper reached again (or calling itself): keyed once
+            return seen[("F", id(v))]
+        seen[("F", id(v))] = ("F", id(v))
         code, globs = v.__code__, v.__globals__
         names = tuple(n for n in code.co_names if n in globs and not _is_module_object(globs[n])
                       and not isinstance(globs[n], type))
         if watch is not None:
             watch.functions.append((v, code, globs, names, tuple(map(globs.get, names))))
         refs.append(code)
-        # numbers, strings and flags by value, other helpers in turn; other objects (registries, loggers) by
+        # numbers, strings and flags by value, other helpers in turn (to any depth: outer -> middle -> inner ->
+        # a module constant was served stale at depth 3, found in review); other objects (registries, loggers) by
         # identity only: walking them would cost every call its watch (a non-dict mapping makes it invalid)
-        return ("F", id(v), id(code), tuple((n, _helper_global(globs[n], depth - 1, seen, refs, watch)) for n in names))
+        out = ("F", id(v), id(code), tuple((n, _helper_global(globs[n], depth - 1, seen, refs, watch)) for n in names))
+        seen[("F", id(v))] = out
+        return out
     if callable(v) or depth <= 0:
         return ("O", id(v))
     key = id(v)
@@ -292,9 +298,11 @@ def _value_key(v: Any, depth: int, seen: dict[int, Any], refs: list[Any], watch:
     return out
 
 
-def _helper_global(v: Any, depth: int, seen: dict[int, Any], refs: list[Any], watch: _Watch | None) -> Any:
-    if isinstance(v, _SCALARS) or type(v) is types.FunctionType:
-        return _value_key(v, depth, seen, refs, watch)
+def _helper_global(v: Any, depth: int, seen: dict[Any, Any], refs: list[Any], watch: _Watch | None) -> Any:
+    if isinstance(v, _SCALARS):
+        return v
+    if type(v) is types.FunctionType:
+        return _value_key(v, max(depth, 1), seen, refs, watch)
     refs.append(v)
     return ("O", id(v))
 
