@@ -249,8 +249,9 @@ def test_generation_start_may_be_a_numpy_or_tensor_integer():
     want = ax.lm.generation(ax.saliency, fn, p, e, cont, start=3)
     for start in (np.int64(3), torch.tensor(3)):
         torch.testing.assert_close(ax.lm.generation(ax.saliency, fn, p, e, cont, start=start), want)
-    with pytest.raises(ValueError, match="start must be an int"):
-        ax.lm.generation(ax.saliency, fn, p, e, cont, start=True)
+    for bad in (True, torch.tensor(3.0), np.float64(3.0)):
+        with pytest.raises(ValueError, match="start must be an int"):
+            ax.lm.generation(ax.saliency, fn, p, e, cont, start=bad)
 
 
 def test_keyword_forward_args_on_a_functionalized_function():

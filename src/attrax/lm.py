@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import operator
-import sys
 import types
 import warnings
 from collections.abc import Callable
@@ -328,12 +327,6 @@ STRATEGIES = ("auto", "shared", "vmap")
 _OWN_PROGRAM = ("attrax.lrp", "attrax.deeplift")
 
 
-def np_integer() -> tuple[type, ...]:
-    """numpy's integer scalar type, where numpy is loaded."""
-    np = sys.modules.get("numpy")
-    return (np.integer,) if np is not None else ()
-
-
 def _runs_own_program(attribute: Any) -> bool:
     """An attrax method that runs the model through its own traced program (LRP, DeepLift and their
     relatives): ``model_fn`` is not differentiated, so only ``vmap`` shares its forward."""
@@ -405,8 +398,11 @@ def generation(
     """
     if not isinstance(x, Tensor) or x.ndim != 3:
         raise ValueError(f"x must be the sequence's embedding of shape (B, T, D), got {getattr(x, 'shape', x)}")
-    if not isinstance(start, bool) and (isinstance(start, (np_integer(), Tensor)) and getattr(start, "ndim", 0) == 0):
-        start = int(start)  # a numpy or 0-d tensor position
+    if not isinstance(start, (int, bool)) and getattr(start, "ndim", 0) == 0:
+        try:
+            start = operator.index(start)  # a numpy or 0-d integer tensor position (not a float: no rounding)
+        except TypeError:
+            pass
     if not isinstance(start, int) or isinstance(start, bool) or not 0 < start < x.shape[1] + 1:
         raise ValueError(f"start must be an int position in (0, {x.shape[1]}], got {start!r}")
     if strategy not in STRATEGIES:
