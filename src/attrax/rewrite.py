@@ -50,7 +50,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from ._decompose import DECOMPOSITIONS, FUSED_ATTENTION
 from ._node import Node, _ntuple, _refs
 from ._transpose import TRANSPOSES, t_max_pool
-from .core import BoundModel, FunctionalModel, is_concrete
+from .core import BoundModel, FunctionalModel, _cell_full, is_concrete
 
 __all__ = [
     "Node",
@@ -325,11 +325,7 @@ def _modules_read_by(fn: Any) -> list[nn.Module]:
     target = getattr(fn, "__func__", fn)
     code = getattr(target, "__code__", None)
     values: list[Any] = [getattr(fn, "__self__", None), *(getattr(target, "__defaults__", None) or ())]
-    for cell in getattr(target, "__closure__", None) or ():
-        try:
-            values.append(cell.cell_contents)
-        except ValueError:  # an empty cell
-            pass
+    values += [c.cell_contents for c in getattr(target, "__closure__", None) or () if _cell_full(c)]
     if code is not None:
         globs = getattr(target, "__globals__", {})
         values += [globs[n] for n in code.co_names if n in globs]
@@ -341,10 +337,11 @@ def _modules_read_by(fn: Any) -> list[nn.Module]:
 @contextlib.contextmanager
 def _module_state_kept(roots: Sequence[nn.Module], model_fn: Any = None) -> Iterator[None]:
     """A trace writes nothing into the model: the attributes of every module of ``roots`` (the shadow, whose lists,
-    dicts and sets are the user's own objects; the modules a plain function reads) are as they were after it, and so are the contents of the lists,
-    dicts and sets among them. A forward that records its inputs (``self.seen.append(x)``) got the trace's fake
-    tensors appended (found in review). Such a model is marked (``_writes_state`` on ``model_fn``): its eager
-    calls write, so gradient methods keep running it as it is, not a program of it."""
+    dicts and sets are the user's own objects; the modules a plain function reads) are as they were after it, and
+    so are the contents of the lists, dicts and sets among them. A forward that records its inputs
+    (``self.seen.append(x)``) got the trace's fake tensors appended (found in review). Such a model is marked
+    (``_writes_state`` on ``model_fn``): its eager calls write, so gradient methods keep running it as it is, not a
+    program of it."""
     if not roots:
         yield
         return
@@ -1843,7 +1840,7 @@ def gradient_program(model_fn: Any, params: Any, xs: Sequence[Tensor], rows: tup
         return None  # (a trace around this call, fake or batched inputs: the model as it is; bound arguments: a
         # program per mask, where the model runs as it is for any; inference mode: grad_of_selected takes gradients
         # outside it, and the first-use check could not run in it)
-    if model_fn.__dict__.get("_no_gradient_program") or model_fn.__dict__.get("_writes_state"):
+    if model_fn.__dict__.get("_writes_state"):  # (its forward writes into the model: run as it is)
         return None
     if rows is None and not model_fn.derived("writes_out_activations", lambda: _writes_out_activations(model_fn)):
         return None  # nothing to fuse: not traced at all
@@ -1878,8 +1875,8 @@ def gradient_program(model_fn: Any, params: Any, xs: Sequence[Tensor], rows: tup
         return hit is not None and (hit[1] or (rows is not None and _dense_output(hit[0])))
 
     useful = memoised(model_fn, ("gradient_gain", spec[0], spec[1], rows is not None), gain, fingerprint=fp)
-    if model_fn._fingerprint_now() != fp:  # the trace wrote into the model (a list its forward appends to)
-        model_fn.__dict__["_no_gradient_program"] = True
+    if model_fn._fingerprint_now() != fp:  # the trace wrote into the model where the restore does not reach
+        model_fn.__dict__["_writes_state"] = True
         return None
     if not useful:
         return None

@@ -372,7 +372,8 @@ def value_and_attribution(
     xs, _ = as_tuple(x)
     with training_call(xs) as call:
         attr = attribute(model_fn, params, x, target, **method_kwargs)
-    if not call.seen:  # one forward at x, with the arguments the method passed after it (additional_forward_args)
-        extra = method_kwargs.get("additional_forward_args")
-        out = (model_fn if extra is None else bind_forward_args(model_fn, extra, x))(params, *xs)
-    return (call.output if call.seen else out), attr
+    if call.seen:
+        return call.output, attr
+    # one forward at x, with the arguments the method passed after it (additional_forward_args)
+    extra = method_kwargs.get("additional_forward_args")
+    return (model_fn if extra is None else bind_forward_args(model_fn, extra, x))(params, *xs), attr
