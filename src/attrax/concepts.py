@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ._types import ModelFn, Params, Target
 from .conditional import channel_dim, _check_conditions, _masks, layer_nodes
-from .core import eager_no_grad
+from .core import eager_no_grad, refuse_bound_in_compiled_code
 from .lrp import _prepare, constant_arg, apply_scale, initial_relevance
 from .rewrite import Node, Program, Site, Streams, exact_vjp, forward, program_spec
 from .rules import run_plan
@@ -36,6 +36,7 @@ def _lrp_pass(model_fn: ModelFn, params: Params, x: Tensor, target: Target, laye
     """``(relevance at the layer output (B, C, ...), layer output (B, C, ...), program, layer nodes)``."""
     xs, params, _, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
     spec, trace_batch = program_spec(model_fn, params, xs)
+    refuse_bound_in_compiled_code(model_fn, "this method")
     program, plan = _prepare(model_fn, spec, trace_batch, constant_arg(composite), constant_arg(canonize))
     nodes = layer_nodes(program, layer)
     with eager_no_grad():

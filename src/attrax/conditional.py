@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ._types import ModelFn, Params, Target, TensorOrTuple
-from .core import check_positive_int, chunks, eager_no_grad, publish_output, forward_args
+from .core import check_positive_int, chunks, eager_no_grad, publish_output, forward_args, refuse_bound_in_compiled_code
 from .lrp import _prepare, constant_arg, apply_scale, initial_relevance
 from .rewrite import Node, Program, Streams, forward, program_spec
 from .rules import run_plan
@@ -209,6 +209,7 @@ def conditional(
     conds = _check_conditions(conditions)
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
     spec, trace_batch = program_spec(model_fn, params, xs)
+    refuse_bound_in_compiled_code(model_fn, "conditional")
     program, plan = _prepare(model_fn, spec, trace_batch, constant_arg(composite), constant_arg(canonize))
     with eager_no_grad():
         aux: dict[int, Any] = {}

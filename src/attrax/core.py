@@ -134,6 +134,18 @@ class FunctionalModel:
         out = torch.func.functional_call(module, dict(params), x, kwargs or None, strict=False)
         return out if self.output is None else select_output(out, self.output)
 
+    def compiled_module(self) -> nn.Module:
+        """What a call under ``torch.compile`` runs: the module itself (dynamo guards on what it reads of it, and
+        ``functional_call`` there swaps nothing at run time), or with ``embedding`` the shadow that the last eager
+        call built or checked (dynamo cannot read the fingerprint; ``ax.compile`` refreshes it before each call, and
+        :func:`functionalize` builds it, so a compiled call never finds none)."""
+        if self.embedding is None:
+            return self.module
+        if self._shadow is None:
+            raise RuntimeError("functionalize(..., embedding=...) builds the shadow; it is missing (call model_fn once "
+                               "eagerly before torch.compile)")
+        return self._shadow[1]
+
     def shadow(self, fingerprint: Any = None) -> nn.Module:
         """The private copy of the module tree that calls run on (rebuilt when the module changed)."""
         return self._shadow_state(fingerprint)[1]
@@ -155,9 +167,7 @@ class FunctionalModel:
 
     def __call__(self, params: Params, *x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
-            if self.embedding is None and self.output is None:
-                return torch.func.functional_call(self.module, dict(params), x, strict=False)
-            return self.run(self.shadow(), params, x)
+            return self.run(self.compiled_module(), params, x)
         with self._lock:
             _, shadow, training = self._shadow_state()
             params = dict(params)
@@ -581,6 +591,10 @@ class BoundModel(FunctionalModel):
     def shadow(self, fingerprint: Any = None) -> nn.Module:
         return self.inner.shadow()
 
+    def per_sample(self) -> bool:
+        """Some bound tensor has the batch as its first dim (it is repeated with x: programs are per batch)."""
+        return any(t.ndim >= 1 and t.shape[0] == self.batch for t in _tensors_in((self.args, self.kwargs), 8))
+
     def extra(self, n: Any) -> tuple[Any, ...]:
         """The bound positional arguments for a call on ``n`` rows."""
         return tuple(_fit_rows(a, n, self.batch) for a in self.args)
@@ -594,6 +608,8 @@ class BoundModel(FunctionalModel):
         if self.kwargs:
             if not isinstance(self.inner, FunctionalModel):
                 return self.inner(params, *x, *self.extra(n), **self.extra_kwargs(n))
+            if torch.compiler.is_compiling():  # as FunctionalModel.__call__ compiled: no lock (dynamo cannot enter one)
+                return self.inner.run(self.inner.compiled_module(), params, (*x, *self.extra(n)), self.extra_kwargs(n))
             with self.inner._lock:
                 return self.inner.run(self.inner.shadow(), params, (*x, *self.extra(n)), self.extra_kwargs(n))
         return self.inner(params, *x, *self.extra(n))
@@ -614,6 +630,18 @@ def _fit_rows(a: Any, n: Any, batch: int) -> Any:
             f"Use a fixed n_steps, or make the argument part of x")
     reps = n // batch
     return a.repeat(reps, *([1] * (a.ndim - 1)))
+
+
+def refuse_bound_in_compiled_code(model_fn: Any, method: str) -> None:
+    """Rule methods trace the model into a program once, at compile time, outside the compiled code; a model
+    bound to ``additional_forward_args`` inside compiled code is not an object that step can read (and its
+    tensors, inputs of the compiled function, would be baked into the program)."""
+    if getattr(model_fn, "bound_in_compiled_code", False):
+        raise TypeError(
+            f"{method}: additional_forward_args inside torch.compile is supported for gradient and perturbation "
+            f"methods only; {method} traces the model once at compile time. Use ax.compile({method}, model_fn, "
+            f"params, additional_forward_args=...), which binds them before compiling, or call {method} eagerly "
+            f"(its traced program is reused across calls)")
 
 
 def bind_forward_args(model_fn: Any, args: Any, x: Any) -> BoundModel:
@@ -662,15 +690,18 @@ def forward_args(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def wrapper(*args: Any, additional_forward_args: Any = None, **kwargs: Any) -> Any:
+        m_at = names.index("model_fn")
         if additional_forward_args is not None:
             args = list(args)
-            m_at = names.index("model_fn")
             x = args[x_at] if len(args) > x_at else kwargs.get("x")
             if len(args) > m_at:
                 args[m_at] = bind_forward_args(args[m_at], additional_forward_args, x)
             else:
                 kwargs["model_fn"] = bind_forward_args(kwargs["model_fn"], additional_forward_args, x)
         if torch.compiler.is_compiling():
+            if additional_forward_args is not None:
+                bound = args[m_at] if len(args) > m_at else kwargs["model_fn"]
+                bound.bound_in_compiled_code = True  # (refuse_bound_in_compiled_code)
             return method(*args, **kwargs)
         with one_fingerprint():
             return method(*args, **kwargs)
@@ -724,7 +755,10 @@ def functionalize(module: nn.Module | Callable[..., Tensor], *, output: Any = No
             raise TypeError(f"output must be a key/attribute name, an int index or a callable, got {_describe(output)}")
         params = dict(module.named_parameters())
         params.update(dict(module.named_buffers()))
-        return FunctionalModel(module, output=output, embedding=embedding), params
+        model_fn = FunctionalModel(module, output=output, embedding=embedding)
+        if embedding is not None:
+            model_fn.shadow()  # what a call under torch.compile runs (compiled_module)
+        return model_fn, params
     if output is not None or embedding is not None:
         raise TypeError("output= and embedding= need an nn.Module (a plain function already returns its tensor)")
     if callable(module):
@@ -758,6 +792,9 @@ class _FunctionModel(FunctionalModel):
         return self.fn(params, *x, **(kwargs or {}))
 
     def shadow(self, fingerprint: Any = None) -> Any:
+        return None
+
+    def compiled_module(self) -> Any:
         return None
 
     def __repr__(self) -> str:

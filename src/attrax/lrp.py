@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ._types import ModelFn, Params, Target, TensorOrTuple
 from .canonizers import merge_batchnorm
 from .composites import Composite, Kind, TracedOp, as_composite
-from .core import FunctionalModel, eager_no_grad, forward_args, publish_output
+from .core import FunctionalModel, eager_no_grad, forward_args, publish_output, refuse_bound_in_compiled_code
 from .deeplift import seed
 from .rewrite import (Node, Program, Site, Streams, dense_layers, consumable, forward, fuse_elementwise, memoised,
                       per_program, plain_eager, program_spec, reverse, select_before_linear, select_pushdown, substitute,
@@ -707,6 +707,7 @@ def lrp(
     as_composite(composite)  # validate eagerly
     spec, trace_batch = program_spec(model_fn, params, xs)
     canonizers_for(canonize)  # validate eagerly
+    refuse_bound_in_compiled_code(model_fn, "lrp")
     program, plan, drop = _prepare_form(model_fn, spec, trace_batch, constant_arg(composite), constant_arg(canonize),
                                         form)
     with eager_no_grad():

@@ -70,7 +70,7 @@ def _evaluate(model_fn: ModelFn, params: Params, target: ResolvedTarget, n_point
               make: Callable[[int, int], tuple[Tensor, ...]]) -> Tensor:
     """Scores ``(n_points, B)`` of ``make(lo, hi)`` -> inputs ``(hi - lo, B, ...)``, chunk by chunk."""
     out = []
-    bar = _BAR.get()
+    bar = None if torch.compiler.is_compiling() else _BAR.get()  # (dynamo cannot read a context variable)
     for lo, hi in chunks(n_points, chunk_size):
         points = make(lo, hi)
         k, batch = points[0].shape[:2]
@@ -91,7 +91,7 @@ def _drops(model_fn: ModelFn, params: Params, target: ResolvedTarget, xs: tuple[
     ``x`` drops by zero by definition (rows of one call may round differently too).
     """
     out = []
-    bar = _BAR.get()
+    bar = None if torch.compiler.is_compiling() else _BAR.get()  # (dynamo cannot read a context variable)
     for lo, hi in chunks(n_points, chunk_size):
         points = tuple(torch.cat([x_i.unsqueeze(0), p]) for x_i, p in zip(xs, make(lo, hi)))
         k, batch = points[0].shape[:2]
@@ -117,8 +117,11 @@ def _with_progress(desc: str) -> Callable[[Callable[..., Any]], Callable[..., An
     def decorate(method: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(method)
         def wrapper(*args: Any, progress: bool = False, **kwargs: Any) -> Any:
-            from .gradients import progress_bar
+            from .gradients import check_flag, progress_bar
 
+            if torch.compiler.is_compiling():  # no bar in compiled code (progress_bar), and no context variable
+                check_flag(progress, "progress")
+                return method(*args, **kwargs)
             with progress_bar(progress, None, desc, "perturbation") as bar:
                 token = _BAR.set(bar if progress else None)
                 try:

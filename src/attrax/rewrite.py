@@ -50,7 +50,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from ._decompose import DECOMPOSITIONS, FUSED_ATTENTION
 from ._node import Node, _ntuple, _refs
 from ._transpose import TRANSPOSES, t_max_pool
-from .core import BoundModel, FunctionalModel, _cell_full, is_concrete
+from .core import BoundModel, FunctionalModel, _cell_full, is_concrete, refuse_bound_in_compiled_code
 
 __all__ = [
     "Node",
@@ -150,6 +150,8 @@ def program_spec(model_fn: Callable[..., Tensor], params: Any, xs: Sequence[Tens
     # Under torch.compile always the batch-generic program: dynamo cannot tell a symbolic batch
     # from a static one here (isinstance(b, SymInt) is False in traced code), and a generic
     # program is right for both, so a later recompile with a symbolic batch reuses it.
+    if torch.compiler.is_compiling() and isinstance(model_fn, BoundModel) and model_fn.per_sample():
+        return spec, operator.index(batch)  # per-sample arguments (bound by ax.compile) fix the batch
     if torch.compiler.is_compiling() or isinstance(batch, torch.SymInt):
         return spec, None
     return spec, int(batch)
@@ -168,6 +170,7 @@ _NAMES: dict[Any, str] = {}
 
 def program_for(model_fn: Callable[..., Tensor], params: Any, xs: Sequence[Tensor]) -> Program:
     """The traced program of ``model_fn`` for inputs like ``xs`` (memoised on ``FunctionalModel``)."""
+    refuse_bound_in_compiled_code(model_fn, "this method")
     spec, batch = program_spec(model_fn, params, xs)
     return _program(model_fn, spec, batch)
 

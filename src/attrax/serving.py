@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -89,6 +90,9 @@ class Explainer:
             now = self._model_fn.fingerprint()
             if now != self._fingerprint:
                 self.fn, self._fingerprint = self._rebuild(), now
+            inner = getattr(self._model_fn, "inner", self._model_fn)
+            if getattr(inner, "embedding", None) is not None:
+                inner.shadow()  # the compiled call runs the shadow as it stands (compiled_module)
         return self.fn
 
     def __repr__(self) -> str:
@@ -176,13 +180,34 @@ def compile(  # noqa: A001 - the API name
     if n_steps_auto(method_kwargs):
         raise ValueError('n_steps="auto" cannot be compiled (its loop depends on the data); pass a fixed n_steps')
 
+    if method_kwargs.get("additional_forward_args") is not None:
+        # bound here, outside the compiled code, so rule methods can trace the bound model at compile time; the
+        # Explainer follows the bound model's fingerprint (the arguments' values included)
+        model_fn = _bind_for_compile(model_fn, method_kwargs.pop("additional_forward_args"))
+
     def run(x: TensorOrTuple, target: Target) -> TensorOrTuple:
         return attribute(model_fn, params, x, target, **method_kwargs)
 
     def build() -> Callable[..., TensorOrTuple]:
-        return torch.compile(run, backend=backend, mode=mode, dynamic=dynamic, options=options, fullgraph=fullgraph)
+        # a fresh code object each time: dynamo keeps its compiled graphs on the code object, and a rebuild after a
+        # change its guards cannot see (a bound mask edited in place, baked into a rule method's program) must not
+        # find the old graph there
+        fresh = types.FunctionType(run.__code__.replace(), run.__globals__, run.__name__, run.__defaults__,
+                                   run.__closure__)
+        return torch.compile(fresh, backend=backend, mode=mode, dynamic=dynamic, options=options, fullgraph=fullgraph)
 
     return Explainer(build(), batch_size, getattr(attribute, "__name__", repr(attribute)), model_fn, build, run)
+
+
+def _bind_for_compile(model_fn: Any, args: Any) -> Any:
+    """``model_fn`` bound to ``additional_forward_args`` for the batch their per-sample tensors have."""
+    from .core import _tensors_in, bind_forward_args
+
+    sized = [t for t in _tensors_in(args, 8) if t.ndim >= 1]
+    if not sized:
+        raise ValueError("additional_forward_args: ax.compile binds them once, so it needs per-sample tensors "
+                         "(first dim = batch) to size the batch; got none (pass such values inside the model)")
+    return bind_forward_args(model_fn, args, sized[0])
 
 
 def n_steps_auto(kwargs: dict[str, Any]) -> bool:
