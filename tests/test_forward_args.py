@@ -163,3 +163,84 @@ def test_a_nested_bound_tensor_edited_through_data_is_seen() -> None:
     torch.testing.assert_close(second, ax.deeplift(g, q, x, 1, additional_forward_args=({"masks": [m.clone()]},)),
                                rtol=0, atol=0)
     assert not torch.equal(first, second)
+
+
+# ------------------------------------------------------------------ compile (API §5 with API §9)
+
+
+def _tiny_gpt2() -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16)
+    model = transformers.GPT2LMHeadModel(cfg).double().eval()
+    f, p = ax.functionalize(model, output="logits", embedding="transformer.wte")
+    ids = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    return f, p, f.embed(p, ids).detach(), mask
+
+
+@pytest.mark.filterwarnings("ignore:<class 'torch.autograd.function.Function'> should not be instantiated")  # (dynamo on HF)
+@pytest.mark.parametrize("method", ["saliency", "integrated_gradients"])
+def test_fullgraph_compile_with_a_mask_input_and_an_embedding_model(method: str) -> None:
+    """A dict mask crashed compiled code (the bound model took a lock), and so did any embedding= model (its shadow
+    read a context variable). The mask is an input of the compiled function: a new mask needs no recompile."""
+    f, p, e, mask = _tiny_gpt2()
+    m = getattr(ax, method)
+    explain = torch.compile(lambda e, mask: m(f, p, e, (5, 3), additional_forward_args={"attention_mask": mask}),
+                            fullgraph=True, backend="eager")
+    other = torch.ones_like(mask)
+    other[0, :3] = 0
+    for k in (mask, other):
+        want = m(f, p, e, (5, 3), additional_forward_args={"attention_mask": k})
+        torch.testing.assert_close(explain(e, k), want, rtol=1e-10, atol=1e-12)
+    assert not (m(f, p, e, (5, 3), additional_forward_args={"attention_mask": mask}) - want).abs().max() < 1e-6
+
+
+@pytest.mark.filterwarnings("ignore:<class 'torch.autograd.function.Function'> should not be instantiated")  # (dynamo on HF)
+@pytest.mark.parametrize("method", ["lrp", "deeplift"])
+def test_ax_compile_binds_forward_args_for_rule_methods(method: str) -> None:
+    """Rule methods trace the model once, at compile time: ax.compile binds the mask before compiling (inside
+    compiled code the bound model was no object that step could read), and follows the mask edited in place."""
+    f, p, e, mask = _tiny_gpt2()
+    m = getattr(ax, method)
+    kw: dict[str, Any] = {"composite": ax.composites.attn_lrp()} if method == "lrp" else {}
+    afa = {"attention_mask": mask}
+    explain = ax.compile(m, f, p, backend="eager", additional_forward_args=afa, **kw)
+    for target in ((5, 3), (4, 7)):
+        torch.testing.assert_close(explain(e, target), m(f, p, e, target, additional_forward_args=afa, **kw),
+                                   rtol=1e-10, atol=1e-12)
+    before = explain(e, (5, 3))
+    mask[0, 0] = 0
+    after = explain(e, (5, 3))
+    torch.testing.assert_close(after, m(f, p, e, (5, 3), additional_forward_args=afa, **kw), rtol=1e-10, atol=1e-12)
+    assert (after - before).abs().max() > 1e-6
+    with pytest.raises(Exception, match="ax.compile"):  # the raw form says what to use instead
+        torch.compile(lambda e: m(f, p, e, (5, 3), additional_forward_args=afa, **kw), fullgraph=True,
+                      backend="eager")(e)
+
+
+@pytest.mark.parametrize("method", ["feature_ablation", "occlusion", "shapley_sampling"])
+def test_perturbation_methods_compile(method: str) -> None:
+    """The progress bar's context variable stopped every perturbation method in compiled code."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double().eval()
+    f, p = ax.functionalize(model)
+    x = torch.randn(5, 4, dtype=D)
+    keep = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0], dtype=D)
+    m = getattr(ax, method)
+    kw: dict[str, Any] = {"window": (2,)} if method == "occlusion" else {}
+    explain = torch.compile(lambda x, t: m(f, p, x, t, **kw), fullgraph=True, backend="eager")
+    torch.manual_seed(3)
+    got = explain(x, torch.tensor(1))
+    torch.manual_seed(3)
+    torch.testing.assert_close(got, m(f, p, x, 1, **kw), rtol=1e-10, atol=1e-12)
+
+    def masked(p, x, keep):
+        return f(p, x * keep[:, None])
+
+    fm, _ = ax.functionalize(masked)
+    bound = ax.compile(m, fm, p, backend="eager", additional_forward_args=(keep,), **kw)
+    torch.manual_seed(3)
+    got = bound(x, 1)
+    torch.manual_seed(3)
+    torch.testing.assert_close(got, m(fm, p, x, 1, additional_forward_args=(keep,), **kw), rtol=1e-10, atol=1e-12)

@@ -727,3 +727,23 @@ def test_a_value_deep_in_an_attribute_is_part_of_the_fingerprint() -> None:
     fresh, q = ax.functionalize(m)
     torch.testing.assert_close(after, ax.lrp(fresh, q, x, 0))
     assert not torch.allclose(before, after)
+
+
+def test_compiled_explainer_follows_what_its_guards_cannot_see() -> None:
+    """ax.compile rebuilt its graph when the fingerprint changed, but dynamo keeps graphs on the code object and its
+    guards do not see a global or a value read inside the traced program: the rebuilt explainer was served the
+    old graph (deeplift off by 0.2 after a global slope changed)."""
+    global SCALE
+    model = ReadsMore().double().eval()
+    f, p = ax.functionalize(model)
+    x = torch.randn(2, 4, dtype=D)
+    explainers = {m: ax.compile(m, f, p, backend="eager") for m in (ax.deeplift, ax.lrp)}
+    for m, explain in explainers.items():
+        explain(x, 1)
+    try:
+        for edit in (lambda: globals().__setitem__("SCALE", 3.0), lambda: setattr(model.cfg, "w", 0.5)):
+            edit()
+            for m, explain in explainers.items():
+                torch.testing.assert_close(explain(x, 1), m(f, p, x, 1), rtol=0, atol=0)
+    finally:
+        SCALE = 1.0
