@@ -395,3 +395,19 @@ def test_value_and_attribution_output_sees_the_additional_forward_args(args):
     for method, kw in ((ax.integrated_gradients, {}), (ax.smoothgrad, {"n_samples": 3, "stdev": 0.1})):
         out, _ = ax.value_and_attribution(method, f, p, x, 1, additional_forward_args=extra, **kw)
         torch.testing.assert_close(out, net(x * s))
+
+
+def test_a_second_explainer_with_other_options_compiles() -> None:
+    """dynamo records what varied between two compiles of one code location and makes it symbolic: the second
+    explainer's rule epsilons were symbolic floats, and ax.compile(ax.lrp, composite=attn_lrp()) failed after an
+    explainer with another composite ("Cannot convert argument ... to a Python constant")."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double().eval()
+    f, p = ax.functionalize(model)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    for composite in (ax.composites.epsilon_plus(), ax.composites.attn_lrp(), ax.composites.epsilon_plus(epsilon=0.1)):
+        explain = ax.compile(ax.lrp, f, p, backend="eager", composite=composite)
+        torch.testing.assert_close(explain(x, 1), ax.lrp(f, p, x, 1, composite=composite), rtol=1e-10, atol=1e-12)
+    for n_steps in (4, 9):
+        explain = ax.compile(ax.integrated_gradients, f, p, backend="eager", n_steps=n_steps)
+        torch.testing.assert_close(explain(x, 1), ax.integrated_gradients(f, p, x, 1, n_steps=n_steps),
+                                   rtol=1e-10, atol=1e-12)

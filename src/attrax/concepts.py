@@ -36,7 +36,7 @@ def _lrp_pass(model_fn: ModelFn, params: Params, x: Tensor, target: Target, laye
     """``(relevance at the layer output (B, C, ...), layer output (B, C, ...), program, layer nodes)``."""
     xs, params, _, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
     spec, trace_batch = program_spec(model_fn, params, xs)
-    refuse_bound_in_compiled_code(model_fn, "this method")
+    refuse_bound_in_compiled_code(model_fn, "this rule method")
     program, plan = _prepare(model_fn, spec, trace_batch, constant_arg(composite), constant_arg(canonize))
     nodes = layer_nodes(program, layer)
     with eager_no_grad():

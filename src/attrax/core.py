@@ -551,7 +551,7 @@ def _content_key(t: Tensor) -> Any:
     from torch._subclasses.fake_tensor import FakeTensor
 
     if (is_functorch_wrapped_tensor(t) or isinstance(t, FakeTensor) or t.layout != torch.strided
-            or t.device.type == "meta"):
+            or t.device.type == "meta" or not is_concrete(t)):
         return None
     # outside any functorch level: under torch.func.grad even t.detach() of a plain tensor comes back wrapped
     with torch.no_grad(), torch._C._DisableFuncTorch():
@@ -636,6 +636,12 @@ def refuse_bound_in_compiled_code(model_fn: Any, method: str) -> None:
     """Rule methods trace the model into a program once, at compile time, outside the compiled code; a model
     bound to ``additional_forward_args`` inside compiled code is not an object that step can read (and its
     tensors, inputs of the compiled function, would be baked into the program)."""
+    if isinstance(model_fn, BoundModel) and not is_concrete(*_tensors_in((model_fn.args, model_fn.kwargs), 8)) and (
+            not torch.compiler.is_compiling()):
+        raise TypeError(
+            f"{method}: per-sample additional_forward_args are inputs of this trace (ax.export, make_fx), but "
+            f"{method} traces the model into a program of its own, with those tensors' values baked in; export "
+            f"gradient methods (saliency, integrated_gradients, smoothgrad) with them, or call {method} eagerly")
     if getattr(model_fn, "bound_in_compiled_code", False):
         raise TypeError(
             f"{method}: additional_forward_args inside torch.compile is supported for gradient and perturbation "
@@ -656,7 +662,8 @@ def bind_forward_args(model_fn: Any, args: Any, x: Any) -> BoundModel:
     first = x[0] if isinstance(x, (tuple, list)) and x else x
     if not isinstance(first, Tensor) or first.ndim < 1:
         raise TypeError("additional_forward_args needs x to be a batched Tensor or a tuple of them")
-    return BoundModel(model_fn, args, int(first.shape[0]), kwargs)
+    batch = first.shape[0]  # symbolic under export's trace: per-sample arguments follow its dynamic batch
+    return BoundModel(model_fn, args, batch if isinstance(batch, torch.SymInt) else int(batch), kwargs)
 
 
 #: within a method call: ``{id(model): (model, fingerprint)}`` (:func:`one_fingerprint`)

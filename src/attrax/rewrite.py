@@ -170,7 +170,7 @@ _NAMES: dict[Any, str] = {}
 
 def program_for(model_fn: Callable[..., Tensor], params: Any, xs: Sequence[Tensor]) -> Program:
     """The traced program of ``model_fn`` for inputs like ``xs`` (memoised on ``FunctionalModel``)."""
-    refuse_bound_in_compiled_code(model_fn, "this method")
+    refuse_bound_in_compiled_code(model_fn, "this rule method")
     spec, batch = program_spec(model_fn, params, xs)
     return _program(model_fn, spec, batch)
 

@@ -27,16 +27,17 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._types import ModelFn, Params, Target, TensorOrTuple
-from .core import FunctionalModel, as_tuple, bind_forward_args, check_positive_int, training_call
+from .core import FunctionalModel, _tensors_in, as_tuple, bind_forward_args, check_positive_int, training_call
 from .targets import prepare_call, select
 
 __all__ = ["Explainer", "compile", "export", "seeded_normal", "value_and_attribution"]
@@ -189,20 +190,24 @@ def compile(  # noqa: A001 - the API name
         return attribute(model_fn, params, x, target, **method_kwargs)
 
     def build() -> Callable[..., TensorOrTuple]:
-        # a fresh code object each time: dynamo keeps its compiled graphs on the code object, and a rebuild after a
-        # change its guards cannot see (a bound mask edited in place, baked into a rule method's program) must not
-        # find the old graph there
-        fresh = types.FunctionType(run.__code__.replace(), run.__globals__, run.__name__, run.__defaults__,
-                                   run.__closure__)
+        # a code object of its own for each build: dynamo keeps its compiled graphs on the code object, and a
+        # rebuild after a change its guards cannot see (a bound mask edited in place, baked into a rule method's
+        # program) must not find the old graph there; and a name of its own, because dynamo's record of what varied
+        # between compiles is keyed on file, line and name: a second explainer with another composite had its
+        # epsilons turned symbolic, and LRP could not take them as constants
+        name = f"explain_{next(_BUILDS)}"
+        fresh = types.FunctionType(run.__code__.replace(co_name=name, co_qualname=name), run.__globals__, name,
+                                   run.__defaults__, run.__closure__)
         return torch.compile(fresh, backend=backend, mode=mode, dynamic=dynamic, options=options, fullgraph=fullgraph)
 
     return Explainer(build(), batch_size, getattr(attribute, "__name__", repr(attribute)), model_fn, build, run)
 
 
+_BUILDS = itertools.count()
+
+
 def _bind_for_compile(model_fn: Any, args: Any) -> Any:
     """``model_fn`` bound to ``additional_forward_args`` for the batch their per-sample tensors have."""
-    from .core import _tensors_in, bind_forward_args
-
     sized = [t for t in _tensors_in(args, 8) if t.ndim >= 1]
     if not sized:
         raise ValueError("additional_forward_args: ax.compile binds them once, so it needs per-sample tensors "
@@ -243,7 +248,11 @@ def export(
     noise (``ax.smoothgrad``, ``ax.noise_tunnel``) the program is ``(x, target, seed)`` with ``seed``
     an int64 scalar tensor; the noise is ``stdev * seeded_normal(seed, (n_samples, *x.shape))``,
     so ``ax.smoothgrad(..., noise=stdev * ax.serving.seeded_normal(seed, shape))`` is its eager twin.
-    For scalar-output models (``target=None``) the program is ``(x,)``.
+    For scalar-output models (``target=None``) the program is ``(x,)``. The per-sample tensors of
+    ``additional_forward_args`` (first dim = the batch: attention masks, position ids) are the program's last
+    inputs, in their order (a dict's in its key order): ``prog.module()(x, target, mask)``; its other values
+    are constants. Rule methods (DeepLift, LRP) trace the model into a program of their own with those
+    tensors' values in it, so they export without per-sample arguments only.
 
     Args:
         attribute: A gradient method, IG, SmoothGrad/noise_tunnel, DeepLift, DeepLiftShap, LRP,
@@ -265,8 +274,11 @@ def export(
     if "generator" in method_kwargs:
         raise ValueError("export draws noise from its seed input; do not pass generator=")
     xs, checked_params, is_tuple, batch, resolved = prepare_call(model_fn, params, x, target)
+    forward_args = method_kwargs.pop("additional_forward_args", None)
+    per_sample, rebind = _per_sample_args(forward_args, batch)
     with torch.no_grad():  # the example must run, and the target fit its output, before tracing
-        select(model_fn(checked_params, *xs), resolved)
+        example_fn = model_fn if forward_args is None else bind_forward_args(model_fn, forward_args, xs)
+        select(example_fn(checked_params, *xs), resolved)
     t = _target_input(target, batch, xs[0].device)
     if target is not None and not (isinstance(t, Tensor) and t.ndim == 1):
         raise TypeError("export needs an int or per-sample integer target (it becomes the program's (B,) target input); "
@@ -288,6 +300,9 @@ def export(
     ex_x = ex if is_tuple else ex[0]
 
     def attribution(xv: TensorOrTuple, *rest: Tensor) -> TensorOrTuple:
+        if per_sample:
+            method_kwargs["additional_forward_args"] = rebind(rest[len(rest) - len(per_sample):])
+            rest = rest[:len(rest) - len(per_sample)]
         tv = rest[0] if target is not None else None
         if not noisy:
             return attribute(model_fn, params, xv, tv, **method_kwargs)
@@ -305,25 +320,59 @@ def export(
         inputs.append(ex_t)
     if noisy:
         inputs.append(torch.as_tensor(seed, dtype=torch.long).reshape(()))
+    inputs.extend(a if size == batch else a[rows].clone() for a in per_sample)
+    if forward_args is not None and not per_sample:
+        method_kwargs["additional_forward_args"] = forward_args
     name = getattr(attribute, "__name__", "attribute")
     try:
         graph = make_fx(attribution, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*inputs)
     except (TypeError, ValueError):
         raise
     except Exception as e:
+        hint = ("methods that draw random numbers need a noise= argument, and loops must not depend on values")
+        if per_sample and "data-dependent" in str(e):
+            hint = ("the model branches on the values of an additional_forward_args tensor, an input of the program "
+                    "(HF models check a 2-D attention_mask for padding); pass what it builds from it instead, e.g. "
+                    "a 4-D additive mask and position ids")
         raise ValueError(f"could not trace {name} for export ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                         "methods that draw random numbers need a noise= argument, and loops must not depend on values") from e
+                         f"{hint}") from e
     dim = torch.export.Dim("batch", min=1)
     shapes: list[Any] = [tuple({0: dim} for _ in ex) if is_tuple else {0: dim}]
     if target is not None:
         shapes.append({0: dim})
     if noisy:
         shapes.append(None)
+    shapes.extend({0: dim} for _ in per_sample)
     try:
         return torch.export.export(graph, tuple(inputs), dynamic_shapes=tuple(shapes), strict=False)
     except Exception as e:
         raise ValueError(f"{name} traced, but its graph does not export with a dynamic batch ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from e
+
+
+def _per_sample_args(args: Any, batch: int) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], Any]]:
+    """The per-sample tensors of ``additional_forward_args`` (program inputs of an export) and how to put
+    the program's inputs back in their places."""
+    if args is None:
+        return [], lambda ts: None
+    if isinstance(args, Mapping):
+        keys, values = list(args), list(args.values())
+    else:
+        keys, values = None, list(args) if isinstance(args, (tuple, list)) else [args]
+    at = [i for i, v in enumerate(values) if isinstance(v, Tensor) and v.ndim >= 1 and v.shape[0] == batch]
+    nested = [t for i, v in enumerate(values) if i not in at for t in _tensors_in(v, 8)
+              if t.ndim >= 1 and t.shape[0] == batch]
+    if nested:
+        raise ValueError("additional_forward_args: export takes per-sample tensors at the top level only (each "
+                         "becomes a program input); one is nested inside a container")
+
+    def rebind(ts: Sequence[Tensor]) -> Any:
+        out = list(values)
+        for i, t in zip(at, ts):
+            out[i] = t
+        return dict(zip(keys, out)) if keys is not None else tuple(out)
+
+    return [values[i] for i in at], rebind
 
 
 # --------------------------------------------------------------------------- seeded noise
