@@ -302,3 +302,14 @@ def test_export_with_a_4d_mask_on_llama_and_the_2d_mask_hint() -> None:
     with pytest.raises(ValueError, match="4-D additive mask"):
         ax.export(ax.saliency, g, q, g.embed(q, ids).detach(), 3,
                   additional_forward_args={"attention_mask": keep.long()})
+
+
+def test_vmap_over_bound_tensors_of_a_rule_method_says_what_to_do() -> None:
+    """It said "model_fn runs torch.vmap itself", which the user's model does not."""
+    f, p = ax.functionalize(Gated().double().eval())
+    x, keep = torch.randn(5, 4, dtype=D), torch.tensor([1.0, 0.0, 1.0, 1.0, 0.5], dtype=D)
+    for args in (lambda k: (k[None],), lambda k: {"mask": k[None]}):
+        with pytest.raises(TypeError, match="need no vmap: pass the whole batch"):
+            torch.func.vmap(lambda xi, ki: ax.lrp(f, p, xi[None], 1, additional_forward_args=args(ki))[0])(x, keep)
+    want = torch.stack([ax.lrp(f, p, x[i:i + 1], 1, additional_forward_args=(keep[i:i + 1],))[0] for i in range(5)])
+    torch.testing.assert_close(ax.lrp(f, p, x, 1, additional_forward_args=(keep,)), want, rtol=1e-10, atol=1e-12)

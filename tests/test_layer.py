@@ -368,3 +368,17 @@ def test_a_list_of_layers_with_attribute_to_layer_input_is_refused():
         ax.layer.integrated_gradients(f, p, x, 1, ["a", "b"], attribute_to_layer_input=True)
     one = ax.layer.integrated_gradients(f, p, x, 1, "a", attribute_to_layer_input=True)
     assert one.abs().sum() > 0
+
+
+def test_layer_of_a_plain_function_names_its_graph_nodes():
+    """It said "module paths include []" for a functionalized plain function."""
+    w = torch.randn(4, 3, dtype=torch.float64)
+
+    def fn(p, x):
+        return torch.tanh(x @ w).relu()
+
+    f, _ = ax.functionalize(fn)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"no module calls.*name a node of the graph instead, e.g. \['matmul', 'tanh'"):
+        ax.layer.activation(f, {}, x, layer="l1")
+    assert ax.layer.activation(f, {}, x, layer="tanh").shape == (2, 3)

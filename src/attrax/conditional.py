@@ -54,6 +54,12 @@ def layer_nodes(program: Program, layer: str) -> tuple[int, ...]:
             calls[f"{layer}#{node.index}"] = node.index
     if not calls:
         modules = sorted({path for n in program.nodes for _, path in n.stack})
+        if not modules:  # a plain function f(params, x), or modules called outside the trace's view
+            names = [n.name for n in program.nodes if n.op == "call" and n.dep]
+            raise ValueError(
+                f"layer {layer!r}: the traced graph has no module calls (model_fn wraps a plain function, so there "
+                f"are no module paths); name a node of the graph instead, e.g. {names[:12]}"
+                f"{' ...' if len(names) > 12 else ''}, or functionalize the nn.Module itself")
         raise ValueError(
             f"layer {layer!r} is neither a module path nor a node of the traced graph (or it was folded away by "
             f"canonization: pass canonize=False); module paths include {modules[:12]}{' ...' if len(modules) > 12 else ''}"

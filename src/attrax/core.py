@@ -636,8 +636,15 @@ def refuse_bound_in_compiled_code(model_fn: Any, method: str) -> None:
     """Rule methods trace the model into a program once, at compile time, outside the compiled code; a model
     bound to ``additional_forward_args`` inside compiled code is not an object that step can read (and its
     tensors, inputs of the compiled function, would be baked into the program)."""
-    if isinstance(model_fn, BoundModel) and not is_concrete(*_tensors_in((model_fn.args, model_fn.kwargs), 8)) and (
-            not torch.compiler.is_compiling()):
+    bound = _tensors_in((model_fn.args, model_fn.kwargs), 8) if isinstance(model_fn, BoundModel) else []
+    if bound and not torch.compiler.is_compiling() and not is_concrete(*bound):
+        from torch._C._functorch import is_functorch_wrapped_tensor
+
+        if any(map(is_functorch_wrapped_tensor, bound)):
+            raise TypeError(
+                f"{method}: additional_forward_args batched by torch.func.vmap (or another transform): {method} "
+                f"traces the model into a program of its own with those tensors' values in it. They need no vmap: "
+                f"pass the whole batch of them with the whole batch of x, and each sample gets its own rows")
         raise TypeError(
             f"{method}: per-sample additional_forward_args are inputs of this trace (ax.export, make_fx), but "
             f"{method} traces the model into a program of its own, with those tensors' values baked in; export "
