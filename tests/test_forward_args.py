@@ -195,6 +195,11 @@ def test_fullgraph_compile_with_a_mask_input_and_an_embedding_model(method: str)
         want = m(f, p, e, (5, 3), additional_forward_args={"attention_mask": k})
         torch.testing.assert_close(explain(e, k), want, rtol=1e-10, atol=1e-12)
     assert not (m(f, p, e, (5, 3), additional_forward_args={"attention_mask": mask}) - want).abs().max() < 1e-6
+    # compiled code runs the module itself (dynamo's guards see a change), never leaving the injection behind
+    f.module.transformer.ln_f.eps = 0.5
+    torch.testing.assert_close(explain(e, mask), m(f, p, e, (5, 3), additional_forward_args={"attention_mask": mask}),
+                               rtol=1e-10, atol=1e-12)
+    assert "forward" not in f.module.transformer.wte.__dict__
 
 
 @pytest.mark.filterwarnings("ignore:<class 'torch.autograd.function.Function'> should not be instantiated")  # (dynamo on HF)

@@ -131,20 +131,21 @@ class FunctionalModel:
             self._injected.value = e
             ids = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)
             x = (ids, *x[1:])
-        out = torch.func.functional_call(module, dict(params), x, kwargs or None, strict=False)
+        if self.embedding is not None and module is self.module:
+            # compiled code runs the module itself, so dynamo's guards cover all it reads (a shadow copy would
+            # hide a later change from them); its embedding layer answers through its instance dict for this
+            # call only, which dynamo applies to the trace and leaves unchanged in the module (set, then popped)
+            if not torch.compiler.is_compiling():
+                raise AssertionError("the user's module runs only in compiled code; eager calls run the shadow")
+            layer = module.get_submodule(self.embedding)
+            layer.__dict__["forward"] = self._injected.read
+            try:
+                out = torch.func.functional_call(module, dict(params), x, kwargs or None, strict=False)
+            finally:
+                layer.__dict__.pop("forward", None)
+        else:
+            out = torch.func.functional_call(module, dict(params), x, kwargs or None, strict=False)
         return out if self.output is None else select_output(out, self.output)
-
-    def compiled_module(self) -> nn.Module:
-        """What a call under ``torch.compile`` runs: the module itself (dynamo guards on what it reads of it, and
-        ``functional_call`` there swaps nothing at run time), or with ``embedding`` the shadow that the last eager
-        call built or checked (dynamo cannot read the fingerprint; ``ax.compile`` refreshes it before each call, and
-        :func:`functionalize` builds it, so a compiled call never finds none)."""
-        if self.embedding is None:
-            return self.module
-        if self._shadow is None:
-            raise RuntimeError("functionalize(..., embedding=...) builds the shadow; it is missing (call model_fn once "
-                               "eagerly before torch.compile)")
-        return self._shadow[1]
 
     def shadow(self, fingerprint: Any = None) -> nn.Module:
         """The private copy of the module tree that calls run on (rebuilt when the module changed)."""
@@ -167,7 +168,7 @@ class FunctionalModel:
 
     def __call__(self, params: Params, *x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
-            return self.run(self.compiled_module(), params, x)
+            return self.run(self.module, params, x)  # (run injects the embedding for this call)
         with self._lock:
             _, shadow, training = self._shadow_state()
             params = dict(params)
@@ -609,7 +610,7 @@ class BoundModel(FunctionalModel):
             if not isinstance(self.inner, FunctionalModel):
                 return self.inner(params, *x, *self.extra(n), **self.extra_kwargs(n))
             if torch.compiler.is_compiling():  # as FunctionalModel.__call__ compiled: no lock (dynamo cannot enter one)
-                return self.inner.run(self.inner.compiled_module(), params, (*x, *self.extra(n)), self.extra_kwargs(n))
+                return self.inner.run(self.inner.module, params, (*x, *self.extra(n)), self.extra_kwargs(n))
             with self.inner._lock:
                 return self.inner.run(self.inner.shadow(), params, (*x, *self.extra(n)), self.extra_kwargs(n))
         return self.inner(params, *x, *self.extra(n))
@@ -769,10 +770,7 @@ def functionalize(module: nn.Module | Callable[..., Tensor], *, output: Any = No
             raise TypeError(f"output must be a key/attribute name, an int index or a callable, got {_describe(output)}")
         params = dict(module.named_parameters())
         params.update(dict(module.named_buffers()))
-        model_fn = FunctionalModel(module, output=output, embedding=embedding)
-        if embedding is not None:
-            model_fn.shadow()  # what a call under torch.compile runs (compiled_module)
-        return model_fn, params
+        return FunctionalModel(module, output=output, embedding=embedding), params
     if output is not None or embedding is not None:
         raise TypeError("output= and embedding= need an nn.Module (a plain function already returns its tensor)")
     if callable(module):
@@ -806,9 +804,6 @@ class _FunctionModel(FunctionalModel):
         return self.fn(params, *x, **(kwargs or {}))
 
     def shadow(self, fingerprint: Any = None) -> Any:
-        return None
-
-    def compiled_module(self) -> Any:
         return None
 
     def __repr__(self) -> str:

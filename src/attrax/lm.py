@@ -286,13 +286,8 @@ def _shared_type(cls: type) -> type:
 
             return self._shared_state.call(compute, params, tuple(x), dict(kwargs or {}), key=id(module))
 
-        def call(self: Any, params: Params, *x: Any) -> Any:
-            if torch.compiler.is_compiling():  # (FunctionalModel's compiled call skips run for a plain module)
-                return self.run(self.shadow(), params, x)
-            return cls.__call__(self, params, *x)
-
         # program_gradients: gradient methods call this model_fn (its forwards are shared), not a program of it
-        _SHARED_TYPES[cls] = type(cls.__name__, (cls,), {"run": run, "__call__": call, "__module__": cls.__module__,
+        _SHARED_TYPES[cls] = type(cls.__name__, (cls,), {"run": run, "__module__": cls.__module__,
                                                          "program_gradients": False})
     return _SHARED_TYPES[cls]
 

@@ -91,9 +91,6 @@ class Explainer:
             now = self._model_fn.fingerprint()
             if now != self._fingerprint:
                 self.fn, self._fingerprint = self._rebuild(), now
-            inner = getattr(self._model_fn, "inner", self._model_fn)
-            if getattr(inner, "embedding", None) is not None:
-                inner.shadow()  # the compiled call runs the shadow as it stands (compiled_module)
         return self.fn
 
     def __repr__(self) -> str:
