@@ -318,3 +318,76 @@ def test_vmap_over_bound_tensors_of_a_rule_method_says_what_to_do() -> None:
             torch.func.vmap(lambda xi, ki: ax.lrp(f, p, xi[None], 1, additional_forward_args=args(ki))[0])(x, keep)
     want = torch.stack([ax.lrp(f, p, x[i:i + 1], 1, additional_forward_args=(keep[i:i + 1],))[0] for i in range(5)])
     torch.testing.assert_close(ax.lrp(f, p, x, 1, additional_forward_args=(keep,)), want, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------- review findings (stop 25, outside testing)
+
+
+class Weighted(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x, w, mask):
+        return self.l2(torch.tanh(self.l1(x)) * w * mask[:, None])
+
+
+def test_ax_compile_binds_for_each_calls_batch() -> None:
+    """ax.compile bound the args once, sizing the batch by their first tensor: a shared (8,) weight before a (5,)
+    mask was cut or tiled as if per-sample, and a call on fewer rows silently used mask[:n]. Now the args are
+    bound for each call's x (as eagerly), batch_size= with per-sample args is refused, and values alone work."""
+    torch.manual_seed(0)
+    f, p = ax.functionalize(Weighted().double().eval())
+    x, w = torch.randn(5, 4, dtype=D), torch.rand(8, dtype=D)
+    keep = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.5], dtype=D)
+    for m in (ax.saliency, ax.integrated_gradients, ax.deeplift):
+        explain = ax.compile(m, f, p, backend="eager", additional_forward_args=(w, keep))
+        torch.testing.assert_close(explain(x, 1), m(f, p, x, 1, additional_forward_args=(w, keep)), rtol=1e-10,
+                                   atol=1e-12)
+        with pytest.raises(Exception):  # the mask belongs to 5 rows: like the eager call, no silent mask[:3]
+            explain(x[:3], 1)
+    with pytest.raises(ValueError, match="batch_size cuts x into pieces"):
+        ax.compile(ax.saliency, f, p, batch_size=2, additional_forward_args=(w, keep))
+    g, q = ax.functionalize(Gated().double().eval())
+    explain = ax.compile(ax.saliency, g, q, backend="eager", additional_forward_args={"mask": torch.ones(5, dtype=D),
+                                                                                       "scale": 2.0})
+    torch.testing.assert_close(explain(x, 1), ax.saliency(g, q, x, 1, additional_forward_args={
+        "mask": torch.ones(5, dtype=D), "scale": 2.0}), rtol=1e-10, atol=1e-12)
+    bl = torch.randn(3, 4, dtype=D)  # deeplift_shap ran its program, traced at the bound batch, on folded rows
+    explain = ax.compile(ax.deeplift_shap, f, p, backend="eager", baselines=bl, additional_forward_args=(w, keep))
+    torch.testing.assert_close(explain(x, 1), ax.deeplift_shap(f, p, x, 1, bl, additional_forward_args=(w, keep)),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_export_edges_from_review() -> None:
+    """A per-sample argument with a dim equal to the example batch broke the dynamic batch (the trace size avoided
+    x's dims only); a rule method with shared values only was refused as if they were per-sample."""
+    torch.manual_seed(0)
+    f, p = ax.functionalize(Weighted().double().eval())
+    x, w, keep = torch.randn(3, 4, dtype=D), torch.rand(8, dtype=D), torch.tensor([1.0, 0.0, 0.5], dtype=D)
+    prog = ax.export(ax.saliency, f, p, x, 1, additional_forward_args=(w, keep))  # trace size must avoid 8 too
+    x5, k5 = torch.randn(5, 4, dtype=D), torch.rand(5, dtype=D)
+    torch.testing.assert_close(prog.module()(x5, torch.full((5,), 1), k5),
+                               ax.saliency(f, p, x5, 1, additional_forward_args=(w, k5)), rtol=1e-10, atol=1e-12)
+    g, q = ax.functionalize(Gated().double().eval())
+    prog = ax.export(ax.deeplift, g, q, x, 1, additional_forward_args={"mask": torch.ones(1, dtype=D),
+                                                                        "scale": 2.0})
+    torch.testing.assert_close(prog.module()(x5, torch.full((5,), 2)), ax.deeplift(
+        g, q, x5, 2, additional_forward_args={"mask": torch.ones(1, dtype=D), "scale": 2.0}), rtol=1e-10, atol=1e-12)
+    with pytest.raises(TypeError, match="deeplift: per-sample additional_forward_args"):
+        ax.export(ax.deeplift, g, q, x, 1, additional_forward_args=(keep,))
+
+
+@pytest.mark.filterwarnings("ignore:<class 'torch.autograd.function.Function'> should not be instantiated")
+def test_embedding_model_compiles_under_aot_autograd_and_smoothgrad_fullgraph() -> None:
+    """The injected embedding tensor, kept on the model past the call, escaped the graph ("Cannot access storage
+    of TensorWrapper" under aot_eager and inductor); smoothgrad set a context variable in compiled code."""
+    f, p, e, mask = _tiny_gpt2()
+    explain = ax.compile(ax.saliency, f, p, backend="aot_eager")
+    torch.testing.assert_close(explain(e, (5, 3)), ax.saliency(f, p, e, (5, 3)), rtol=1e-10, atol=1e-12)
+    assert f._injected.value is None
+    sg = torch.compile(lambda e, noise: ax.smoothgrad(f, p, e, (5, 3), noise=noise, stdev=0.1, n_samples=2),
+                       fullgraph=True, backend="eager")
+    noise = torch.randn(2, *e.shape, dtype=D)
+    torch.testing.assert_close(sg(e, noise), ax.smoothgrad(f, p, e, (5, 3), noise=noise, stdev=0.1, n_samples=2),
+                               rtol=1e-10, atol=1e-12)

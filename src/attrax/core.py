@@ -144,7 +144,15 @@ class FunctionalModel:
             finally:
                 layer.__dict__.pop("forward", None)
         else:
-            out = torch.func.functional_call(module, dict(params), x, kwargs or None, strict=False)
+            try:
+                out = torch.func.functional_call(module, dict(params), x, kwargs or None, strict=False)
+            finally:
+                if self.embedding is not None:
+                    self._injected.value = None
+        if self.embedding is not None:
+            # held for the call only: a transform's wrapped tensor kept past it would escape the compiled graph
+            # (aot_autograd: "Cannot access storage of TensorWrapper") and keep the input alive
+            self._injected.value = None
         return out if self.output is None else select_output(out, self.output)
 
     def shadow(self, fingerprint: Any = None) -> nn.Module:
@@ -638,6 +646,8 @@ def refuse_bound_in_compiled_code(model_fn: Any, method: str) -> None:
     bound to ``additional_forward_args`` inside compiled code is not an object that step can read (and its
     tensors, inputs of the compiled function, would be baked into the program)."""
     bound = _tensors_in((model_fn.args, model_fn.kwargs), 8) if isinstance(model_fn, BoundModel) else []
+    # per-sample ones only: a shared constant (a 0-d tensor, a weight) is baked into the program as any constant is
+    bound = [t for t in bound if t.ndim >= 1 and t.shape[0] == model_fn.batch]
     if bound and not torch.compiler.is_compiling() and not is_concrete(*bound):
         from torch._C._functorch import is_functorch_wrapped_tensor
 
@@ -851,7 +861,11 @@ _TRAINING_WARNED: contextvars.ContextVar[bool] = contextvars.ContextVar("attrax_
 
 @contextlib.contextmanager
 def training_warned() -> Iterator[None]:
-    """Within: inner method calls do not repeat the training-mode warning of the call around them."""
+    """Within: inner method calls do not repeat the training-mode warning of the call around them (no warning
+    under torch.compile, whose code cannot set a context variable)."""
+    if torch.compiler.is_compiling():
+        yield
+        return
     token = _TRAINING_WARNED.set(True)
     try:
         yield

@@ -181,7 +181,7 @@ def deeplift(
     _check_delta_flags(multiply_by_inputs, return_convergence_delta)
     xs, params, is_tuple, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
     bs = baselines_for(call_baseline(baseline, xs, is_tuple), xs, check_finite=check_finite)
-    program = program_for(model_fn, params, xs)
+    program = program_for(model_fn, params, xs, "deeplift")
     plan = _plan(program, deeplift_rule, "deeplift")
     with eager_no_grad():
         aux_x: dict[int, Any] = {}
@@ -287,7 +287,7 @@ def deeplift_shap(
     xs, params, is_tuple, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
     check_positive_int(chunk_size, "chunk_size", allow_none=True)
     bls = _check_distribution(call_baseline(baselines, xs, is_tuple), xs, "baselines", check_finite=check_finite)
-    program = program_for(model_fn, params, xs)
+    program = program_for(model_fn, params, xs, "deeplift_shap")
     plan = _plan(program, deeplift_rule, "deeplift_shap")
     n = bls[0].shape[0]
     with eager_no_grad():
@@ -304,9 +304,10 @@ def deeplift_shap(
 
         total = [torch.zeros_like(upcast(xi)) for xi in xs]
         for start, stop in chunks(n, chunk_size):
-            if isinstance(batch, torch.SymInt) or torch.compiler.is_compiling():
+            if isinstance(batch, torch.SymInt) or (torch.compiler.is_compiling() and program.batch is None):
                 # symbolic batch (export, torch.compile): vmap's conv batching rule would pin the
-                # batch size, so the chunk's baselines are folded into the batch instead
+                # batch size, so the chunk's baselines are folded into the batch instead (a program traced at
+                # its batch, as for per-sample additional_forward_args bound by ax.compile, runs at that batch)
                 attrs = _folded(program, plan, params, xs, tuple(b[start:stop] for b in bls), t, batch,
                                 multiply_by_inputs)
             else:
@@ -348,7 +349,7 @@ def _folded(program: Program, plan: Any, params: Any, xs: tuple[Tensor, ...], re
 def _relu_method(rule_for: Any, method: str, model_fn: ModelFn, params: Params, x: TensorOrTuple, target: Target,
                  check_finite: bool) -> TensorOrTuple:
     xs, params, is_tuple, batch, t = prepare_call(model_fn, params, x, target, check_finite=check_finite)
-    program = program_for(model_fn, params, xs)
+    program = program_for(model_fn, params, xs, method)
     plan = _plan(program, rule_for, method)
     with eager_no_grad():
         aux: dict[int, Any] = {}

@@ -168,9 +168,11 @@ def _name_of(v: Any) -> str:
 _NAMES: dict[Any, str] = {}
 
 
-def program_for(model_fn: Callable[..., Tensor], params: Any, xs: Sequence[Tensor]) -> Program:
-    """The traced program of ``model_fn`` for inputs like ``xs`` (memoised on ``FunctionalModel``)."""
-    refuse_bound_in_compiled_code(model_fn, "this rule method")
+def program_for(model_fn: Callable[..., Tensor], params: Any, xs: Sequence[Tensor],
+                method: str = "this rule method") -> Program:
+    """The traced program of ``model_fn`` for inputs like ``xs`` (memoised on ``FunctionalModel``); ``method``
+    names the caller in errors."""
+    refuse_bound_in_compiled_code(model_fn, method)
     spec, batch = program_spec(model_fn, params, xs)
     return _program(model_fn, spec, batch)
 

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ._types import ModelFn, Params, Target, TensorOrTuple
-from .core import FunctionalModel, _tensors_in, as_tuple, bind_forward_args, check_positive_int, training_call
+from .core import BoundModel, FunctionalModel, _tensors_in, as_tuple, bind_forward_args, check_positive_int, training_call
 from .targets import prepare_call, select
 
 __all__ = ["Explainer", "compile", "export", "seeded_normal", "value_and_attribution"]
@@ -77,7 +77,8 @@ class Explainer:
 
     def __init__(self, fn: Callable[..., TensorOrTuple], batch_size: int | None, description: str,
                  model_fn: Any = None, rebuild: Callable[[], Callable[..., TensorOrTuple]] | None = None,
-                 eager: Callable[..., TensorOrTuple] | None = None) -> None:
+                 eager: Callable[..., TensorOrTuple] | None = None, holder: dict[str, Any] | None = None,
+                 forward_args: Any = None) -> None:
         self.fn = fn
         self._eager = eager
         self.batch_size = batch_size
@@ -85,6 +86,19 @@ class Explainer:
         # a compiled graph is a cache of the model's trace: rebuilt when the model changes (fingerprint)
         self._model_fn, self._rebuild = model_fn, rebuild
         self._fingerprint = model_fn.fingerprint() if isinstance(model_fn, FunctionalModel) else None
+        # additional_forward_args: bound outside the compiled code (rule methods trace the bound model there) for
+        # the batch of each call's x; ``holder["model_fn"]`` is what the compiled function calls
+        self._holder, self._forward_args, self._unbound = holder, forward_args, model_fn
+
+    def _bind(self, xs: tuple[Tensor, ...]) -> None:
+        bound = self._holder["model_fn"] if self._holder is not None else None
+        if self._forward_args is None or (isinstance(bound, BoundModel) and bound.batch == xs[0].shape[0]):
+            return
+        bound = bind_forward_args(self._unbound, self._forward_args, xs)
+        self._holder["model_fn"] = self._model_fn = bound
+        self._fingerprint = None if self._fingerprint is None else bound.fingerprint()
+        if self._rebuild is not None:
+            self.fn = self._rebuild()
 
     def _current(self) -> Callable[..., TensorOrTuple]:
         if self._fingerprint is not None and self._rebuild is not None:
@@ -115,6 +129,7 @@ class Explainer:
         xs, is_tuple = as_tuple(x)
         batch = xs[0].shape[0]
         t = _target_input(target, batch, xs[0].device)
+        self._bind(xs)
         fn = self._current()
         size = self.batch_size
         if size is None or batch == size:
@@ -160,6 +175,9 @@ def compile(  # noqa: A001 - the API name
         batch_size: Cut inputs larger than this into pieces of exactly this size (the last one
             padded with copies of its last sample), all served by one compiled graph.
         **method_kwargs: Options of ``attribute`` (e.g. ``n_steps``, ``composite``, ``baselines``).
+            ``additional_forward_args`` are bound outside the compiled code for each call's batch (rule methods
+            trace the bound model; an in-place edit of a bound tensor rebuilds the graph); they are the values
+            given here (a dict is copied), and ``batch_size`` cannot cut per-sample ones.
     Returns:
         :class:`Explainer` ``explain(x, target)``; ``target`` as in API.md section 2, always
         passed to the graph as a tensor input.
@@ -178,13 +196,17 @@ def compile(  # noqa: A001 - the API name
     if n_steps_auto(method_kwargs):
         raise ValueError('n_steps="auto" cannot be compiled (its loop depends on the data); pass a fixed n_steps')
 
-    if method_kwargs.get("additional_forward_args") is not None:
-        # bound here, outside the compiled code, so rule methods can trace the bound model at compile time; the
-        # Explainer follows the bound model's fingerprint (the arguments' values included)
-        model_fn = _bind_for_compile(model_fn, method_kwargs.pop("additional_forward_args"))
+    forward_args = method_kwargs.pop("additional_forward_args", None)
+    if forward_args is not None and batch_size is not None and any(t.ndim >= 1 for t in _tensors_in(forward_args, 8)):
+        raise ValueError("batch_size cuts x into pieces, but not additional_forward_args (their rows belong to the "
+                         "whole batch); pass batch_size=None, or call the explainer once per batch")
+    # with additional_forward_args, the Explainer binds them for each call's batch, outside the compiled code
+    # (rule methods trace the bound model at compile time), and follows the bound model's fingerprint (the
+    # arguments' values included)
+    holder = {"model_fn": model_fn}
 
     def run(x: TensorOrTuple, target: Target) -> TensorOrTuple:
-        return attribute(model_fn, params, x, target, **method_kwargs)
+        return attribute(holder["model_fn"], params, x, target, **method_kwargs)
 
     def build() -> Callable[..., TensorOrTuple]:
         # a code object of its own for each build: dynamo keeps its compiled graphs on the code object, and a
@@ -197,19 +219,11 @@ def compile(  # noqa: A001 - the API name
                                    run.__defaults__, run.__closure__)
         return torch.compile(fresh, backend=backend, mode=mode, dynamic=dynamic, options=options, fullgraph=fullgraph)
 
-    return Explainer(build(), batch_size, getattr(attribute, "__name__", repr(attribute)), model_fn, build, run)
+    return Explainer(build(), batch_size, getattr(attribute, "__name__", repr(attribute)), model_fn, build, run,
+                     holder, forward_args)
 
 
 _BUILDS = itertools.count()
-
-
-def _bind_for_compile(model_fn: Any, args: Any) -> Any:
-    """``model_fn`` bound to ``additional_forward_args`` for the batch their per-sample tensors have."""
-    sized = [t for t in _tensors_in(args, 8) if t.ndim >= 1]
-    if not sized:
-        raise ValueError("additional_forward_args: ax.compile binds them once, so it needs per-sample tensors "
-                         "(first dim = batch) to size the batch; got none (pass such values inside the model)")
-    return bind_forward_args(model_fn, args, sized[0])
 
 
 def n_steps_auto(kwargs: dict[str, Any]) -> bool:
@@ -287,7 +301,7 @@ def export(
         check_positive_int(n_samples, "n_samples")
     # trace at a batch of at least 2 (size-1 dims are specialised by symbolic tracing) that equals no
     # other dim of x (symbolic tracing would unify the two and refuse the batch as dynamic)
-    others = {int(d) for xi in xs for d in xi.shape[1:]}
+    others = {int(d) for xi in (*xs, *per_sample) for d in xi.shape[1:]}
     size = max(batch, 2)
     while size in others:
         size += 1
