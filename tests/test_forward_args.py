@@ -391,3 +391,25 @@ def test_embedding_model_compiles_under_aot_autograd_and_smoothgrad_fullgraph() 
     noise = torch.randn(2, *e.shape, dtype=D)
     torch.testing.assert_close(sg(e, noise), ax.smoothgrad(f, p, e, (5, 3), noise=noise, stdev=0.1, n_samples=2),
                                rtol=1e-10, atol=1e-12)
+
+
+class NestedArgs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x, masks):
+        return self.l2(torch.tanh(self.l1(x)) * masks["a"][:, None] * masks["b"][0][:, None])
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "deeplift", "feature_ablation"])
+def test_per_sample_tensors_nested_in_containers_follow_the_batch(method: str) -> None:
+    """Only top-level tensors were repeated where steps fold into the batch: IG failed with "15 vs 5"."""
+    torch.manual_seed(0)
+    f, p = ax.functionalize(NestedArgs().double().eval())
+    x, a, b = torch.randn(5, 4, dtype=D), torch.rand(5, dtype=D), torch.rand(5, dtype=D)
+    m = getattr(ax, method)
+    got = m(f, p, x, 1, additional_forward_args=({"a": a, "b": [b]},))
+    want = torch.cat([m(f, p, x[i:i + 1], 1, additional_forward_args=({"a": a[i:i + 1], "b": [b[i:i + 1]]},))
+                      for i in range(5)])
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)

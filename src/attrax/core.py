@@ -606,11 +606,11 @@ class BoundModel(FunctionalModel):
 
     def extra(self, n: Any) -> tuple[Any, ...]:
         """The bound positional arguments for a call on ``n`` rows."""
-        return tuple(_fit_rows(a, n, self.batch) for a in self.args)
+        return tuple(_fit_nested(a, n, self.batch) for a in self.args)
 
     def extra_kwargs(self, n: Any) -> dict[str, Any]:
         """The bound keyword arguments (``additional_forward_args`` given as a dict) for ``n`` rows."""
-        return {k: _fit_rows(a, n, self.batch) for k, a in self.kwargs.items()}
+        return {k: _fit_nested(a, n, self.batch) for k, a in self.kwargs.items()}
 
     def __call__(self, params: Params, *x: Tensor) -> Tensor:
         n = x[0].shape[0]
@@ -625,6 +625,15 @@ class BoundModel(FunctionalModel):
 
     def __repr__(self) -> str:
         return f"BoundModel({self.inner!r}, {len(self.args)} additional_forward_args)"
+
+
+def _fit_nested(a: Any, n: Any, batch: int) -> Any:
+    """:func:`_fit_rows` through plain tuples, lists and dicts (a list of per-layer masks, a dict of ids)."""
+    if type(a) is tuple or type(a) is list:
+        return type(a)(_fit_nested(e, n, batch) for e in a)
+    if type(a) is dict:
+        return {k: _fit_nested(e, n, batch) for k, e in a.items()}
+    return _fit_rows(a, n, batch)
 
 
 def _fit_rows(a: Any, n: Any, batch: int) -> Any:
