@@ -187,13 +187,17 @@ def test_fullgraph_compile_with_a_mask_input_and_an_embedding_model(method: str)
     read a context variable). The mask is an input of the compiled function: a new mask needs no recompile."""
     f, p, e, mask = _tiny_gpt2()
     m = getattr(ax, method)
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("eager")
     explain = torch.compile(lambda e, mask: m(f, p, e, (5, 3), additional_forward_args={"attention_mask": mask}),
-                            fullgraph=True, backend="eager")
+                            fullgraph=True, backend=counter)
     other = torch.ones_like(mask)
     other[0, :3] = 0
     for k in (mask, other):
         want = m(f, p, e, (5, 3), additional_forward_args={"attention_mask": k})
         torch.testing.assert_close(explain(e, k), want, rtol=1e-10, atol=1e-12)
+    assert counter.frame_count == 1  # a new mask is a new input, not a recompile
     assert not (m(f, p, e, (5, 3), additional_forward_args={"attention_mask": mask}) - want).abs().max() < 1e-6
     # compiled code runs the module itself (dynamo's guards see a change), never leaving the injection behind
     f.module.transformer.ln_f.eps = 0.5
