@@ -89,16 +89,23 @@ class Explainer:
         # additional_forward_args: bound outside the compiled code (rule methods trace the bound model there) for
         # the batch of each call's x; ``holder["model_fn"]`` is what the compiled function calls
         self._holder, self._forward_args, self._unbound = holder, forward_args, model_fn
+        self._per_batch: dict[int, tuple[Any, Any, Any]] = {}  # batch -> (bound model, compiled fn, fingerprint)
 
     def _bind(self, xs: tuple[Tensor, ...]) -> None:
         bound = self._holder["model_fn"] if self._holder is not None else None
-        if self._forward_args is None or (isinstance(bound, BoundModel) and bound.batch == xs[0].shape[0]):
+        batch = int(xs[0].shape[0])
+        if self._forward_args is None or (isinstance(bound, BoundModel) and bound.batch == batch):
             return
-        bound = bind_forward_args(self._unbound, self._forward_args, xs)
+        if isinstance(bound, BoundModel):  # kept: alternating batch sizes reuse their graphs
+            self._per_batch[bound.batch] = (bound, self.fn, self._fingerprint)
+        if batch in self._per_batch:
+            bound, self.fn, self._fingerprint = self._per_batch.pop(batch)
+        else:
+            bound = bind_forward_args(self._unbound, self._forward_args, xs)
+            self._fingerprint = None if self._fingerprint is None else bound.fingerprint()
+            if self._rebuild is not None and isinstance(self._holder["model_fn"], BoundModel):
+                self.fn = self._rebuild()  # the first binding keeps the function compile() built
         self._holder["model_fn"] = self._model_fn = bound
-        self._fingerprint = None if self._fingerprint is None else bound.fingerprint()
-        if self._rebuild is not None:
-            self.fn = self._rebuild()
 
     def _current(self) -> Callable[..., TensorOrTuple]:
         if self._fingerprint is not None and self._rebuild is not None:
