@@ -411,3 +411,21 @@ def test_a_second_explainer_with_other_options_compiles() -> None:
         explain = ax.compile(ax.integrated_gradients, f, p, backend="eager", n_steps=n_steps)
         torch.testing.assert_close(explain(x, 1), ax.integrated_gradients(f, p, x, 1, n_steps=n_steps),
                                    rtol=1e-10, atol=1e-12)
+
+
+def test_dynamic_explainer_with_options() -> None:
+    """With dynamic=True dynamo made n_steps symbolic, and IG's quadrature (evaluated once at trace time) could not
+    take it: ax.compile(ax.integrated_gradients, dynamic=True, n_steps=8) failed."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
+    f, p = ax.functionalize(model)
+    counter = CompileCounterWithBackend("eager")
+    explain = ax.compile(ax.integrated_gradients, f, p, backend=counter, dynamic=True, n_steps=8,
+                         method="riemann_trapezoid")
+    for batch in (5, 3, 7):
+        x = torch.randn(batch, 4, dtype=torch.float64)
+        torch.testing.assert_close(explain(x, 1), ax.integrated_gradients(f, p, x, 1, n_steps=8,
+                                                                          method="riemann_trapezoid"),
+                                   rtol=1e-10, atol=1e-12)
+    assert counter.frame_count == 1

@@ -133,6 +133,12 @@ class Explainer:
             raise
 
     def _call(self, x: TensorOrTuple, target: Target = None) -> TensorOrTuple:
+        # the method's options (n_steps, epsilons) are constants of the graph: with dynamic=True dynamo made the
+        # ints symbolic, and quadrature(method, n_steps), evaluated once at trace time, could not take them
+        with torch._dynamo.config.patch(specialize_int=True, specialize_float=True):
+            return self._call_now(x, target)
+
+    def _call_now(self, x: TensorOrTuple, target: Target = None) -> TensorOrTuple:
         xs, is_tuple = as_tuple(x)
         batch = xs[0].shape[0]
         t = _target_input(target, batch, xs[0].device)
