@@ -747,3 +747,43 @@ def test_compiled_explainer_follows_what_its_guards_cannot_see() -> None:
                 torch.testing.assert_close(explain(x, 1), m(f, p, x, 1), rtol=0, atol=0)
     finally:
         SCALE = 1.0
+
+
+class _Noisy(nn.Module):
+    """Adds noise drawn at every forward (global RNG, or the module's own generator)."""
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.generator = generator
+
+    def forward(self, x):
+        noise = torch.randn(x.shape[0], 8, dtype=x.dtype, generator=self.generator)
+        return self.l2(torch.tanh(self.l1(x) + 0.5 * noise))
+
+
+@pytest.mark.parametrize("own_generator", [False, True])
+def test_a_draw_in_the_forward_is_drawn_at_every_call(own_generator: bool) -> None:
+    """The tracer folded ``0.5 * randn(...)`` into a constant (the product reads no traced value), so DeepLift and
+    LRP gave one answer for every seed: the draw of the trace, frozen into the program."""
+    g = torch.Generator().manual_seed(0) if own_generator else None
+    torch.manual_seed(0)
+    f, p = ax.functionalize(_Noisy(g).double().eval())
+    x = torch.randn(3, 4, dtype=D)
+
+    def seeded(s: int) -> None:
+        (g.manual_seed(s) if g is not None else torch.manual_seed(s))
+
+    for method in (ax.deeplift, ax.lrp, ax.guided_backprop):
+        seeded(1)
+        a = method(f, p, x, 1)
+        seeded(1)
+        torch.testing.assert_close(method(f, p, x, 1), a, rtol=0, atol=0)
+        seeded(2)
+        assert (method(f, p, x, 1) - a).abs().max() > 1e-6, method.__name__
+    seeded(3)
+    got = ax.gradient(f, p, x, 1)
+    seeded(3)
+    xx = x.clone().requires_grad_()
+    f.module(xx)[:, 1].sum().backward()
+    torch.testing.assert_close(got, xx.grad, rtol=1e-12, atol=1e-14)

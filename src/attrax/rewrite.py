@@ -443,7 +443,23 @@ class _FoldConstants(torch.overrides.TorchFunctionMode):
         if (isinstance(target, Tensor) and not _touches_fake(target)
                 and ((name.endswith("_") and not name.startswith("_")) or name in _SETTERS)):
             self.written.add(_storage_id(target))
-        return func(*args, **kwargs)
+        if _RANDOM.search(name) is None:
+            return func(*args, **kwargs)
+        # a trace draws nothing from the user's own generators either (torch's, Python's and numpy's global states
+        # are kept by _random_states_kept): the program draws from them at every call
+        generators = [v for v in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Generator)]
+        states = [g_.get_state() for g_ in generators]
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            for g_, state in zip(generators, states):
+                g_.set_state(state)
+        # a draw is a value of this call only: what is computed from it is not folded either (``0.1 * randn``
+        # folded into a constant froze the draw: DeepLift and LRP gave one answer for every seed)
+        for v in torch.utils._pytree.tree_leaves(out):
+            if isinstance(v, Tensor) and not _touches_fake(v):
+                self.written.add(_storage_id(v))
+        return out
 
     def _reads_written(self, tree: Any) -> bool:
         if not self.written:
