@@ -445,7 +445,7 @@ class _FoldConstants(torch.overrides.TorchFunctionMode):
             self.written.add(_storage_id(target))
         if _RANDOM.search(name) is None:
             return func(*args, **kwargs)
-        # a trace draws nothing from the user's own generators either (torch's, Python's and numpy's global states
+        # a trace draws nothing from the user's own generators either (torch's, Python's and numpy's default states
         # are kept by _random_states_kept): the program draws from them at every call
         generators = [v for v in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Generator)]
         states = [g_.get_state() for g_ in generators]
