@@ -350,8 +350,14 @@ def test_ax_compile_binds_for_each_calls_batch() -> None:
                                    atol=1e-12)
         with pytest.raises(Exception):  # the mask belongs to 5 rows: like the eager call, no silent mask[:3]
             explain(x[:3], 1)
-    with pytest.raises(ValueError, match="batch_size cuts x into pieces"):
-        ax.compile(ax.saliency, f, p, batch_size=2, additional_forward_args=(w, keep))
+    with pytest.raises(ValueError, match="batch_size=2 cuts x into pieces"):
+        ax.compile(ax.saliency, f, p, batch_size=2, additional_forward_args=(w, keep))(x, 1)
+    g, q = ax.functionalize(Gated().double().eval())  # shared values only: pieces are fine
+    explain = ax.compile(ax.saliency, g, q, backend="eager", batch_size=2, additional_forward_args=(
+        torch.ones(1, dtype=D), 3.0))
+    torch.testing.assert_close(explain(x, 1), ax.saliency(g, q, x, 1, additional_forward_args=(torch.ones(1, dtype=D),
+                                                                                                 3.0)),
+                               rtol=1e-10, atol=1e-12)
     g, q = ax.functionalize(Gated().double().eval())
     explain = ax.compile(ax.saliency, g, q, backend="eager", additional_forward_args={"mask": torch.ones(5, dtype=D),
                                                                                        "scale": 2.0})
@@ -390,6 +396,13 @@ def test_embedding_model_compiles_under_aot_autograd_and_smoothgrad_fullgraph() 
     explain = ax.compile(ax.saliency, f, p, backend="aot_eager")
     torch.testing.assert_close(explain(e, (5, 3)), ax.saliency(f, p, e, (5, 3)), rtol=1e-10, atol=1e-12)
     assert f._injected.value is None
+    # compiled code never touches the holder eager calls (other threads) inject through: it cleared it under
+    # them ("layer_norm(): argument 'input' must be Tensor, not NoneType" in 1 of ~1000 eager calls)
+    sentinel = object()
+    f._injected.value = sentinel
+    explain(e, (4, 3))
+    assert f._injected.value is sentinel
+    f._injected.value = None
     sg = torch.compile(lambda e, noise: ax.smoothgrad(f, p, e, (5, 3), noise=noise, stdev=0.1, n_samples=2),
                        fullgraph=True, backend="eager")
     noise = torch.randn(2, *e.shape, dtype=D)

@@ -126,33 +126,37 @@ class FunctionalModel:
         """``functional_call`` of ``module`` (the shadow) on ``x``: with ``embedding``, x[0] is the embedding
         layer's output, injected in place of the layer's forward while dummy ids of its shape enter the
         model; with ``output``, the selected tensor of the result."""
-        if self.embedding is not None:
-            e = x[0]
-            self._injected.value = e
-            ids = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)
-            x = (ids, *x[1:])
-        if self.embedding is not None and module is self.module:
+        if self.embedding is None:
+            out = torch.func.functional_call(module, dict(params), x, kwargs or None, strict=False)
+            return out if self.output is None else select_output(out, self.output)
+        e = x[0]
+        ids = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)
+        x = (ids, *x[1:])
+        if module is self.module:
+            if not torch.compiler.is_compiling():  # a compiled caller broke its graph before this call
+                with self._lock:
+                    return self.run(self.shadow(), params, (e, *x[1:]), kwargs)
             # compiled code runs the module itself, so dynamo's guards cover all it reads (a shadow copy would
             # hide a later change from them); its embedding layer answers through its instance dict for this
-            # call only, which dynamo applies to the trace and leaves unchanged in the module (set, then popped)
-            if not torch.compiler.is_compiling():
-                raise AssertionError("the user's module runs only in compiled code; eager calls run the shadow")
+            # call only, which dynamo applies to the trace and leaves unchanged in the module (set, then popped).
+            # The answer is a holder of this call's own (the shadow's holder is the eager calls', which other
+            # threads use), and it answers only this call's dummy ids: after a graph break inside the model
+            # (fullgraph=False) the rest runs eagerly with the entry in place, and another thread calling the
+            # module meanwhile gets its own forward
             layer = module.get_submodule(self.embedding)
-            layer.__dict__["forward"] = self._injected.read
+            layer.__dict__["forward"] = _CallInjection(layer, e, ids).read
             try:
                 out = torch.func.functional_call(module, dict(params), x, kwargs or None, strict=False)
             finally:
                 layer.__dict__.pop("forward", None)
         else:
+            self._injected.value = e
             try:
                 out = torch.func.functional_call(module, dict(params), x, kwargs or None, strict=False)
             finally:
-                if self.embedding is not None:
-                    self._injected.value = None
-        if self.embedding is not None:
-            # held for the call only: a transform's wrapped tensor kept past it would escape the compiled graph
-            # (aot_autograd: "Cannot access storage of TensorWrapper") and keep the input alive
-            self._injected.value = None
+                # held for the call only: a transform's wrapped tensor kept past it would escape a compiled graph
+                # (aot_autograd: "Cannot access storage of TensorWrapper") and keep the input alive
+                self._injected.value = None
         return out if self.output is None else select_output(out, self.output)
 
     def shadow(self, fingerprint: Any = None) -> nn.Module:
@@ -197,6 +201,19 @@ class _Injected:
 
     def read(self, *args: Any, **kwargs: Any) -> Any:
         return self.value
+
+
+class _CallInjection:
+    """What the user's embedding layer returns during one compiled call: ``value`` for that call's dummy ``ids``;
+    any other caller (run eagerly after a graph break) gets the layer's own forward."""
+
+    def __init__(self, layer: nn.Module, value: Tensor, ids: Tensor) -> None:
+        self.layer, self.value, self.ids = layer, value, ids
+
+    def read(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling() or (args and args[0] is self.ids):
+            return self.value
+        return type(self.layer).forward(self.layer, *args, **kwargs)
 
 
 def select_output(out: Any, output: Any) -> Tensor:

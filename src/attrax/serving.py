@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import threading
 import math
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -90,18 +91,23 @@ class Explainer:
         # the batch of each call's x; ``holder["model_fn"]`` is what the compiled function calls
         self._holder, self._forward_args, self._unbound = holder, forward_args, model_fn
         self._per_batch: dict[int, tuple[Any, Any, Any]] = {}  # batch -> (bound model, compiled fn, fingerprint)
+        self._binding = threading.Lock()  # a call binds, then runs what it bound (the holder is shared)
 
-    def _bind(self, xs: tuple[Tensor, ...]) -> None:
+    _KEPT_BATCHES = 8
+
+    def _bind(self, xs: tuple[Tensor, ...], batch: int) -> None:
         bound = self._holder["model_fn"] if self._holder is not None else None
-        batch = int(xs[0].shape[0])
         if self._forward_args is None or (isinstance(bound, BoundModel) and bound.batch == batch):
             return
-        if isinstance(bound, BoundModel):  # kept: alternating batch sizes reuse their graphs
+        if isinstance(bound, BoundModel):  # kept: alternating batch sizes reuse their graphs (the latest few)
             self._per_batch[bound.batch] = (bound, self.fn, self._fingerprint)
+            while len(self._per_batch) > self._KEPT_BATCHES:
+                self._per_batch.pop(next(iter(self._per_batch)))
         if batch in self._per_batch:
             bound, self.fn, self._fingerprint = self._per_batch.pop(batch)
         else:
-            bound = bind_forward_args(self._unbound, self._forward_args, xs)
+            bound = bind_forward_args(self._unbound, self._forward_args, tuple(xi[:1].expand(batch, *xi.shape[1:])
+                                                                               for xi in xs))
             self._fingerprint = None if self._fingerprint is None else bound.fingerprint()
             if self._rebuild is not None and isinstance(self._holder["model_fn"], BoundModel):
                 self.fn = self._rebuild()  # the first binding keeps the function compile() built
@@ -139,12 +145,24 @@ class Explainer:
             return self._call_now(x, target)
 
     def _call_now(self, x: TensorOrTuple, target: Target = None) -> TensorOrTuple:
+        if self._forward_args is None:
+            return self._run(x, target)
+        with self._binding:
+            return self._run(x, target)
+
+    def _run(self, x: TensorOrTuple, target: Target = None) -> TensorOrTuple:
         xs, is_tuple = as_tuple(x)
         batch = xs[0].shape[0]
         t = _target_input(target, batch, xs[0].device)
-        self._bind(xs)
-        fn = self._current()
         size = self.batch_size
+        if self._forward_args is not None:
+            if size is not None and batch != size and any(
+                    t_.ndim >= 1 and t_.shape[0] == batch for t_ in _tensors_in(self._forward_args, 8)):
+                raise ValueError(f"batch_size={size} cuts x into pieces, but not additional_forward_args: a tensor "
+                                 f"of them has x's {batch} rows; pass batch_size=None, or call the explainer once "
+                                 f"per batch")
+            self._bind(xs, batch if size is None else size)  # pieces of batch_size rows meet shared values only
+        fn = self._current()
         if size is None or batch == size:
             return fn(x, t)
         per_sample = isinstance(t, Tensor) and t.ndim >= 1 and t.shape[0] == batch
@@ -210,9 +228,6 @@ def compile(  # noqa: A001 - the API name
         raise ValueError('n_steps="auto" cannot be compiled (its loop depends on the data); pass a fixed n_steps')
 
     forward_args = method_kwargs.pop("additional_forward_args", None)
-    if forward_args is not None and batch_size is not None and any(t.ndim >= 1 for t in _tensors_in(forward_args, 8)):
-        raise ValueError("batch_size cuts x into pieces, but not additional_forward_args (their rows belong to the "
-                         "whole batch); pass batch_size=None, or call the explainer once per batch")
     # with additional_forward_args, the Explainer binds them for each call's batch, outside the compiled code
     # (rule methods trace the bound model at compile time), and follows the bound model's fingerprint (the
     # arguments' values included)
