@@ -385,8 +385,13 @@ def export(
     try:
         return torch.export.export(graph, tuple(inputs), dynamic_shapes=tuple(shapes), strict=False)
     except Exception as e:
+        hint = ""
+        if per_sample:
+            hint = (f"; the program takes each tensor of additional_forward_args whose first dim is the example's batch "
+                    f"({batch}) as a per-sample input with a dynamic batch ({len(per_sample)} here): if one of them is "
+                    f"shared, export with an example batch of another size")
         raise ValueError(f"{name} traced, but its graph does not export with a dynamic batch ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
+                         f"{str(e).splitlines()[0] if str(e) else ''}){hint}") from e
 
 
 def _per_sample_args(args: Any, batch: int) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], Any]]:
