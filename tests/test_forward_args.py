@@ -430,3 +430,20 @@ def test_per_sample_tensors_nested_in_containers_follow_the_batch(method: str) -
     want = torch.cat([m(f, p, x[i:i + 1], 1, additional_forward_args=({"a": a[i:i + 1], "b": [b[i:i + 1]]},))
                       for i in range(5)])
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_shared_forward_args_keep_one_dynamic_graph() -> None:
+    """Shared values only (no tensor with the batch's rows): one bound model and one graph for every batch size, as
+    a plain torch.compile gets (it was one graph per size)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    f, p = ax.functionalize(Gated().double().eval())
+    args = (torch.full((1,), 0.5, dtype=D), 3.0)
+    for method in (ax.saliency, ax.lrp):
+        counter = CompileCounterWithBackend("eager")
+        explain = ax.compile(method, f, p, backend=counter, dynamic=True, additional_forward_args=args)
+        for batch in (5, 3, 7, 5):
+            x = torch.randn(batch, 4, dtype=D)
+            torch.testing.assert_close(explain(x, 1), method(f, p, x, 1, additional_forward_args=args), rtol=1e-10,
+                                       atol=1e-12)
+        assert counter.frame_count == 1, method.__name__

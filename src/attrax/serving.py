@@ -99,6 +99,9 @@ class Explainer:
         bound = self._holder["model_fn"] if self._holder is not None else None
         if self._forward_args is None or (isinstance(bound, BoundModel) and bound.batch == batch):
             return
+        if (isinstance(bound, BoundModel) and not bound.per_sample()
+                and not any(t.ndim >= 1 and t.shape[0] == batch for t in _tensors_in(self._forward_args, 8))):
+            return  # shared values only, for this batch as for the bound one: the same model (one dynamic graph)
         if isinstance(bound, BoundModel):  # kept: alternating batch sizes reuse their graphs (the latest few)
             self._per_batch[bound.batch] = (bound, self.fn, self._fingerprint)
             while len(self._per_batch) > self._KEPT_BATCHES:
