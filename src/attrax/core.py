@@ -619,7 +619,7 @@ class BoundModel(FunctionalModel):
 
     def per_sample(self) -> bool:
         """Some bound tensor has the batch as its first dim (it is repeated with x: programs are per batch)."""
-        return any(t.ndim >= 1 and t.shape[0] == self.batch for t in _tensors_in((self.args, self.kwargs), 8))
+        return bool(per_sample_tensors((self.args, self.kwargs), self.batch))
 
     def extra(self, n: Any) -> tuple[Any, ...]:
         """The bound positional arguments for a call on ``n`` rows."""
@@ -642,6 +642,11 @@ class BoundModel(FunctionalModel):
 
     def __repr__(self) -> str:
         return f"BoundModel({self.inner!r}, {len(self.args)} additional_forward_args)"
+
+
+def per_sample_tensors(args: Any, batch: Any) -> list[Tensor]:
+    """The tensors in ``additional_forward_args`` (nested ones too) whose first dim is the batch: repeated with x."""
+    return [t for t in _tensors_in(args, 8) if t.ndim >= 1 and t.shape[0] == batch]
 
 
 def _fit_nested(a: Any, n: Any, batch: int) -> Any:
@@ -671,9 +676,9 @@ def refuse_bound_in_compiled_code(model_fn: Any, method: str) -> None:
     """Rule methods trace the model into a program once, at compile time, outside the compiled code; a model
     bound to ``additional_forward_args`` inside compiled code is not an object that step can read (and its
     tensors, inputs of the compiled function, would be baked into the program)."""
-    bound = _tensors_in((model_fn.args, model_fn.kwargs), 8) if isinstance(model_fn, BoundModel) else []
     # per-sample ones only: a shared constant (a 0-d tensor, a weight) is baked into the program as any constant is
-    bound = [t for t in bound if t.ndim >= 1 and t.shape[0] == model_fn.batch]
+    bound = [] if not isinstance(model_fn, BoundModel) else per_sample_tensors((model_fn.args, model_fn.kwargs),
+                                                                               model_fn.batch)
     if bound and not torch.compiler.is_compiling() and not is_concrete(*bound):
         from torch._C._functorch import is_functorch_wrapped_tensor
 

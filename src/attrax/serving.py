@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import threading
 import math
+import threading
 import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -38,7 +38,8 @@ import torch
 from torch import Tensor
 
 from ._types import ModelFn, Params, Target, TensorOrTuple
-from .core import BoundModel, FunctionalModel, _tensors_in, as_tuple, bind_forward_args, check_positive_int, training_call
+from .core import (BoundModel, FunctionalModel, as_tuple, bind_forward_args, check_positive_int, per_sample_tensors,
+                   training_call)
 from .targets import prepare_call, select
 
 __all__ = ["Explainer", "compile", "export", "seeded_normal", "value_and_attribution"]
@@ -100,7 +101,7 @@ class Explainer:
         if self._forward_args is None or (isinstance(bound, BoundModel) and bound.batch == batch):
             return
         if (isinstance(bound, BoundModel) and not bound.per_sample()
-                and not any(t.ndim >= 1 and t.shape[0] == batch for t in _tensors_in(self._forward_args, 8))):
+                and not per_sample_tensors(self._forward_args, batch)):
             return  # shared values only, for this batch as for the bound one: the same model (one dynamic graph)
         if isinstance(bound, BoundModel):  # kept: alternating batch sizes reuse their graphs (the latest few)
             self._per_batch[bound.batch] = (bound, self.fn, self._fingerprint)
@@ -159,8 +160,7 @@ class Explainer:
         t = _target_input(target, batch, xs[0].device)
         size = self.batch_size
         if self._forward_args is not None:
-            if size is not None and batch != size and any(
-                    t_.ndim >= 1 and t_.shape[0] == batch for t_ in _tensors_in(self._forward_args, 8)):
+            if size is not None and batch != size and per_sample_tensors(self._forward_args, batch):
                 raise ValueError(f"batch_size={size} cuts x into pieces, but not additional_forward_args: a tensor "
                                  f"of them has x's {batch} rows; pass batch_size=None, or call the explainer once "
                                  f"per batch")
@@ -407,9 +407,7 @@ def _per_sample_args(args: Any, batch: int) -> tuple[list[Tensor], Callable[[Seq
     else:
         keys, values = None, list(args) if isinstance(args, (tuple, list)) else [args]
     at = [i for i, v in enumerate(values) if isinstance(v, Tensor) and v.ndim >= 1 and v.shape[0] == batch]
-    nested = [t for i, v in enumerate(values) if i not in at for t in _tensors_in(v, 8)
-              if t.ndim >= 1 and t.shape[0] == batch]
-    if nested:
+    if any(per_sample_tensors(v, batch) for i, v in enumerate(values) if i not in at):
         raise ValueError("additional_forward_args: export takes per-sample tensors at the top level only (each "
                          "becomes a program input); one is nested inside a container")
 
