@@ -742,11 +742,10 @@ def forward_args(method: Callable[..., Any]) -> Callable[..., Any]:
     import inspect
 
     names = list(inspect.signature(method).parameters)
-    x_at = names.index("x")
+    x_at, m_at = names.index("x"), names.index("model_fn")
 
     @functools.wraps(method)
     def wrapper(*args: Any, additional_forward_args: Any = None, **kwargs: Any) -> Any:
-        m_at = names.index("model_fn")
         if additional_forward_args is not None:
             args = list(args)
             x = args[x_at] if len(args) > x_at else kwargs.get("x")
