@@ -536,6 +536,22 @@ def test_compiled_ig_equals_eager_and_does_not_recompile():
     assert counter.frame_count == 1
 
 
+@pytest.mark.parametrize("method", ["gradient", "saliency", "integrated_gradients"])
+def test_compiled_plain_function_closing_over_a_module(method):
+    # ``lambda p, x: net(x)``: dynamo read a closure cell of the gradient helper that only the eager branch filled
+    # ("Read uninitialized cell") -- a crash for every gradient method on such a model_fn, compiled fullgraph
+    torch._dynamo.reset()
+    net = small_mlp().float()
+
+    def g(p, x):
+        return net(x)
+
+    x = torch.randn(4, 5)
+    fn = getattr(ax, method)
+    explain = torch.compile(lambda x: fn(g, {}, x, 1), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(explain(x), fn(g, {}, x, 1), rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- bad input
 
 

@@ -83,7 +83,7 @@ def grad_of_selected(
             sel = select(out, replace(target, value=rows[2]) if selected else target)
         return (sel.sum() if weights is None else (sel * weights.to(sel.dtype)).sum()), out
 
-    fast = None
+    fast = rows = None
     if not torch.compiler.is_compiling() and not inside_transform():
         # Eager: plain autograd measured 10-18 % faster and half the peak memory of
         # torch.func.grad on CNNs (notes/decisions.md). In value_and_attribution it records
