@@ -721,3 +721,48 @@ def test_compiled_lrp_with_the_composite_built_inside_equals_eager(make) -> None
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 3])
     explain = torch.compile(lambda x, t: ax.lrp(f, p, x, t, composite=make()), backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(explain(x, t), ax.lrp(f, p, x, t, composite=make()), rtol=1e-4, atol=1e-6)
+
+
+class _Interleave(nn.Module):
+    """Moves samples between rows: output row 1 is sample 2 and row 2 sample 1."""
+
+    def __init__(self, mix: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.mix = nn.Linear(4, 6), nn.Linear(6, 3), mix
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.mix:
+            h = torch.cat([h[::2], h[1::2]], 0)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("form", ["relevance", "gradient"])
+def test_lrp_relevance_follows_samples_the_model_moves_between_rows(form):
+    # the relevance form scaled row i of the input relevance by output row i's score: with samples moved between
+    # rows, sample 2 got sample 1's score (0.167 off); the seed now carries the score, as the gradient form does
+    mixed = _Interleave().double().eval()
+    plain = _Interleave(mix=False).double().eval()
+    plain.load_state_dict(mixed.state_dict())
+    x = torch.randn(4, 4, dtype=torch.float64)
+    f, p = ax.functionalize(mixed)
+    g, q = ax.functionalize(plain)
+    for comp in (None, ax.composites.epsilon_plus()):
+        torch.testing.assert_close(ax.lrp(f, p, x, 1, composite=comp, form=form),
+                                   ax.lrp(g, q, x, 1, composite=comp, form=form), rtol=1e-12, atol=1e-12)
+    conds = [{"a": [0]}, {"a": [1, 2]}]
+    torch.testing.assert_close(ax.conditional(f, p, x, 1, conditions=conds), ax.conditional(g, q, x, 1, conditions=conds),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_lrp_relevance_form_follows_moved_samples():
+    torch._dynamo.reset()
+    mixed = _Interleave().eval()
+    plain = _Interleave(mix=False).eval()
+    plain.load_state_dict(mixed.state_dict())
+    x = torch.randn(4, 4)
+    f, p = ax.functionalize(mixed)
+    g, q = ax.functionalize(plain)
+    explain = torch.compile(lambda x: ax.lrp(f, p, x, 1, form="relevance"), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(explain(x), ax.lrp(g, q, x, 1, form="relevance"), rtol=1e-5, atol=1e-6)

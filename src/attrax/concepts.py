@@ -22,7 +22,7 @@ from torch import Tensor
 from ._types import ModelFn, Params, Target
 from .conditional import channel_dim, _check_conditions, _masks, layer_nodes
 from .core import eager_no_grad, refuse_bound_in_compiled_code
-from .lrp import _prepare, constant_arg, apply_scale, initial_relevance
+from .lrp import _prepare, constant_arg, apply_scale, initial_relevance, seeded_by_score
 from .rewrite import Node, Program, Site, Streams, exact_vjp, forward, program_spec
 from .rules import run_plan
 from .targets import check_target, prepare_call
@@ -61,7 +61,8 @@ def _lrp_pass(model_fn: ModelFn, params: Params, x: Tensor, target: Target, laye
                 return {r: (v * keep[(node.index, r)] if (node.index, r) in keep else v) for r, v in grads.items()}
 
         captured: dict[int, Any] = dict.fromkeys(nodes)
-        start, scale = initial_relevance(out, t)
+        linear = seeded_by_score(plan, model_fn, spec, trace_batch, constant_arg(composite), constant_arg(canonize))
+        start, scale = initial_relevance(out, t, linear)
         run_plan(program, plan, Streams(program, env, None, batch, aux), {program.output: start},
                  arrive=arrive, captured=captured, leave=leave)
         rel = sum(torch.zeros_like(env[n]) if captured[n] is None else captured[n] for n in nodes)

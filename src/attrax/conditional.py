@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ._types import ModelFn, Params, Target, TensorOrTuple
 from .core import check_positive_int, chunks, eager_no_grad, publish_output, forward_args, refuse_bound_in_compiled_code
-from .lrp import _prepare, constant_arg, apply_scale, initial_relevance
+from .lrp import _prepare, constant_arg, apply_scale, initial_relevance, seeded_by_score
 from .rewrite import Node, Program, Streams, forward, program_spec
 from .rules import run_plan
 from .rules.graph import channel_first
@@ -224,7 +224,8 @@ def conditional(
         publish_output(xs, out)
         masks, keep = _masks(program, env, conds, bool(exclude_parallel))
         streams = Streams(program, env, None, batch, aux)
-        start, scale = initial_relevance(out, t)
+        linear = seeded_by_score(plan, model_fn, spec, trace_batch, constant_arg(composite), constant_arg(canonize))
+        start, scale = initial_relevance(out, t, linear)
         results: list[list[Tensor]] = [[] for _ in xs]
         for lo, hi in chunks(len(conds), chunk_size):
             chunk = _propagate(program, plan, streams, start, masks, keep, lo, hi, xs)

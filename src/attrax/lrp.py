@@ -30,12 +30,12 @@ from .rewrite import (Node, Program, Site, Streams, dense_layers, consumable, fo
 from .rules.deeplift import DeconvReLU, Gradient, GuidedReLU
 from .rules.graph import (CONTRACTIONS, ELEMENTWISE_PRODUCTS, MAXPOOL, POOLS, SOFTMAX, WEIGHTED, dependent_operands,
                           is_elementwise, is_linear, n_dep, normalization, reduces_max, region_source, scale_operand)
-from .rules.lrp import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, WSquare, ZBox, ZPlus
+from .rules.lrp import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ReLUBetaSmooth, StackedSumNorm, WSquare, ZBox, ZPlus
 from .rules.plan import run_plan
 from .rules.transformer import Attention, HoldScale, SoftmaxTaylor, Uniform
 from .targets import ResolvedTarget, prepare_call, select
 
-__all__ = ["apply_scale", "gradient_form", "initial_relevance", "lrp", "node_kind"]
+__all__ = ["apply_scale", "gradient_form", "initial_relevance", "lrp", "node_kind", "seeded_by_score"]
 
 RESHAPE = frozenset(
     """view _unsafe_view reshape flatten unflatten permute transpose t squeeze unsqueeze select slice narrow cat concat
@@ -209,7 +209,12 @@ def plan_for(program: Program, composite: Any, module: nn.Module | None) -> tupl
     return substitute(program, rule_for, "lrp")
 
 
-def initial_relevance(out: Tensor, target: ResolvedTarget) -> tuple[Tensor, Tensor | None]:
+#: rules whose relevance is linear in the relevance they receive, by exact type (a subclass may change ``backward``)
+_LINEAR_IN_RELEVANCE = (Epsilon, Gamma, ZPlus, AlphaBeta, Flat, WSquare, ZBox, Pass, Norm, StackedSumNorm,
+                        ReLUBetaSmooth, Gradient, Uniform, HoldScale, SoftmaxTaylor, Attention)
+
+
+def initial_relevance(out: Tensor, target: ResolvedTarget, linear: bool = False) -> tuple[Tensor, Tensor | None]:
     r"""The relevance entering the network, as ``(seed, scale)``: :math:`R_{out}` = ``seed * scale``.
 
     API.md section 2: :math:`R_{out} = out \odot \partial g / \partial out` for the target's selection
@@ -220,6 +225,9 @@ def initial_relevance(out: Tensor, target: ResolvedTarget) -> tuple[Tensor, Tens
       ``(B,)``, to multiply into the propagated relevance. Every LRP rule is linear in the relevance,
       so this equals seeding ``score * e_t``; for the guided/deconv ReLU rules, which are not odd in
       their input, it is Zennit's convention (its result times the score) also for negative scores.
+      With ``linear`` (every rule linear in the relevance: :func:`seeded_by_score`), the seed is
+      ``score * e_t`` itself and ``scale`` None: the same numbers, and right also where the model moves samples between rows
+      (``h[::2]``, a ``cat`` along the batch), where a sample's relevance comes from another row's score.
     * Callable targets: ``seed = out * dg/dout`` (``g`` differentiated at ``out``) and ``scale=None``.
       For a callable ``out[:, t]`` this is ``score * e_t``: the same as the int target for every rule
       that is linear in the relevance (all LRP rules; not guided/deconv at a negative score).
@@ -229,7 +237,26 @@ def initial_relevance(out: Tensor, target: ResolvedTarget) -> tuple[Tensor, Tens
     if target.kind == "callable":
         value, pullback = torch.func.vjp(lambda o: select(o, target), out)
         return out * pullback(torch.ones_like(value))[0], None
-    return seed(out, target), select(out, target)
+    unit, score = seed(out, target), select(out, target)
+    if linear:
+        return unit * score.reshape(-1, *[1] * (unit.ndim - 1)).to(unit.dtype), None
+    return unit, score
+
+
+def seeded_by_score(plan: Sequence[Any], model_fn: Any, spec: tuple[Any, ...], batch: int | None, composite: Any,
+                    canonize: Any) -> bool:
+    """Every rule of ``plan`` (from ``_prepare`` with these arguments) is linear in the relevance it receives, so
+    :func:`initial_relevance` may seed the score itself. Compiled, decided at trace time from the caller's
+    arguments (dynamo cannot guard on the type of a rule it got as a constant)."""
+    if torch.compiler.is_compiling():
+        return _seeded_by_score(model_fn, spec, batch, composite, canonize)
+    return all(rule is None or type(rule) in _LINEAR_IN_RELEVANCE for rule in plan)
+
+
+@torch.compiler.assume_constant_result
+def _seeded_by_score(model_fn: Any, spec: tuple[Any, ...], batch: int | None, composite: Any, canonize: Any) -> bool:
+    plan = _prepare(model_fn, spec, batch, composite, canonize)[1]
+    return all(rule is None or type(rule) in _LINEAR_IN_RELEVANCE for rule in plan)
 
 
 def apply_scale(relevance: Tensor, scale: Tensor | None, batch_dim: int = 0) -> Tensor:
@@ -723,7 +750,8 @@ def lrp(
             grads = run_gradient_form(program, plan, streams, {program.output: g})
             result = tuple(xi * grads[i].to(xi.dtype) if i in grads else torch.zeros_like(xi) for i, xi in enumerate(xs))
             return result if is_tuple else result[0]
-        start, scale = initial_relevance(out, t)
+        linear = seeded_by_score(plan, model_fn, spec, trace_batch, constant_arg(composite), constant_arg(canonize))
+        start, scale = initial_relevance(out, t, linear)
         grads = run_plan(program, plan, Streams(program, env, None, batch, aux), {program.output: start})
         result = tuple(apply_scale(grads[i], scale) if i in grads else torch.zeros_like(xi) for i, xi in enumerate(xs))
     return result if is_tuple else result[0]
