@@ -16,8 +16,10 @@ layer; batch 1, seq 128, the last 16 tokens are the continuation (issue 17, acce
   forward with its input gradient for one target (``torch.autograd.grad``), both timed in the same
   rounds. ``loop`` is that design written by hand (one forward, n backward passes with
   ``retain_graph``): the floor for the shared strategy.
-* Rounds are paired: every function runs once per round, in a rotated order, and each ratio is the
-  median over rounds of that round's time over the separate calls' time in the same round.
+* Each function is called three times before the rounds (its first call's time is kept as ``*_first_s``: a
+  method's third call at an input spec traces the program it then reuses). Rounds are paired: every function
+  runs once per round, in a rotated order, and each ratio is the median over rounds of that round's time over
+  the separate calls' time in the same round.
   ``max_rel_diff`` is max |generation - separate| / max |separate| (the acceptance bound is 1e-6).
 
 CPU runs use one intra-op thread by default (the 2-core machine is shared; see bench_transformers.py).
@@ -57,10 +59,18 @@ def build(kind: str, hidden: int = 128, layers: int = 4, heads: int = 4, vocab: 
     return GPT2LMHeadModel(cfg).eval()
 
 
-def paired(fns: dict, base: str, device: torch.device, rounds: int) -> dict:
-    """Median seconds of each function and median per-round ratio to ``base`` (rotated order per round)."""
-    for fn in fns.values():
+def paired(fns: dict, base: str, device: torch.device, rounds: int, warmup: int = 3) -> dict:
+    """Median seconds of each function and median per-round ratio to ``base`` (rotated order per round), after
+    ``warmup`` calls of each (a method's third call at a spec traces its program: the steady state is timed;
+    the first call's time is reported apart as ``<name>_first_s``)."""
+    first = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
         fn()
+        sync(device)
+        first[f"{name}_first_s"] = time.perf_counter() - t0
+        for _ in range(warmup - 1):
+            fn()
     names = list(fns)
     samples: dict[str, list[float]] = {k: [] for k in names}
     for r in range(rounds):
@@ -71,7 +81,7 @@ def paired(fns: dict, base: str, device: torch.device, rounds: int) -> dict:
             fns[name]()
             sync(device)
             samples[name].append(time.perf_counter() - t0)
-    out = {f"{k}_s": statistics.median(v) for k, v in samples.items()}
+    out = {**{f"{k}_s": statistics.median(v) for k, v in samples.items()}, **first}
     for k in names:
         if k != base:
             out[f"{k}_x_{base}"] = statistics.median(a / b for a, b in zip(samples[k], samples[base]))
