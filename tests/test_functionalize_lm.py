@@ -123,3 +123,82 @@ def test_gradients_reach_the_tied_embedding_weight() -> None:
 
     g = torch.func.grad(loss)(weights)["transformer.wte.weight"]
     assert g.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- models that read the ids again
+
+
+def _roberta() -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.RobertaConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=4, intermediate_size=24,
+                                     vocab_size=30, max_position_embeddings=24, pad_token_id=1)
+    return transformers.RobertaForMaskedLM(cfg).double().eval()
+
+
+def _llama_classifier(pad: int) -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=24, vocab_size=30, max_position_embeddings=16, num_labels=3,
+                                   pad_token_id=pad)
+    return transformers.LlamaForSequenceClassification(cfg).double().eval()
+
+
+@pytest.mark.parametrize("case", ["roberta", "classifier_pad0", "classifier_pad1"])
+def test_models_that_read_the_ids_for_padding_get_the_padding(case: str) -> None:
+    # model_fn used to call the module with zeros as ids: RoBERTa computes position ids from the ids' padding (a
+    # left-padded row was 1.08 off the module), a sequence classification head pools the last non-pad token (with
+    # pad id 0 every row pooled position 0). The ids are now a non-pad token, and the pad where the mask is 0
+    model = _roberta() if case == "roberta" else _llama_classifier(0 if case == "classifier_pad0" else 1)
+    layer = "roberta.embeddings.word_embeddings" if case == "roberta" else "model.embed_tokens"
+    pad = model.config.pad_token_id
+    f, p = ax.functionalize(model, output="logits", embedding=layer)
+    ids = torch.randint(3, 30, (2, 7), generator=torch.Generator().manual_seed(1))
+    left = case != "classifier_pad1"
+    if left:
+        ids[0, :3] = pad
+    else:
+        ids[0, -3:] = pad
+    mask = (ids != pad).long()
+    e = f.embed(p, ids)
+    with torch.no_grad():
+        torch.testing.assert_close(f(p, e, mask), model(ids, attention_mask=mask).logits, rtol=1e-10, atol=1e-12)
+    target = (6, 4) if case == "roberta" else 1
+    kept = slice(3, 7) if left else slice(0, 4)
+    for method in (ax.input_x_gradient, ax.deeplift):
+        batch = method(f, p, e, target, additional_forward_args={"attention_mask": mask})
+        alone = method(f, p, e[:1, kept], (3, 4) if case == "roberta" else 1,
+                       additional_forward_args={"attention_mask": mask[:1, kept]})
+        torch.testing.assert_close(batch[:1, kept], alone, rtol=1e-6, atol=1e-9)
+
+
+def test_a_model_that_reads_the_ids_themselves_is_refused() -> None:
+    # CLIP's text model pools at the position of the largest id (its eos): no ids model_fn can make up are right
+    torch.manual_seed(0)
+    cfg = transformers.CLIPTextConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                      num_attention_heads=4, max_position_embeddings=16, eos_token_id=2, pad_token_id=1)
+    model = transformers.CLIPTextModel(cfg).eval()
+    f, p = ax.functionalize(model, output="pooler_output", embedding="text_model.embeddings.token_embedding")
+    ids = torch.randint(5, 40, (2, 6), generator=torch.Generator().manual_seed(1))
+    e = f.embed(p, ids)
+    for method in (ax.input_x_gradient, ax.lrp):
+        with pytest.raises(ValueError, match="reads the token ids again past that layer.*ax.layer.integrated_gradients"):
+            method(f, p, e, 3)
+    g, q = ax.functionalize(model, output="pooler_output")  # the way out the message gives: the ids, a layer method
+    assert ax.layer.integrated_gradients(g, q, ids, 3, layer="text_model.embeddings.token_embedding").shape == (2, 6, 16)
+
+
+def test_a_hook_on_the_embedding_layer_runs_once() -> None:
+    # embed() runs the layer's hooks; model_fn's injected output went through them a second time (0.17 off)
+    model = gpt2()
+    handle = model.transformer.wte.register_forward_hook(lambda mod, args, out: out * 2.0)
+    try:
+        f, p = ax.functionalize(model, output="logits", embedding="transformer.wte")
+        ids = torch.randint(0, 30, (2, 6), generator=torch.Generator().manual_seed(1))
+        e = f.embed(p, ids)
+        with torch.no_grad():
+            torch.testing.assert_close(f(p, e), model(ids).logits)
+        xx = e.detach().requires_grad_()
+        (g,) = torch.autograd.grad(model(inputs_embeds=xx).logits[:, -1, 3].sum(), xx)
+        torch.testing.assert_close(ax.input_x_gradient(f, p, e, (5, 3)), g * e)
+    finally:
+        handle.remove()

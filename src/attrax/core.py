@@ -130,7 +130,7 @@ class FunctionalModel:
             out = torch.func.functional_call(module, dict(params), x, kwargs or None, strict=False)
             return out if self.output is None else select_output(out, self.output)
         e = x[0]
-        ids = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)
+        ids = self._dummy_ids(e, x[1:], kwargs)
         x = (ids, *x[1:])
         if module is self.module:
             if not torch.compiler.is_compiling():  # a compiled caller broke its graph before this call
@@ -144,6 +144,9 @@ class FunctionalModel:
             # (fullgraph=False) the rest runs eagerly with the entry in place, and another thread calling the
             # module meanwhile gets its own forward
             layer = module.get_submodule(self.embedding)
+            if layer._forward_hooks or layer._forward_hooks_with_kwargs:
+                raise ValueError(f"the embedding layer {self.embedding!r} has forward hooks: compiled, they would run "
+                                 f"again on the output model_fn takes (embed() ran them); remove them, or call eagerly")
             layer.__dict__["forward"] = _CallInjection(layer, e, ids).read
             try:
                 out = torch.func.functional_call(module, dict(params), x, kwargs or None, strict=False)
@@ -159,6 +162,49 @@ class FunctionalModel:
                 self._injected.value = None
         return out if self.output is None else select_output(out, self.output)
 
+    def _dummy_ids(self, e: Tensor, rest: tuple[Any, ...], kwargs: dict[str, Any] | None) -> Tensor:
+        """The token ids the module is called with while its embedding layer answers ``e``: one non-pad id
+        everywhere, and the pad id where a bound ``attention_mask`` of shape (B, T) is 0. Models that read the
+        ids again past the embedding only to find padding (RoBERTa's position ids, a sequence classification
+        head's last non-pad token) then see what the real ids would show them; :func:`check_embedding_ids`
+        refuses models that read more of them."""
+        pad, fill, _, mask_at = self._id_facts()
+        probe = None if torch.compiler.is_compiling() else _PROBE_IDS.get()
+        if probe is not None and probe[0] is self:
+            ids = probe[1](e.shape[:-1]).to(e.device)
+        else:
+            ids = torch.full(e.shape[:-1], fill, dtype=torch.long, device=e.device)
+        mask = (kwargs or {}).get("attention_mask")
+        if mask is None and mask_at is not None and len(rest) > mask_at:
+            mask = rest[mask_at]
+        if pad is not None and isinstance(mask, Tensor) and mask.shape == ids.shape:
+            ids = torch.where(mask == 0, torch.full_like(ids, pad), ids)
+        return ids
+
+    def _id_facts(self) -> tuple[int | None, int, int | None, int | None]:
+        """``(pad id, the non-pad id the module gets, vocabulary size, position of attention_mask among the
+        arguments after the ids)``, from the model's config, its embedding layer and forward's signature."""
+        facts = self.__dict__.get("_ids")
+        if facts is None:
+            import inspect
+
+            layer = self.module.get_submodule(self.embedding)
+            config = getattr(self.module, "config", None)
+            pad = getattr(config, "pad_token_id", None)
+            pad = getattr(layer, "padding_idx", None) if not isinstance(pad, int) else pad
+            pad = pad if isinstance(pad, int) and not isinstance(pad, bool) else None
+            vocab = getattr(layer, "num_embeddings", None) or getattr(config, "vocab_size", None)
+            special = {getattr(config, k, None) for k in ("pad_token_id", "bos_token_id", "eos_token_id",
+                                                          "mask_token_id", "sep_token_id", "cls_token_id")}
+            fill = next(i for i in range(len(special) + 2) if i not in special and i != pad)
+            try:
+                names = list(inspect.signature(type(self.module).forward).parameters)[2:]
+            except (TypeError, ValueError):
+                names = []
+            mask_at = names.index("attention_mask") if "attention_mask" in names else None
+            facts = self.__dict__["_ids"] = (pad, fill, vocab if isinstance(vocab, int) else None, mask_at)
+        return facts
+
     def shadow(self, fingerprint: Any = None) -> nn.Module:
         """The private copy of the module tree that calls run on (rebuilt when the module changed)."""
         return self._shadow_state(fingerprint)[1]
@@ -172,7 +218,12 @@ class FunctionalModel:
                 if self.embedding is not None:
                     # the shadow's embedding layer returns the tensor the call injects (a private copy: the
                     # user's layer is untouched); its parameters stay where they are (tied weights work)
-                    shadow.get_submodule(self.embedding).forward = self._injected.read
+                    layer = shadow.get_submodule(self.embedding)
+                    layer.forward = self._injected.read
+                    # its forward hooks ran in embed(), on the value injected: not again (each hook dict is the
+                    # user's, shared by the shallow copy; the copy gets empty ones)
+                    layer._forward_hooks, layer._forward_hooks_with_kwargs = OrderedDict(), OrderedDict()
+                    layer._forward_hooks_always_called = OrderedDict()
                 training = {f"{path}.{k}" if path else k: b for path, m in shadow.named_modules() if m.training
                             for k, b in m._buffers.items() if b is not None}
                 self._shadow = (fp, shadow, training)
@@ -192,6 +243,62 @@ class FunctionalModel:
 
     def __repr__(self) -> str:
         return f"FunctionalModel({type(self.module).__name__})"
+
+
+#: ``(model, draw(shape) -> ids)`` while :func:`check_embedding_ids` calls the model with other ids
+_PROBE_IDS: contextvars.ContextVar[Any] = contextvars.ContextVar("attrax_probe_ids", default=None)
+
+
+def check_embedding_ids(model_fn: Any, params: Params, xs: tuple[Tensor, ...]) -> None:
+    """Refuse a ``functionalize(..., embedding=...)`` model whose output depends on the token ids past its
+    embedding layer in a way the ids ``model_fn`` gives it cannot show: once per fingerprint, on the first row,
+    the model runs with the layer's output held and the non-pad ids drawn at random (pads kept); a different
+    output means the model reads the ids themselves (CLIP's pooling at the largest id, ESM's mask token), and
+    every method would explain another function. Concrete eager calls only; not in training mode (dropout
+    would differ anyway)."""
+    inner = getattr(model_fn, "inner", model_fn)
+    if not isinstance(inner, FunctionalModel) or getattr(inner, "embedding", None) is None:
+        return
+    if inner.derived("ids_checked", lambda: [False])[0]:
+        return
+    if any(m.training for m in inner.module.modules()) or not xs or not isinstance(xs[0], Tensor):
+        return
+    pad, fill, vocab, _ = inner._id_facts()
+    if vocab is None or vocab < 3:
+        return
+    inner.derived("ids_checked", lambda: [False])[0] = True
+    gen = torch.Generator().manual_seed(0)
+    config = getattr(inner.module, "config", None)
+    special = sorted({v for k in ("bos_token_id", "eos_token_id", "mask_token_id", "sep_token_id", "cls_token_id",
+                                  "unk_token_id") if isinstance(v := getattr(config, k, None), int) and 0 <= v < vocab
+                      and v != pad})
+
+    def draw(shape: torch.Size) -> Tensor:  # random ids, the model's special tokens first (a mask token, an eos)
+        ids = torch.randint(0, vocab, shape, generator=gen)
+        ids = torch.where(ids == pad, torch.full_like(ids, fill), ids) if pad is not None else ids
+        n = min(len(special), shape[-1] - 1) if len(shape) else 0
+        if n > 0:
+            ids[..., :n] = torch.tensor(special[:n])
+        return ids
+
+    row = tuple(t[:1] for t in xs)
+    with torch.no_grad():
+        plain = model_fn(params, *row)
+        token = _PROBE_IDS.set((inner, draw))
+        try:
+            other = model_fn(params, *row)
+        finally:
+            _PROBE_IDS.reset(token)
+    if isinstance(plain, Tensor) and isinstance(other, Tensor) and not torch.equal(plain, other):
+        inner.derived("ids_checked", lambda: [False])[0] = False
+        raise ValueError(
+            f"functionalize(..., embedding={inner.embedding!r}): this model reads the token ids again past that "
+            f"layer (its output changed with the ids while the layer's output was held): model_fn, which takes the "
+            f"layer's output, cannot give it the real ids, so every method would explain another function. (The "
+            f"ids it gets are one non-pad token, and the pad token where attention_mask is 0: enough for models "
+            f"that read the ids only to find padding.) Attribute the ids with a layer method on the full model "
+            f"instead, e.g. ax.layer.integrated_gradients(*ax.functionalize(lm, output=...), ids, target, "
+            f"layer={inner.embedding!r}), or wrap the model to take inputs_embeds and what it reads from the ids")
 
 
 class _Injected:

@@ -373,6 +373,7 @@ def prepare_call(
         as_tuple,
         check_dtypes,
         check_inputs,
+        check_embedding_ids,
         check_model,
         detach_outside_transforms,
         warn_training,
@@ -388,6 +389,8 @@ def prepare_call(
         batch = check_inputs(xs, check_finite=check_finite)
     params, xs = without_inference_tensors(params, xs)
     probe = _Probe(model_fn, params, xs)
+    if probe.enabled:
+        check_embedding_ids(model_fn, params, xs)
     mismatch = check_dtypes(params, xs)
     if mismatch is not None:
         probe.check_dtypes(mismatch)
