@@ -787,3 +787,69 @@ def test_a_draw_in_the_forward_is_drawn_at_every_call(own_generator: bool) -> No
     xx = x.clone().requires_grad_()
     f.module(xx)[:, 1].sum().backward()
     torch.testing.assert_close(got, xx.grad, rtol=1e-12, atol=1e-14)
+
+
+class _Base(nn.Module):
+    SHIFT = 1.0
+
+
+_settings = __import__("types").ModuleType("user_settings")  # a user's config module (``import settings``)
+_settings.GAIN = 1.0
+_NESTED = {"model": {"head": {"scale": 1.0}}}
+
+
+class _Config:
+    BIAS = 0.0
+
+
+def _factory() -> tuple[nn.Module, Callable[[float], None]]:
+    factor = 1.0
+
+    class ReadsEverywhere(_Base):
+        def __init__(self) -> None:
+            super().__init__()
+            import numpy as np
+
+            self.l1, self.l2 = nn.Linear(4, 6), nn.Linear(6, 3)
+            self.weights = np.ones(6, dtype=np.float32)
+            self.offset = torch.zeros(6)
+
+        def forward(self, x):
+            h = torch.relu(self.l1(x)) * self.SHIFT * _settings.GAIN * _NESTED["model"]["head"]["scale"] * factor
+            h = h * torch.from_numpy(self.weights).to(x.dtype) + self.offset.to(x.dtype) + _Config.BIAS
+            return self.l2(torch.tanh(h))
+
+    def set_factor(v: float) -> None:
+        nonlocal factor
+        factor = v
+
+    return ReadsEverywhere(), set_factor
+
+
+def test_values_a_forward_reads_outside_its_module_tree_are_fingerprinted() -> None:
+    # each edit below was served the old program (found by an outside tester): an attribute inherited from a base
+    # class, a config module's and a config class's attribute, a global dict three levels down, the closure of a
+    # class built in a factory, a numpy attribute and a tensor attribute edited in place (.data: no version bump)
+    model, set_factor = _factory()
+    model = model.double().eval()
+    f, p = ax.functionalize(model)
+    x = torch.randn(2, 4, dtype=D)
+
+    def fresh(method):
+        return method(*ax.functionalize(model), x, 1)
+
+    for method in (ax.deeplift, ax.gradient):
+        for _ in range(3):  # gradient methods run a traced program from their third call
+            method(f, p, x, 1)
+    edits = [lambda: setattr(_Base, "SHIFT", 2.0), lambda: setattr(_settings, "GAIN", 0.5),
+             lambda: setattr(_Config, "BIAS", 0.25), lambda: _NESTED["model"]["head"].__setitem__("scale", 3.0),
+             lambda: set_factor(0.7), lambda: model.weights.__setitem__(2, -1.0),
+             lambda: model.offset.data.__setitem__(1, 0.5)]
+    try:
+        for edit in edits:
+            edit()
+            for method in (ax.deeplift, ax.gradient, ax.lrp):
+                torch.testing.assert_close(method(f, p, x, 1), fresh(method), rtol=0, atol=0)
+    finally:
+        _Base.SHIFT, _settings.GAIN, _Config.BIAS = 1.0, 1.0, 0.0
+        _NESTED["model"]["head"]["scale"] = 1.0

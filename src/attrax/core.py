@@ -16,6 +16,7 @@ import copy
 import itertools
 import numbers
 import operator
+import sys
 import threading
 import types
 import warnings
@@ -383,7 +384,15 @@ def _value_key(v: Any, depth: int, seen: dict[int, Any], refs: list[Any], watch:
     if isinstance(v, Tensor):
         if watch is not None:
             watch.tensors.append(v)
-        return ("T", id(v), v._version, _storage_key(v))
+        digest = _digest(v)
+        if digest is not None and watch is not None:
+            watch.contents.append((v, digest))
+        return ("T", id(v), v._version, _storage_key(v), digest)
+    if type(v).__module__ == "numpy" and hasattr(v, "nbytes") and hasattr(v, "tobytes"):
+        digest = _digest(v)
+        if digest is not None and watch is not None:
+            watch.contents.append((v, digest))
+        return ("A", id(v), digest)
     if isinstance(v, nn.Module):  # a module outside the tree (kept in a plain list): its own settings
         if watch is not None:
             watch.typed.append(v)
@@ -441,6 +450,70 @@ def _value_key(v: Any, depth: int, seen: dict[int, Any], refs: list[Any], watch:
     return out
 
 
+#: plain tensors and arrays up to this size are read by content (a forward that casts one bakes a copy into the program,
+#: and an edit through ``.data`` or a numpy view bumps no version counter); larger ones by identity and version
+_CONTENT_BYTES = 1 << 16
+
+
+def _digest(v: Any) -> Any:
+    """The bytes of a small CPU tensor or numpy array (None for others: larger, on a device, fake, wrapped)."""
+    try:
+        if isinstance(v, Tensor):
+            if (v.device.type != "cpu" or v.layout != torch.strided or v.requires_grad
+                    or v.numel() * v.element_size() > _CONTENT_BYTES or not is_concrete(v)):
+                return None
+            from torch._C._functorch import is_functorch_wrapped_tensor
+
+            if is_functorch_wrapped_tensor(v):
+                return None
+            with torch.no_grad():
+                c = v.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
+                return (tuple(v.shape), v.dtype, c.view(torch.uint8).numpy().tobytes() if c.numel() else b"")
+        if v.nbytes > _CONTENT_BYTES or v.dtype.hasobject:
+            return None
+        return (v.shape, v.dtype.str, v.tobytes())
+    except Exception:  # noqa: BLE001 - anything unusual is read by identity, as before
+        return None
+
+
+def _read(obj: Any, name: str) -> Any:
+    try:
+        return getattr(obj, name)
+    except (AttributeError, ValueError):  # (an empty closure cell raises ValueError)
+        return _MISSING
+
+
+_MISSING = object()
+#: packages whose modules and classes a forward names for their functions (torch.relu, F.gelu), not settings
+_LIBRARIES = frozenset(("torch", "numpy", "transformers", "attrax", "einops", "scipy", "typing", "functools"))
+
+
+def _named_settings(names: tuple[str, ...], globs: dict[str, Any], seen: dict[Any, Any], refs: list[Any],
+                    watch: _Watch | None) -> tuple[Any, ...]:
+    """Attributes of the config modules and classes a function names (``config.SCALE``, ``Cfg.SCALE``): for every
+    global among ``names`` that is a module or class of the user's (not a library's), the plain values of its
+    attributes named in ``names`` too."""
+    out = []
+    for n in names:
+        g = globs.get(n)
+        if isinstance(g, types.ModuleType):
+            root = g.__name__.split(".")[0]
+        elif isinstance(g, type):
+            root = (getattr(g, "__module__", None) or "builtins").split(".")[0]
+        else:
+            continue
+        if root in _LIBRARIES or root in sys.stdlib_module_names:
+            continue
+        for a in names:
+            v = _read(g, a)
+            if v is _MISSING or not (type(v) in _SCALAR_TYPES or type(v) in (dict, list, tuple)):
+                continue
+            if watch is not None:
+                watch.reads.append((g, a, v))
+            out.append((n, a, _value_key(v, _ATTR_DEPTH, seen, refs, watch)))
+    return tuple(out)
+
+
 def _helper_global(v: Any, depth: int, seen: dict[Any, Any], refs: list[Any], watch: _Watch | None) -> Any:
     if isinstance(v, _SCALARS):
         return v
@@ -472,7 +545,7 @@ class _Watch:
     watch invalid: the fingerprint is then computed in full every time, as before.
     """
 
-    __slots__ = ("dicts", "seqs", "typed", "tensors", "classes", "functions", "valid", "_state")
+    __slots__ = ("dicts", "seqs", "typed", "tensors", "classes", "functions", "reads", "contents", "valid", "_state")
 
     def __init__(self) -> None:
         self.dicts: list[dict[Any, Any]] = []
@@ -481,6 +554,8 @@ class _Watch:
         self.tensors: list[Tensor] = []
         self.classes: list[Any] = []  # (cls, forward, class values, code, globals, names, their values)
         self.functions: list[Any] = []  # (function, code, globals, names, their values): helpers a forward names
+        self.reads: list[Any] = []  # (object, attribute, value): a config module's or class's attribute, a closure cell
+        self.contents: list[Any] = []  # (array or tensor, digest): small ones read by content (edits through .data)
         self.valid = True
         self._state: Any = None
 
@@ -522,7 +597,10 @@ class _Watch:
         for fn, code, globs, names, named in self.functions:
             if fn.__code__ is not code or not all(map(is_, map(globs.get, names), named)):
                 return False
-        return True
+        for obj, name, value in self.reads:
+            if _read(obj, name) is not value:
+                return False
+        return all(_digest(v) == d for v, d in self.contents)
 
 
 class Fingerprint:
@@ -607,22 +685,45 @@ def _class_key(cls: type, seen: dict[int, Any], refs: list[Any], watch: _Watch |
     the module-level globals it names, e.g. a ``SCALE`` constant) and its plain class attributes."""
     refs.append(cls)
     forward = _forward_of(cls)
-    attrs = tuple((k, v) for k, v in vars(cls).items() if type(v) in _SCALAR_TYPES and not k.startswith("__"))
+    # the class's own plain attributes and those it inherits from the user's base classes (``Base.SCALE``)
+    attrs: dict[str, Any] = {}
+    for c in cls.__mro__:
+        if c is not cls and (c is object or (getattr(c, "__module__", None) or "").split(".")[0] in _LIBRARIES):
+            continue
+        for k, v in vars(c).items():
+            if k not in attrs and not k.startswith("__") and (type(v) in _SCALAR_TYPES or type(v) in (dict, list, tuple)):
+                attrs[k] = v if type(v) in _SCALAR_TYPES else _value_key(v, _ATTR_DEPTH, seen, refs, watch)
+        if c is not cls and watch is not None:
+            base_forward = _forward_of(c)
+            watch.classes.append((c, base_forward, tuple(vars(c).values()), getattr(base_forward, "__code__", None),
+                                  {}, (), ()))
     code = getattr(forward, "__code__", None)
     globs = getattr(forward, "__globals__", None)
     if watch is not None:
         names = tuple(code.co_names) if code is not None and isinstance(globs, dict) else ()
         watch.classes.append((cls, forward, tuple(vars(cls).values()), code, globs if names else {}, names,
                               tuple(map(globs.get, names)) if names else ()))
+    attrs_key = tuple(attrs.items())
     if forward is None or (getattr(forward, "__module__", None) or "").startswith("torch."):
-        return (id(forward), attrs)
+        return (id(forward), attrs_key)
     if code is None:
-        return (id(forward), attrs)
+        return (id(forward), attrs_key)
     refs.append(code)
     globs = globs if globs is not None else {}
-    named = tuple((n, _value_key(globs[n], 2, seen, refs, watch)) for n in code.co_names
+    # plain containers to the attributes' depth (a config dict three levels down), other objects two levels (a
+    # logger's manager holds every logger of the process)
+    named = tuple((n, _value_key(globs[n], _ATTR_DEPTH if type(globs[n]) in (dict, list, tuple) else 2, seen, refs,
+                                 watch)) for n in code.co_names
                   if n in globs and not _is_module_object(globs[n]) and not isinstance(globs[n], type))
-    return (id(forward), id(code), attrs, named)
+    settings = _named_settings(code.co_names, globs, seen, refs, watch)
+    # the closure forward reads (a class built in a factory function, reading the factory's variables)
+    cells = []
+    for cell in getattr(forward, "__closure__", None) or ():
+        value = _read(cell, "cell_contents")
+        if watch is not None:
+            watch.reads.append((cell, "cell_contents", value))
+        cells.append(None if value is _MISSING else _value_key(value, _ATTR_DEPTH, seen, refs, watch))
+    return (id(forward), id(code), attrs_key, named, settings, tuple(cells))
 
 
 _SCALAR_TYPES = frozenset((type(None), bool, int, float, str))
@@ -976,8 +1077,10 @@ def function_fingerprint(fn: Any) -> Any:
     cells = tuple(key(c.cell_contents) if _cell_full(c) else None for c in (target.__closure__ or ()))
     globs = getattr(target, "__globals__", {})
     named = tuple((n, key(globs[n])) for n in code.co_names if n in globs and not _is_module_object(globs[n]))
+    settings = _named_settings(code.co_names, globs, seen, refs, None)
     bound = key(fn.__self__) if hasattr(fn, "__self__") else None
-    return Fingerprint((id(code), key(target.__defaults__), key(target.__kwdefaults__), cells, named, bound), refs)
+    return Fingerprint((id(code), key(target.__defaults__), key(target.__kwdefaults__), cells, named, settings, bound),
+                       refs)
 
 
 def _cell_full(cell: Any) -> bool:
