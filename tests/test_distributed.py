@@ -296,6 +296,31 @@ def test_resume_with_a_changed_module_or_another_model_function_is_refused(tmp_p
     assert run(lambda p, x: x @ W2, "id", model_id="v1").complete
 
 
+class _Flagged(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.use_residual = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3), True
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h + h.sum(1, keepdim=True) if self.use_residual else h)
+
+
+def test_resume_after_a_plain_attribute_changed_is_refused(tmp_path):
+    # a flag the forward reads is not in repr(): a finished store was handed back with the other setting's
+    # attributions (1.65 off), found by an outside tester
+    ds = tiny_data()
+    net = _Flagged().eval()
+    run = lambda: ax.distributed.attribute_dataset(  # noqa: E731
+        ax.saliency, *ax.functionalize(net), ds, out=tmp_path / "s", batch_size=4, shard_size=4, progress=False)
+    run()
+    net.use_residual = False
+    with pytest.raises(ValueError, match=r'different model: model \{.*"structure"'):
+        run()
+    net.use_residual = True
+    assert run().complete
+
+
 SCALE = 3.0
 
 

@@ -15,8 +15,9 @@ Shard ``k`` is one unit of work and of storage:
 Both files are written to a temporary name (``<name>.tmp-<host>-<pid>``) and renamed
 (``os.replace`` is atomic on POSIX), so a reader or a killed run never sees a partial file under a
 final name. ``manifest.json`` (written first by rank 0) fingerprints the model (a SHA-256 of every
-parameter and buffer, and one of its structure: a module's ``repr`` and submodule types, a plain
-function's code, defaults, closure and named globals; or the caller's ``model_id``), the dataset
+parameter and buffer, and one of its structure: a module's ``repr``, submodule types, their plain attributes
+and the code of user classes' forwards, a plain function's code, defaults, closure and named globals; or the
+caller's ``model_id``), the dataset
 (its length and a SHA-256 of a few evenly spaced items, or the caller's ``dataset_id``), the method and its options, and the shard
 size; a rerun on the same ``out`` must match it (else a ``ValueError`` names what differs, with
 both values) and then computes only the shards that are missing or fail their checks: a
@@ -63,7 +64,8 @@ except ImportError:  # pragma: no cover - Windows: no writer lock, temporary fil
 
 __all__ = ["Store", "attribute_dataset", "open_store"]
 
-FORMAT = "attrax-store/3"  # /2: model and dataset fingerprints, shard checksums; /3: model structure, entry checksums
+FORMAT = "attrax-store/4"  # /2: model and dataset fingerprints, shard checksums; /3: model structure, entry checksums;
+# /4: the structure covers submodules' plain attributes and the code of user classes' forwards
 _STALE_TMP_S = 3600.0  # a temporary file this old is left over, whoever wrote it
 _DATASET_PROBES = 8  # items hashed for the dataset fingerprint
 
@@ -704,7 +706,9 @@ def _model_structure(model_fn: Any) -> str:
     itself): its code (bytecode, constants, names), defaults, and the contents of its closure cells
     and of the globals it names (tensors and arrays by a SHA-256 of their bytes, modules by
     description and tensors, functions recursively), followed ``_STRUCTURE_DEPTH`` levels deep.
-    Not covered: the source of a module's ``forward`` and objects beyond that depth (by type only).
+    A module's structure also holds every submodule's plain attributes (numbers, flags, strings, tensors and
+    containers of them) and the code of the ``forward`` of each class not from torch. Not covered: objects
+    beyond that depth (by type only) and what a module's forward reads outside its module tree.
     """
     text = json.dumps(_describe_model(model_fn, _STRUCTURE_DEPTH, set()), separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
@@ -726,10 +730,37 @@ def _describe_model(model_fn: Any, depth: int, path: set[int]) -> Any:
     return _describe_value(fn if callable(fn) else model_fn, depth, path)
 
 
-def _describe_module(module: torch.nn.Module) -> list[str]:
+def _describe_module(module: torch.nn.Module) -> list[Any]:
     subs = [f"{name}:{_qualname(type(m))}:{'train' if m.training else 'eval'}"
             for name, m in module.named_modules(remove_duplicate=False)]
-    return [_ADDRESS.sub("0x?", repr(module)), *subs]
+    # what repr() leaves out: every submodule's plain attributes (a flag its forward reads, ``use_residual``; a
+    # resumed store kept the other setting's attributions) and the code of the forwards of the user's classes
+    extra: list[Any] = []
+    codes: dict[str, Any] = {}
+    for name, m in module.named_modules(remove_duplicate=False):
+        attrs = [[k, _describe_value(v, 2, set())] for k, v in sorted(vars(m).items())
+                 if not k.startswith("_") and k != "training" and _plain_setting(v)]
+        if attrs:
+            extra.append([name, attrs])
+        cls = type(m)
+        forward = getattr(cls, "forward", None)
+        code = getattr(forward, "__code__", None)
+        if code is not None and not (getattr(forward, "__module__", None) or "").startswith("torch.") \
+                and _qualname(cls) not in codes:
+            codes[_qualname(cls)] = _describe_value(code, 2, set())
+    return [_ADDRESS.sub("0x?", repr(module)), *subs, extra, sorted(codes.items())]
+
+
+def _plain_setting(v: Any) -> bool:
+    """A value a module keeps besides its parameters, buffers and children that can change what it computes: a
+    number, string or flag, a plain tensor or array, or a container of those (not an object, a hook, a callable)."""
+    if v is None or isinstance(v, (bool, int, float, complex, str, Tensor, np.ndarray)):
+        return True
+    if isinstance(v, (tuple, list)):
+        return all(_plain_setting(e) for e in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _plain_setting(e) for k, e in v.items())
+    return False
 
 
 def _qualname(cls: Any) -> str:
