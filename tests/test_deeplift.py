@@ -309,6 +309,18 @@ class Spelled(nn.Module):
             return h
         if how == "x.relu_()":
             return h.relu_()
+        if how == "x.clamp(min=0)":
+            return h.clamp(min=0)
+        if how == "torch.clamp(x, 0.0)":
+            return torch.clamp(h, 0.0)
+        if how == "x.clamp_min(0)":
+            return h.clamp_min(0)
+        if how == "x.clamp_(min=0)":
+            return h.clamp_(min=0)
+        if how == "F.threshold(x, 0, 0)":
+            return F.threshold(h, 0.0, 0.0)
+        if how == "nn.Threshold(0, 0)":
+            return nn.Threshold(0, 0)(h)
         raise AssertionError(how)
 
     def forward(self, x):
@@ -317,7 +329,10 @@ class Spelled(nn.Module):
         return self.fc(torch.flatten(h, 1))
 
 
-SPELLINGS = ["reused_module", "F.relu", "torch.relu", "x.relu()", "inplace_module", "F.relu_inplace", "torch.relu_", "x.relu_()"]
+SPELLINGS = ["reused_module", "F.relu", "torch.relu", "x.relu()", "inplace_module", "F.relu_inplace", "torch.relu_", "x.relu_()",
+             # the same function spelled without relu: guided backprop and deconvnet gave these the plain gradient
+             "x.clamp(min=0)", "torch.clamp(x, 0.0)", "x.clamp_min(0)", "x.clamp_(min=0)", "F.threshold(x, 0, 0)",
+             "nn.Threshold(0, 0)"]
 
 
 @pytest.mark.parametrize("how", SPELLINGS)
@@ -339,6 +354,63 @@ def test_every_relu_spelling_gives_the_module_result(how):
     torch.testing.assert_close(
         ax.deeplift_shap(fo, po, x, t, b, chunk_size=2), ax.deeplift_shap(fr, pr, x, t, b, chunk_size=2), rtol=1e-12, atol=1e-12
     )
+
+
+def test_relu_is_recognised_only_where_the_op_is_relu():
+    # clamp/threshold are a ReLU only with a zero lower bound, no upper bound and a zero replacement value;
+    # the others keep their own rules (the gradient under guided backprop, the secant under DeepLift)
+    ops = {"relu": torch.relu, "clamp0": lambda h: h.clamp(min=0), "clamp_min0": lambda h: h.clamp_min(0.0),
+           "threshold00": lambda h: F.threshold(h, 0, 0), "clamp06": lambda h: h.clamp(0, 6),
+           "clamp_min1": lambda h: h.clamp_min(0.1), "clamp_max0": lambda h: h.clamp(max=0),
+           "threshold01": lambda h: F.threshold(h, 0.0, 1.0), "threshold10": lambda h: F.threshold(h, 1.0, 0.0),
+           "hardtanh": F.relu6, "leaky": F.leaky_relu}
+
+    def model_fn(p, x):
+        return torch.stack([op(x * (k + 1)) for k, op in enumerate(ops.values())], 1)
+
+    program = program_for(model_fn, {}, (torch.randn(2, 3),), "test")
+    calls = [n for n in program.nodes if n.op == "call" and n.packet not in ("mul", "stack")]
+    assert [ax.rules.is_relu(n) for n in calls] == [k in ("relu", "clamp0", "clamp_min0", "threshold00") for k in ops]
+
+
+@pytest.mark.parametrize("make, op", [(lambda: nn.RNN(3, 5, batch_first=True, nonlinearity="relu"), "aten.rnn_relu.input"),
+                                      (lambda: nn.RNNCell(3, 5, nonlinearity="relu"), "aten.rnn_relu_cell.default")])
+def test_ops_with_a_relu_inside_are_refused_not_given_the_gradient(make, op):
+    # the ReLUs inside aten.rnn_relu get no guided/deconv rule: the result was the plain gradient (0.27 off
+    # the same RNN unrolled with torch.relu); refused by name, as DeepLift and LRP refuse the op
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = make(), nn.Linear(5, 2)
+
+        def forward(self, x):
+            h = self.rnn(x)
+            return self.head(h[0][:, -1] if isinstance(h, tuple) else h)
+
+    torch.manual_seed(0)
+    f, p = ax.functionalize(Head().double().eval())
+    x = torch.randn(4, 6, 3, dtype=D) if "rnn_relu.input" in op else torch.randn(4, 3, dtype=D)
+    for method in (ax.guided_backprop, ax.deconvnet, ax.deeplift):
+        with pytest.raises(ValueError, match=f"{method.__name__} has no rule for {op}"):
+            method(f, p, x, 0)
+
+
+@pytest.mark.parametrize("layer", [nn.RNN, nn.GRU])
+def test_guided_backprop_is_the_gradient_through_fused_ops_without_a_relu(layer):
+    # no ReLU inside nn.RNN(tanh) or nn.GRU: guided backprop and deconvnet pass their gradient, as Captum does
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = layer(3, 5, batch_first=True)
+
+        def forward(self, x):
+            return self.rnn(x)[0][:, -1]
+
+    torch.manual_seed(0)
+    f, p = ax.functionalize(Head().double().eval())
+    x = torch.randn(4, 6, 3, dtype=D)
+    for method in (ax.guided_backprop, ax.deconvnet):
+        torch.testing.assert_close(method(f, p, x, 1), ax.gradient(f, p, x, 1), rtol=1e-12, atol=1e-12)
 
 
 # -------------------------------------------------------------------------- invariances
@@ -554,6 +626,30 @@ def test_guided_backprop_and_deconvnet_match_captum():
     t = torch.tensor([1, 0, 2])
     torch.testing.assert_close(ax.guided_backprop(f, p, x, t), ca.GuidedBackprop(m).attribute(rg(x), target=t), rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(ax.deconvnet(f, p, x, t), ca.Deconvolution(m).attribute(rg(x), target=t), rtol=1e-5, atol=1e-8)
+
+
+class ClampReLU(nn.Module):
+    def forward(self, h):
+        return h.clamp(min=0)
+
+
+def test_guided_backprop_and_deconvnet_match_captum_with_relu_spelled_as_clamp():
+    # Captum's nn.ReLU model is the reference for the same model with every ReLU written x.clamp(min=0); the
+    # LRP composites of the same names agree (times the target score, Zennit's convention)
+    ca = _captum()
+    m = captum_safe_model()
+    clamped = nn.Sequential(*[ClampReLU() if isinstance(layer, nn.ReLU) else layer for layer in m]).eval()
+    f, p = ax.functionalize(clamped)
+    x = torch.randn(3, 2, 8, 8, dtype=D)
+    t = torch.tensor([1, 0, 2])
+    with torch.no_grad():
+        score = m(x).gather(1, t[:, None]).reshape(-1, 1, 1, 1)
+    for method, theirs, composite in [(ax.guided_backprop, ca.GuidedBackprop, ax.composites.guided_backprop),
+                                      (ax.deconvnet, ca.Deconvolution, ax.composites.deconvnet)]:
+        ours = method(f, p, x, t)
+        torch.testing.assert_close(ours, theirs(m).attribute(rg(x), target=t), rtol=1e-5, atol=1e-8)
+        assert (ours - ax.gradient(f, p, x, t)).abs().max() > 1e-3  # the rule changed something here
+        torch.testing.assert_close(ax.lrp(f, p, x, t, composite=composite()), score * ours, rtol=1e-10, atol=1e-12)
 
 
 def test_captum_deeplift_is_silently_a_gradient_for_functional_relu():

@@ -62,10 +62,10 @@ class Kind:
     Kinds: ``"conv"`` (convolutions, transposed ones too), ``"linear"`` (dense, GPT-2's ``Conv1D``/``addmm``
     too), ``"layer"`` (either), ``"activation"`` (elementwise functions, also written out: a product or
     sum of elementwise functions of one tensor such as GPT-2's ``gelu_new`` or ``x * sigmoid(x)``),
-    ``"relu"``, ``"avgpool"``, ``"maxpool"``, ``"add"`` (sums of two activations, e.g. residual
-    connections), ``"batchnorm"``, ``"softmax"``, ``"reshape"`` (shape-only ops),
-    ``"arithmetic"`` (other parameter-free linear ops), ``"normalize"`` (an activation times a
-    normalisation scale ``rsqrt(var + eps)``, or divided by an input-dependent denominator: inside
+    ``"relu"`` (any spelling: ``F.relu``, ``x.clamp(min=0)``, ``F.threshold(x, 0, 0)``), ``"avgpool"``,
+    ``"maxpool"``, ``"add"`` (sums of two activations, e.g. residual connections), ``"batchnorm"``,
+    ``"softmax"``, ``"reshape"`` (shape-only ops), ``"arithmetic"`` (other parameter-free linear ops),
+    ``"normalize"`` (an activation times a normalisation scale ``rsqrt(var + eps)``, or divided by an input-dependent denominator: inside
     LayerNorm, RMSNorm, GroupNorm), ``"product"`` (other products of two activations: ``q @ k^T``,
     ``attention @ v``, ``act(gate) * up``, squeeze-excitation), ``"attention"``
     (``scaled_dot_product_attention``, kept as one node where a composite has a rule for it), ``"*"`` (anything).

@@ -22,9 +22,9 @@ from .core import baselines_for, check_positive_int, chunks, eager_no_grad, forw
 from .rewrite import Node, Program, Streams, forward, program_for, substitute
 from .rules.deeplift import (Bilinear, CrossMax, DeconvReLU, DisjointCrossMax, Gradient, GuidedReLU, NormScale,
                              ReduceCrossMax, ReluMaxPool, Rescale, SoftmaxRescale, upcast)
-from .rules.graph import (BILINEAR, MAXPOOL, PIECEWISE_CONSTANT, RELU, SOFTMAX, disjoint_max_pool,
-                          exclusive_relu_input, is_elementwise, is_linear, n_dep, norm_scale_operand, reduces_max,
-                          selected_by_input)
+from .rules.graph import (BILINEAR, MAXPOOL, PIECEWISE_CONSTANT, RELU_INSIDE, SOFTMAX, disjoint_max_pool,
+                          exclusive_relu_input, is_elementwise, is_linear, is_relu, n_dep, norm_scale_operand,
+                          reduces_max, selected_by_input)
 from .rules.plan import run_plan
 from .targets import ResolvedTarget, check_selects, prepare_call, repeat_target, select
 from .gradients import _check_delta_flags, call_baseline, convergence_delta
@@ -78,17 +78,19 @@ def _plan(program: Program, rule_for: Any, method: str) -> tuple[Any, ...]:
 
 
 def _guided_rule(program: Program, node: Node) -> Any:
-    return _GUIDED if node.packet in RELU else _gradient_rule(program, node)
+    return _GUIDED if is_relu(node) else _gradient_rule(program, node)
 
 
 def _deconv_rule(program: Program, node: Node) -> Any:
-    return _DECONV if node.packet in RELU else _gradient_rule(program, node)
+    return _DECONV if is_relu(node) else _gradient_rule(program, node)
 
 
 def _gradient_rule(program: Program, node: Node) -> Any:
     """The exact gradient, except where it is zero almost everywhere (round, sign, argmax...) or a
-    float's bits are reinterpreted: there no gradient-based explanation is meaningful."""
-    if node.packet in PIECEWISE_CONSTANT or node.target == "aten.view.dtype" or (
+    float's bits are reinterpreted: there no gradient-based explanation is meaningful. A fused op with
+    a ReLU inside (``aten.rnn_relu``) has no rule either: its gradient would pass the inner ReLUs
+    unmodified, the plain gradient presented as guided backprop or deconvnet."""
+    if node.packet in PIECEWISE_CONSTANT or node.packet in RELU_INSIDE or node.target == "aten.view.dtype" or (
             node.packet == "div" and any(k == "rounding_mode" and v != ("c", None) for k, v in node.kwargs)):
         return None
     return _GRADIENT
@@ -369,8 +371,11 @@ def guided_backprop(
     gradient where its input was positive.
 
     Applied at every ReLU call site, whatever its spelling (module, reused
-    module, ``F.relu``, ``x.relu()``, in place); other operations use their exact
-    gradient, as in Captum.
+    module, ``F.relu``, ``x.relu()``, in place, ``x.clamp(min=0)``,
+    ``x.clamp_min(0)``, ``F.threshold(x, 0, 0)``); other operations use their
+    exact gradient, as in Captum. An op with a ReLU inside that the rule cannot
+    reach (``nn.RNN(nonlinearity="relu")``, ``nn.RNNCell``) raises ``ValueError``
+    naming it, as DeepLift does.
 
     References:
         [1] Springenberg, Dosovitskiy, Brox, Riedmiller. Striving for Simplicity:
@@ -392,6 +397,9 @@ def deconvnet(
 ) -> TensorOrTuple:
     """Deconvnet [1]: the gradient with every ReLU rectifying the gradient instead of
     masking it by the forward activation.
+
+    ReLUs are recognised in every spelling and ops with a ReLU inside refused, as
+    for :func:`guided_backprop`.
 
     References:
         [1] Zeiler, Fergus. Visualizing and Understanding Convolutional Networks. ECCV 2014.

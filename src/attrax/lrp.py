@@ -29,7 +29,8 @@ from .rewrite import (Node, Program, Site, Streams, dense_layers, consumable, fo
                       trace_program)
 from .rules.deeplift import DeconvReLU, Gradient, GuidedReLU
 from .rules.graph import (CONTRACTIONS, ELEMENTWISE_PRODUCTS, MAXPOOL, POOLS, SOFTMAX, WEIGHTED, dependent_operands,
-                          is_elementwise, is_linear, n_dep, normalization, reduces_max, region_source, scale_operand)
+                          is_elementwise, is_linear, is_relu, n_dep, normalization, reduces_max, region_source,
+                          scale_operand)
 from .rules.lrp import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ReLUBetaSmooth, StackedSumNorm, WSquare, ZBox, ZPlus
 from .rules.plan import run_plan
 from .rules.transformer import Attention, HoldScale, SoftmaxTaylor, Uniform
@@ -84,7 +85,7 @@ def node_kind(program: Program, node: Node) -> str:
         return "avgpool"
     if p in MAXPOOL or reduces_max(node):
         return "maxpool"
-    if p == "relu":
+    if is_relu(node):  # any spelling (clamp(x, min=0), F.threshold(x, 0, 0)): Kind("relu") and nn.ReLU match them all
         return "relu"
     if is_elementwise(node):
         return "activation"
@@ -138,11 +139,12 @@ def _describe(node: Node, kind: str, module: nn.Module | None) -> tuple[str, Any
 
 
 def _op_type(node: Node) -> type | None:
-    """The ``nn`` class a traced op corresponds to; ``aten.convolution`` by its dims and ``transposed`` flag."""
+    """The ``nn`` class a traced op corresponds to; ``aten.convolution`` by its dims and ``transposed`` flag, a ReLU
+    in any spelling (``clamp(x, min=0)``) ``nn.ReLU``."""
     if node.packet == "convolution" and node.shape is not None and 3 <= len(node.shape) <= 5 and len(node.args) > 6:
         transposed = node.args[6] == ("c", True)
         return _OP_TYPES.get(f"conv{'_transpose' if transposed else ''}{len(node.shape) - 2}d")
-    return _OP_TYPES.get(node.packet)
+    return _OP_TYPES.get("relu" if is_relu(node) else node.packet)
 
 
 def _first_layers(program: Program) -> frozenset[int]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from ..rewrite import Site, call_args
 from .deeplift import (Bilinear, CrossMax, DeconvReLU, DisjointCrossMax, Gradient, GuidedReLU, NormScale, ReduceCrossMax,
                        ReluMaxPool, Rescale, SoftmaxRescale)
-from .graph import (BILINEAR, ELEMENTWISE, LINEAR, MAXPOOL, REDUCE_MAX, RELU, SOFTMAX, is_elementwise, is_linear,
+from .graph import (BILINEAR, ELEMENTWISE, LINEAR, MAXPOOL, REDUCE_MAX, RELU, SOFTMAX, is_elementwise, is_linear, is_relu,
                     norm_scale_operand, reduces_max, selected_by_input)
 from .lrp import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ReLUBetaSmooth, StackedSumNorm, WSquare, ZBox, ZPlus, stabilize
 from .plan import Rule, run_plan
@@ -41,6 +41,6 @@ __all__ = [
 ]
 __all__ += ["BILINEAR", "ELEMENTWISE", "LINEAR", "MAXPOOL", "REDUCE_MAX", "ReduceCrossMax", "reduces_max", "NormScale",
             "norm_scale_operand", "RELU", "SOFTMAX", "Site", "call_args", "is_elementwise",
-            "is_linear", "selected_by_input"]
+            "is_linear", "is_relu", "selected_by_input"]
 __all__ += ["AlphaBeta", "Attention", "Epsilon", "Flat", "Gamma", "HoldScale", "Norm", "Pass", "ReLUBetaSmooth", "SoftmaxTaylor",
             "StackedSumNorm", "Uniform", "WSquare", "ZBox", "ZPlus", "stabilize", "run_plan"]

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..rewrite import Node, Site, exact_vjp, generic_vjp, pool_params, run_node, unpool
+from .graph import is_relu
 
 __all__ = ["Bilinear", "CrossMax", "DeconvReLU", "DisjointCrossMax", "Gradient", "GuidedReLU", "NormScale", "ReduceCrossMax",
            "ReluMaxPool", "Rescale", "SoftmaxRescale", "upcast"]
@@ -146,14 +147,15 @@ class Rescale:
             m = _closed_secant(site, x, r)
             if m is not None:
                 return {node.args[0][1]: g * m}
-        if _is_low(x_in) and node.packet != "relu":
+        relu = is_relu(node)  # any spelling: clamp(x, min=0) gets the same exact multiplier as relu
+        if _is_low(x_in) and not relu:
             # float16/bfloat16 streams: f in float32 at the streams' points, so the secant is not the
             # quotient of two rounded differences (relu needs none: it is exact in any precision)
             dy = _apply(site, x) - _apply(site, r)
         else:
             dy = upcast(site.out("x")) - upcast(site.out("ref"))
         dx = x - r
-        if node.packet == "relu":
+        if relu:
             # relu's secant has no cancellation (dy == dx exactly where both are active), so only
             # dx == 0 needs the fallback, relu'(x); there dy == 0 too, so m = (dy + [dx=0] relu'(x)) /
             # (dx + [dx=0]): the secant, or the derivative where the input did not move.

@@ -13,9 +13,10 @@ from typing import Any
 from ..rewrite import Node, Program, decode, pool_params
 
 __all__ = ["BILINEAR", "CONTRACTIONS", "ELEMENTWISE", "ELEMENTWISE_PRODUCTS", "LINEAR", "MAXPOOL", "PIECEWISE_CONSTANT", "POOLS",
-           "REDUCE_MAX", "RELU", "SOFTMAX", "WEIGHTED", "dependent_operands", "disjoint_max_pool", "elementwise_source",
-           "exclusive_relu_input", "is_elementwise", "is_linear", "n_dep", "norm_scale_operand", "normalization", "producer",
-           "reduces_max", "region_source", "scale_operand", "selected_by_input", "stacked_sum"]
+           "REDUCE_MAX", "RELU", "RELU_INSIDE", "SOFTMAX", "WEIGHTED", "dependent_operands", "disjoint_max_pool",
+           "elementwise_source", "exclusive_relu_input", "is_elementwise", "is_linear", "is_relu", "n_dep",
+           "norm_scale_operand", "normalization", "producer", "reduces_max", "region_source", "scale_operand",
+           "selected_by_input", "stacked_sum"]
 
 
 # ----------------------------------------------------------------- op families
@@ -65,6 +66,39 @@ BILINEAR = frozenset(("mul", "div", "mm", "bmm", "matmul", "einsum"))
 
 
 RELU = frozenset(("relu",))
+
+
+#: the other spellings of ReLU and the constant arguments that make them one: ``clamp``/``clamp_min`` with min 0
+#: and no max, ``threshold(x, 0, 0)`` (``nn.Threshold(0, 0)``)
+_RELU_SPELLINGS = {"clamp": ("min", "max"), "clamp_min": ("min",), "threshold": ("threshold", "value")}
+
+
+#: fused ops with a ReLU inside (``nn.RNN(nonlinearity="relu")``, ``nn.RNNCell``, the fused add-ReLU): a rule at
+#: ReLUs cannot reach it, so the methods that differ from the gradient only there (guided backprop, deconvnet)
+#: refuse them rather than give their plain gradient
+RELU_INSIDE = frozenset(("rnn_relu", "rnn_relu_cell", "_add_relu"))
+
+
+def is_relu(node: Node) -> bool:
+    """``node`` is ``relu`` of its first argument, whatever the spelling: ``relu`` (module, ``F.relu``, in place),
+    ``clamp(x, min=0)``, ``x.clamp_min(0)``, ``F.threshold(x, 0, 0)``. The ReLU rules (guided backprop, deconvnet,
+    DeepLift's exact ReLU paths, LRP's ``"relu"`` kind) all ask this, so every method agrees on what a ReLU is."""
+    if node.packet in RELU:
+        return True
+    names = _RELU_SPELLINGS.get(node.packet)
+    if names is None or not is_elementwise(node):
+        return False
+    given = dict(zip(names, node.args[1:]))
+    given.update((k, v) for k, v in node.kwargs if k in names)
+    if node.packet == "clamp":
+        return _is_zero(given.get("min")) and given.get("max", ("c", None)) == ("c", None)
+    return all(_is_zero(given.get(n)) for n in names)
+
+
+def _is_zero(arg: Any) -> bool:
+    """``arg`` encodes the constant number 0 (a tensor bound, even a zero one, is not read here)."""
+    return (isinstance(arg, tuple) and arg[0] == "c" and isinstance(arg[1], (int, float))
+            and not isinstance(arg[1], bool) and arg[1] == 0)
 
 
 def n_dep(node: Node) -> int:
@@ -150,12 +184,12 @@ def disjoint_max_pool(program: Program, node: Node) -> bool:
 
 
 def exclusive_relu_input(program: Program, node: Node) -> bool:
-    """``node``'s first argument is a ReLU whose output nothing else uses."""
+    """``node``'s first argument is a ReLU (any spelling) whose output nothing else uses."""
     src = node.args[0] if node.args else None
     if not (isinstance(src, tuple) and src[0] == "n"):
         return False
     relu = program.nodes[src[1]]
-    if relu.op != "call" or relu.packet != "relu" or not is_elementwise(relu) or program.output == relu.index:
+    if relu.op != "call" or not is_relu(relu) or not is_elementwise(relu) or program.output == relu.index:
         return False
     return not any(relu.index in n.refs for n in program.nodes if n.index != node.index)
 

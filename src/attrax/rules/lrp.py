@@ -33,7 +33,7 @@ from torch import Tensor
 from .._node import _ntuple
 from ..rewrite import Site, aten_op, exact_vjp, per_program, plain_eager
 from .deeplift import Gradient
-from .graph import POOLS, WEIGHTED, dependent_operands, region_source, stacked_sum
+from .graph import POOLS, WEIGHTED, dependent_operands, is_relu, region_source, stacked_sum
 
 __all__ = ["AlphaBeta", "Epsilon", "Flat", "Gamma", "Norm", "Pass", "ReLUBetaSmooth", "StackedSumNorm", "WSquare", "ZBox", "ZPlus",
            "damp", "stabilize"]
@@ -607,7 +607,7 @@ class ReLUBetaSmooth:
 
     def backward(self, site: Site, g: Tensor) -> dict[int, Any]:
         node = site.node
-        if node.packet != "relu":
+        if not is_relu(node):
             raise ValueError(f"rule ReLUBetaSmooth applies to ReLUs only, not {node.describe()}")
         x = site.args("x")[0]
         return {node.args[0][1]: g * torch.sigmoid(self.beta_smooth * x).to(g.dtype)}
