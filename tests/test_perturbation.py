@@ -299,6 +299,37 @@ def test_bad_arguments(call, exc, match):
         call(f, p, torch.randn(2, 2, 6, 4, dtype=D))
 
 
+EVERY_METHOD = {
+    "occlusion": lambda f, p, x, t: ax.occlusion(f, p, x, t, window=(1, 2, 2)),
+    "feature_ablation": lambda f, p, x, t: ax.feature_ablation(f, p, x, t),
+    "feature_permutation": lambda f, p, x, t: ax.feature_permutation(f, p, x, t, generator=G()),
+    "shapley_sampling": lambda f, p, x, t: ax.shapley_sampling(f, p, x, t, n_samples=50, generator=G()),
+    "shapley_values": lambda f, p, x, t: ax.shapley_values(f, p, x, t, feature_mask=torch.arange(12).reshape(1, 1, 6, 2).repeat(1, 2, 1, 2)),
+    "kernel_shap": lambda f, p, x, t: ax.kernel_shap(f, p, x, t, n_samples=50, generator=G()),
+    "lime": lambda f, p, x, t: ax.lime(f, p, x, t, n_samples=50, generator=G()),
+}
+
+
+@pytest.mark.parametrize("target", [7, torch.tensor([0, 7, 1])], ids=["int", "tensor"])
+@pytest.mark.parametrize("name", EVERY_METHOD)
+def test_a_bad_target_fails_before_any_perturbed_input_is_evaluated(name, target):
+    # with chunk_size=None these methods built every perturbed input and ran the model on them before the target
+    # was checked (rows here: shapley_sampling 7350, shapley_values 12288, kernel_shap 156, lime 150, feature_ablation
+    # 147; shapley_sampling took 66 s at n_samples=3000 on 512 features). The target is now checked on a one-row
+    # probe: the model sees no more rows than x (occlusion and permutation score x first) before the error
+    f, p = ax.functionalize(small())
+    rows = []
+
+    def counted(params, x):
+        rows.append(x.shape[0])
+        return f(params, x)
+
+    x = torch.randn(3, 2, 6, 4, dtype=D)
+    with pytest.raises(ValueError, match=r"target 7 is out of range|target values must lie in \[-4, 4\)"):
+        EVERY_METHOD[name](counted, p, x, target)
+    assert sum(rows) <= x.shape[0], rows
+
+
 # ------------------------------------------------------- issue 18: baselines for every method
 
 SAMPLED = {

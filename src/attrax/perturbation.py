@@ -233,9 +233,13 @@ def _prepare(model_fn: Any, params: Any, x: Any, target: Any, check_finite: bool
     interpolate or differentiate x, perturbation methods only copy values around, so token ids and
     categorical codes are inputs too. A float model given integers (a ``uint8`` image) still gets
     ``check_dtypes``' message naming the conversion.
+
+    The target is checked against the output of a one-row probe (``check_output``): most of these methods
+    build every perturbed input before their first model call (Shapley sampling: ``n_samples * (K + 1)``
+    copies of x with ``chunk_size=None``), so a bad target would otherwise fail only after that work.
     """
-    return prepare_call(model_fn, params, x, target, check_finite=check_finite, integer_inputs=True,
-                        boolean_inputs=True)
+    return prepare_call(model_fn, params, x, target, check_finite=check_finite, check_output=True,
+                        integer_inputs=True, boolean_inputs=True)
 
 
 def _baselines(baseline: Baseline, xs: tuple[Tensor, ...], is_tuple: bool, groups: tuple[Tensor, ...] | None,
