@@ -890,3 +890,29 @@ def test_deeplift_on_attention_with_a_fully_masked_query_row(mask, buffer) -> No
     x, b = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 3, 8, dtype=torch.float64)
     a = ax.deeplift(f, p, x, 1, baseline=b)
     assert (a.sum((1, 2)) - (f(p, x)[:, 1] - f(p, b)[:, 1])).abs().max() < 1e-10
+
+
+class _CastScores(nn.Module):
+    """Attention scores in float32 inside a float64 model, plus a float64 mask (GPT-J casts its q/k this way and
+    adds its causal mask in the model's dtype: the sum, softmax and cotangent are float64)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.o = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        s = self.q(x).float() @ self.k(x).float().transpose(-1, -2)
+        s = s + torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype).triu(1) * -1e4
+        return self.o(s.softmax(-1).to(x.dtype) @ x).sum(1)
+
+
+def test_a_product_computed_in_another_dtype_than_the_model():
+    # the cotangent came in float64 to a float32 matmul: "expected scalar type Double but found Float"
+    model = _CastScores().double().eval()
+    f, p = ax.functionalize(model)
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    attr = ax.deeplift(f, p, x, 1)
+    assert attr.dtype == torch.float64
+    delta = (f(p, x) - f(p, torch.zeros_like(x)))[:, 1]
+    torch.testing.assert_close(attr.sum((1, 2)), delta, rtol=1e-5, atol=1e-6)

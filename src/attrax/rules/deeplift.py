@@ -540,6 +540,8 @@ def _midpoint_transpose(site: Site, g: Tensor) -> dict[int, Any] | None:
     if node.packet == "mul":
         ga, gb = g * b, g * a
     elif a.ndim >= 2 and b.ndim >= 2 and (node.packet == "matmul" or (a.ndim == b.ndim == (2 if node.packet == "mm" else 3))):
+        if g.dtype != a.dtype and g.dtype != b.dtype:  # a model that casts around its product (GPT-J's float32 scores
+            g = g.to(torch.promote_types(a.dtype, b.dtype))  # in a float64 model): the product's own precision
         ga, gb = g.matmul(b.transpose(-1, -2)), a.transpose(-1, -2).matmul(g)
     else:
         return None
