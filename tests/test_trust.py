@@ -853,3 +853,26 @@ def test_values_a_forward_reads_outside_its_module_tree_are_fingerprinted() -> N
     finally:
         _Base.SHIFT, _settings.GAIN, _Config.BIAS = 1.0, 1.0, 0.0
         _NESTED["model"]["head"]["scale"] = 1.0
+
+
+def test_the_encoder_fast_path_is_named_with_the_way_around_it() -> None:
+    torch.manual_seed(0)
+
+    class Encoder(nn.Module):
+        def __init__(self, nested: bool) -> None:
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            self.enc, self.head = nn.TransformerEncoder(layer, 1, enable_nested_tensor=nested), nn.Linear(8, 3)
+
+        def forward(self, x, pad):
+            return self.head(self.enc(x, src_key_padding_mask=pad)[:, 0])
+
+    x, pad = torch.randn(2, 5, 8), torch.zeros(2, 5, dtype=torch.bool)
+    pad[0, 3:] = True
+    with pytest.raises(ax.rewrite.UnsupportedOperation, match="inference fast path.*enable_nested_tensor=False"):
+        ax.deeplift(*ax.functionalize(Encoder(True).eval()), x, 1, additional_forward_args=(pad,))
+    f, p = ax.functionalize(Encoder(False).eval())
+    attr = ax.deeplift(f, p, x, 1, additional_forward_args=(pad,))
+    torch.testing.assert_close(attr.sum((1, 2)), (f(p, x, pad) - f(p, torch.zeros_like(x), pad))[:, 1], rtol=1e-4,
+                               atol=1e-5)
+    assert attr[0, 3:].abs().max() == 0

@@ -543,7 +543,12 @@ def _trace_failure(e: Exception, batch: int, input_spec: Any) -> str:
     data_dependent = isinstance(e, GuardOnDataDependentSymNode) or any(
         s in str(e) for s in ("data-dependent", "data dependent", "DataDependentOutputException",
                               "aten._local_scalar_dense", ".item()", "Could not guard on data-dependent"))
-    if data_dependent:
+    dynamic_shape = "DynamicOutputShapeException" in cause or type(e).__name__ == "DynamicOutputShapeException"
+    if dynamic_shape:
+        why = ("model_fn runs an op whose output shape depends on tensor values (nonzero, masked_select, unique: "
+               "e.g. a mixture-of-experts layer routing tokens to experts by index); rule-based methods need one "
+               "graph for all inputs, so such a model is explained with gradient or perturbation methods")
+    elif data_dependent:
         why = ("model_fn branches on tensor values (Python control flow on .item(), bool(tensor) or nonzero); "
                "rule-based methods need one graph for all inputs: use torch.where/masking instead of a branch")
     else:
@@ -1597,10 +1602,24 @@ def substitute(program: Program, rule_for: Callable[[Program, Node], Any], metho
         if rule is None:
             raise UnsupportedOperation(
                 f"{method} has no rule for {node.describe()}; an op without a rule is an error, never a "
-                f"silent fallback to the gradient"
+                f"silent fallback to the gradient{_hint(node)}"
             )
         plan[node.index] = rule
     return tuple(plan)
+
+
+def _hint(node: Node) -> str:
+    """Why a known op without a rule is in the graph, where the model can avoid it."""
+    if node.packet in ("_nested_tensor_from_mask", "_nested_tensor_from_mask_left_aligned",
+                       "_transformer_encoder_layer_fwd", "_native_multi_head_attention"):
+        return (". It is PyTorch's inference fast path of nn.TransformerEncoder/MultiheadAttention (eval mode, a "
+                "padding mask): build the encoder with enable_nested_tensor=False, or call "
+                "torch.backends.mha.set_fastpath_enabled(False) before explaining")
+    if node.packet == "size":
+        return (". A size read as a tensor op usually comes from TorchScript (@torch.jit.script helpers, as in "
+                "DeBERTa's attention), which the tracer cannot see through; a model without the scripted helpers "
+                "traces")
+    return ""
 
 
 #: ops that convert dtype; to an integer or bool dtype they cut every derivative
