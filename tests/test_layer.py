@@ -382,3 +382,13 @@ def test_layer_of_a_plain_function_names_its_graph_nodes():
     with pytest.raises(ValueError, match=r"no module calls.*name a node of the graph instead, e.g. \['matmul', 'tanh'"):
         ax.layer.activation(f, {}, x, layer="l1")
     assert ax.layer.activation(f, {}, x, layer="tanh").shape == (2, 3)
+
+
+def test_conductance_on_a_model_left_in_training_mode_runs_with_the_warning():
+    # the steps are vmapped: dropout in training mode failed with vmap's "random operation" error
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Dropout(0.2), nn.Linear(6, 2))  # .eval() forgotten
+    f, p = ax.functionalize(net)
+    with pytest.warns(UserWarning, match="training mode"):
+        attr = ax.layer.conductance(f, p, torch.randn(3, 4), 0, "1", n_steps=4)
+    assert attr.shape == (3, 6) and torch.isfinite(attr).all()

@@ -568,7 +568,9 @@ def integrated_gradients(
                         points = tuple(ab + alpha.to(ab.dtype) * d for ab, d in zip(a_b, diffs))
                         return tuple(g * weight.to(g.dtype) for g in split.grads(points, t))
 
-                    totals = [tot + g.sum(0) for tot, g in zip(totals, torch.func.vmap(one)(al, w))]
+                    # (randomness: a model left in training mode draws its dropout per step, as separate calls would)
+                    steps = torch.func.vmap(one, randomness="different")(al, w)
+                    totals = [tot + g.sum(0) for tot, g in zip(totals, steps)]
                 bar.update(k)
         attrs = [tot * d for tot, d in zip(totals, diffs)]
         if want_delta:
@@ -647,7 +649,7 @@ def conductance(
                     split = _Split(model_fn, params, points, layer, to_input, env=env)  # one forward per step
                     return split.grad(a, t) * da * weight
 
-                part = torch.func.vmap(one)(al, w).sum(0)
+                part = torch.func.vmap(one, randomness="different")(al, w).sum(0)  # (training-mode dropout: per step)
                 total = part if total is None else total + part
                 bar.update(hi - lo)
         assert total is not None
