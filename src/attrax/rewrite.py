@@ -1482,16 +1482,34 @@ def generic_vjp(program: Program, node: Node, env: Sequence[Any], batch: Any, g:
         out = run_node(program, node, local, batch)
         return tuple(out[k] for k in keep) if multi else out
 
-    _, vjp_fn = torch.func.vjp(f, *(env[r] for r in wrt))
-    if multi:
-        cot = tuple(
-            (g[k] if (isinstance(g, tuple) and k < len(g) and g[k] is not None) else torch.zeros_like(out_val[k]))
-            for k in keep
-        )
-    else:
-        cot = g
-    grads = vjp_fn(cot)
+    # a recurrent op traced in eval mode (train=False) runs oneDNN's inference kernel on CPU, whose backward needs
+    # the workspace only its training kernel makes: its vjp runs the native kernel (guided backprop on a float32
+    # LSTM failed with "got None for argument 'workspace'")
+    with _without_onednn() if node.packet in _RECURRENT else contextlib.nullcontext():
+        _, vjp_fn = torch.func.vjp(f, *(env[r] for r in wrt))
+        if multi:
+            cot = tuple(
+                (g[k] if (isinstance(g, tuple) and k < len(g) and g[k] is not None) else torch.zeros_like(out_val[k]))
+                for k in keep
+            )
+        else:
+            cot = g
+        grads = vjp_fn(cot)
     return dict(zip(wrt, grads))
+
+
+_RECURRENT = frozenset(("lstm", "gru", "rnn_tanh", "rnn_relu"))
+
+
+@contextlib.contextmanager
+def _without_onednn() -> Iterator[None]:
+    """oneDNN off for one op's vjp (``torch.backends.mkldnn.flags`` also sets TF32 and warns about it)."""
+    before = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(before)
 
 
 @dataclass
