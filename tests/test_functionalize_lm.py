@@ -143,17 +143,17 @@ def _llama_classifier(pad: int) -> nn.Module:
     return transformers.LlamaForSequenceClassification(cfg).double().eval()
 
 
-@pytest.mark.parametrize("case", ["roberta", "classifier_pad0", "classifier_pad1"])
+@pytest.mark.parametrize("case", ["roberta", "classifier_pad0", "classifier_pad0_right"])
 def test_models_that_read_the_ids_for_padding_get_the_padding(case: str) -> None:
     # model_fn used to call the module with zeros as ids: RoBERTa computes position ids from the ids' padding (a
     # left-padded row was 1.08 off the module), a sequence classification head pools the last non-pad token (with
     # pad id 0 every row pooled position 0). The ids are now a non-pad token, and the pad where the mask is 0
-    model = _roberta() if case == "roberta" else _llama_classifier(0 if case == "classifier_pad0" else 1)
+    model = _roberta() if case == "roberta" else _llama_classifier(0)
     layer = "roberta.embeddings.word_embeddings" if case == "roberta" else "model.embed_tokens"
     pad = model.config.pad_token_id
     f, p = ax.functionalize(model, output="logits", embedding=layer)
     ids = torch.randint(3, 30, (2, 7), generator=torch.Generator().manual_seed(1))
-    left = case != "classifier_pad1"
+    left = case != "classifier_pad0_right"
     if left:
         ids[0, :3] = pad
     else:
@@ -202,3 +202,38 @@ def test_a_hook_on_the_embedding_layer_runs_once() -> None:
         torch.testing.assert_close(ax.input_x_gradient(f, p, e, (5, 3)), g * e)
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("mask_dims", [2, 4])
+def test_a_classifier_whose_pad_is_its_eos_needs_the_real_ids(mask_dims: int) -> None:
+    # pad = eos (how LM classifiers are often set up): an eos inside the text is a pad to the head's pooling, which
+    # made-up ids cannot show (0.15 off) -- refused, and exact with the real ids bound as input_ids. A 4-D mask
+    # marks the pads of the made-up ids as a 2-D one does
+    model = _llama_classifier(2)
+    f, p = ax.functionalize(model, output="logits", embedding="model.embed_tokens")
+    ids = torch.randint(3, 30, (2, 7), generator=torch.Generator().manual_seed(1))
+    ids[0, 4] = 2  # an eos inside the text
+    ids[1, -2:] = 2  # right padding
+    mask2 = torch.ones_like(ids)
+    mask2[1, -2:] = 0
+    mask = mask2
+    if mask_dims == 4:
+        seen = mask2[:, None, None, :].bool() & torch.ones(7, 7, dtype=torch.bool).tril()
+        mask = torch.zeros(2, 1, 7, 7, dtype=D).masked_fill(~seen, torch.finfo(D).min)
+    e = f.embed(p, ids)
+    with pytest.raises(ValueError, match="reads the token ids again.*input_ids"):
+        ax.input_x_gradient(f, p, e, 1, additional_forward_args={"attention_mask": mask})
+    # the head by hand: the model on inputs_embeds, pooled where HF pools for these ids
+    xx = e.detach().requires_grad_()
+    hidden = model.model(inputs_embeds=xx, attention_mask=mask2).last_hidden_state
+    last = (torch.arange(7) * (ids != 2)).argmax(-1)
+    logits = model.score(hidden)[torch.arange(2), last]
+    torch.testing.assert_close(logits, model(ids, attention_mask=mask2).logits)
+    (g,) = torch.autograd.grad(logits[:, 1].sum(), xx)
+    args = {"attention_mask": mask, "input_ids": ids}
+    torch.testing.assert_close(ax.input_x_gradient(f, p, e, 1, additional_forward_args=args), g * e)
+    alone = ax.deeplift(f, p, e[1:, :5], 1, additional_forward_args={"attention_mask": mask2[1:, :5],
+                                                                     "input_ids": ids[1:, :5]})
+    batch = ax.deeplift(f, p, e, 1, additional_forward_args=args)
+    torch.testing.assert_close(batch[1:, :5], alone, rtol=1e-6, atol=1e-9)
+    assert batch[1, 5:].abs().max() == 0

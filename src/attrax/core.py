@@ -131,7 +131,15 @@ class FunctionalModel:
             out = torch.func.functional_call(module, dict(params), x, kwargs or None, strict=False)
             return out if self.output is None else select_output(out, self.output)
         e = x[0]
-        ids = self._dummy_ids(e, x[1:], kwargs)
+        real = (kwargs or {}).get("input_ids")
+        if isinstance(real, Tensor):  # the real ids, bound by the caller: the model reads them wherever it does
+            kwargs = {k: v for k, v in kwargs.items() if k != "input_ids"}  # type: ignore[union-attr]
+            if real.shape != e.shape[:-1]:
+                raise ValueError(f"additional_forward_args input_ids of shape {tuple(real.shape)} does not match "
+                                 f"the embedding layer's output {tuple(e.shape)}: ids need shape {tuple(e.shape[:-1])}")
+            ids = real
+        else:
+            ids = self._dummy_ids(e, x[1:], kwargs)
         x = (ids, *x[1:])
         if module is self.module:
             if not torch.compiler.is_compiling():  # a compiled caller broke its graph before this call
@@ -174,12 +182,20 @@ class FunctionalModel:
         if probe is not None and probe[0] is self:
             ids = probe[1](e.shape[:-1]).to(e.device)
         else:
-            ids = torch.full(e.shape[:-1], fill, dtype=torch.long, device=e.device)
+            # (zeros plus the id: torch.full takes no symbolic sizes, which export traces with)
+            ids = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device) + fill
         mask = (kwargs or {}).get("attention_mask")
         if mask is None and mask_at is not None and len(rest) > mask_at:
             mask = rest[mask_at]
-        if pad is not None and isinstance(mask, Tensor) and mask.shape == ids.shape:
-            ids = torch.where(mask == 0, torch.full_like(ids, pad), ids)
+        if pad is None or not isinstance(mask, Tensor):
+            return ids
+        if mask.shape == ids.shape:
+            return torch.where(mask == 0, torch.full_like(ids, pad), ids)
+        if mask.ndim == 4 and mask.shape[0] == ids.shape[0] and mask.shape[-1] == ids.shape[-1]:
+            # (B, 1 or heads, T, T), True/0 where a query may attend: a pad is a key no query may attend
+            seen = mask if mask.dtype == torch.bool else (
+                mask > torch.finfo(mask.dtype).min / 2 if mask.is_floating_point() else mask != 0)
+            return torch.where(seen.any(-2).any(1), ids, torch.full_like(ids, pad))
         return ids
 
     def _id_facts(self) -> tuple[int | None, int, int | None, int | None]:
@@ -252,54 +268,75 @@ _PROBE_IDS: contextvars.ContextVar[Any] = contextvars.ContextVar("attrax_probe_i
 
 def check_embedding_ids(model_fn: Any, params: Params, xs: tuple[Tensor, ...]) -> None:
     """Refuse a ``functionalize(..., embedding=...)`` model whose output depends on the token ids past its
-    embedding layer in a way the ids ``model_fn`` gives it cannot show: once per fingerprint, on the first row,
-    the model runs with the layer's output held and the non-pad ids drawn at random (pads kept); a different
-    output means the model reads the ids themselves (CLIP's pooling at the largest id, ESM's mask token), and
-    every method would explain another function. Concrete eager calls only; not in training mode (dropout
-    would differ anyway)."""
+    embedding layer in a way the made-up ids cannot show, unless the caller bound the real ones
+    (``additional_forward_args={"input_ids": ids}``). Once per fingerprint: the module, with its own parameters,
+    runs on one random embedding row of x's shape with the made-up ids and with two draws of random ids (the
+    model's special tokens among them); a different output means the model reads the ids themselves (CLIP's
+    pooling at the largest id, ESM's mask tokens), and every method would explain another function. Runs on
+    concrete values of its own, so also under torch.func transforms; not in compiled code (ax.compile checks
+    before compiling) nor in training mode (dropout would differ anyway)."""
     inner = getattr(model_fn, "inner", model_fn)
     if not isinstance(inner, FunctionalModel) or getattr(inner, "embedding", None) is None:
         return
+    if torch.compiler.is_compiling() or isinstance(getattr(model_fn, "kwargs", {}).get("input_ids"), Tensor):
+        return
+    if not is_concrete() or not xs or not all(type(d) is int for d in getattr(xs[0], "shape", (None,))):
+        return  # export / make_fx tracing: symbolic values only (the eager calls check)
     if inner.derived("ids_checked", lambda: [False])[0]:
         return
-    if any(m.training for m in inner.module.modules()) or not xs or not isinstance(xs[0], Tensor):
+    if any(m.training for m in inner.module.modules()) or not xs or not isinstance(xs[0], Tensor) or xs[0].ndim < 2:
         return
     pad, fill, vocab, _ = inner._id_facts()
     if vocab is None or vocab < 3:
         return
-    inner.derived("ids_checked", lambda: [False])[0] = True
-    gen = torch.Generator().manual_seed(0)
     config = getattr(inner.module, "config", None)
+    # the model's special tokens (a mask token, an eos); the pad id too where it is also one of them (pad = eos, as
+    # LM classifiers are often set up): then it is a real token inside the text, which made-up ids cannot place
     special = sorted({v for k in ("bos_token_id", "eos_token_id", "mask_token_id", "sep_token_id", "cls_token_id",
-                                  "unk_token_id") if isinstance(v := getattr(config, k, None), int) and 0 <= v < vocab
-                      and v != pad})
+                                  "unk_token_id") if isinstance(v := getattr(config, k, None), int) and 0 <= v < vocab})
 
-    def draw(shape: torch.Size) -> Tensor:  # random ids, the model's special tokens first (a mask token, an eos)
-        ids = torch.randint(0, vocab, shape, generator=gen)
-        ids = torch.where(ids == pad, torch.full_like(ids, fill), ids) if pad is not None else ids
-        n = min(len(special), shape[-1] - 1) if len(shape) else 0
-        if n > 0:
-            ids[..., :n] = torch.tensor(special[:n])
-        return ids
+    def draws(flip: bool, last: int | None = None) -> Callable[[torch.Size], Tensor]:
+        def draw(shape: torch.Size) -> Tensor:  # random ids with the special tokens first; reversed; one token last
+            ids = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(1))
+            ids = torch.where(ids == pad, torch.full_like(ids, fill), ids) if pad is not None else ids
+            n = min(len(special), shape[-1] - 1) if len(shape) else 0
+            if n > 0:
+                ids[..., :n] = torch.tensor(special[:n])
+            ids = ids.flip(-1) if flip else ids
+            if last is not None:
+                ids[..., -1] = last
+            return ids
+        return draw
 
-    row = tuple(t[:1] for t in xs)
-    with torch.no_grad():
-        plain = model_fn(params, *row)
-        token = _PROBE_IDS.set((inner, draw))
-        try:
-            other = model_fn(params, *row)
-        finally:
-            _PROBE_IDS.reset(token)
-    if isinstance(plain, Tensor) and isinstance(other, Tensor) and not torch.equal(plain, other):
-        inner.derived("ids_checked", lambda: [False])[0] = False
-        raise ValueError(
-            f"functionalize(..., embedding={inner.embedding!r}): this model reads the token ids again past that "
-            f"layer (its output changed with the ids while the layer's output was held): model_fn, which takes the "
-            f"layer's output, cannot give it the real ids, so every method would explain another function. (The "
-            f"ids it gets are one non-pad token, and the pad token where attention_mask is 0: enough for models "
-            f"that read the ids only to find padding.) Attribute the ids with a layer method on the full model "
-            f"instead, e.g. ax.layer.integrated_gradients(*ax.functionalize(lm, output=...), ids, target, "
-            f"layer={inner.embedding!r}), or wrap the model to take inputs_embeds and what it reads from the ids")
+    module = inner.module
+    own = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    x = xs[0]
+    with torch.no_grad(), torch._C._DisableFuncTorch():
+        row = torch.randn(1, *x.shape[1:], generator=torch.Generator().manual_seed(0)).to(x.dtype)
+        outs = []
+        for draw in (None, draws(False), draws(True), *(draws(False, v) for v in special)):
+            token = _PROBE_IDS.set(None if draw is None else (inner, draw))
+            try:
+                outs.append(inner(own, row))
+            except Exception as error:  # noqa: BLE001 - made-up ids broke the model: it reads them
+                outs.append(error)
+            finally:
+                _PROBE_IDS.reset(token)
+    if isinstance(outs[0], Exception):  # the module cannot run on its own here (a required mask, an op vmap has no
+        return  # rule for around it): nothing to compare; the call reports its own errors
+    if all(isinstance(o, Tensor) for o in outs) and all(torch.equal(outs[0], o) for o in outs[1:]):
+        inner.derived("ids_checked", lambda: [False])[0] = True
+        return
+    failed = next((o for o in outs if isinstance(o, Exception)), None)
+    raise ValueError(
+        f"functionalize(..., embedding={inner.embedding!r}): this model reads the token ids again past that "
+        f"layer ({'it failed on made-up ids: ' + type(failed).__name__ + ': ' + str(failed)[:200] if failed else 'its output changed with the ids while the layer output was held'}), "
+        f"and model_fn, which takes the layer's output, only has made-up ids for it (one non-pad token; the pad "
+        f"token where attention_mask is 0): every method would explain another function. Pass the real ids: "
+        f"additional_forward_args={{'input_ids': ids, ...}} (repeated with x wherever a method folds steps or "
+        f"perturbations), or attribute the ids with a layer method on the full model, e.g. "
+        f"ax.layer.integrated_gradients(*ax.functionalize(lm, output=...), ids, target, layer={inner.embedding!r})"
+    ) from failed
 
 
 class _Injected:

@@ -389,8 +389,7 @@ def prepare_call(
         batch = check_inputs(xs, check_finite=check_finite)
     params, xs = without_inference_tensors(params, xs)
     probe = _Probe(model_fn, params, xs)
-    if probe.enabled:
-        check_embedding_ids(model_fn, params, xs)
+    check_embedding_ids(model_fn, params, xs)
     mismatch = check_dtypes(params, xs)
     if mismatch is not None:
         probe.check_dtypes(mismatch)
