@@ -1026,7 +1026,10 @@ def functionalize(module: nn.Module | Callable[..., Tensor], *, output: Any = No
             ``model_fn.embed(params, ids)`` computes it, so that
             ``model_fn(params, model_fn.embed(params, ids), *rest)`` equals ``module(ids, *rest)``
             (selected by ``output``) and every method works on token models; relevance per token is
-            ``attr.sum(-1)``.
+            ``attr.sum(-1)``. The module gets made-up ids (one non-pad token; the pad id where a bound
+            ``attention_mask`` is 0), which is what models read past the embedding to find padding; a
+            model that reads more is refused by a one-time check, and is exact with the real ids bound:
+            ``additional_forward_args={"input_ids": ids, ...}``.
     Returns:
         ``(model_fn, params)`` where ``model_fn(params, *x)`` equals
         ``module(*x)`` and ``params`` maps the dotted names of the module's
