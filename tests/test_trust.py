@@ -802,6 +802,10 @@ class _Config:
     BIAS = 0.0
 
 
+def _shifted(h):  # a module-level helper reading a config class
+    return h + _Config.BIAS
+
+
 def _factory() -> tuple[nn.Module, Callable[[float], None]]:
     factor = 1.0
 
@@ -814,10 +818,19 @@ def _factory() -> tuple[nn.Module, Callable[[float], None]]:
             self.weights = np.ones(6, dtype=np.float32)
             self.offset = torch.zeros(6)
 
+            self.extra = [nn.Sequential(nn.LeakyReLU(0.1))]  # a module outside the tree, its setting on a child
+
+        def scaled(self, h):  # a helper method naming a global
+            return h * _NESTED["model"]["head"]["scale"]
+
+        @property
+        def gain(self):  # a property reading a config module
+            return _settings.GAIN
+
         def forward(self, x):
-            h = torch.relu(self.l1(x)) * self.SHIFT * _settings.GAIN * _NESTED["model"]["head"]["scale"] * factor
-            h = h * torch.from_numpy(self.weights).to(x.dtype) + self.offset.to(x.dtype) + _Config.BIAS
-            return self.l2(torch.tanh(h))
+            h = self.extra[0](self.l1(x)) * self.SHIFT * self.gain * factor
+            h = self.scaled(h) * torch.from_numpy(self.weights).to(x.dtype) + self.offset.to(x.dtype)
+            return self.l2(torch.tanh(_shifted(h)))
 
     def set_factor(v: float) -> None:
         nonlocal factor
@@ -827,9 +840,10 @@ def _factory() -> tuple[nn.Module, Callable[[float], None]]:
 
 
 def test_values_a_forward_reads_outside_its_module_tree_are_fingerprinted() -> None:
-    # each edit below was served the old program (found by an outside tester): an attribute inherited from a base
-    # class, a config module's and a config class's attribute, a global dict three levels down, the closure of a
-    # class built in a factory, a numpy attribute and a tensor attribute edited in place (.data: no version bump)
+    # each edit below was served the old program (found by outside testers): an attribute inherited from a base
+    # class, a config module's and a config class's attribute (read by a property, a helper), a global dict three
+    # levels down read by a helper method, the closure of a class built in a factory, a numpy attribute and a tensor
+    # attribute edited in place (.data: no version bump), a module kept in a list, a method replaced on the class
     model, set_factor = _factory()
     model = model.double().eval()
     f, p = ax.functionalize(model)
@@ -844,7 +858,8 @@ def test_values_a_forward_reads_outside_its_module_tree_are_fingerprinted() -> N
     edits = [lambda: setattr(_Base, "SHIFT", 2.0), lambda: setattr(_settings, "GAIN", 0.5),
              lambda: setattr(_Config, "BIAS", 0.25), lambda: _NESTED["model"]["head"].__setitem__("scale", 3.0),
              lambda: set_factor(0.7), lambda: model.weights.__setitem__(2, -1.0),
-             lambda: model.offset.data.__setitem__(1, 0.5)]
+             lambda: model.offset.data.__setitem__(1, 0.5), lambda: setattr(model.extra[0][0], "negative_slope", 0.3),
+             lambda: setattr(type(model), "scaled", lambda self, h: h * 0.5)]
     try:
         for edit in edits:
             edit()

@@ -430,11 +430,16 @@ def _value_key(v: Any, depth: int, seen: dict[int, Any], refs: list[Any], watch:
         if digest is not None and watch is not None:
             watch.contents.append((v, digest))
         return ("A", id(v), digest)
-    if isinstance(v, nn.Module):  # a module outside the tree (kept in a plain list): its own settings
-        if watch is not None:
-            watch.typed.append(v)
-            watch.mapping(vars(v))
-        return ("M", id(v), type(v), tuple((k, e) for k, e in vars(v).items() if type(e) in _SCALAR_TYPES))
+    if isinstance(v, nn.Module):  # a module outside the tree (kept in a plain list): its and its children's settings
+        parts = []
+        for m in v.modules():
+            if watch is not None:
+                watch.typed.append(m)
+                watch.mapping(vars(m))
+                watch.mapping(m._modules)
+            refs.append(m)
+            parts.append((id(m), type(m), tuple((k, e) for k, e in vars(m).items() if type(e) in _SCALAR_TYPES)))
+        return ("M", tuple(parts))
     if type(v) is types.FunctionType and depth > 0 and not (v.__module__ or "").startswith("torch"):
         # a helper a forward calls (a module-level GELU, a mask builder): its code and the globals it names, as for
         # forward itself, so a module-level value it reads (a constant, a flag) is part of the key
@@ -450,7 +455,8 @@ def _value_key(v: Any, depth: int, seen: dict[int, Any], refs: list[Any], watch:
         # numbers, strings and flags by value, other helpers in turn (to any depth: outer -> middle -> inner ->
         # a module constant was served stale at depth 3, found in review); other objects (registries, loggers) by
         # identity only: walking them would cost every call its watch (a non-dict mapping makes it invalid)
-        out = ("F", id(v), id(code), tuple((n, _helper_global(globs[n], depth - 1, seen, refs, watch)) for n in names))
+        out = ("F", id(v), id(code), tuple((n, _helper_global(globs[n], depth - 1, seen, refs, watch)) for n in names),
+               _named_settings(code.co_names, globs, seen, refs, watch))
         seen[("F", id(v))] = out
         return out
     if callable(v) or depth <= 0:
@@ -556,8 +562,14 @@ def _helper_global(v: Any, depth: int, seen: dict[Any, Any], refs: list[Any], wa
         return v
     if type(v) is types.FunctionType:
         return _value_key(v, max(depth, 1), seen, refs, watch)
+    if type(v) in (dict, list, tuple) and len(v) <= _HELPER_CONTAINER:
+        # a config dict a helper reads (``CFG["head"]["scale"]``), by content; a large one (a registry) by identity
+        return _value_key(v, _ATTR_DEPTH, seen, refs, watch)
     refs.append(v)
     return ("O", id(v))
+
+
+_HELPER_CONTAINER = 256
 
 
 def _storage_key(t: Tensor) -> Any:
@@ -725,11 +737,20 @@ def _class_key(cls: type, seen: dict[int, Any], refs: list[Any], watch: _Watch |
     # the class's own plain attributes and those it inherits from the user's base classes (``Base.SCALE``)
     attrs: dict[str, Any] = {}
     for c in cls.__mro__:
-        if c is not cls and (c is object or (getattr(c, "__module__", None) or "").split(".")[0] in _LIBRARIES):
+        library = c is object or (getattr(c, "__module__", None) or "").split(".")[0] in _LIBRARIES
+        if c is not cls and library:
             continue
         for k, v in vars(c).items():
-            if k not in attrs and not k.startswith("__") and (type(v) in _SCALAR_TYPES or type(v) in (dict, list, tuple)):
+            if k in attrs or k.startswith("__"):
+                continue
+            if type(v) in _SCALAR_TYPES or type(v) in (dict, list, tuple):
                 attrs[k] = v if type(v) in _SCALAR_TYPES else _value_key(v, _ATTR_DEPTH, seen, refs, watch)
+            elif not library and k != "forward":
+                # the user's helper methods and properties: their code and the globals they name (a method that
+                # multiplies by a module-level SCALE, one replaced on the class)
+                fn = v.fget if isinstance(v, property) else getattr(v, "__func__", v)
+                if type(fn) is types.FunctionType:
+                    attrs[k] = _value_key(fn, _ATTR_DEPTH, seen, refs, watch)
         if c is not cls and watch is not None:
             base_forward = _forward_of(c)
             watch.classes.append((c, base_forward, tuple(vars(c).values()), getattr(base_forward, "__code__", None),
