@@ -7,6 +7,7 @@ Plain Python on a traced :class:`~attrax.rewrite.Program`, no tensor work. The D
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -70,7 +71,8 @@ RELU = frozenset(("relu",))
 
 #: the other spellings of ReLU and the constant arguments that make them one: ``clamp``/``clamp_min`` with min 0
 #: and no max, ``threshold(x, 0, 0)`` (``nn.Threshold(0, 0)``)
-_RELU_SPELLINGS = {"clamp": ("min", "max"), "clamp_min": ("min",), "threshold": ("threshold", "value")}
+_RELU_SPELLINGS = {"clamp": ("min", "max"), "clamp_min": ("min",), "threshold": ("threshold", "value"),
+                   "hardtanh": ("min_val", "max_val")}
 
 
 #: fused ops with a ReLU inside (``nn.RNN(nonlinearity="relu")``, ``nn.RNNCell``, the fused add-ReLU): a rule at
@@ -81,7 +83,7 @@ RELU_INSIDE = frozenset(("rnn_relu", "rnn_relu_cell", "_add_relu"))
 
 def is_relu(node: Node) -> bool:
     """``node`` is ``relu`` of its first argument, whatever the spelling: ``relu`` (module, ``F.relu``, in place),
-    ``clamp(x, min=0)``, ``x.clamp_min(0)``, ``F.threshold(x, 0, 0)``. The ReLU rules (guided backprop, deconvnet,
+    ``clamp(x, min=0)``, ``x.clamp_min(0)``, ``F.threshold(x, 0, 0)``, ``F.hardtanh(x, 0, inf)``. The ReLU rules (guided backprop, deconvnet,
     DeepLift's exact ReLU paths, LRP's ``"relu"`` kind) all ask this, so every method agrees on what a ReLU is."""
     if node.packet in RELU:
         return True
@@ -92,6 +94,9 @@ def is_relu(node: Node) -> bool:
     given.update((k, v) for k, v in node.kwargs if k in names)
     if node.packet == "clamp":
         return _is_zero(given.get("min")) and given.get("max", ("c", None)) == ("c", None)
+    if node.packet == "hardtanh":  # (defaults -1, 1)
+        top = given.get("max_val")
+        return _is_zero(given.get("min_val")) and isinstance(top, tuple) and top[0] == "c" and top[1] == math.inf
     return all(_is_zero(given.get(n)) for n in names)
 
 
