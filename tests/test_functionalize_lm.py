@@ -200,6 +200,9 @@ def test_a_hook_on_the_embedding_layer_runs_once() -> None:
         xx = e.detach().requires_grad_()
         (g,) = torch.autograd.grad(model(inputs_embeds=xx).logits[:, -1, 3].sum(), xx)
         torch.testing.assert_close(ax.input_x_gradient(f, p, e, (5, 3)), g * e)
+        # compiled calls run the user's module, hooks and all: refused before compiling, in plain words
+        with pytest.raises(ValueError, match="has forward hooks"):
+            ax.compile(ax.input_x_gradient, f, p)(e, 3)
     finally:
         handle.remove()
 

@@ -153,9 +153,7 @@ class FunctionalModel:
             # (fullgraph=False) the rest runs eagerly with the entry in place, and another thread calling the
             # module meanwhile gets its own forward
             layer = module.get_submodule(self.embedding)
-            if layer._forward_hooks or layer._forward_hooks_with_kwargs:
-                raise ValueError(f"the embedding layer {self.embedding!r} has forward hooks: compiled, they would run "
-                                 f"again on the output model_fn takes (embed() ran them); remove them, or call eagerly")
+            check_compiled_embedding(self)
             layer.__dict__["forward"] = _CallInjection(layer, e, ids).read
             try:
                 out = torch.func.functional_call(module, dict(params), x, kwargs or None, strict=False)
@@ -260,6 +258,18 @@ class FunctionalModel:
 
     def __repr__(self) -> str:
         return f"FunctionalModel({type(self.module).__name__})"
+
+
+def check_compiled_embedding(model_fn: Any) -> None:
+    """Compiled calls run the user's module, whose embedding layer's forward hooks would run again on the output
+    model_fn takes (``embed()`` ran them): refused (``ax.compile`` asks before compiling, for a plain error)."""
+    inner = getattr(model_fn, "inner", model_fn)
+    if not isinstance(inner, FunctionalModel) or getattr(inner, "embedding", None) is None:
+        return
+    layer = inner.module.get_submodule(inner.embedding)
+    if layer._forward_hooks or layer._forward_hooks_with_kwargs:
+        raise ValueError(f"the embedding layer {inner.embedding!r} has forward hooks: compiled, they would run "
+                         f"again on the output model_fn takes (embed() ran them); remove them, or call eagerly")
 
 
 #: ``(model, draw(shape) -> ids)`` while :func:`check_embedding_ids` calls the model with other ids

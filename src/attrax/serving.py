@@ -38,8 +38,8 @@ import torch
 from torch import Tensor
 
 from ._types import ModelFn, Params, Target, TensorOrTuple
-from .core import (BoundModel, FunctionalModel, as_tuple, bind_forward_args, check_embedding_ids, check_positive_int,
-                   per_sample_tensors, training_call)
+from .core import (BoundModel, FunctionalModel, as_tuple, bind_forward_args, check_compiled_embedding,
+                   check_embedding_ids, check_positive_int, per_sample_tensors, training_call)
 from .targets import prepare_call, select
 
 __all__ = ["Explainer", "compile", "export", "seeded_normal", "value_and_attribution"]
@@ -157,7 +157,8 @@ class Explainer:
     def _run(self, x: TensorOrTuple, target: Target = None) -> TensorOrTuple:
         xs, is_tuple = as_tuple(x)
         batch = xs[0].shape[0]
-        check_embedding_ids(self._model_fn, None, xs)  # (eagerly: compiled code cannot run the check)
+        check_embedding_ids(self._model_fn, None, xs)  # (eagerly: compiled code cannot run these checks)
+        check_compiled_embedding(self._model_fn)
         t = _target_input(target, batch, xs[0].device)
         size = self.batch_size
         if self._forward_args is not None:
