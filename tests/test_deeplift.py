@@ -324,6 +324,10 @@ class Spelled(nn.Module):
             return nn.Threshold(0, 0)(h)
         if how == "F.hardtanh(x, 0, inf)":
             return F.hardtanh(h, 0.0, math.inf)
+        if how == "torch.clip(x, 0)":
+            return torch.clip(h, 0)
+        if how == "x.clamp(0, inf)":
+            return h.clamp(0, math.inf)
         raise AssertionError(how)
 
     def forward(self, x):
@@ -335,7 +339,7 @@ class Spelled(nn.Module):
 SPELLINGS = ["reused_module", "F.relu", "torch.relu", "x.relu()", "inplace_module", "F.relu_inplace", "torch.relu_", "x.relu_()",
              # the same function spelled without relu: guided backprop and deconvnet gave these the plain gradient
              "x.clamp(min=0)", "torch.clamp(x, 0.0)", "x.clamp_min(0)", "x.clamp_(min=0)", "F.threshold(x, 0, 0)",
-             "nn.Threshold(0, 0)", "F.hardtanh(x, 0, inf)"]
+             "nn.Threshold(0, 0)", "F.hardtanh(x, 0, inf)", "torch.clip(x, 0)", "x.clamp(0, inf)"]
 
 
 @pytest.mark.parametrize("how", SPELLINGS)

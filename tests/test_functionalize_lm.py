@@ -240,3 +240,50 @@ def test_a_classifier_whose_pad_is_its_eos_needs_the_real_ids(mask_dims: int) ->
     batch = ax.deeplift(f, p, e, 1, additional_forward_args=args)
     torch.testing.assert_close(batch[1:, :5], alone, rtol=1e-6, atol=1e-9)
     assert batch[1, 5:].abs().max() == 0
+
+
+def test_ids_facts_follow_the_config_and_accept_lists_of_eos_ids() -> None:
+    # Llama 3 configs hold a list of eos ids (the set of special ids failed: "unhashable type: 'list'"); a pad among
+    # them is a real token to the pooling (refused without the real ids); a pad changed after the first calls counts
+    model = _llama_classifier(0)
+    model.config.eos_token_id = [2, 5]
+    f, p = ax.functionalize(model, output="logits", embedding="model.embed_tokens")
+    ids = torch.randint(6, 30, (2, 7), generator=torch.Generator().manual_seed(1))
+    ids[1, -2:] = 0
+    mask = (ids != 0).long()
+    e = f.embed(p, ids)
+    ax.input_x_gradient(f, p, e, 1, additional_forward_args={"attention_mask": mask})
+    with torch.no_grad():
+        torch.testing.assert_close(f(p, e, mask), model(ids, attention_mask=mask).logits)
+    model.config.pad_token_id = 5  # now one of the eos ids: the pooling reads eos as padding
+    ids[1, -2:] = 5
+    with pytest.raises(ValueError, match="reads the token ids again"):
+        ax.input_x_gradient(f, p, e, 1, additional_forward_args={"attention_mask": mask})
+    with torch.no_grad():
+        torch.testing.assert_close(f(p, e, mask), model(ids, attention_mask=mask).logits)  # the new pad, placed
+
+
+def test_an_embedding_shared_by_encoder_and_decoder_is_refused() -> None:
+    # T5's encoder and decoder call one shared embedding: the decoder was handed the encoder's input (6.46 off)
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=30, d_model=16, d_kv=4, d_ff=24, num_layers=1, num_heads=2,
+                                decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(cfg).double().eval()
+    f, p = ax.functionalize(model, output="logits", embedding="encoder.embed_tokens")
+    ids = torch.randint(1, 30, (2, 5), generator=torch.Generator().manual_seed(1))
+    e = f.embed(p, ids)
+    with pytest.raises(ValueError, match="called more than once in one forward"):
+        f(p, e, None, ids)  # (input_ids, attention_mask, decoder_input_ids=ids)
+
+
+@pytest.mark.filterwarnings("ignore:<class 'torch.autograd.function.Function'> should not be instantiated")  # (dynamo on HF)
+def test_compiled_explainer_with_the_real_ids_bound() -> None:
+    model = _llama_classifier(2)  # pad = eos: refused without the ids
+    f, p = ax.functionalize(model, output="logits", embedding="model.embed_tokens")
+    ids = torch.randint(3, 30, (2, 7), generator=torch.Generator().manual_seed(1))
+    ids[0, 4] = 2
+    args = {"attention_mask": torch.ones_like(ids), "input_ids": ids}
+    e = f.embed(p, ids).detach()
+    explain = ax.compile(ax.input_x_gradient, f, p, backend="eager", additional_forward_args=args)
+    torch.testing.assert_close(explain(e, torch.tensor([1, 1])),
+                               ax.input_x_gradient(f, p, e, 1, additional_forward_args=args))

@@ -802,8 +802,11 @@ class _Config:
     BIAS = 0.0
 
 
-def _shifted(h):  # a module-level helper reading a config class
-    return h + _Config.BIAS
+_OPTIONS = __import__("types").SimpleNamespace(slope=1.0)
+
+
+def _shifted(h):  # a module-level helper reading a config class and a config object
+    return h * _OPTIONS.slope + _Config.BIAS
 
 
 def _factory() -> tuple[nn.Module, Callable[[float], None]]:
@@ -859,14 +862,14 @@ def test_values_a_forward_reads_outside_its_module_tree_are_fingerprinted() -> N
              lambda: setattr(_Config, "BIAS", 0.25), lambda: _NESTED["model"]["head"].__setitem__("scale", 3.0),
              lambda: set_factor(0.7), lambda: model.weights.__setitem__(2, -1.0),
              lambda: model.offset.data.__setitem__(1, 0.5), lambda: setattr(model.extra[0][0], "negative_slope", 0.3),
-             lambda: setattr(type(model), "scaled", lambda self, h: h * 0.5)]
+             lambda: setattr(type(model), "scaled", lambda self, h: h * 0.5), lambda: setattr(_OPTIONS, "slope", 2.0)]
     try:
         for edit in edits:
             edit()
             for method in (ax.deeplift, ax.gradient, ax.lrp):
                 torch.testing.assert_close(method(f, p, x, 1), fresh(method), rtol=0, atol=0)
     finally:
-        _Base.SHIFT, _settings.GAIN, _Config.BIAS = 1.0, 1.0, 0.0
+        _Base.SHIFT, _settings.GAIN, _Config.BIAS, _OPTIONS.slope = 1.0, 1.0, 0.0, 1.0
         _NESTED["model"]["head"]["scale"] = 1.0
 
 

@@ -160,7 +160,7 @@ class FunctionalModel:
             finally:
                 layer.__dict__.pop("forward", None)
         else:
-            self._injected.value = e
+            self._injected.value, self._injected.calls = e, 0
             try:
                 out = torch.func.functional_call(module, dict(params), x, kwargs or None, strict=False)
             finally:
@@ -198,27 +198,26 @@ class FunctionalModel:
 
     def _id_facts(self) -> tuple[int | None, int, int | None, int | None]:
         """``(pad id, the non-pad id the module gets, vocabulary size, position of attention_mask among the
-        arguments after the ids)``, from the model's config, its embedding layer and forward's signature."""
-        facts = self.__dict__.get("_ids")
-        if facts is None:
+        arguments after the ids)``, from the model's config and embedding layer (read at every call: a changed
+        ``config.pad_token_id`` counts) and forward's signature (once)."""
+        mask_at = self.__dict__.get("_mask_at", False)
+        if mask_at is False:
             import inspect
 
-            layer = self.module.get_submodule(self.embedding)
-            config = getattr(self.module, "config", None)
-            pad = getattr(config, "pad_token_id", None)
-            pad = getattr(layer, "padding_idx", None) if not isinstance(pad, int) else pad
-            pad = pad if isinstance(pad, int) and not isinstance(pad, bool) else None
-            vocab = getattr(layer, "num_embeddings", None) or getattr(config, "vocab_size", None)
-            special = {getattr(config, k, None) for k in ("pad_token_id", "bos_token_id", "eos_token_id",
-                                                          "mask_token_id", "sep_token_id", "cls_token_id")}
-            fill = next(i for i in range(len(special) + 2) if i not in special and i != pad)
             try:
                 names = list(inspect.signature(type(self.module).forward).parameters)[2:]
             except (TypeError, ValueError):
                 names = []
-            mask_at = names.index("attention_mask") if "attention_mask" in names else None
-            facts = self.__dict__["_ids"] = (pad, fill, vocab if isinstance(vocab, int) else None, mask_at)
-        return facts
+            mask_at = self.__dict__["_mask_at"] = names.index("attention_mask") if "attention_mask" in names else None
+        layer = self.module.get_submodule(self.embedding)
+        config = getattr(self.module, "config", None)
+        pad = getattr(config, "pad_token_id", None)
+        pad = getattr(layer, "padding_idx", None) if not _token_id(pad) else pad
+        pad = pad if _token_id(pad) else None
+        vocab = getattr(layer, "num_embeddings", None) or getattr(config, "vocab_size", None)
+        special = set(special_ids(config))
+        fill = next(i for i in range(len(special) + 2) if i not in special and i != pad)
+        return pad, fill, vocab if isinstance(vocab, int) else None, mask_at
 
     def shadow(self, fingerprint: Any = None) -> nn.Module:
         """The private copy of the module tree that calls run on (rebuilt when the module changed)."""
@@ -302,8 +301,8 @@ def check_embedding_ids(model_fn: Any, params: Params, xs: tuple[Tensor, ...]) -
     config = getattr(inner.module, "config", None)
     # the model's special tokens (a mask token, an eos); the pad id too where it is also one of them (pad = eos, as
     # LM classifiers are often set up): then it is a real token inside the text, which made-up ids cannot place
-    special = sorted({v for k in ("bos_token_id", "eos_token_id", "mask_token_id", "sep_token_id", "cls_token_id",
-                                  "unk_token_id") if isinstance(v := getattr(config, k, None), int) and 0 <= v < vocab})
+    special = sorted(v for v in special_ids(config, ("bos_token_id", "eos_token_id", "mask_token_id", "sep_token_id",
+                                                    "cls_token_id", "unk_token_id")) if 0 <= v < vocab)
 
     def draws(flip: bool, last: int | None = None) -> Callable[[torch.Size], Tensor]:
         def draw(shape: torch.Size) -> Tensor:  # random ids with the special tokens first; reversed; one token last
@@ -332,8 +331,8 @@ def check_embedding_ids(model_fn: Any, params: Params, xs: tuple[Tensor, ...]) -
                 outs.append(error)
             finally:
                 _PROBE_IDS.reset(token)
-    if isinstance(outs[0], Exception):  # the module cannot run on its own here (a required mask, an op vmap has no
-        return  # rule for around it): nothing to compare; the call reports its own errors
+    if all(isinstance(o, Exception) for o in outs) or isinstance(outs[0], TypeError):
+        return  # the module cannot run on its own here (a required mask, an op vmap has no rule for around it)
     if all(isinstance(o, Tensor) for o in outs) and all(torch.equal(outs[0], o) for o in outs[1:]):
         inner.derived("ids_checked", lambda: [False])[0] = True
         return
@@ -349,12 +348,36 @@ def check_embedding_ids(model_fn: Any, params: Params, xs: tuple[Tensor, ...]) -
     ) from failed
 
 
+def _token_id(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def special_ids(config: Any, keys: tuple[str, ...] = ("pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id",
+                                                      "sep_token_id", "cls_token_id", "unk_token_id")) -> list[int]:
+    """The token ids a model's config names under ``keys`` (a list of eos ids too, as Llama 3 configs have)."""
+    out: list[int] = []
+    for k in keys:
+        v = getattr(config, k, None)
+        for e in (v if isinstance(v, (list, tuple)) else (v,)):
+            if _token_id(e) and e not in out:
+                out.append(e)
+    return out
+
+
 class _Injected:
-    """Holds the tensor a shadow's embedding layer returns during one call."""
+    """Holds the tensor a shadow's embedding layer returns during one call (once: a layer an encoder and a
+    decoder share, T5's, would hand the decoder the encoder's input)."""
 
     value: Any = None
+    calls = 0
 
     def read(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls > 1:
+            raise ValueError("functionalize(..., embedding=...): the embedding layer is called more than once in one "
+                             "forward (an encoder and a decoder sharing it, as T5 does): model_fn's input can replace "
+                             "one call only. Name a layer called once (e.g. 'encoder.embed_tokens' after giving the "
+                             "encoder a module of its own), or explain the ids with a layer method on the full model")
         return self.value
 
 
@@ -575,6 +598,10 @@ def _helper_global(v: Any, depth: int, seen: dict[Any, Any], refs: list[Any], wa
     if type(v) in (dict, list, tuple) and len(v) <= _HELPER_CONTAINER:
         # a config dict a helper reads (``CFG["head"]["scale"]``), by content; a large one (a registry) by identity
         return _value_key(v, _ATTR_DEPTH, seen, refs, watch)
+    if (hasattr(v, "__dict__") and not callable(v) and not isinstance(v, (types.ModuleType, type))
+            and (type(v).__module__ or "").split(".")[0] not in _LIBRARIES
+            and (type(v).__module__ or "").split(".")[0] not in sys.stdlib_module_names or type(v) is types.SimpleNamespace):
+        return _value_key(v, 2, seen, refs, watch)  # a config object of the user's (a dataclass, a namespace)
     refs.append(v)
     return ("O", id(v))
 

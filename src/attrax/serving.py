@@ -157,8 +157,6 @@ class Explainer:
     def _run(self, x: TensorOrTuple, target: Target = None) -> TensorOrTuple:
         xs, is_tuple = as_tuple(x)
         batch = xs[0].shape[0]
-        check_embedding_ids(self._model_fn, None, xs)  # (eagerly: compiled code cannot run these checks)
-        check_compiled_embedding(self._model_fn)
         t = _target_input(target, batch, xs[0].device)
         size = self.batch_size
         if self._forward_args is not None:
@@ -167,6 +165,8 @@ class Explainer:
                                  f"of them has x's {batch} rows; pass batch_size=None, or call the explainer once "
                                  f"per batch")
             self._bind(xs, batch if size is None else size)  # pieces of batch_size rows meet shared values only
+        check_embedding_ids(self._model_fn, None, xs)  # (eagerly, on the bound model: compiled code cannot check)
+        check_compiled_embedding(self._model_fn)
         fn = self._current()
         if size is None or batch == size:
             return fn(x, t)
@@ -317,8 +317,9 @@ def export(
         raise ValueError('n_steps="auto" cannot be exported (its loop depends on the data); pass a fixed n_steps')
     if "generator" in method_kwargs:
         raise ValueError("export draws noise from its seed input; do not pass generator=")
-    xs, checked_params, is_tuple, batch, resolved = prepare_call(model_fn, params, x, target)
     forward_args = method_kwargs.pop("additional_forward_args", None)
+    real_ids = isinstance(forward_args, Mapping) and isinstance(forward_args.get("input_ids"), Tensor)
+    xs, checked_params, is_tuple, batch, resolved = prepare_call(model_fn, params, x, target, check_ids=not real_ids)
     per_sample, rebind = _per_sample_args(forward_args, batch)
     with torch.no_grad():  # the example must run, and the target fit its output, before tracing
         example_fn = model_fn if forward_args is None else bind_forward_args(model_fn, forward_args, xs)

@@ -343,6 +343,7 @@ def prepare_call(
     check_output: bool = False,
     integer_inputs: bool = False,
     boolean_inputs: bool = False,
+    check_ids: bool = True,
 ) -> tuple[tuple[Tensor, ...], Any, bool, int, ResolvedTarget]:
     """The boundary checks every method starts with.
 
@@ -389,7 +390,8 @@ def prepare_call(
         batch = check_inputs(xs, check_finite=check_finite)
     params, xs = without_inference_tensors(params, xs)
     probe = _Probe(model_fn, params, xs)
-    check_embedding_ids(model_fn, params, xs)
+    if check_ids:  # (off where the caller binds the real ids later: ax.export)
+        check_embedding_ids(model_fn, params, xs)
     mismatch = check_dtypes(params, xs)
     if mismatch is not None:
         probe.check_dtypes(mismatch)

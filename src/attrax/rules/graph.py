@@ -48,7 +48,7 @@ PIECEWISE_CONSTANT = frozenset(
 #: elementwise nonlinearities y = f(x) (other arguments constant)
 ELEMENTWISE = frozenset(
     """relu leaky_relu elu celu selu gelu silu mish sigmoid tanh softplus hardtanh relu6 hardsigmoid hardswish
-    logsigmoid softsign exp log log1p expm1 sqrt rsqrt abs sin cos erf pow square reciprocal clamp clamp_min clamp_max
+    logsigmoid softsign exp log log1p expm1 sqrt rsqrt abs sin cos erf pow square reciprocal clamp clip clamp_min clamp_max
     threshold prelu""".split()
 )
 
@@ -71,8 +71,8 @@ RELU = frozenset(("relu",))
 
 #: the other spellings of ReLU and the constant arguments that make them one: ``clamp``/``clamp_min`` with min 0
 #: and no max, ``threshold(x, 0, 0)`` (``nn.Threshold(0, 0)``)
-_RELU_SPELLINGS = {"clamp": ("min", "max"), "clamp_min": ("min",), "threshold": ("threshold", "value"),
-                   "hardtanh": ("min_val", "max_val")}
+_RELU_SPELLINGS = {"clamp": ("min", "max"), "clip": ("min", "max"), "clamp_min": ("min",),
+                   "threshold": ("threshold", "value"), "hardtanh": ("min_val", "max_val")}
 
 
 #: fused ops with a ReLU inside (``nn.RNN(nonlinearity="relu")``, ``nn.RNNCell``, the fused add-ReLU): a rule at
@@ -92,8 +92,8 @@ def is_relu(node: Node) -> bool:
         return False
     given = dict(zip(names, node.args[1:]))
     given.update((k, v) for k, v in node.kwargs if k in names)
-    if node.packet == "clamp":
-        return _is_zero(given.get("min")) and given.get("max", ("c", None)) == ("c", None)
+    if node.packet in ("clamp", "clip"):  # no upper bound, or an infinite one
+        return _is_zero(given.get("min")) and given.get("max", ("c", None)) in (("c", None), ("c", math.inf))
     if node.packet == "hardtanh":  # (defaults -1, 1)
         top = given.get("max_val")
         return _is_zero(given.get("min_val")) and isinstance(top, tuple) and top[0] == "c" and top[1] == math.inf
