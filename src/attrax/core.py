@@ -567,7 +567,7 @@ _LIBRARIES = frozenset(("torch", "numpy", "transformers", "attrax", "einops", "s
 def _named_settings(names: tuple[str, ...], globs: dict[str, Any], seen: dict[Any, Any], refs: list[Any],
                     watch: _Watch | None) -> tuple[Any, ...]:
     """Attributes of the config modules and classes a function names (``config.SCALE``, ``Cfg.SCALE``): for every
-    global among ``names`` that is a module or class of the user's (not a library's), the plain values of its
+    module-level name among ``names`` that is a module or class of the user's (not a library's), the plain values of its
     attributes named in ``names`` too."""
     out = []
     for n in names:
