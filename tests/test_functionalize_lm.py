@@ -263,6 +263,7 @@ def test_ids_facts_follow_the_config_and_accept_lists_of_eos_ids() -> None:
         torch.testing.assert_close(f(p, e, mask), model(ids, attention_mask=mask).logits)  # the new pad, placed
 
 
+@pytest.mark.filterwarnings("ignore:<class 'torch.autograd.function.Function'> should not be instantiated")  # (dynamo on HF)
 def test_an_embedding_shared_by_encoder_and_decoder_is_refused() -> None:
     # T5's encoder and decoder call one shared embedding: the decoder was handed the encoder's input (6.46 off)
     torch.manual_seed(0)
@@ -274,6 +275,29 @@ def test_an_embedding_shared_by_encoder_and_decoder_is_refused() -> None:
     e = f.embed(p, ids)
     with pytest.raises(ValueError, match="called more than once in one forward"):
         f(p, e, None, ids)  # (input_ids, attention_mask, decoder_input_ids=ids)
+    # compiled, the user's module runs with the layer answering inside the graph: refused there too (it was not)
+    explain = ax.compile(ax.input_x_gradient, f, p, backend="eager", additional_forward_args={"decoder_input_ids": ids})
+    with pytest.raises(ValueError, match="called more than once in one forward"):
+        explain(e.detach(), (4, 3))
+
+
+def test_an_embedding_layer_the_forward_never_calls_is_refused() -> None:
+    # BART's model.shared is only tied to the encoder's and decoder's own layers: x never reached the output and every
+    # attribution was exactly 0 (with the ids bound); the layer the forward calls works
+    torch.manual_seed(0)
+    cfg = transformers.BartConfig(vocab_size=30, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                  decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24,
+                                  max_position_embeddings=16)
+    model = transformers.BartModel(cfg).double().eval()
+    ids = torch.randint(3, 30, (2, 5), generator=torch.Generator().manual_seed(1))
+    f, p = ax.functionalize(model, output="last_hidden_state", embedding="shared")
+    e = f.embed(p, ids)
+    if model.shared is not model.encoder.embed_tokens:
+        with pytest.raises(ValueError, match="never called that layer"):
+            ax.input_x_gradient(f, p, e, (4, 3), additional_forward_args={"input_ids": ids, "decoder_input_ids": ids})
+    g, q = ax.functionalize(model.encoder, output="last_hidden_state", embedding="embed_tokens")
+    with torch.no_grad():
+        torch.testing.assert_close(g(q, g.embed(q, ids)), model.encoder(ids).last_hidden_state)
 
 
 @pytest.mark.filterwarnings("ignore:<class 'torch.autograd.function.Function'> should not be instantiated")  # (dynamo on HF)

@@ -802,7 +802,7 @@ class _Config:
     BIAS = 0.0
 
 
-_OPTIONS = __import__("types").SimpleNamespace(slope=1.0)
+_OPTIONS = __import__("argparse").Namespace(slope=1.0)  # argparse's (a standard-library type) as scripts keep them
 
 
 def _shifted(h):  # a module-level helper reading a config class and a config object

@@ -154,11 +154,13 @@ class FunctionalModel:
             # module meanwhile gets its own forward
             layer = module.get_submodule(self.embedding)
             check_compiled_embedding(self)
-            layer.__dict__["forward"] = _CallInjection(layer, e, ids).read
+            injection = _CallInjection(layer, e, ids)
+            layer.__dict__["forward"] = injection.read
             try:
                 out = torch.func.functional_call(module, dict(params), x, kwargs or None, strict=False)
             finally:
                 layer.__dict__.pop("forward", None)
+            calls = injection.calls
         else:
             self._injected.value, self._injected.calls = e, 0
             try:
@@ -167,6 +169,12 @@ class FunctionalModel:
                 # held for the call only: a transform's wrapped tensor kept past it would escape a compiled graph
                 # (aot_autograd: "Cannot access storage of TensorWrapper") and keep the input alive
                 self._injected.value = None
+            calls = self._injected.calls
+        if calls == 0:  # x never reached the model: every attribution would be 0
+            raise EmbeddingMisuse(
+                f"functionalize(..., embedding={self.embedding!r}): the model's forward never called that layer, so "
+                f"model_fn's input does not reach the output; name the embedding layer the forward calls (e.g. the "
+                f"encoder's own 'embed_tokens' where a shared one is only tied to it)")
         return out if self.output is None else select_output(out, self.output)
 
     def _dummy_ids(self, e: Tensor, rest: tuple[Any, ...], kwargs: dict[str, Any] | None) -> Tensor:
@@ -327,6 +335,8 @@ def check_embedding_ids(model_fn: Any, params: Params, xs: tuple[Tensor, ...]) -
             token = _PROBE_IDS.set(None if draw is None else (inner, draw))
             try:
                 outs.append(inner(own, row))
+            except EmbeddingMisuse:
+                raise
             except Exception as error:  # noqa: BLE001 - made-up ids broke the model: it reads them
                 outs.append(error)
             finally:
@@ -337,9 +347,11 @@ def check_embedding_ids(model_fn: Any, params: Params, xs: tuple[Tensor, ...]) -
         inner.derived("ids_checked", lambda: [False])[0] = True
         return
     failed = next((o for o in outs if isinstance(o, Exception)), None)
+    how = (f"it failed on made-up ids: {type(failed).__name__}: {str(failed)[:200]}" if failed
+           else "its output changed with the ids while the layer output was held")
     raise ValueError(
         f"functionalize(..., embedding={inner.embedding!r}): this model reads the token ids again past that "
-        f"layer ({'it failed on made-up ids: ' + type(failed).__name__ + ': ' + str(failed)[:200] if failed else 'its output changed with the ids while the layer output was held'}), "
+        f"layer ({how}), "
         f"and model_fn, which takes the layer's output, only has made-up ids for it (one non-pad token; the pad "
         f"token where attention_mask is 0): every method would explain another function. Pass the real ids: "
         f"additional_forward_args={{'input_ids': ids, ...}} (repeated with x wherever a method folds steps or "
@@ -374,11 +386,18 @@ class _Injected:
     def read(self, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
         if self.calls > 1:
-            raise ValueError("functionalize(..., embedding=...): the embedding layer is called more than once in one "
-                             "forward (an encoder and a decoder sharing it, as T5 does): model_fn's input can replace "
-                             "one call only. Name a layer called once (e.g. 'encoder.embed_tokens' after giving the "
-                             "encoder a module of its own), or explain the ids with a layer method on the full model")
+            raise EmbeddingMisuse(_CALLED_TWICE)
         return self.value
+
+
+class EmbeddingMisuse(ValueError):
+    """The ``embedding=`` layer is not called exactly once in a forward."""
+
+
+_CALLED_TWICE = ("functionalize(..., embedding=...): the embedding layer is called more than once in one forward (an "
+                 "encoder and a decoder sharing it, as T5 does): model_fn's input can replace one call only. Name a "
+                 "layer called once (e.g. 'encoder.embed_tokens' after giving the encoder a module of its own), or "
+                 "explain the ids with a layer method on the full model")
 
 
 class _CallInjection:
@@ -386,10 +405,13 @@ class _CallInjection:
     any other caller (run eagerly after a graph break) gets the layer's own forward."""
 
     def __init__(self, layer: nn.Module, value: Tensor, ids: Tensor) -> None:
-        self.layer, self.value, self.ids = layer, value, ids
+        self.layer, self.value, self.ids, self.calls = layer, value, ids, 0
 
     def read(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling() or (args and args[0] is self.ids):
+            self.calls += 1
+            if self.calls > 1:
+                raise EmbeddingMisuse(_CALLED_TWICE)
             return self.value
         return type(self.layer).forward(self.layer, *args, **kwargs)
 
@@ -598,10 +620,12 @@ def _helper_global(v: Any, depth: int, seen: dict[Any, Any], refs: list[Any], wa
     if type(v) in (dict, list, tuple) and len(v) <= _HELPER_CONTAINER:
         # a config dict a helper reads (``CFG["head"]["scale"]``), by content; a large one (a registry) by identity
         return _value_key(v, _ATTR_DEPTH, seen, refs, watch)
-    if (hasattr(v, "__dict__") and not callable(v) and not isinstance(v, (types.ModuleType, type))
-            and (type(v).__module__ or "").split(".")[0] not in _LIBRARIES
-            and (type(v).__module__ or "").split(".")[0] not in sys.stdlib_module_names or type(v) is types.SimpleNamespace):
-        return _value_key(v, 2, seen, refs, watch)  # a config object of the user's (a dataclass, a namespace)
+    root = (type(v).__module__ or "").split(".")[0]
+    if ((hasattr(v, "__dict__") or getattr(type(v), "__slots__", None)) and not callable(v)
+            and not isinstance(v, (types.ModuleType, type))
+            and (root not in _LIBRARIES and root not in sys.stdlib_module_names or type(v).__name__ == "Namespace"
+                 or type(v) is types.SimpleNamespace)):
+        return _value_key(v, 4, seen, refs, watch)  # a config object (a dataclass, argparse's or a simple namespace)
     refs.append(v)
     return ("O", id(v))
 
