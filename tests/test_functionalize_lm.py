@@ -311,3 +311,11 @@ def test_compiled_explainer_with_the_real_ids_bound() -> None:
     explain = ax.compile(ax.input_x_gradient, f, p, backend="eager", additional_forward_args=args)
     torch.testing.assert_close(explain(e, torch.tensor([1, 1])),
                                ax.input_x_gradient(f, p, e, 1, additional_forward_args=args))
+
+
+def test_token_ids_given_to_an_embedding_model_are_named() -> None:
+    # a span/perturbation method given ids on an embedding= model failed inside HF ("size of tensor a (7) must match")
+    f, p = ax.functionalize(gpt2(), output="logits", embedding="transformer.wte")
+    ids = torch.randint(0, 30, (2, 6), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(TypeError, match=r"takes that layer's output \(B, T, D\).*model_fn.embed"):
+        f(p, ids)

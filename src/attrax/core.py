@@ -131,6 +131,10 @@ class FunctionalModel:
             out = torch.func.functional_call(module, dict(params), x, kwargs or None, strict=False)
             return out if self.output is None else select_output(out, self.output)
         e = x[0]
+        if isinstance(e, Tensor) and not e.is_floating_point():
+            raise TypeError(f"functionalize(..., embedding={self.embedding!r}): model_fn takes that layer's output "
+                            f"(B, T, D), got a {e.dtype} tensor of shape {tuple(e.shape)}: pass "
+                            f"model_fn.embed(params, ids), or functionalize without embedding= for a model on ids")
         real = (kwargs or {}).get("input_ids")
         if isinstance(real, Tensor):  # the real ids, bound by the caller: the model reads them wherever it does
             kwargs = {k: v for k, v in kwargs.items() if k != "input_ids"}  # type: ignore[union-attr]
