@@ -558,19 +558,13 @@ _CONTENT_BYTES = 1 << 16
 
 
 def _digest(v: Any) -> Any:
-    """The bytes of a small CPU tensor or numpy array (None for others: larger, on a device, fake, wrapped)."""
+    """What a small CPU tensor (:func:`_content_key`) or numpy array (its bytes) holds; None for others: larger,
+    on a device, fake, wrapped."""
     try:
         if isinstance(v, Tensor):
-            if (v.device.type != "cpu" or v.layout != torch.strided or v.requires_grad
-                    or v.numel() * v.element_size() > _CONTENT_BYTES or not is_concrete(v)):
+            if v.device.type != "cpu" or v.requires_grad or v.numel() * v.element_size() > _CONTENT_BYTES:
                 return None
-            from torch._C._functorch import is_functorch_wrapped_tensor
-
-            if is_functorch_wrapped_tensor(v):
-                return None
-            with torch.no_grad():
-                c = v.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
-                return (tuple(v.shape), v.dtype, c.view(torch.uint8).numpy().tobytes() if c.numel() else b"")
+            return _content_key(v)
         if v.nbytes > _CONTENT_BYTES or v.dtype.hasobject:
             return None
         return (v.shape, v.dtype.str, v.tobytes())
