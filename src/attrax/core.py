@@ -301,11 +301,11 @@ def check_embedding_ids(model_fn: Any, params: Params, xs: tuple[Tensor, ...]) -
         return
     if torch.compiler.is_compiling() or isinstance(getattr(model_fn, "kwargs", {}).get("input_ids"), Tensor):
         return
-    if not is_concrete() or not xs or not all(type(d) is int for d in getattr(xs[0], "shape", (None,))):
-        return  # export / make_fx tracing: symbolic values only (the eager calls check)
-    if inner.derived("ids_checked", lambda: [False])[0]:
+    if not xs or not isinstance(xs[0], Tensor) or xs[0].ndim < 2:
         return
-    if any(m.training for m in inner.module.modules()) or not xs or not isinstance(xs[0], Tensor) or xs[0].ndim < 2:
+    if not is_concrete() or not all(type(d) is int for d in xs[0].shape):
+        return  # export / make_fx tracing: symbolic values only (the eager calls check)
+    if inner.derived("ids_checked", lambda: [False])[0] or any(m.training for m in inner.module.modules()):
         return
     pad, fill, vocab, _ = inner._id_facts()
     if vocab is None or vocab < 3:
@@ -584,6 +584,12 @@ _MISSING = object()
 _LIBRARIES = frozenset(("torch", "numpy", "transformers", "attrax", "einops", "scipy", "typing", "functools"))
 
 
+def _library(module_name: str | None, stdlib: bool = True) -> bool:
+    """A module (by its dotted name) of a library's (or, with ``stdlib``, the standard library's), not the user's."""
+    root = (module_name or "builtins").split(".")[0]
+    return root in _LIBRARIES or (stdlib and root in sys.stdlib_module_names)
+
+
 def _named_settings(names: tuple[str, ...], globs: dict[str, Any], seen: dict[Any, Any], refs: list[Any],
                     watch: _Watch | None) -> tuple[Any, ...]:
     """Attributes of the config modules and classes a function names (``config.SCALE``, ``Cfg.SCALE``): for every
@@ -592,13 +598,9 @@ def _named_settings(names: tuple[str, ...], globs: dict[str, Any], seen: dict[An
     out = []
     for n in names:
         g = globs.get(n)
-        if isinstance(g, types.ModuleType):
-            root = g.__name__.split(".")[0]
-        elif isinstance(g, type):
-            root = (getattr(g, "__module__", None) or "builtins").split(".")[0]
-        else:
+        if not isinstance(g, (types.ModuleType, type)):
             continue
-        if root in _LIBRARIES or root in sys.stdlib_module_names:
+        if _library(g.__name__ if isinstance(g, types.ModuleType) else getattr(g, "__module__", None)):
             continue
         for a in names:
             v = _read(g, a)
@@ -618,10 +620,9 @@ def _helper_global(v: Any, depth: int, seen: dict[Any, Any], refs: list[Any], wa
     if type(v) in (dict, list, tuple) and len(v) <= _HELPER_CONTAINER:
         # a config dict a helper reads (``CFG["head"]["scale"]``), by content; a large one (a registry) by identity
         return _value_key(v, _ATTR_DEPTH, seen, refs, watch)
-    root = (type(v).__module__ or "").split(".")[0]
     if ((hasattr(v, "__dict__") or getattr(type(v), "__slots__", None)) and not callable(v)
             and not isinstance(v, (types.ModuleType, type))
-            and (root not in _LIBRARIES and root not in sys.stdlib_module_names or type(v).__name__ == "Namespace"
+            and (not _library(type(v).__module__) or type(v).__name__ == "Namespace"
                  or type(v) is types.SimpleNamespace)):
         return _value_key(v, 4, seen, refs, watch)  # a config object (a dataclass, argparse's or a simple namespace)
     refs.append(v)
@@ -796,7 +797,7 @@ def _class_key(cls: type, seen: dict[int, Any], refs: list[Any], watch: _Watch |
     # the class's own plain attributes and those it inherits from the user's base classes (``Base.SCALE``)
     attrs: dict[str, Any] = {}
     for c in cls.__mro__:
-        library = c is object or (getattr(c, "__module__", None) or "").split(".")[0] in _LIBRARIES
+        library = c is object or _library(getattr(c, "__module__", None), stdlib=False)
         if c is not cls and library:
             continue
         for k, v in vars(c).items():
